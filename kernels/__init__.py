@@ -1,0 +1,1 @@
+"""Numba kernels for tinyllama_ref (installed as tinyllama_ref.kernels)."""

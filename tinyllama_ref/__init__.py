@@ -1,0 +1,1 @@
+"""tinyllama-ref: a readable Llama-2 inference engine."""
