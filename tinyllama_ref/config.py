@@ -89,8 +89,14 @@ def _require(hf, key, path):
     return value
 
 
-def _rope_factor(hf, path):
-    scaling = hf.get("rope_scaling")
+def _rope_params(hf):
+    """transformers < 5 writes rope_theta + rope_scaling; 5.x writes one rope_parameters dict."""
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta), (params if params else hf.get("rope_scaling"))
+
+
+def _rope_factor(scaling, path):
     if not scaling:
         return 1.0
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -122,6 +128,7 @@ def config_from_hf(hf, path="config.json", vocab_size=None):
     head_dim = hf.get("head_dim") or dim // n_heads
     if head_dim % 2:
         raise ConfigError(f"{path}: head_dim {head_dim} must be even for rotary embeddings")
+    theta, scaling = _rope_params(hf)
     eos = hf.get("eos_token_id", 2)
     eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     return LlamaConfig(
@@ -133,8 +140,8 @@ def config_from_hf(hf, path="config.json", vocab_size=None):
         head_dim=head_dim,
         vocab_size=vocab_size or hf.get("vocab_size", 32000),
         norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rope_scaling_factor=_rope_factor(hf, path),
+        rope_theta=theta,
+        rope_scaling_factor=_rope_factor(scaling, path),
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,

@@ -1,0 +1,26 @@
+"""The key/value cache: what each layer's attention remembers about the tokens it has already seen.
+
+One preallocated float32 array pair per layer, [slots, max_len, n_kv_heads, head_dim]. A slot holds one
+sequence of a batch; `lengths[slot]` says how many positions of it are filled. Preallocating (instead of
+concatenating per token) keeps decode free of per-token allocations, and makes its memory known up front so
+it can be counted in the memory budget.
+"""
+
+import numpy as np
+
+
+class KVCache:
+    def __init__(self, n_layers, n_slots, max_len, n_kv_heads, head_dim):
+        shape = (n_slots, max_len, n_kv_heads, head_dim)
+        self.k = [np.zeros(shape, dtype=np.float32) for _ in range(n_layers)]   # [B, S, KV, hd] each
+        self.v = [np.zeros(shape, dtype=np.float32) for _ in range(n_layers)]
+        self.lengths = np.zeros(n_slots, dtype=np.int64)
+        self.max_len = max_len
+
+    @staticmethod
+    def bytes_needed(n_layers, n_slots, max_len, n_kv_heads, head_dim):
+        return 2 * n_layers * n_slots * max_len * n_kv_heads * head_dim * 4
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)

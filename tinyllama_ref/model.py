@@ -1,0 +1,129 @@
+"""The Llama-2 forward pass, top to bottom.
+
+    token ids -> embedding rows -> n_layers x block -> final RMSNorm -> lm_head -> logits
+
+    block(x):  h   = x + attention(rms_norm(x))      (grouped-query, rotary positions, KV cache)
+               out = h + mlp(rms_norm(h))            (SwiGLU: down(silu(gate(x)) * up(x)))
+
+Rows of x are tokens; several sequences of a batch are packed one after another (see attention.py), so each
+weight matrix is read once per pass for the whole batch. Layers come from a layer source that may keep them
+resident or stream them from disk (streaming.py): the forward pass does not care which.
+"""
+
+import os
+
+import numpy as np
+
+from .attention import attention
+from .checkpoint import Checkpoint, to_f32
+from .config import load_config, read_json
+from .errors import GenerationError
+from .kvcache import KVCache
+from .linear import BACKENDS
+from .ops import rms_norm, rope_tables, silu
+from .weights import embedding_info, load_head
+
+
+def mlp(x, w):
+    """SwiGLU feed-forward: x [N, D] -> [N, D]."""
+    return w.down(silu(w.gate(x)) * w.up(x))                    # [N, F] inside, [N, D] out
+
+
+def block(x, w, cache, seqs, cfg, cos, sin):
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
+    h = x + attention(rms_norm(x, w.attn_norm, cfg.norm_eps), w, cache, w.index, seqs, cfg, cos, sin)
+    return h + mlp(rms_norm(h, w.ffn_norm, cfg.norm_eps), w)    # [N, D]
+
+
+def read_quant_config_if_any(path):
+    """The GPTQ settings, or None for a dense checkpoint."""
+    has_block = os.path.exists(os.path.join(path, "quantize_config.json")) or \
+        "quantization_config" in read_json(os.path.join(path, "config.json"))
+    if not has_block:
+        return None
+    from .quant import read_quant_config
+    return read_quant_config(path)
+
+
+class Model:
+    """A loaded checkpoint. Use `tinyllama_ref.load(path)` rather than constructing this directly."""
+
+    def __init__(self, path, backend="numba", max_memory=None, quiet=True):
+        if backend not in BACKENDS:
+            raise GenerationError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.path = path
+        self.backend = backend
+        self.ckpt = Checkpoint(path)
+        # config.json first: it says hidden_size, which the embedding's shape is checked against.
+        hidden = load_config(path).dim
+        embed = embedding_info(self.ckpt, hidden)
+        self.cfg = load_config(path, vocab_size=embed.shape[0])
+        self.quant_config = read_quant_config_if_any(path)
+        self.embed_weight = self.ckpt.raw(embed.name)              # [V, D] view, stored dtype
+        self.embed_dtype = embed.dtype
+        self.final_norm, self.lm_head = load_head(self.ckpt, self.cfg, backend)
+        from .streaming import make_layer_source
+        self.layers = make_layer_source(self, max_memory, quiet=quiet)
+        self.cos, self.sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim,
+                                         self.cfg.rope_theta, self.cfg.rope_scaling_factor)  # [P, hd]
+
+    # -- the pieces ---------------------------------------------------------------------------------------
+    def check_ids(self, ids):
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise GenerationError("token ids must be a flat list of integers")
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
+        if bad.size:
+            raise GenerationError(f"token id {int(bad[0])} is outside the model's vocabulary "
+                                  f"(0..{self.cfg.vocab_size - 1}, the embedding's rows)")
+        return ids.astype(np.int64)
+
+    def embed(self, ids):
+        """Gather embedding rows straight from the memory map: [N] -> [N, D] float32."""
+        return to_f32(self.embed_weight[ids], self.embed_dtype)    # [N, D]
+
+    def new_cache(self, n_slots, max_len):
+        return KVCache(self.cfg.n_layers, n_slots, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
+
+    def forward(self, chunks, cache, slots, all_logits=False):
+        """Run new tokens through the model and extend the cache.
+
+        chunks: one int array of new token ids per sequence; slots: the cache slot of each sequence.
+        Returns logits [sum of lengths, V] when all_logits, else the last position's [len(chunks), V].
+        """
+        seqs = []
+        for slot, toks in zip(slots, chunks):
+            start = int(cache.lengths[slot])
+            if start + len(toks) > min(cache.max_len, self.cfg.max_seq_len):
+                raise GenerationError(f"sequence of {start + len(toks)} tokens does not fit the context of "
+                                      f"{min(cache.max_len, self.cfg.max_seq_len)} positions")
+            seqs.append((slot, start, len(toks)))
+        ids = np.concatenate([self.check_ids(t) for t in chunks])    # [N]
+        x = self.embed(ids)                                          # [N, D]
+        for w in self.layers:
+            x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin)   # [N, D]
+        for slot, start, n in seqs:
+            cache.lengths[slot] = start + n
+        if not all_logits:
+            x = x[np.cumsum([n for _, _, n in seqs]) - 1]            # [B, D] last row of each sequence
+        x = rms_norm(x, self.final_norm, self.cfg.norm_eps)          # [., D]
+        return self.lm_head(x)                                       # [., V]
+
+    # -- the public API -----------------------------------------------------------------------------------
+    def logits(self, token_ids):
+        """Teacher-forced logits for one sequence: [len(token_ids), V] float32."""
+        ids = self.check_ids(token_ids)
+        if len(ids) == 0:
+            raise GenerationError("empty token sequence: nothing to score")
+        if len(ids) > self.cfg.max_seq_len:
+            raise GenerationError(f"{len(ids)} tokens exceed the model's context of {self.cfg.max_seq_len}")
+        cache = self.new_cache(1, len(ids))
+        return self.forward([ids], cache, [0], all_logits=True)
+
+    def generate(self, token_ids, max_new_tokens=16, temperature=0.0, **sampling):
+        """New token ids after the prompt (a list of ints), or one list per prompt for a batch of prompts."""
+        from .generate import generate_ids
+        batch = len(token_ids) > 0 and not np.isscalar(token_ids[0])
+        prompts = [list(p) for p in token_ids] if batch else [list(token_ids)]
+        outs = generate_ids(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
+        return outs if batch else outs[0]

@@ -1,0 +1,55 @@
+"""The small pieces of math a Llama block is made of, as pure NumPy functions in float32.
+
+Each follows Hugging Face's LlamaForCausalLM (transformers/models/llama/modeling_llama.py) exactly, so that
+our logits agree with PyTorch to float32 round-off.
+"""
+
+import numpy as np
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like LlamaRMSNorm."""
+    variance = np.mean(x * x, axis=-1, keepdims=True)                # [N, 1]
+    return (x / np.sqrt(variance + eps)) * weight                       # [N, D]
+
+
+def silu(x):
+    """x * sigmoid(x), written so large negative x does not overflow exp()."""
+    return x / (1.0 + np.exp(-np.clip(x, -88.0, 88.0)))
+
+
+def softmax(x, axis=-1):
+    x = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1):
+    x = x - np.max(x, axis=axis, keepdims=True)
+    return x - np.log(np.sum(np.exp(x), axis=axis, keepdims=True))
+
+
+def rope_tables(n_positions, head_dim, theta, scaling_factor=1.0):
+    """cos and sin of the rotary angles for positions 0..n_positions-1, each [n_positions, head_dim].
+
+    Frequencies as in HF: inv_freq[i] = theta ** (-2i / d). "linear" rope scaling divides the position.
+    HF computes the angles in float32 (pos * inv_freq with float32 inv_freq), and so do we: computing them in
+    float64 would differ from PyTorch by ~1e-4 radians at position 4000.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32) / np.float32(scaling_factor)  # [hd/2]
+    pos = np.arange(n_positions, dtype=np.float32)                       # [P]
+    angles = np.outer(pos, inv_freq).astype(np.float32)                  # [P, hd/2]
+    angles = np.concatenate([angles, angles], axis=-1)                   # [P, hd]  halves, not pairs
+    return np.cos(angles), np.sin(angles)
+
+
+def rotate_half(x):
+    """[a, b] -> [-b, a] over the last axis (the HF 'rotate_half' convention)."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each head of x [T, heads, hd] by the angles of its position; cos/sin are [T, hd]."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]        # [T, heads, hd]
