@@ -13,6 +13,7 @@ added_tokens.json and tokenizer_config.json, with ids that may lie past the mode
 GPTQ files list <|im_end|> = 32018 for a 32017-row embedding).
 """
 
+import itertools
 import json
 import os
 import random
@@ -55,11 +56,12 @@ def generate_text(n_sentences, n_words, seed=0):
     rng = random.Random(seed)
     words = _make_words(rng, n_words)
     # Zipf-like weights so frequent words merge early and rare ones still appear a few times.
-    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    # Cumulative weights, computed once: random.choices would otherwise re-add them on every call.
+    cum_weights = list(itertools.accumulate(1.0 / (rank + 10) for rank in range(len(words))))
     sentences = []
     for _ in range(n_sentences):
         n = rng.randint(6, 18)
-        picks = rng.choices(words, weights, k=n)
+        picks = rng.choices(words, cum_weights=cum_weights, k=n)
         for i in range(n):
             r = rng.random()
             if r < 0.25:
