@@ -1,0 +1,341 @@
+"""Text <-> token ids: Llama's SentencePiece model plus the checkpoint's added tokens.
+
+Encoding (what Hugging Face's LlamaTokenizer does):
+  1. Cut the text at every added token ("<|im_start|>", "<s>", ...), longest match first. Those pieces
+     become their ids directly; SentencePiece never sees them.
+  2. Each stretch of ordinary text between them goes through SentencePiece. Llama's tokenizer.model adds a
+     "dummy prefix": it turns "Hello" into "▁Hello", as if a space came first.
+     - legacy=True (the historical transformers default, and ours when tokenizer_config.json says nothing):
+       every stretch gets the dummy prefix, so "<|im_start|>user" encodes "▁user".
+     - legacy=False (tokenizer_config.json "legacy": false): only a stretch at the very start of the text
+       gets it; "<|im_start|>user" encodes "user". See transformers PR #24565.
+  3. BOS goes in front when asked.
+
+Decoding undoes the pieces: "▁" is a space, except that the very first piece loses the space the dummy prefix
+put there; byte-fallback pieces <0xNN> are raw bytes, joined and read as UTF-8, one U+FFFD per byte that is
+not part of a valid character (as SentencePiece does). The stream decoder does the same one id at a time and
+holds back the bytes of a character that is not complete yet, so a terminal never shows half a character.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import TokenizerError
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token matched in the text before SentencePiece runs (Hugging Face "added token")."""
+    text: str
+    id: int
+    special: bool = True
+    lstrip: bool = False      # swallow whitespace on its left when matching
+    rstrip: bool = False      # swallow whitespace on its right when matching
+
+
+def _read_json(path):
+    """A JSON file's contents, or None when the file is absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(value):
+    """special_tokens_map.json / tokenizer_config.json spell a token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _as_id_list(value):
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _load_sentencepiece(path):
+    import sentencepiece as spm
+
+    if not os.path.exists(path):
+        raise TokenizerError(f"{path}: file not found; a Llama checkpoint needs its SentencePiece "
+                             f"tokenizer.model next to config.json")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(path)
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"{path}: not a SentencePiece model ({str(e).strip()}); "
+                             f"download tokenizer.model again") from None
+    return sp
+
+
+def read_added_tokens(checkpoint_dir, sp):
+    """The added tokens named by the checkpoint's JSON files, as {text: AddedToken}.
+
+    Sources, later ones filling gaps: tokenizer_config.json's added_tokens_decoder (ids with flags),
+    added_tokens.json ({text: id}), special_tokens_map.json (texts only; the id must come from the others or
+    from a SentencePiece piece of the same text). bos/eos/unk are added tokens too, as in transformers, so a
+    literal "<s>" in the text becomes id 1.
+    """
+    config = _read_json(os.path.join(checkpoint_dir, "tokenizer_config.json")) or {}
+    added_json = _read_json(os.path.join(checkpoint_dir, "added_tokens.json")) or {}
+    special_map = _read_json(os.path.join(checkpoint_dir, "special_tokens_map.json")) or {}
+    tokens = {}
+
+    def add(text, i, where, **flags):
+        if text in tokens and tokens[text].id != i:
+            raise TokenizerError(f"{checkpoint_dir}: {where} gives {text!r} id {i}, but another tokenizer "
+                                 f"file gives it id {tokens[text].id}; the files disagree")
+        if text not in tokens:
+            tokens[text] = AddedToken(text, i, **flags)
+
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        add(entry["content"], int(key), "tokenizer_config.json added_tokens_decoder",
+            special=bool(entry.get("special", True)), lstrip=bool(entry.get("lstrip", False)),
+            rstrip=bool(entry.get("rstrip", False)))
+    for text, i in added_json.items():
+        add(text, int(i), "added_tokens.json")
+    named = [special_map.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    named += [config.get(k) for k in ("bos_token", "eos_token", "unk_token")]
+    named += list(special_map.get("additional_special_tokens") or [])
+    for value in named:
+        text = _token_text(value)
+        if not text or text in tokens:
+            continue
+        i = sp.piece_to_id(text)
+        if i != sp.unk_id() or text == sp.id_to_piece(sp.unk_id()):
+            add(text, i, "special_tokens_map.json")
+    return tokens
+
+
+class Tokenizer:
+    """SentencePiece plus added tokens; build it with Tokenizer.from_dir(checkpoint_dir)."""
+
+    def __init__(self, sp, added_tokens=(), bos_id=None, eos_ids=None, vocab_size=None, legacy=True,
+                 chat_template=None, path=None):
+        self.sp = sp
+        self.path = path
+        self.legacy = legacy
+        self.chat_template = chat_template       # tokenizer_config.json's Jinja string, if any
+        self.vocab_size = vocab_size             # rows of the model's embedding (None: not known)
+        self.n_sp = sp.get_piece_size()
+        self.added = {t.text: t for t in added_tokens}
+        self.added_by_id = {t.id: t for t in added_tokens}
+        self.bos_id = sp.bos_id() if bos_id is None else bos_id
+        self.eos_ids = set(eos_ids) if eos_ids else {sp.eos_id()}
+        self.eos_id = min(self.eos_ids)
+        # One regex that finds any added token, longest first so "<|im_start|>" wins over a shorter
+        # token that is its prefix (Hugging Face uses a leftmost-longest trie for the same effect).
+        texts = sorted(self.added, key=len, reverse=True)
+        self._added_re = re.compile("|".join(re.escape(t) for t in texts)) if texts else None
+        # The pieces SentencePiece makes for "<unk>" alone: the legacy=False trick below strips them.
+        self._unk_prefix_len = len(sp.encode("<unk>"))
+        self.unk_surface = sp.decode([sp.unk_id()])   # " ⁇ " unless the model was trained with another
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir, vocab_size=None):
+        """Read tokenizer.model and the JSON files beside it; vocab_size is the embedding's row count."""
+        sp = _load_sentencepiece(os.path.join(checkpoint_dir, "tokenizer.model"))
+        added = read_added_tokens(checkpoint_dir, sp)
+        config = _read_json(os.path.join(checkpoint_dir, "tokenizer_config.json")) or {}
+        gen = _read_json(os.path.join(checkpoint_dir, "generation_config.json")) or {}
+        model_config = _read_json(os.path.join(checkpoint_dir, "config.json")) or {}
+        # BOS / EOS: generation_config.json first (what generate() uses), then config.json, then the
+        # tokenizer's own bos_token / eos_token strings, then SentencePiece's ids.
+        bos_id = gen.get("bos_token_id", model_config.get("bos_token_id"))
+        eos_ids = set(_as_id_list(gen.get("eos_token_id", model_config.get("eos_token_id"))))
+        eos_text = _token_text(config.get("eos_token"))
+        if eos_text in added:
+            eos_ids.add(added[eos_text].id)
+        if bos_id is None:
+            bos_text = _token_text(config.get("bos_token"))
+            bos_id = added[bos_text].id if bos_text in added else sp.bos_id()
+        return cls(sp, list(added.values()), bos_id=int(bos_id), eos_ids=eos_ids or {sp.eos_id()},
+                   vocab_size=vocab_size, legacy=bool(config.get("legacy", True)),
+                   chat_template=config.get("chat_template"), path=checkpoint_dir)
+
+    # ---- sizes and names ----
+
+    @property
+    def n_vocab(self):
+        """Distinct token ids this tokenizer knows: SentencePiece pieces plus added tokens beyond them."""
+        return self.n_sp + sum(1 for i in self.added_by_id if i >= self.n_sp)
+
+    def id_to_piece(self, i):
+        """The token's text as stored: an added token's content or a SentencePiece piece like '▁the'."""
+        if i in self.added_by_id:
+            return self.added_by_id[i].text
+        if 0 <= i < self.n_sp:
+            return self.sp.id_to_piece(i)
+        raise TokenizerError(f"token id {i} is not in the tokenizer (SentencePiece has {self.n_sp} pieces, "
+                             f"added tokens are {sorted(self.added_by_id)})")
+
+    def token_id(self, text):
+        """The id of an added token or a whole SentencePiece piece, or None."""
+        if text in self.added:
+            return self.added[text].id
+        i = self.sp.piece_to_id(text)
+        return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
+
+    def check_ids(self, ids):
+        """Refuse ids the model cannot embed (at or past vocab_size), naming the token."""
+        limit = self.vocab_size if self.vocab_size is not None else max(self.n_sp, max(self.added_by_id, default=0) + 1)
+        for i in ids:
+            if 0 <= i < limit:
+                continue
+            try:
+                name = repr(self.id_to_piece(i))
+            except TokenizerError:
+                name = "no token"
+            if i < 0:
+                raise TokenizerError(f"token id {i} ({name}) is negative; token ids start at 0")
+            raise TokenizerError(f"token id {i} ({name}) is past the model's {limit}-row embedding; "
+                                 f"this checkpoint cannot read it")
+        return ids
+
+    # ---- encoding ----
+
+    def split_added(self, text):
+        """Cut text at added tokens: a list of str (ordinary text) and AddedToken, in order."""
+        if self._added_re is None:
+            return [text] if text else []
+        parts, start = [], 0
+        for m in self._added_re.finditer(text):
+            parts.append(text[start:m.start()])
+            parts.append(self.added[m.group()])
+            start = m.end()
+        parts.append(text[start:])
+        # lstrip / rstrip flags: the token swallows the whitespace beside it (tokenizers' AddedToken).
+        for k, part in enumerate(parts):
+            if isinstance(part, AddedToken):
+                if part.lstrip and k > 0:
+                    parts[k - 1] = parts[k - 1].rstrip()
+                if part.rstrip and k + 1 < len(parts):
+                    parts[k + 1] = parts[k + 1].lstrip()
+        return [p for p in parts if not (isinstance(p, str) and p == "")]
+
+    def _encode_plain(self, text, dummy_prefix):
+        """SentencePiece ids for ordinary text, with or without Llama's leading '▁'."""
+        if dummy_prefix:
+            return self.sp.encode(text)
+        # SentencePiece cannot switch the dummy prefix off per call. transformers' slow LlamaTokenizer
+        # (legacy=False, tokenization_llama.py `_tokenize`) encodes "<unk>" + text and drops the pieces of
+        # "<unk>": the prefix lands on "<unk>" and the text keeps exactly what it had.
+        return self.sp.encode("<unk>" + text)[self._unk_prefix_len:]
+
+    def encode(self, text, add_bos=True):
+        """Token ids for text: added tokens matched first, the rest through SentencePiece."""
+        ids = [self.bos_id] if add_bos else []
+        for k, part in enumerate(self.split_added(text)):
+            if isinstance(part, AddedToken):
+                ids.append(part.id)
+            else:
+                ids.extend(self._encode_plain(part, dummy_prefix=self.legacy or k == 0))
+        return ids
+
+    # ---- decoding ----
+
+    def stream_decoder(self, skip_special_tokens=False):
+        """A StreamDecoder: push ids one at a time, get back only complete characters."""
+        return StreamDecoder(self, skip_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        """Text for ids. Control tokens (<s>, </s>) give no text; other added tokens give their own text
+        unless skip_special_tokens drops the special ones; ids that name no token give no text."""
+        stream = self.stream_decoder(skip_special_tokens)
+        return "".join(stream.push(i) for i in ids) + stream.flush()
+
+
+def _utf8_length(lead):
+    """Bytes in the UTF-8 sequence that starts with byte `lead`, or 0 if it cannot start one."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def decode_utf8_prefix(buf, final):
+    """Read bytes as UTF-8: (text, bytes used). Each byte that does not belong to a valid character becomes
+    U+FFFD, as in SentencePiece. When not final, an incomplete character at the end is left unread."""
+    out, i = [], 0
+    while i < len(buf):
+        n = _utf8_length(buf[i])
+        if n and i + n > len(buf):                   # the character runs past the bytes we have
+            if not final and all(0x80 <= b <= 0xBF for b in buf[i + 1:]):
+                break                                # its remaining bytes may still come
+            n = 0
+        char = None
+        if n:
+            try:
+                char = bytes(buf[i:i + n]).decode("utf-8")
+            except UnicodeDecodeError:               # bad continuation, overlong form or surrogate
+                pass
+        if char is None:
+            out.append("\ufffd")
+            i += 1
+        else:
+            out.append(char)
+            i += n
+    return "".join(out), i
+
+
+class StreamDecoder:
+    """Decode one token id at a time; the pushes joined, plus flush(), equal Tokenizer.decode(all ids).
+
+    Two things need memory between tokens:
+      - whether any text has come out yet (the first piece's '▁' is the dummy prefix, not a space);
+      - bytes from <0xNN> pieces that do not yet make a whole UTF-8 character (an emoji is 4 pieces).
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens=False):
+        self.tok = tokenizer
+        self.skip_special = skip_special_tokens
+        self.pending = bytearray()   # bytes of an unfinished run of byte-fallback pieces
+        self.at_start = True         # no piece has produced text yet
+
+    def _end_byte_run(self):
+        """A non-byte piece ends a run of bytes: whatever is left can never complete."""
+        text, _ = decode_utf8_prefix(self.pending, final=True)
+        self.pending.clear()
+        return text
+
+    def push(self, token_id):
+        """The new printable text that token_id adds (maybe '')."""
+        tok, sp = self.tok, self.tok.sp
+        if token_id in tok.added_by_id and token_id >= tok.n_sp:   # beyond SentencePiece: <|im_end|>
+            added = tok.added_by_id[token_id]
+            if added.special and self.skip_special:
+                return ""
+            self.at_start = False
+            return self._end_byte_run() + added.text
+        if not 0 <= token_id < tok.n_sp or sp.is_control(token_id):
+            return ""                                 # <s>, </s>, or an id with no token at all
+        if sp.is_byte(token_id):
+            self.pending.append(int(sp.id_to_piece(token_id)[3:5], 16))    # "<0xE2>" -> 0xE2
+            text, used = decode_utf8_prefix(self.pending, final=False)
+            del self.pending[:used]
+            self.at_start = False
+            return text
+        text = self._end_byte_run()
+        if sp.is_unknown(token_id):
+            piece = tok.unk_surface
+        else:
+            piece = sp.id_to_piece(token_id).replace("\u2581", " ")
+            if self.at_start and piece.startswith(" "):
+                piece = piece[1:]                     # the dummy prefix SentencePiece added when encoding
+        self.at_start = False
+        return text + piece
+
+    def flush(self):
+        """Text still held back at the end (an unfinished character comes out as U+FFFD per byte)."""
+        return self._end_byte_run()
