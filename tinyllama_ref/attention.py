@@ -9,6 +9,8 @@ import numpy as np
 
 from .ops import apply_rope, softmax
 
+QUERY_BLOCK = 256     # queries attended at once: bounds the [heads, queries, keys] score matrix of a long prompt
+
 
 def attend(q, k, v, start):
     """Causal attention of T new queries against S = start + T cached keys, for one sequence.
@@ -44,6 +46,9 @@ def attention(x, w, cache, layer_index, seqs, cfg, cos, sin):
         q_s = apply_rope(q[rows], cos[pos], sin[pos])                 # [n, H, hd]
         k_cache[slot, pos] = apply_rope(k[rows], cos[pos], sin[pos])  # [n, KV, hd]
         v_cache[slot, pos] = v[rows]
-        out[rows] = attend(q_s, k_cache[slot, :start + n], v_cache[slot, :start + n], start)
+        for b in range(0, n, QUERY_BLOCK):                            # long prompts: blocks of queries
+            m = min(QUERY_BLOCK, n - b)
+            end = start + b + m                                       # keys visible to this block
+            out[row + b:row + b + m] = attend(q_s[b:b + m], k_cache[slot, :end], v_cache[slot, :end], start + b)
         row += n
     return w.o(out.reshape(N, H * hd))                                # [N, D]

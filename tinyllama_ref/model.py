@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .attention import attention
+from .attention import QUERY_BLOCK, attention
 from .checkpoint import Checkpoint, to_f32
 from .config import load_config, read_json
 from .errors import GenerationError
@@ -83,7 +83,19 @@ class Model:
         return to_f32(self.embed_weight[ids], self.embed_dtype)    # [N, D]
 
     def new_cache(self, n_slots, max_len):
-        return KVCache(self.cfg.n_layers, n_slots, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
+        """A KV cache for n_slots sequences of up to max_len positions, counted in the memory budget."""
+        c = self.cfg
+        self.layers.reserve("KV cache", KVCache.bytes_needed(c.n_layers, n_slots, max_len, c.n_kv_heads,
+                                                             c.head_dim))
+        return KVCache(c.n_layers, n_slots, max_len, c.n_kv_heads, c.head_dim)
+
+    def workspace_bytes(self, n_rows, longest_context, all_logits):
+        """A generous estimate of the activations one pass allocates (see attention.py's query blocks)."""
+        c = self.cfg
+        per_row = 8 * c.dim + 2 * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 4 * c.hidden_dim
+        scores = 3 * c.n_heads * min(n_rows, QUERY_BLOCK) * longest_context
+        logits = (n_rows if all_logits else 1) * c.vocab_size * 2
+        return 4 * (n_rows * per_row + scores + logits)
 
     def forward(self, chunks, cache, slots, all_logits=False):
         """Run new tokens through the model and extend the cache.
@@ -99,6 +111,8 @@ class Model:
                                       f"{min(cache.max_len, self.cfg.max_seq_len)} positions")
             seqs.append((slot, start, len(toks)))
         ids = np.concatenate([self.check_ids(t) for t in chunks])    # [N]
+        longest = max(start + n for _, start, n in seqs)
+        self.layers.reserve("activations", self.workspace_bytes(len(ids), longest, all_logits))
         x = self.embed(ids)                                          # [N, D]
         for w in self.layers:
             x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin)   # [N, D]

@@ -1,24 +1,186 @@
-"""Where the decoder layers come from during a forward pass.
+"""Where the decoder layers come from during a forward pass, under a memory budget.
 
-(The memory-budgeted streamer arrives with the streaming issue; until then every layer stays resident.)
+A model is a sequence of layers that arrive from disk. The budget (bytes of resident memory: anonymous
+memory plus the mapped file pages this process holds) is split like this:
+
+    budget = process baseline (interpreter, libraries, measured at load)
+           + head (final norm, lm_head: read every token, so always resident)
+           + reservations (KV cache, activation workspace: made by generate/logits before they run)
+           + JIT reserve (numba backend: compiling kernels temporarily takes memory)
+           + resident layers (the first k layers: mapped once, kept)
+           + streaming window (two layers: the one computing and the one being read ahead)
+
+Layers past the first k are streamed: a background thread reads layer i+1 from disk into the page cache while
+layer i computes (it only does I/O, so Numba's threading layer is never entered from two threads); after a
+streamed layer is used its pages are dropped from this process (madvise MADV_DONTNEED) and from the page cache
+(posix_fadvise DONTNEED), so resident memory does not creep up towards the model size.
+When everything fits, every layer is resident and nothing streams.
 """
 
-from .weights import load_layer
+import mmap
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import MemoryBudgetError
+from .memory import current_rss, default_budget, human, parse_size
+from .weights import layer_tensor_names, load_layer
+
+JIT_RESERVE = 256 * 10**6          # numba: LLVM's peak while compiling the kernels the first time
+SAFETY = 16 * 10**6                # interpreter growth after load (lazy imports, small temporaries) ...
+SAFETY_FRACTION = 0.01             # ... plus 1% of the budget for allocator slack
+READ_CHUNK = 4 * 2**20             # bytes per pread when reading a layer ahead (one reused buffer)
 
 
-class ResidentLayers:
-    """All layers built once and kept: iterating yields them in order."""
+class LayerSource:
+    """Iterate to get the layers in order; resident ones are kept, the rest are read, used and released."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_memory=None, quiet=True):
+        self.model = model
         m = model
-        self.layers = [load_layer(m.ckpt, m.cfg, m.quant_config, m.backend, i) for i in range(m.cfg.n_layers)]
+        self.n_layers = m.cfg.n_layers
+        self.names = [layer_tensor_names(m.ckpt, i) for i in range(self.n_layers)]
+        self.file_bytes = [sum(m.ckpt.info(n).nbytes for n in names) for names in self.names]
+        self.budget = default_budget() if max_memory is None else parse_size(max_memory)
+        self.budget_given = max_memory is not None
+        self.baseline = current_rss()
+        self.head_bytes = m.lm_head.nbytes + m.final_norm.nbytes
+        self.jit_reserve = JIT_RESERVE if m.backend == "numba" else 0
+        # The numpy reference widens a whole matrix to float32 (and GPTQ codes to ints) when it multiplies:
+        # the largest such temporary must fit too. The numba kernels read the stored words directly.
+        self.scratch = 0 if m.backend == "numba" else 8 * max(
+            [m.lm_head.in_features * m.lm_head.out_features] +
+            [m.cfg.dim * max(m.cfg.hidden_dim, m.cfg.n_heads * m.cfg.head_dim)])
+        self.reserved = {}
+        self.resident = {}                 # layer index -> LayerWeights kept for the model's lifetime
+        self.prepare_seconds = 0.0         # time spent building layers (incl. kernel layout preparation)
+        self.bytes_streamed = 0            # bytes read ahead from disk for streamed layers, cumulative
+        self._pool = None
+        self._pending = {}                 # layer index -> Future of its read-ahead
+        self._buffer = None
+        self.quiet = quiet
+        self.n_resident = self._plan()
 
-    def __iter__(self):
-        return iter(self.layers)
+    # -- planning -----------------------------------------------------------------------------------------
+    def _fixed(self):
+        return (self.baseline + self.head_bytes + self.jit_reserve + self.scratch + sum(self.reserved.values())
+                + SAFETY + int(SAFETY_FRACTION * self.budget))
+
+    def _plan(self):
+        """How many leading layers can stay resident; raise if not even the streaming window fits."""
+        free = self.budget - self._fixed()
+        if sum(self.file_bytes) <= free:
+            return self.n_layers
+        window = 2 * max(self.file_bytes) + READ_CHUNK
+        if free < window:
+            what = ", ".join(f"{k} {human(v)}" for k, v in self.reserved.items())
+            raise MemoryBudgetError(
+                f"memory budget {human(self.budget)} is too small: this process already uses "
+                f"{human(self.baseline)}, the output head needs {human(self.head_bytes)}"
+                + (f", JIT compilation {human(self.jit_reserve)}" if self.jit_reserve else "")
+                + (f", reference temporaries {human(self.scratch)}" if self.scratch else "")
+                + (f", {what}" if what else "")
+                + f", and streaming needs room for two layers ({human(window)}); give at least "
+                f"{human(self._fixed() + window)} with --max-memory")
+        free -= window
+        k = 0
+        while k < self.n_layers and self.file_bytes[k] <= free:
+            free -= self.file_bytes[k]
+            k += 1
+        return k
+
+    def reserve(self, what, nbytes):
+        """Set aside memory (KV cache, activations) before allocating it; fewer layers may stay resident."""
+        self.reserved[what] = nbytes
+        try:
+            k = self._plan()
+        except MemoryBudgetError:
+            del self.reserved[what]
+            raise
+        for i in [i for i in self.resident if i >= k]:
+            self._release(i, self.resident.pop(i))
+        self.n_resident = k
+
+    def release_reservation(self, what):
+        self.reserved.pop(what, None)
+
+    # -- iteration ----------------------------------------------------------------------------------------
+    def _build(self, i):
+        t = time.perf_counter()
+        m = self.model
+        layer = load_layer(m.ckpt, m.cfg, m.quant_config, m.backend, i)
+        self.prepare_seconds += time.perf_counter() - t
+        return layer
 
     def __len__(self):
-        return len(self.layers)
+        return self.n_layers
+
+    def __iter__(self):
+        first_streamed = self.n_resident
+        if first_streamed < self.n_layers:
+            self._read_ahead(first_streamed)
+        for i in range(self.n_layers):
+            if i < self.n_resident:
+                if i not in self.resident:
+                    self.resident[i] = self._build(i)
+                yield self.resident[i]
+                continue
+            self._pending.pop(i).result()             # wait for this layer's bytes to be in memory
+            if i + 1 < self.n_layers:
+                self._read_ahead(i + 1)
+            layer = self._build(i)
+            yield layer
+            self._release(i, layer)
+
+    def _read_ahead(self, i):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyllama-readahead")
+            self._buffer = bytearray(READ_CHUNK)
+        self._pending[i] = self._pool.submit(self._read_layer, i)
+
+    def _read_layer(self, i):
+        """I/O only: pull the layer's byte ranges into the page cache (os.preadv releases the GIL)."""
+        ckpt = self.model.ckpt
+        view = memoryview(self._buffer)
+        for name in self.names[i]:
+            info = ckpt.info(name)
+            fd = ckpt.files[info.file]._fd.fileno()
+            pos = info.start
+            while pos < info.end:
+                n = os.preadv(fd, [view[:min(READ_CHUNK, info.end - pos)]], pos)
+                if n <= 0:
+                    break
+                pos += n
+            self.bytes_streamed += info.nbytes
+
+    def _release(self, i, layer):
+        """Drop a streamed layer's pages from this process and from the page cache."""
+        ckpt = self.model.ckpt
+        ckpt.advise(self.names[i], mmap.MADV_DONTNEED)
+        for name in self.names[i]:
+            info = ckpt.info(name)
+            os.posix_fadvise(ckpt.files[info.file]._fd.fileno(), info.start, info.nbytes,
+                             os.POSIX_FADV_DONTNEED)
+        del layer
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def describe(self):
+        streamed = self.n_layers - self.n_resident
+        return (f"memory budget {human(self.budget)}{'' if self.budget_given else ' (default)'}: "
+                f"{self.n_resident} of {self.n_layers} layers resident "
+                f"({human(sum(self.file_bytes[:self.n_resident]))}), {streamed} streamed from disk "
+                f"({human(sum(self.file_bytes[self.n_resident:]))} per pass)")
+
+    def streamed_bytes_per_pass(self):
+        return sum(self.file_bytes[self.n_resident:])
+
+    def resident_bytes(self):
+        return sum(self.file_bytes[:self.n_resident])
 
 
 def make_layer_source(model, max_memory=None, quiet=True):
-    return ResidentLayers(model)
+    source = LayerSource(model, max_memory, quiet)
+    if not quiet:
+        print(source.describe(), file=sys.stderr)
+    return source

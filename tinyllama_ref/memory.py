@@ -1,0 +1,63 @@
+"""Memory sizes for people ("20GB"), and what this process and this machine have right now (Linux /proc)."""
+
+import os
+import re
+
+from .errors import MemoryBudgetError
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text):
+    """'20GB' -> 20_000_000_000; '1500MB', '16GiB', '123456' (bytes) also work."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise MemoryBudgetError(f"cannot read memory size {text!r}; write it like 20GB, 1500MB or 123456 "
+                                    "(bytes)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise MemoryBudgetError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def human(n):
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _status_kb(field, path="/proc/self/status"):
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def current_rss():
+    """Resident bytes of this process now: anonymous memory plus the mapped file pages it holds."""
+    return _status_kb("VmRSS")
+
+
+def peak_rss():
+    """The high-water mark of resident bytes since the process started."""
+    return _status_kb("VmHWM")
+
+
+def available_memory():
+    """What the kernel says can be given to a new process without swapping (MemAvailable)."""
+    return _status_kb("MemAvailable", "/proc/meminfo") or (os.sysconf("SC_PAGE_SIZE") *
+                                                         os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def default_budget():
+    """Without --max-memory: 85% of the memory available now, leaving room for the OS and page cache."""
+    return int(available_memory() * 0.85)
