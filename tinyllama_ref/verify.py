@@ -1,0 +1,351 @@
+"""Layer-by-layer comparison of our forward pass against transformers' Llama on the same weights.
+
+Two independent chains start from the same embedding rows:
+
+    ours:    x0 -> tinyllama_ref.model.block (layer 0) -> ... -> final norm -> lm_head
+    theirs:  x0 -> transformers LlamaDecoderLayer (layer 0) -> ... -> LlamaRMSNorm -> lm_head
+
+and after every layer the two hidden states are compared. The reference side never touches our checkpoint
+reader: dense weights are read with the `safetensors` package's own PyTorch loader (as transformers'
+from_pretrained does), GPTQ weights are dequantized by our NumPy reference (quant.dequantize) into a plain
+float32 `nn.Linear`. Only ONE transformers decoder layer exists at a time, built on the "meta" device and then
+given its real tensors, so even a 70B checkpoint needs one float32 layer (about 3.4 GB) on that side.
+
+Because errors compound along a chain, a per-layer "local" error is measured too: our block is also run on
+transformers' input to that layer (as a second sequence of the same batch, so each of our layers is read once).
+The first layer whose local error is outside the tolerance is the first layer that computes differently.
+
+torch and transformers are an optional extra (pip install 'tinyllama-ref[verify]') and are imported lazily.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CheckpointError, TinyLlamaError
+from .model import block
+from .ops import log_softmax, rms_norm
+
+
+class VerifyDependencyError(TinyLlamaError):
+    """torch or transformers is not installed."""
+
+
+def _import_torch():
+    """torch and transformers' Llama modules, or a one-line explanation of how to get them."""
+    try:
+        import torch
+        from transformers import LlamaConfig as HFLlamaConfig
+        from transformers.models.llama import modeling_llama
+    except ImportError as e:
+        raise VerifyDependencyError(
+            f"verify needs PyTorch and transformers: pip install 'tinyllama-ref[verify]' ({e})") from None
+    return torch, HFLlamaConfig, modeling_llama
+
+
+# -- tolerances ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When two float32 computations of the same model count as the same.
+
+    Both sides compute in float32 from identical weights, so the only differences are the order of float32
+    sums (BLAS blocking, our softmax vs torch's). Measured on the tiny test models: hidden states agree to
+    ~1e-7 relative per layer and logits to ~1e-6; a 0.1% change to one norm weight already moves a layer by
+    ~1e-3. The defaults sit two orders of magnitude above the round-off and one below a real bug, and leave
+    room for 80 layers of accumulation on a 70B model.
+    """
+    hidden_rel: float = 1e-4        # max |ours - theirs| / max |theirs|, per layer (chained and local)
+    hidden_cos: float = 1 - 1e-6    # smallest per-position cosine similarity of the hidden states
+    logits_rel: float = 1e-4        # max |ours - theirs| / max |theirs| over all positions and the vocabulary
+    kl: float = 1e-6                # mean over positions of KL(theirs || ours), nats
+
+
+@dataclass
+class LayerRow:
+    index: int
+    max_abs: float        # chained: max |ours - theirs|
+    rel: float            # chained: max_abs / max |theirs|
+    cos: float            # chained: smallest per-position cosine similarity
+    local_rel: float      # our block on THEIR input vs theirs, / max |theirs|
+
+    def ok(self, tol):
+        return self.rel <= tol.hidden_rel and self.cos >= tol.hidden_cos and self.local_rel <= tol.hidden_rel
+
+
+@dataclass
+class LogitsRow:
+    max_abs: float
+    rel: float
+    kl: float             # mean over positions of KL(theirs || ours)
+    top1: float           # fraction of positions with the same arg max
+    top1_unexplained: int  # disagreements where theirs' margin is larger than the logits' max difference
+
+    def ok(self, tol):
+        return self.rel <= tol.logits_rel and self.kl <= tol.kl and self.top1_unexplained == 0
+
+
+@dataclass
+class VerifyReport:
+    checkpoint: str
+    kind: str                         # "dense F16", "GPTQ 4-bit g128 act-order", ...
+    backend: str
+    n_tokens: int
+    tolerance: Tolerance
+    layers: list = field(default_factory=list)
+    logits: LogitsRow = None
+
+    @property
+    def first_diverging_layer(self):
+        """The first layer that computes differently from transformers given the same input, else None."""
+        for row in self.layers:
+            if row.local_rel > self.tolerance.hidden_rel:
+                return row.index
+        for row in self.layers:                    # no single layer is off, yet the chain drifted
+            if not row.ok(self.tolerance):
+                return row.index
+        return None
+
+    @property
+    def passed(self):
+        return all(r.ok(self.tolerance) for r in self.layers) and self.logits.ok(self.tolerance)
+
+
+# -- the metrics ---------------------------------------------------------------------------------------------
+
+def hidden_metrics(ours, theirs):
+    """max |diff|, that over max |theirs|, and the smallest per-position cosine similarity ([T, D] each)."""
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+    diff = np.abs(ours - theirs)                                          # [T, D]
+    scale = max(float(np.abs(theirs).max()), 1e-30)
+    dots = np.sum(ours * theirs, axis=-1)                                 # [T]
+    norms = np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1)   # [T]
+    cos = np.where(norms > 0, dots / np.maximum(norms, 1e-300), 1.0)      # [T]
+    return float(diff.max()), float(diff.max()) / scale, float(cos.min())
+
+
+def logits_metrics(ours, theirs):
+    """Max difference, mean KL(theirs || ours), top-1 agreement over all positions ([T, V] each).
+
+    A top-1 disagreement only counts as a failure when transformers' own margin between its choice and ours is
+    larger than the largest logit difference: a near-tie may flip under float32 round-off and that is no bug.
+    """
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+    diff = np.abs(ours - theirs)                                          # [T, V]
+    max_abs = float(diff.max())
+    rel = max_abs / max(float(np.abs(theirs).max()), 1e-30)
+    log_p, log_q = log_softmax(theirs), log_softmax(ours)                 # [T, V]
+    kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+    top_theirs, top_ours = theirs.argmax(-1), ours.argmax(-1)             # [T]
+    rows = np.arange(len(theirs))
+    margin = theirs[rows, top_theirs] - theirs[rows, top_ours]            # [T] >= 0
+    unexplained = int(np.sum((top_theirs != top_ours) & (margin > 2 * max_abs)))
+    return LogitsRow(max_abs, rel, max(kl, 0.0), float(np.mean(top_theirs == top_ours)), unexplained)
+
+
+# -- the reference side: transformers, one decoder layer at a time --------------------------------------------
+
+class ReferenceTensors:
+    """Reads checkpoint tensors with the safetensors package's PyTorch loader, independent of checkpoint.py."""
+
+    def __init__(self, directory):
+        import torch
+        from safetensors import safe_open
+        self.torch = torch
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+        self.handles, self.where = [], {}
+        for name in files:
+            h = safe_open(os.path.join(directory, name), framework="pt")
+            self.handles.append(h)
+            for key in h.keys():
+                self.where[key] = h
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def get(self, name):
+        if name not in self.where:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        return self.where[name].get_tensor(name)
+
+    def f32(self, name):
+        return self.get(name).to(self.torch.float32)
+
+    def rows(self, name, start, stop):
+        """Rows start..stop of a 2-D tensor, read without loading the rest (embedding, lm_head)."""
+        return self.where[name].get_slice(name)[start:stop].to(self.torch.float32)
+
+
+def dequantized_weight(tensors, prefix, quant_config, in_features, out_features, columns_per_step=1024):
+    """A GPTQ linear as a float32 torch weight [out, in] (nn.Linear layout), dequantized by quant.dequantize a
+    slab of output columns at a time so the unpacking temporaries stay small for 28672-wide 70B layers."""
+    import torch
+    from .quant import default_g_idx, dequantize
+    qweight = tensors.get(prefix + ".qweight").numpy()                    # [in * bits / 32, out]
+    qzeros = tensors.get(prefix + ".qzeros").numpy()                      # [G, out * bits / 32]
+    scales = tensors.get(prefix + ".scales").numpy()                      # [G, out]
+    g_idx = (tensors.get(prefix + ".g_idx").numpy() if prefix + ".g_idx" in tensors
+             else default_g_idx(in_features, quant_config.group_size))    # [in]
+    bits = quant_config.bits
+    per_word = 32 // np.gcd(32, bits)          # columns that fill a whole number of qzeros words
+    step = max(per_word, columns_per_step // per_word * per_word)
+    weight = torch.empty(out_features, in_features, dtype=torch.float32)  # [out, in]
+    for j0 in range(0, out_features, step):
+        j1 = min(out_features, j0 + step)
+        z0, z1 = j0 * bits // 32, -(-j1 * bits // 32)
+        w = dequantize(qweight[:, j0:j1], qzeros[:, z0:z1], scales[:, j0:j1], g_idx, bits,
+                       quant_config.checkpoint_format)                    # [in, j1 - j0]
+        weight[j0:j1] = torch.from_numpy(np.ascontiguousarray(w.T))       # [j1 - j0, in]
+    return weight
+
+
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def reference_layer(modeling, hf_config, tensors, quant_config, i):
+    """transformers' LlamaDecoderLayer i in float32 with the checkpoint's weights (no random init first)."""
+    import torch
+    with torch.device("meta"):
+        layer = modeling.LlamaDecoderLayer(hf_config, layer_idx=i)
+    prefix = f"model.layers.{i}."
+    state = {}
+    for name, param in layer.named_parameters():
+        stem = name[:-len(".weight")] if name.endswith(".weight") else name
+        if stem in LINEAR_NAMES and prefix + stem + ".qweight" in tensors:
+            out_features, in_features = param.shape
+            state[name] = dequantized_weight(tensors, prefix + stem, quant_config, in_features, out_features)
+            # Older AutoGPTQ writers store an all-zero bias; a Llama layer has no bias to put a real one in.
+            if prefix + stem + ".bias" in tensors and bool(tensors.get(prefix + stem + ".bias").any()):
+                raise CheckpointError(f"{prefix + stem}.bias is not zero, but Llama layers have no bias "
+                                      "(is this a Llama checkpoint?)")
+        else:
+            state[name] = tensors.f32(prefix + name)
+    layer.load_state_dict(state, assign=True, strict=True)
+    return layer.eval()
+
+
+def hf_config_for(checkpoint_dir, HFLlamaConfig):
+    with open(os.path.join(checkpoint_dir, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    hf.pop("quantization_config", None)        # the reference layer is a plain float32 Llama
+    cfg = HFLlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "eager"         # explicit additive causal mask, softmax in float32
+    return cfg
+
+
+# -- the comparison -----------------------------------------------------------------------------------------
+
+def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, tolerance=None, model=None):
+    """Run our model and transformers on the same weights and token ids; return a VerifyReport.
+
+    `model` may be an already loaded tinyllama_ref Model (tests use this to alter our side only).
+    """
+    torch, HFLlamaConfig, modeling = _import_torch()
+    from . import load
+    from .quant import read_quant_config
+    tolerance = tolerance or Tolerance()
+    ours_model = model or load(checkpoint_dir, backend=backend, max_memory=max_memory)
+    cfg = ours_model.cfg
+    ids = ours_model.check_ids(token_ids)                                 # [T]
+    T = len(ids)
+    if T == 0:
+        raise TinyLlamaError("verify needs at least one token id")
+    if T > cfg.max_seq_len:
+        raise TinyLlamaError(f"{T} tokens exceed the model's context of {cfg.max_seq_len}")
+    quant_config = read_quant_config(checkpoint_dir) if ours_model.quant_config else None
+    tensors = ReferenceTensors(checkpoint_dir)
+    hf_config = hf_config_for(checkpoint_dir, HFLlamaConfig)
+    torch.set_grad_enabled(False)
+
+    # The same embedding rows start both chains (read independently on each side).
+    x_ours = ours_model.embed(ids)                                        # [T, D]
+    embed_name = "model.embed_tokens.weight"
+    theirs = torch.cat([tensors.rows(embed_name, int(t), int(t) + 1) for t in ids])   # [T, D]
+    theirs = theirs[None]                                                 # [1, T, D]
+
+    rotary = modeling.LlamaRotaryEmbedding(hf_config)
+    positions = torch.arange(T)[None]                                     # [1, T]
+    cos_sin = rotary(theirs, positions)                                   # ([1, T, hd], [1, T, hd])
+    mask = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)[None, None]   # [1, 1, T, T]
+
+    # Our side runs two sequences per layer: slot 0 is our chain, slot 1 is our block on THEIR input.
+    cache = ours_model.new_cache(2, T)
+    seqs = [(0, 0, T), (1, 0, T)]
+    report = VerifyReport(checkpoint_dir, describe(ours_model), ours_model.backend, T, tolerance)
+    for i, w in enumerate(ours_model.layers):
+        their_in = theirs[0].numpy()                                      # [T, D]
+        both = block(np.concatenate([x_ours, their_in]), w, cache, seqs, cfg,
+                     ours_model.cos, ours_model.sin)                      # [2T, D]
+        x_ours, local = both[:T], both[T:]                                # [T, D] each
+        layer = reference_layer(modeling, hf_config, tensors, quant_config, i)
+        theirs = layer(theirs, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+        del layer                                                         # one reference layer at a time
+        their_out = theirs[0].numpy()                                     # [T, D]
+        max_abs, rel, cos = hidden_metrics(x_ours, their_out)
+        local_rel = float(np.abs(local - their_out).max()) / max(float(np.abs(their_out).max()), 1e-30)
+        report.layers.append(LayerRow(i, max_abs, rel, cos, local_rel))
+
+    logits_ours = ours_model.lm_head(rms_norm(x_ours, ours_model.final_norm, cfg.norm_eps))   # [T, V]
+    norm = modeling.LlamaRMSNorm(cfg.dim, eps=hf_config.rms_norm_eps)
+    norm.weight.data = tensors.f32("model.norm.weight")
+    h = norm(theirs)[0]                                                   # [T, D]
+    head = embed_name if (cfg.tie_word_embeddings or "lm_head.weight" not in tensors) else "lm_head.weight"
+    chunks = []
+    for v0 in range(0, cfg.vocab_size, 4096):                             # the head a slab of rows at a time
+        chunks.append(h @ tensors.rows(head, v0, min(cfg.vocab_size, v0 + 4096)).T)   # [T, rows]
+    logits_theirs = torch.cat(chunks, dim=-1).numpy()                     # [T, V]
+    report.logits = logits_metrics(logits_ours, logits_theirs)
+    return report
+
+
+def describe(model):
+    q = model.quant_config
+    if q is None:
+        dtype = model.ckpt.info("model.layers.0.self_attn.q_proj.weight").dtype
+        return f"dense {dtype}"
+    group = "" if q.group_size == -1 else f" g{q.group_size}"
+    return f"GPTQ {q.bits}-bit{group}{' act-order' if q.desc_act else ''} ({q.checkpoint_format})"
+
+
+# -- the table ----------------------------------------------------------------------------------------------
+
+def format_report(report):
+    """A Markdown table per layer plus the logits line and the verdict (what `tinyllama-ref verify` prints)."""
+    tol = report.tolerance
+    lines = [
+        f"{report.checkpoint}: {report.kind}, {report.n_tokens} tokens, backend {report.backend}, "
+        "against transformers (float32)",
+        "",
+        "| layer | max abs diff | rel diff | min cosine | rel diff, same input | |",
+        "|---:|---:|---:|---:|---:|:---|",
+    ]
+    for r in report.layers:
+        lines.append(f"| {r.index} | {r.max_abs:.3e} | {r.rel:.3e} | {r.cos:.9f} | {r.local_rel:.3e} | "
+                     f"{'ok' if r.ok(tol) else 'DIFFERS'} |")
+    lg = report.logits
+    lines += [
+        "",
+        "| logits | max abs diff | rel diff | KL(theirs‖ours) | top-1 agreement | |",
+        "|---|---:|---:|---:|---:|:---|",
+        f"| all positions | {lg.max_abs:.3e} | {lg.rel:.3e} | {lg.kl:.3e} | {lg.top1 * 100:.1f}% | "
+        f"{'ok' if lg.ok(tol) else 'DIFFERS'} |",
+        "",
+        f"tolerance: rel diff <= {tol.hidden_rel:g} per layer, cosine >= {tol.hidden_cos:.9f}, "
+        f"logits rel diff <= {tol.logits_rel:g}, KL <= {tol.kl:g}, no top-1 flip beyond round-off",
+    ]
+    first = report.first_diverging_layer
+    if report.passed:
+        lines.append("PASS: every layer and the logits agree with transformers within tolerance")
+    elif first is not None:
+        lines.append(f"FAIL: layer {first} is the first to diverge from transformers")
+    else:
+        lines.append("FAIL: the layers agree but the logits (final norm / lm_head) differ")
+    return "\n".join(lines)
