@@ -1,61 +1,156 @@
 """The generation loop: prefill every prompt in one pass, then decode one token per sequence per pass.
 
-All live sequences of a batch share each pass over the weights; a sequence that stops (end-of-sequence
-token, token budget, context limit) simply leaves the batch.
+All live sequences of a batch share each pass over the weights (when weights stream from disk this is what
+multiplies throughput); a sequence that stops leaves the batch. A sequence stops on an end-of-sequence token,
+on a stop string, after max_new_tokens, or when it reaches the context limit.
 """
+
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import GenerationError
+from .sampling import Sampler, SamplingParams
 
 
-def greedy_or_temperature(temperature, rng):
-    def pick(logits, histories):                                   # logits [B, V]
-        if temperature == 0.0:
-            return [int(i) for i in np.argmax(logits, axis=-1)]
-        z = logits / temperature
-        p = np.exp(z - z.max(axis=-1, keepdims=True))              # [B, V]
-        p /= p.sum(axis=-1, keepdims=True)
-        return [int(rng.choice(len(row), p=row)) for row in p]
-    return pick
+@dataclass
+class Completion:
+    """What one prompt produced, with the reason it stopped and the timings of its run."""
+    prompt_ids: list
+    token_ids: list = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"          # "eos", "stop", "length" or "context"
+    prefill_seconds: float = 0.0
+    token_seconds: list = field(default_factory=list)
 
 
-def generate_ids(model, prompts, max_new_tokens=16, temperature=0.0, seed=None, stop_ids=None, pick=None,
-                 on_tokens=None):
-    """New token ids for each prompt. `pick(logits [B, V], histories) -> ids` chooses the next tokens."""
+def check_prompts(model, prompts):
     cfg = model.cfg
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0, got {temperature}")
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise GenerationError("empty prompt: give at least one token (usually BOS)")
-        if len(p) > cfg.max_seq_len:
-            raise GenerationError(f"prompt of {len(p)} tokens is longer than the model's context of "
-                                  f"{cfg.max_seq_len}")
+            raise GenerationError("empty prompt: give at least one token or some text")
+        if len(p) >= cfg.max_seq_len:
+            raise GenerationError(f"prompt{'' if len(prompts) == 1 else f' {i + 1}'} has {len(p)} tokens; the "
+                                  f"model's context is {cfg.max_seq_len}, leaving no room to generate")
         model.check_ids(p)
-    stop_ids = set(cfg.eos_token_ids if stop_ids is None else stop_ids)
-    pick = pick or greedy_or_temperature(temperature, np.random.default_rng(seed))
-    max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max_new_tokens)
-    cache = model.new_cache(len(prompts), max_len)
-    outs = [[] for _ in prompts]
+
+
+def run(model, prompts, max_new_tokens, sampler, stop_ids, on_step=None):
+    """Core loop over token ids. on_step(completions, live) may end a sequence early by returning indices.
+
+    Returns a Completion per prompt (token ids, finish reason, timings).
+    """
+    cfg = model.cfg
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    check_prompts(model, prompts)
+    outs = [Completion(prompt_ids=list(p)) for p in prompts]
     if max_new_tokens == 0:
         return outs
+    max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max_new_tokens)
+    cache = model.new_cache(len(prompts), max_len)
     live = list(range(len(prompts)))
+    t = time.perf_counter()
     logits = model.forward([np.asarray(p) for p in prompts], cache, live)       # [B, V]
+    for c in outs:
+        c.prefill_seconds = time.perf_counter() - t
     while live:
-        new = pick(logits, [prompts[s] + outs[s] for s in live])
-        still = []
+        new = sampler.sample_batch(logits, [outs[s].prompt_ids + outs[s].token_ids for s in live])
+        t_now = time.perf_counter()
         for s, tok in zip(live, new):
-            outs[s].append(tok)
-            full = len(prompts[s]) + len(outs[s]) >= max_len
-            if tok not in stop_ids and len(outs[s]) < max_new_tokens and not full:
-                still.append(s)
-        if on_tokens:
-            on_tokens(dict(zip(live, new)))
-        if not still:
+            c = outs[s]
+            c.token_ids.append(int(tok))
+            if tok in stop_ids:
+                c.finish_reason = "eos"
+            elif len(c.token_ids) >= max_new_tokens:
+                c.finish_reason = "length"
+            elif len(c.prompt_ids) + len(c.token_ids) >= max_len:
+                c.finish_reason = "context" if max_len == cfg.max_seq_len else "length"
+            else:
+                c.finish_reason = None
+        stopped = set(on_step(outs, live) or ()) if on_step else set()
+        for s in stopped:
+            outs[s].finish_reason = "stop"
+        live = [s for s in live if outs[s].finish_reason is None]
+        if not live:
             break
-        live = still
-        logits = model.forward([np.array([outs[s][-1]]) for s in live], cache, live)  # [B_live, V]
+        logits = model.forward([np.array([outs[s].token_ids[-1]]) for s in live], cache, live)  # [B_live, V]
+        dt = time.perf_counter() - t_now
+        for s in live:
+            outs[s].token_seconds.append(dt)
+    model.layers.release_reservation("KV cache")
+    del cache
+    return outs
+
+
+def generate_ids(model, prompts, max_new_tokens=16, temperature=0.0, seed=None, stop_ids=None, **sampling):
+    """New token ids for each prompt (the API behind Model.generate)."""
+    params = SamplingParams(temperature=temperature, seed=seed, **sampling)
+    stop_ids = set(model.cfg.eos_token_ids if stop_ids is None else stop_ids)
+    return [c.token_ids for c in run(model, prompts, max_new_tokens, Sampler(params), stop_ids)]
+
+
+class TextStopper:
+    """Turns new tokens into printable text per sequence, and ends a sequence at a stop string.
+
+    Text that could still be the start of a stop string is held back, so a stop string never reaches
+    the output even when it arrives split over several tokens.
+    """
+
+    def __init__(self, tokenizer, n, stop_strings, on_text=None):
+        self.decoders = [tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(n)]
+        self.seen = [0] * n
+        self.text = [""] * n          # text produced so far (including held-back text)
+        self.emitted = [0] * n        # characters of it already handed to on_text
+        self.stop_strings = [s for s in stop_strings if s]
+        self.on_text = on_text
+
+    def _safe_end(self, text):
+        """How much of `text` can be shown: everything except a tail that begins a stop string."""
+        end = len(text)
+        for stop in self.stop_strings:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    end = min(end, len(text) - k)
+                    break
+        return end
+
+    def __call__(self, outs, live):
+        stopped = []
+        for s in live:
+            new_ids = outs[s].token_ids[self.seen[s]:]
+            self.seen[s] = len(outs[s].token_ids)
+            for tok in new_ids:
+                self.text[s] += self.decoders[s].push(tok)
+            if outs[s].finish_reason is not None:
+                self.text[s] += self.decoders[s].flush()
+            hits = [self.text[s].find(x) for x in self.stop_strings if x in self.text[s]]
+            if hits:
+                self.text[s] = self.text[s][:min(hits)]
+                stopped.append(s)
+                end = len(self.text[s])
+            elif outs[s].finish_reason is not None:
+                end = len(self.text[s])
+            else:
+                end = self._safe_end(self.text[s])
+            if self.on_text and end > self.emitted[s]:
+                self.on_text(s, self.text[s][self.emitted[s]:end])
+            self.emitted[s] = max(self.emitted[s], end)
+            outs[s].text = self.text[s]
+        return stopped
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens=256, params=None, stop_strings=(),
+                  stop_ids=None, on_text=None):
+    """Complete each prompt (a list of token ids, already templated) and decode the new text.
+
+    on_text(index, new_text) is called as text becomes printable (for streaming to a terminal).
+    """
+    params = params or SamplingParams(temperature=0.0)
+    stop_ids = set(tokenizer.eos_ids if stop_ids is None else stop_ids)
+    stopper = TextStopper(tokenizer, len(prompts), stop_strings, on_text)
+    outs = run(model, prompts, max_new_tokens, Sampler(params), stop_ids, on_step=stopper)
+    for c, text in zip(outs, stopper.text):
+        c.text = text
     return outs

@@ -141,3 +141,51 @@ class Model:
         prompts = [list(p) for p in token_ids] if batch else [list(token_ids)]
         outs = generate_ids(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return outs if batch else outs[0]
+
+    # -- text in, text out (tokenizer.py, templates.py, sampling.py, evaluate.py) -------------------------
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, read on first use (a checkpoint without one still runs on ids)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_dir(self.path, vocab_size=self.cfg.vocab_size)
+        return self._tokenizer
+
+    def encode_prompt(self, prompt, template="none", system=None):
+        """Text -> token ids, through a chat template unless template is "none"; ids are checked."""
+        from .templates import render
+        tok = self.tokenizer
+        if template == "none":
+            ids = tok.encode(prompt, add_bos=True)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            ids = tok.encode(render(messages, template), add_bos=True)
+        tok.check_ids(ids)
+        return ids
+
+    def generate_text(self, prompt, max_new_tokens=256, template="none", system=None, stop=(), on_text=None,
+                      **sampling):
+        """Complete a text prompt (or a list of them); returns the Completion(s) with .text and timings."""
+        from .generate import generate_text
+        from .sampling import SamplingParams
+        from .templates import stop_strings
+        batch = not isinstance(prompt, str)
+        prompts = list(prompt) if batch else [prompt]
+        ids = [self.encode_prompt(p, template, system) for p in prompts]
+        params = SamplingParams.from_generation_config(self.path, **sampling)
+        outs = generate_text(self, self.tokenizer, ids, max_new_tokens, params,
+                             list(stop) + stop_strings(template), on_text=on_text)
+        return outs if batch else outs[0]
+
+    def perplexity(self, text_or_ids, context=None, stride=None):
+        """Sliding-window perplexity of a text (or token ids): dict with perplexity and tokens/s."""
+        from .evaluate import perplexity
+        ids = self.tokenizer.encode(text_or_ids, add_bos=True) if isinstance(text_or_ids, str) else text_or_ids
+        return perplexity(self, ids, context, stride)
+
+    def score(self, items):
+        """Multiple-choice items (dicts with question, options, answer): per-item choice and accuracy."""
+        from .evaluate import parse_item, score
+        parsed = [parse_item(it, f"item {i + 1}") for i, it in enumerate(items)]
+        return score(self, self.tokenizer, parsed)
