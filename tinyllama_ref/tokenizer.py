@@ -110,6 +110,10 @@ def read_added_tokens(checkpoint_dir, sp):
         i = sp.piece_to_id(text)
         if i != sp.unk_id() or text == sp.id_to_piece(sp.unk_id()):
             add(text, i, "special_tokens_map.json")
+    # Without any JSON files, transformers still treats "<unk>", "<s>", "</s>" as special tokens.
+    for i in (sp.unk_id(), sp.bos_id(), sp.eos_id()):
+        if i >= 0 and sp.id_to_piece(i) not in tokens:
+            add(sp.id_to_piece(i), i, "tokenizer.model")
     return tokens
 
 
