@@ -8,7 +8,8 @@ Encoding (what Hugging Face's LlamaTokenizer does):
      - legacy=True (the historical transformers default, and ours when tokenizer_config.json says nothing):
        every stretch gets the dummy prefix, so "<|im_start|>user" encodes "▁user".
      - legacy=False (tokenizer_config.json "legacy": false): only a stretch at the very start of the text
-       gets it; "<|im_start|>user" encodes "user". See transformers PR #24565.
+       gets it; "<|im_start|>user" encodes "user" (transformers PR #24565; its tokenizers backend calls
+       this Metaspace prepend_scheme="first").
   3. BOS goes in front when asked.
 
 Decoding undoes the pieces: "▁" is a space, except that the very first piece loses the space the dummy prefix
@@ -137,8 +138,7 @@ class Tokenizer:
         # token that is its prefix (Hugging Face uses a leftmost-longest trie for the same effect).
         texts = sorted(self.added, key=len, reverse=True)
         self._added_re = re.compile("|".join(re.escape(t) for t in texts)) if texts else None
-        # The pieces SentencePiece makes for "<unk>" alone: the legacy=False trick below strips them.
-        self._unk_prefix_len = len(sp.encode("<unk>"))
+        self._sp_no_prefix = None                 # built on first use (legacy=False only)
         self.unk_surface = sp.decode([sp.unk_id()])   # " ⁇ " unless the model was trained with another
 
     @classmethod
@@ -188,7 +188,9 @@ class Tokenizer:
 
     def check_ids(self, ids):
         """Refuse ids the model cannot embed (at or past vocab_size), naming the token."""
-        limit = self.vocab_size if self.vocab_size is not None else max(self.n_sp, max(self.added_by_id, default=0) + 1)
+        limit = self.vocab_size
+        if limit is None:                        # model size unknown: every id the tokenizer names is fine
+            limit = max(self.n_sp, max(self.added_by_id, default=0) + 1)
         for i in ids:
             if 0 <= i < limit:
                 continue
@@ -227,10 +229,17 @@ class Tokenizer:
         """SentencePiece ids for ordinary text, with or without Llama's leading '▁'."""
         if dummy_prefix:
             return self.sp.encode(text)
-        # SentencePiece cannot switch the dummy prefix off per call. transformers' slow LlamaTokenizer
-        # (legacy=False, tokenization_llama.py `_tokenize`) encodes "<unk>" + text and drops the pieces of
-        # "<unk>": the prefix lands on "<unk>" and the text keeps exactly what it had.
-        return self.sp.encode("<unk>" + text)[self._unk_prefix_len:]
+        if self._sp_no_prefix is None:
+            # SentencePiece has no per-call switch for the dummy prefix, so load a second copy of the model
+            # with normalizer_spec.add_dummy_prefix = false. Protobuf merges a message field that appears
+            # twice, so appending one more normalizer_spec holding only that flag overrides it:
+            # 0x1A = field 3 (ModelProto.normalizer_spec), length-delimited; 0x02 = 2 bytes follow;
+            # 0x18 = field 3 (NormalizerSpec.add_dummy_prefix), varint; 0x00 = false.
+            import sentencepiece as spm
+            self._sp_no_prefix = spm.SentencePieceProcessor()
+            no_prefix = self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00"
+            self._sp_no_prefix.load_from_serialized_proto(no_prefix)
+        return self._sp_no_prefix.encode(text)
 
     def encode(self, text, add_bos=True):
         """Token ids for text: added tokens matched first, the rest through SentencePiece."""
