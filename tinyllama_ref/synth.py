@@ -1,0 +1,453 @@
+"""Synthetic checkpoints: random but well-behaved weights in the exact layout of TheBloke's GPTQ files.
+
+Why: the real Meditron-70B GPTQ download is 35-41 GB per branch. To test the loader, the kernels and the
+memory streamer at full 70B shape we write files with the same names, shapes, dtypes, packing and JSON files
+(docs/FORMATS.md), filled with seeded random values, in a minute or two instead of a day of downloading.
+
+How the file is written: the list of tensors (name, dtype, shape) is computed first, which fixes every byte
+offset and the exact file size; free disk space is checked against that size before anything is created;
+then each tensor is generated and written in slabs of about 64 MB (safetensors_writer.py), so memory stays
+flat whether the model is 1 MB or 36 GB.
+
+What "well-behaved" means here, and how it is arranged:
+  - Codes are uniform over [0, 2**bits) except that code 0 (the most negative value) is replaced by the zero
+    point. Plain uniform codes have mean -1/2 around the zero point, which makes every weight matrix carry a
+    rank-one "all ones" component; over 80 layers that component takes over the residual stream until every
+    position holds the same vector (we measured this: cosine 1.0 between positions by layer 10). With code 0
+    moved to the zero point the values are symmetric, {-(2**(bits-1) - 1) .. 2**(bits-1) - 1}.
+  - Scales (fp16, positive) make each dequantized weight's std GAIN / sqrt(in_features), so a layer roughly
+    preserves the size of its input and the residual stream grows slowly (about 10x over 80 layers).
+  - Norm weights 1 + 0.05 * noise, embedding rows std 1, lm_head std 1 / sqrt(dim): logits of order 1.
+Each tensor has its own random stream seeded by (seed, tensor name), so a tensor's values do not depend on
+how many layers or shards were asked for.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import replace
+from functools import lru_cache
+
+import numpy as np
+
+from .config import preset as get_preset
+from .errors import CheckpointError, ConfigError
+from .quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_columns, pack_zeros
+from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
+from .weights import LINEARS
+
+GAIN = 0.8                         # std of a dequantized weight times sqrt(in_features)
+CHUNK_BYTES = 64 * 1024 * 1024     # generate and write tensors in slabs of about this size
+SMALL_FILES_ALLOWANCE = 8 * 1024 * 1024   # tokenizer.model and the JSON files (about 0.5 MB in practice)
+DENSE_DTYPES = {"fp16": "F16", "bf16": "BF16"}
+TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16"}
+LLAMA_SENTENCEPIECE_VOCAB = 32000  # Llama-2's tokenizer.model; Meditron's extra embedding rows have no piece
+
+
+# -- random values -------------------------------------------------------------------------------------------
+
+def tensor_rng(seed, name):
+    """A generator for one tensor, seeded by (seed, name) so values do not depend on the write order."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+
+
+def row_slabs(shape, itemsize, chunk_bytes=CHUNK_BYTES):
+    """(start, stop) row ranges of about chunk_bytes each, covering the first axis of `shape`."""
+    rows = shape[0]
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    step = max(1, chunk_bytes // row_bytes)
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def f32_to_bf16_bits(x):
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def float_slabs(spec, rng, mean, std, chunk_bytes=CHUNK_BYTES):
+    """Normal(mean, std) values in the spec's float dtype, a slab of rows at a time."""
+    for r0, r1 in row_slabs(spec.shape, 4, chunk_bytes):
+        x = rng.standard_normal((r1 - r0,) + tuple(spec.shape[1:]), dtype=np.float32)   # [rows, ...]
+        x *= np.float32(std)
+        x += np.float32(mean)
+        yield f32_to_bf16_bits(x) if spec.dtype == "BF16" else x.astype(np.float16)
+
+
+def zero_slabs(spec):
+    dtype = np.uint16 if spec.dtype == "BF16" else np.float16
+    for r0, r1 in row_slabs(spec.shape, 2):
+        yield np.zeros((r1 - r0,) + tuple(spec.shape[1:]), dtype=dtype)
+
+
+def code_std(bits):
+    """Std of (code - zero point) when codes are uniform but code 0 is moved to the zero point:
+    values -(h-1)..(h-1) once each and 0 twice, out of 2**bits, with h = 2**(bits-1)."""
+    h = 1 << (bits - 1)
+    return float(np.sqrt(2 * sum(k * k for k in range(1, h)) / (1 << bits)))
+
+
+def fix_zero_fields(words, bits):
+    """In packed words whose fields are `bits` wide and never straddle (32 % bits == 0), set every field that
+    holds code 0 to the zero point 2**(bits-1), in place. Bit-parallel: a field is zero when the OR of its
+    bits (gathered at the field's lowest bit by shifting right) is 0; then its top bit is set."""
+    lsb = np.uint32(sum(1 << (bits * k) for k in range(32 // bits)))   # the lowest bit of every field
+    any_bit = words.copy()
+    for s in range(1, bits):
+        any_bit |= words >> np.uint32(s)
+    empty = ~any_bit & lsb
+    words |= empty << np.uint32(bits - 1)
+    return words
+
+
+def qweight_slabs(spec, rng, bits, n_in, chunk_bytes=CHUNK_BYTES):
+    """Packed random codes [ceil(n_in * bits / 32), out] int32, column bit streams as in FORMATS.md.
+
+    When fields do not straddle words (bits 2, 4, 8), uniform random 32-bit words ARE uniform codes, so the
+    words are drawn directly and only code 0 is fixed up: no packing at all, about 2 GB/s. For 3 bits the
+    codes are drawn as integers and packed with quant.pack_columns, in slabs of whole 32-code blocks so that
+    every slab starts at a word boundary of the stream."""
+    n_out = spec.shape[1]
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        for r0, r1 in row_slabs(spec.shape, 4, chunk_bytes):
+            words = rng.integers(0, 1 << 32, size=(r1 - r0, n_out), dtype=np.uint32)   # [rows, out]
+            fix_zero_fields(words, bits)
+            tail = n_in % per_word
+            if r1 == spec.shape[0] and tail:
+                # The last word is only partly used: its padding bits are zero, as a packer leaves them.
+                words[-1] &= np.uint32((1 << (bits * tail)) - 1)
+            yield words.view(np.int32)
+        return
+    block = 32 // np.gcd(32, bits)                       # codes per whole number of words (32 for 3 bits)
+    rows_per_block = block * bits // 32
+    blocks_per_slab = max(1, chunk_bytes // (4 * rows_per_block * n_out))
+    for c0 in range(0, n_in, block * blocks_per_slab):
+        c1 = min(n_in, c0 + block * blocks_per_slab)
+        codes = rng.integers(0, 1 << bits, size=(c1 - c0, n_out), dtype=np.uint8)      # [codes, out]
+        codes[codes == 0] = 1 << (bits - 1)
+        yield pack_columns(codes, bits)                                                # [words, out]
+
+
+@lru_cache(maxsize=32)
+def constant_qzeros_row(n_out, bits, stored_zero):
+    """One packed qzeros row [1, ceil(out * bits / 32)] holding the same stored zero for every column."""
+    return pack_zeros(np.full((1, n_out), stored_zero, dtype=np.int64), bits)
+
+
+def stored_zero(true_zero, bits, checkpoint_format):
+    """AutoGPTQ "v1" ("gptq") stores zero - 1 (wrapped to `bits`); "gptq_v2" stores the zero itself."""
+    return (true_zero - 1) % (1 << bits) if checkpoint_format == "gptq" else true_zero
+
+
+def qzeros_slabs(spec, rng, qc, n_out):
+    """Packed stored zeros [G, ceil(out * bits / 32)]: each row one bit stream (FORMATS.md)."""
+    half = 1 << (qc.bits - 1)
+    if qc.sym:
+        # Symmetric GPTQ: every zero point is 2**(bits-1); pack one row and repeat it.
+        row = constant_qzeros_row(n_out, qc.bits, stored_zero(half, qc.bits, qc.checkpoint_format))
+        for r0, r1 in row_slabs(spec.shape, 4):
+            yield np.repeat(row, r1 - r0, axis=0)
+        return
+    # Asymmetric: zero points near the middle that differ by group and column, as in real asym files.
+    for r0, r1 in row_slabs(spec.shape, 4):
+        true_zero = half + rng.integers(-1, 2, size=(r1 - r0, n_out))                    # [groups, out]
+        yield pack_zeros(stored_zero(true_zero, qc.bits, qc.checkpoint_format), qc.bits)
+
+
+def scales_slabs(spec, rng, bits, n_in):
+    """Positive fp16 scales [G, out] giving dequantized weights of std about GAIN / sqrt(in)."""
+    base = GAIN / (np.sqrt(n_in) * code_std(bits))
+    for r0, r1 in row_slabs(spec.shape, 4):
+        noise = rng.standard_normal((r1 - r0, spec.shape[1]), dtype=np.float32)          # [groups, out]
+        yield (base * np.exp(0.1 * noise)).astype(np.float16)
+
+
+def g_idx_values(rng, n_in, qc):
+    """The group of each input row. With act-order GPTQ formed groups along a permuted visiting order, so
+    g_idx is a permutation of the plain pattern arange(in) // group_size (non-monotonic, like real desc_act
+    files); without groups (group_size -1) every row is in group 0."""
+    if qc.group_size == -1:
+        return np.zeros(n_in, dtype=np.int32)
+    pattern = (np.arange(n_in) // qc.group_size).astype(np.int32)                        # [in]
+    return rng.permutation(pattern) if qc.desc_act else pattern
+
+
+# -- the list of tensors -------------------------------------------------------------------------------------
+
+class Planned:
+    """One tensor to write: its spec, and a function rng -> iterator of row slabs with its values."""
+
+    def __init__(self, spec, make):
+        self.spec = spec
+        self.make = make
+
+
+def linear_plan(prefix, n_in, n_out, qc, float_dtype):
+    """The tensors of one linear layer: dense `.weight` [out, in], or the five GPTQ tensors."""
+    if qc is None:
+        spec = TensorSpec(prefix + ".weight", float_dtype, (n_out, n_in))
+        return [Planned(spec, lambda rng, s=spec: float_slabs(s, rng, 0.0, GAIN / np.sqrt(n_in)))]
+    bits, G = qc.bits, qc.n_groups(n_in)
+    qweight = TensorSpec(prefix + ".qweight", "I32", (-(-n_in * bits // 32), n_out))
+    qzeros = TensorSpec(prefix + ".qzeros", "I32", (G, -(-n_out * bits // 32)))
+    scales = TensorSpec(prefix + ".scales", "F16", (G, n_out))
+    g_idx = TensorSpec(prefix + ".g_idx", "I32", (n_in,))
+    bias = TensorSpec(prefix + ".bias", "F16", (n_out,))   # AutoGPTQ stores zero biases for every linear
+    return [
+        Planned(qweight, lambda rng: qweight_slabs(qweight, rng, bits, n_in)),
+        Planned(qzeros, lambda rng: qzeros_slabs(qzeros, rng, qc, n_out)),
+        Planned(scales, lambda rng: scales_slabs(scales, rng, bits, n_in)),
+        Planned(g_idx, lambda rng: iter([g_idx_values(rng, n_in, qc)])),
+        Planned(bias, lambda rng: zero_slabs(bias)),
+    ]
+
+
+def model_plan(cfg, qc, float_dtype):
+    """Every tensor of the checkpoint in model order (embedding, layers, final norm, lm_head)."""
+    def dense(name, shape, mean, std):
+        spec = TensorSpec(name, float_dtype, shape)
+        return Planned(spec, lambda rng: float_slabs(spec, rng, mean, std))
+
+    plan = [dense("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim), 0.0, 1.0)]
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        plan.append(dense(p + "input_layernorm.weight", (cfg.dim,), 1.0, 0.05))
+        for key, (sub, fin, fout) in LINEARS.items():
+            if key == "gate":
+                plan.append(dense(p + "post_attention_layernorm.weight", (cfg.dim,), 1.0, 0.05))
+            plan += linear_plan(p + sub, fin(cfg), fout(cfg), qc, float_dtype)
+    plan.append(dense("model.norm.weight", (cfg.dim,), 1.0, 0.05))
+    plan.append(dense("lm_head.weight", (cfg.vocab_size, cfg.dim), 0.0, 1.0 / np.sqrt(cfg.dim)))
+    return plan
+
+
+def split_shards(plan, n):
+    """Cut the plan (in model order) into n contiguous, non-empty parts of about equal bytes, as
+    save_pretrained does: whole tensors only, so a layer's tensors usually share a file."""
+    if not 1 <= n <= len(plan):
+        raise ConfigError(f"--shards {n}: must be between 1 and the number of tensors ({len(plan)})")
+    total = sum(p.spec.nbytes for p in plan)
+    parts, k, done = [[] for _ in range(n)], 0, 0
+    for i, p in enumerate(plan):
+        left = len(plan) - i                           # tensors still to place, this one included
+        if parts[k] and k < n - 1 and (done >= total * (k + 1) / n or left <= n - 1 - k):
+            k += 1
+        parts[k].append(p)
+        done += p.spec.nbytes
+    return parts
+
+
+def shard_names(n):
+    return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+# -- the small files -----------------------------------------------------------------------------------------
+
+def quantization_block(qc):
+    """quantize_config.json as AutoGPTQ writes it, with the keys newer writers add."""
+    return {"bits": qc.bits, "group_size": qc.group_size, "damp_percent": qc.damp_percent,
+            "desc_act": qc.desc_act, "static_groups": False, "sym": qc.sym, "true_sequential": True,
+            "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq",
+            "checkpoint_format": qc.checkpoint_format}
+
+
+def config_json(cfg, qc, float_dtype):
+    hf = cfg.to_hf()
+    hf.update({"torch_dtype": TORCH_DTYPE_NAMES[float_dtype], "pretraining_tp": 1, "use_cache": True,
+               "initializer_range": 0.02})
+    if qc is not None:
+        hf["quantization_config"] = quantization_block(qc)
+    return hf
+
+
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True,
+                     "temperature": 0.6, "top_p": 0.9, "max_length": 4096}
+
+
+def write_json(path, data):
+    """Write JSON via a hidden partial file and a rename, so a reader never sees half a file."""
+    directory, base = os.path.split(path)
+    partial = os.path.join(directory, f".partial-{base}")
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+def safetensors_metadata(qc):
+    meta = {"format": "pt"}
+    if qc is not None:
+        meta.update({"gptq_bits": str(qc.bits), "gptq_group_size": str(qc.group_size),
+                     "gptq_desc_act": str(qc.desc_act), "gptq_sym": str(qc.sym)})
+    return meta
+
+
+# -- disk space and progress ---------------------------------------------------------------------------------
+
+def human_bytes(n):
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_free_space(out_dir, needed):
+    """Refuse before writing anything when the filesystem that will hold out_dir has too little room."""
+    where = os.path.abspath(out_dir)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise CheckpointError(f"{out_dir}: the checkpoint needs {human_bytes(needed)}, only {human_bytes(free)} "
+                              f"free on {where}; free some space, choose another directory, or write fewer "
+                              "layers with --layers N")
+    return free
+
+
+class Progress:
+    """A one-line progress report on stderr, redrawn at most twice a second; silent unless enabled."""
+
+    def __init__(self, total, enabled, stream=None):
+        self.total, self.enabled = total, enabled
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done, label):
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.5 and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        self.stream.write(f"\rsynth: {label} {human_bytes(done)} / {human_bytes(self.total)} "
+                          f"({100 * done / max(self.total, 1):.0f}%) {human_bytes(rate)}/s, {eta:.0f} s left   ")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- the writer ----------------------------------------------------------------------------------------------
+
+def write_shard(path, parts, metadata, seed, progress, done_before):
+    """Write one safetensors file, generating each tensor's values slab by slab in header order."""
+    by_name = {p.spec.name: p for p in parts}
+    label = os.path.basename(path)
+    with SafetensorsWriter(path, [p.spec for p in parts], metadata) as w:
+        for spec in w.order:
+            for slab in by_name[spec.name].make(tensor_rng(seed, spec.name)):
+                w.write(spec.name, slab)
+                progress.update(done_before + w.bytes_done, label)
+    return w.bytes_done
+
+
+def _validate(preset, bits, group_size, dense_dtype, checkpoint_format, layers, shards):
+    cfg = get_preset(preset)
+    if layers is not None:
+        if not isinstance(layers, int) or layers < 1:
+            raise ConfigError(f"--layers must be a positive number of layers, got {layers!r}")
+        cfg = replace(cfg, n_layers=layers)
+    if dense_dtype is not None and dense_dtype not in DENSE_DTYPES:
+        raise ConfigError(f"--dense {dense_dtype!r}: choose one of {', '.join(DENSE_DTYPES)}")
+    if dense_dtype is None:
+        if bits not in SUPPORTED_BITS:
+            raise ConfigError(f"--bits {bits}: GPTQ checkpoints here hold {', '.join(map(str, SUPPORTED_BITS))}"
+                              " bits")
+        if group_size != -1 and group_size <= 0:
+            raise ConfigError(f"--group-size {group_size}: use -1 (one group) or a positive number of inputs")
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ConfigError(f"checkpoint_format {checkpoint_format!r}: choose one of "
+                              f"{', '.join(CHECKPOINT_FORMATS)}")
+    if not isinstance(shards, int) or shards < 1:
+        raise ConfigError(f"--shards must be a positive integer, got {shards!r}")
+    return cfg
+
+
+def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, sym=True, dense_dtype=None,
+               shards=1, seed=0, checkpoint_format="gptq", layers=None, quiet=False, progress_stream=None):
+    """Write a synthetic checkpoint into out_dir (new or empty) and return a summary dict.
+
+    preset: a name from config.PRESETS; layers overrides its layer count (e.g. the 70B shape with 1 layer).
+    bits / group_size / act_order / sym / checkpoint_format: the GPTQ settings (ignored with dense_dtype).
+    dense_dtype: "fp16" or "bf16" for a plain Hugging Face checkpoint instead of GPTQ.
+    shards: 1 writes model.safetensors; more writes model-0000k-of-0000n.safetensors plus the index.
+    """
+    t0 = time.perf_counter()
+    cfg = _validate(preset, bits, group_size, dense_dtype, checkpoint_format, layers, shards)
+    float_dtype = DENSE_DTYPES[dense_dtype] if dense_dtype else "F16"
+    qc = None if dense_dtype else QuantConfig(bits=bits, group_size=group_size, desc_act=bool(act_order),
+                                              sym=bool(sym), checkpoint_format=checkpoint_format,
+                                              damp_percent=0.1)
+    plan = model_plan(cfg, qc, float_dtype)
+    parts = split_shards(plan, shards)
+    names = shard_names(shards)
+    metadata = safetensors_metadata(qc)
+    sizes = [file_size([p.spec for p in part], metadata) for part in parts]
+    check_free_space(out_dir, sum(sizes) + SMALL_FILES_ALLOWANCE)
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"{out_dir}: directory is not empty; synth writes into a new or empty directory "
+                              "so it never mixes with or overwrites another checkpoint")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    progress = Progress(sum(sizes), enabled=not quiet and (progress_stream or sys.stderr).isatty(),
+                        stream=progress_stream)
+    try:
+        write_json(os.path.join(out_dir, "config.json"), config_json(cfg, qc, float_dtype))
+        if qc is not None:
+            write_json(os.path.join(out_dir, "quantize_config.json"), quantization_block(qc))
+        write_json(os.path.join(out_dir, "generation_config.json"), GENERATION_CONFIG)
+        t_tok = time.perf_counter()
+        write_tokenizer(out_dir, cfg.vocab_size, seed)
+        tokenizer_seconds = time.perf_counter() - t_tok
+        if shards > 1:
+            weight_map = {p.spec.name: name for name, part in zip(names, parts) for p in part}
+            write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": sum(p.spec.nbytes for p in plan)},
+                        "weight_map": dict(sorted(weight_map.items()))})
+        t_w = time.perf_counter()
+        done = 0
+        for name, part in zip(names, parts):
+            done += write_shard(os.path.join(out_dir, name), part, metadata, seed, progress, done)
+        write_seconds = time.perf_counter() - t_w
+    except BaseException:
+        # The directory was new or empty when we started, so everything in it is ours to remove.
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for entry in os.listdir(out_dir):
+                path = os.path.join(out_dir, entry)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        raise
+    finally:
+        progress.close()
+    return {
+        "out_dir": os.path.abspath(out_dir),
+        "preset": preset, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size,
+        "format": dense_dtype or f"gptq {bits}-bit g{group_size}{' act-order' if act_order else ''}",
+        "files": sorted(os.listdir(out_dir)),
+        "safetensors_bytes": sum(sizes),
+        "tokenizer_seconds": tokenizer_seconds,
+        "write_seconds": write_seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def write_tokenizer(out_dir, vocab_size, seed):
+    """tokenizer.model (+ JSON files) with Meditron-style ChatML tokens whose ids lie past the embedding.
+
+    Llama-2's SentencePiece model has 32000 pieces; Meditron's embedding has 32017 rows (Megatron padding),
+    and its added_tokens.json puts <|im_start|> and <|im_end|> at 32017 and 32018, i.e. at and past the
+    embedding's end. We copy that: pieces = min(rows, 32000), added tokens at rows and rows + 1."""
+    from .tokenizer_files import write_tokenizer_files
+    pieces = min(vocab_size, LLAMA_SENTENCEPIECE_VOCAB)
+    write_tokenizer_files(out_dir, pieces, added_tokens={"<|im_start|>": vocab_size, "<|im_end|>": vocab_size + 1},
+                          seed=seed)
