@@ -208,6 +208,19 @@ def test_stream_decoder_never_emits_half_a_character(contiguous_dir):
     assert [stream.push(i) for i in four] == ["", "", "", "𝔘"]
 
 
+def test_stream_after_a_prompt_continues_it(contiguous_dir):
+    tok = Tokenizer.from_dir(str(contiguous_dir))
+    prompt = tok.encode("The patient")
+    generated = tok.encode("received insulin", add_bos=False)        # starts with a "▁re..." piece
+    assert tok.id_to_piece(generated[0]).startswith("▁")
+    fresh = tok.stream_decoder()
+    assert fresh.push(generated[0]) == tok.id_to_piece(generated[0])[1:]   # at the start: no space
+    stream = tok.stream_decoder(context_ids=prompt)
+    text = "".join(stream.push(i) for i in generated) + stream.flush()
+    assert text == tok.decode(prompt + generated)[len(tok.decode(prompt)):]
+    assert text.startswith(" ")
+
+
 def test_stream_pushes_equal_decode_on_random_ids(contiguous_dir):
     tok = Tokenizer.from_dir(str(contiguous_dir))
     rng = random.Random(1)

@@ -253,9 +253,17 @@ class Tokenizer:
 
     # ---- decoding ----
 
-    def stream_decoder(self, skip_special_tokens=False):
-        """A StreamDecoder: push ids one at a time, get back only complete characters."""
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens=False, context_ids=()):
+        """A StreamDecoder: push ids one at a time, get back only complete characters.
+
+        context_ids (usually the prompt) are pushed first and their text thrown away, so the first new
+        token is decoded as a continuation: after the prompt "The patient", "▁received" prints
+        " received", not "received" as it would at the very start of a text.
+        """
+        stream = StreamDecoder(self, skip_special_tokens)
+        for i in context_ids:
+            stream.push(i)
+        return stream
 
     def decode(self, ids, skip_special_tokens=False):
         """Text for ids. Control tokens (<s>, </s>) give no text; other added tokens give their own text
