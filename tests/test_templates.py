@@ -6,7 +6,7 @@ import pytest
 
 from tinyllama_ref.errors import GenerationError, TokenizerError
 from tinyllama_ref.templates import (TEMPLATES, StopStrings, default_template, encode_chat, render,
-                                     stop_conditions, template_adds_bos)
+                                     stop_conditions, stop_strings, template_adds_bos)
 from tinyllama_ref.tokenizer import Tokenizer
 from tinyllama_ref.tokenizer_files import write_tokenizer_files
 
@@ -118,6 +118,7 @@ def test_encode_chat_bos_handling(chatml_dir):
     # "<s>" in the text is the BOS id, once per user turn, and no extra BOS in front.
     assert llama2[0] == 1 and llama2[1] != 1 and llama2.count(1) == 2 and llama2.count(2) == 1
     assert template_adds_bos("llama2") and not template_adds_bos("chatml")
+    assert tok.encode(render(messages, "llama2"), add_bos=True) == llama2      # no doubled BOS either way
     chatml = encode_chat(tok, messages, "chatml")
     assert chatml[:2] == [1, 600] and chatml[-1] == tok.encode("\n", add_bos=False)[-1]
     assert chatml.count(600) == 5 and chatml.count(601) == 4     # 4 turns + the generation prompt
@@ -143,6 +144,7 @@ def test_stop_conditions(chatml_dir, tmp_path):
     tok = Tokenizer.from_dir(str(chatml_dir))
     assert stop_conditions("chatml", tok) == (["<|im_end|>"], {2, 601})
     assert stop_conditions("llama2", tok) == ([], {2})
+    assert stop_strings("chatml") == ["<|im_end|>"] and stop_strings("none") == stop_strings("llama2") == []
     write_tokenizer_files(str(tmp_path), 400)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     plain = Tokenizer.from_dir(str(tmp_path))

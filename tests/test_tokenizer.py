@@ -118,6 +118,9 @@ def test_added_tokens_are_cut_out_before_sentencepiece(meditron_dir):
     assert ids == [1017] + sp.encode("user\nhi") + [1018]
     # A literal "<s>" is the BOS token, as in transformers.
     assert tok.encode("<s>a</s>", add_bos=False) == [1] + sp.encode("a") + [2]
+    # Text that already starts with "<s>" gets no second BOS.
+    assert tok.encode("<s>a") == tok.encode("<s>a", add_bos=False) == [1] + sp.encode("a")
+    assert tok.encode(" <s>a")[:2] == [1, sp.encode(" ")[0]]
     # Longest match: "<|im_end|>" is not read as "<|im_end" + "|>".
     assert tok.encode("x<|im_end|>", add_bos=False)[-1] == 1018
 

@@ -113,6 +113,11 @@ def default_template(tokenizer):
     return "none"
 
 
+def stop_strings(template):
+    """Strings that end the assistant's turn in this template's format (ChatML: "<|im_end|>")."""
+    return ["<|im_end|>"] if check_template(template) == "chatml" else []
+
+
 def stop_conditions(template, tokenizer):
     """(stop_strings, stop_ids) for a template: generation ends on any of these ids or strings.
 
@@ -120,15 +125,13 @@ def stop_conditions(template, tokenizer):
     the id of <|im_end|> when the tokenizer has it, and the string "<|im_end|>" for a model that spells it
     out piece by piece.
     """
-    check_template(template)
+    strings = stop_strings(template)
     stop_ids = set(tokenizer.eos_ids)
-    stop_strings = []
-    if template == "chatml":
-        stop_strings.append("<|im_end|>")
-        im_end = tokenizer.token_id("<|im_end|>")
-        if im_end is not None:
-            stop_ids.add(im_end)
-    return stop_strings, stop_ids
+    for text in strings:
+        i = tokenizer.token_id(text)
+        if i is not None:
+            stop_ids.add(i)
+    return strings, stop_ids
 
 
 class StopStrings:

@@ -242,9 +242,16 @@ class Tokenizer:
         return self._sp_no_prefix.encode(text)
 
     def encode(self, text, add_bos=True):
-        """Token ids for text: added tokens matched first, the rest through SentencePiece."""
-        ids = [self.bos_id] if add_bos else []
-        for k, part in enumerate(self.split_added(text)):
+        """Token ids for text: added tokens matched first, the rest through SentencePiece.
+
+        add_bos puts the BOS id in front, unless the text itself starts with the BOS token ("<s>", as the
+        llama2 chat template writes): a doubled BOS is never what a caller wants. (transformers would
+        double it; llama.cpp warns about it.)
+        """
+        parts = self.split_added(text)
+        starts_with_bos = bool(parts) and isinstance(parts[0], AddedToken) and parts[0].id == self.bos_id
+        ids = [self.bos_id] if add_bos and not starts_with_bos else []
+        for k, part in enumerate(parts):
             if isinstance(part, AddedToken):
                 ids.append(part.id)
             else:
