@@ -136,6 +136,9 @@ def test_default_template_from_tokenizer_files(tmp_path, chatml_dir):
         meditron.check_ids(encode_chat(meditron, CONVERSATIONS[0], "chatml"))
     write_tokenizer_files(str(tmp_path / "llama2"), 400, chat_template=LLAMA2_CHAT_JINJA)
     assert default_template(Tokenizer.from_dir(str(tmp_path / "llama2"))) == "llama2"
+    from tinyllama_ref.tokenizer_files import CHATML_JINJA
+    write_tokenizer_files(str(tmp_path / "spelled"), 400, chat_template=CHATML_JINJA)   # no added tokens
+    assert default_template(Tokenizer.from_dir(str(tmp_path / "spelled"))) == "chatml"
     write_tokenizer_files(str(tmp_path / "plain"), 400)
     assert default_template(Tokenizer.from_dir(str(tmp_path / "plain"))) == "none"
 

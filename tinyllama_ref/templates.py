@@ -99,7 +99,8 @@ def default_template(tokenizer):
     "chatml" when <|im_start|> and <|im_end|> are added tokens the model can read (ids below the embedding
     size, when known: Meditron's GPTQ files list them at 32017/32018 for a 32017-row embedding, so ChatML
     cannot be the default there; asking for it explicitly gives the tokenizer's clear error). Otherwise
-    "llama2" when tokenizer_config.json's chat_template uses [INST], else "none".
+    "llama2" when tokenizer_config.json's chat_template uses [INST]; "chatml" when it uses <|im_start|>
+    and the tokenizer has no such added tokens at all; else "none".
     """
     ids = [tokenizer.token_id(t) for t in ("<|im_start|>", "<|im_end|>")]
     limit = tokenizer.vocab_size
@@ -110,6 +111,8 @@ def default_template(tokenizer):
         jinja = " ".join(str(entry.get("template", "")) for entry in jinja if isinstance(entry, dict))
     if "[INST]" in jinja:
         return "llama2"
+    if "<|im_start|>" in jinja and all(i is None for i in ids):
+        return "chatml"                     # ChatML spelled with ordinary pieces, no added tokens
     return "none"
 
 

@@ -160,7 +160,7 @@ class Tokenizer:
             bos_text = _token_text(config.get("bos_token"))
             bos_id = added[bos_text].id if bos_text in added else sp.bos_id()
         return cls(sp, list(added.values()), bos_id=int(bos_id), eos_ids=eos_ids or {sp.eos_id()},
-                   vocab_size=vocab_size, legacy=bool(config.get("legacy", True)),
+                   vocab_size=vocab_size, legacy=config.get("legacy") is not False,   # absent/null: legacy
                    chat_template=config.get("chat_template"), path=checkpoint_dir)
 
     # ---- sizes and names ----
