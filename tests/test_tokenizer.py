@@ -71,6 +71,20 @@ def test_from_dir_reads_ids_and_added_tokens(meditron_dir):
     assert tok.legacy is True                      # tokenizer_config.json has no "legacy" key
 
 
+def test_older_layouts_without_added_tokens_decoder(tmp_path):
+    write_tokenizer_files(str(tmp_path), 400, {"<|im_start|>": 400, "<|im_end|>": 401})
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(str(tmp_path))                  # ids from added_tokens.json alone
+    assert tok.encode("<|im_end|><s>", add_bos=False) == [401, 1]
+    for name in ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+        (tmp_path / name).unlink()
+    tok = Tokenizer.from_dir(str(tmp_path))                  # tokenizer.model alone
+    assert tok.encode("</s>", add_bos=False) == [2] and tok.n_vocab == 400
+    assert tok.token_id("<|im_end|>") is None
+
+
 def test_eos_ids_from_generation_config_list(tmp_path):
     write_tokenizer_files(str(tmp_path), 400, {"<|im_end|>": 400})
     (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 400]}))
