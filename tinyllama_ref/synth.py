@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import preset as get_preset
 from .errors import CheckpointError, ConfigError
-from .quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_columns, pack_zeros
+from .quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_zeros
 from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
 from .weights import LINEARS
 
@@ -90,46 +90,58 @@ def code_std(bits):
     return float(np.sqrt(2 * sum(k * k for k in range(1, h)) / (1 << bits)))
 
 
-def fix_zero_fields(words, bits):
-    """In packed words whose fields are `bits` wide and never straddle (32 % bits == 0), set every field that
-    holds code 0 to the zero point 2**(bits-1), in place. Bit-parallel: a field is zero when the OR of its
-    bits (gathered at the field's lowest bit by shifting right) is 0; then its top bit is set."""
-    lsb = np.uint32(sum(1 << (bits * k) for k in range(32 // bits)))   # the lowest bit of every field
-    any_bit = words.copy()
-    for s in range(1, bits):
-        any_bit |= words >> np.uint32(s)
-    empty = ~any_bit & lsb
-    words |= empty << np.uint32(bits - 1)
-    return words
+def fix_zero_codes(blocks, bits):
+    """Move every code 0 to the zero point 2**(bits-1), in place, in packed words without unpacking them.
+
+    blocks: uint32 [k, W, out], each [:, :, j] one whole block of a column's bit stream: W = bits / gcd(32,
+    bits) words holding 32 / gcd(32, bits) codes (1 word of 8 codes for 4 bits; 3 words of 32 codes for 3).
+    A field that lies inside one word is tested bit-parallel: OR-ing the word with itself shifted right by
+    1 .. bits-1 gathers each field's bits at the field's lowest bit, so a 0 there means code 0, and the
+    field's top bit is then set. The few fields that straddle two words (3 bits: codes 10 and 21) are read
+    and fixed one by one."""
+    n_words = blocks.shape[1]
+    mask = (1 << bits) - 1
+    inside = [[] for _ in range(n_words)]     # per word: bit offsets of the fields that lie wholly in it
+    straddle = []                             # (word, offset) of fields that continue into the next word
+    for t in range(32 * n_words // bits):
+        w, off = divmod(t * bits, 32)
+        (inside[w].append(off) if off + bits <= 32 else straddle.append((w, off)))
+    for w, offsets in enumerate(inside):
+        words = blocks[:, w]                                                  # [k, out] view
+        lsb = np.uint32(sum(1 << off for off in offsets))
+        any_bit = words.copy()
+        for s in range(1, bits):
+            any_bit |= words >> np.uint32(s)
+        empty = ~any_bit & lsb                                                # lowest bit of each zero field
+        words |= empty << np.uint32(bits - 1)
+    for w, off in straddle:
+        low_bits = 32 - off
+        value = (blocks[:, w] >> np.uint32(off)) | (blocks[:, w + 1] << np.uint32(low_bits))
+        empty = ((value & np.uint32(mask)) == 0).astype(np.uint32)            # [k, out] 1 where code 0
+        blocks[:, w + 1] |= empty << np.uint32(bits - 1 - low_bits)           # the top bit is in word w + 1
+    return blocks
 
 
 def qweight_slabs(spec, rng, bits, n_in, chunk_bytes=CHUNK_BYTES):
     """Packed random codes [ceil(n_in * bits / 32), out] int32, column bit streams as in FORMATS.md.
 
-    When fields do not straddle words (bits 2, 4, 8), uniform random 32-bit words ARE uniform codes, so the
-    words are drawn directly and only code 0 is fixed up: no packing at all, about 2 GB/s. For 3 bits the
-    codes are drawn as integers and packed with quant.pack_columns, in slabs of whole 32-code blocks so that
-    every slab starts at a word boundary of the stream."""
-    n_out = spec.shape[1]
-    if 32 % bits == 0:
-        per_word = 32 // bits
-        for r0, r1 in row_slabs(spec.shape, 4, chunk_bytes):
-            words = rng.integers(0, 1 << 32, size=(r1 - r0, n_out), dtype=np.uint32)   # [rows, out]
-            fix_zero_fields(words, bits)
-            tail = n_in % per_word
-            if r1 == spec.shape[0] and tail:
-                # The last word is only partly used: its padding bits are zero, as a packer leaves them.
-                words[-1] &= np.uint32((1 << (bits * tail)) - 1)
-            yield words.view(np.int32)
-        return
-    block = 32 // np.gcd(32, bits)                       # codes per whole number of words (32 for 3 bits)
-    rows_per_block = block * bits // 32
-    blocks_per_slab = max(1, chunk_bytes // (4 * rows_per_block * n_out))
-    for c0 in range(0, n_in, block * blocks_per_slab):
-        c1 = min(n_in, c0 + block * blocks_per_slab)
-        codes = rng.integers(0, 1 << bits, size=(c1 - c0, n_out), dtype=np.uint8)      # [codes, out]
-        codes[codes == 0] = 1 << (bits - 1)
-        yield pack_columns(codes, bits)                                                # [words, out]
+    Uniform random 32-bit words ARE uniform codes for any bit width (straddling fields included), so the
+    words are drawn directly and only code 0 is fixed up (fix_zero_codes): no unpacking or packing, a few
+    hundred MB/s even for 3 bits. Slabs hold whole blocks of words so no field is cut between slabs."""
+    n_rows, n_out = spec.shape
+    block = bits // np.gcd(32, bits)                     # words per block of whole codes (3 for 3 bits)
+    step = max(block, chunk_bytes // (4 * n_out) // block * block)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        padded = -(-(r1 - r0) // block) * block
+        words = rng.integers(0, 1 << 32, size=(padded, n_out), dtype=np.uint32)       # [rows, out]
+        fix_zero_codes(words.reshape(padded // block, block, n_out), bits)
+        words = words[:r1 - r0]
+        used = n_in * bits - (n_rows - 1) * 32           # bits of the stream in its last word
+        if r1 == n_rows and used < 32:
+            # The last word is only partly used: its padding bits are zero, as a packer leaves them.
+            words[-1] &= np.uint32((1 << used) - 1)
+        yield words.view(np.int32)
 
 
 @lru_cache(maxsize=32)
