@@ -1,14 +1,19 @@
-"""The `tinyllama-ref` command line.
+"""The `tinyllama-ref` command line: generate, chat, inspect, perplexity, score, and the tools.
 
 Every command turns the project's own errors (bad files, bad arguments, too little memory) into one line on
-stderr and a non-zero exit code; a traceback means a bug in tinyllama-ref, not in your input.
+stderr and exit code 1; a traceback means a bug in tinyllama-ref, not in your input. Text goes to stdout,
+progress and notices to stderr.
 """
 
+import json
+import os
 import sys
 
 import click
 
-from .errors import TinyLlamaError
+from .cli_common import (completion_record, model_options, notice, open_model, parse_ids, read_prompts_file,
+                         resolve_template, sampling_kwargs, sampling_options, write_atomically)
+from .errors import GenerationError, TinyLlamaError
 
 
 class Cli(click.Group):
@@ -35,57 +40,223 @@ def main():
 
     \b
     Examples:
-      tinyllama-ref generate ./Meditron-70B-GPTQ --prompt-ids 1,306,4658 --max-new-tokens 8
-      tinyllama-ref --help
+      tinyllama-ref synth ./tiny --preset tiny --bits 4 --group-size 32 --act-order
+      tinyllama-ref generate ./tiny --prompt "The patient presented with" --max-new-tokens 32
+      tinyllama-ref chat ./Meditron-70B-GPTQ --max-memory 20GB
+      tinyllama-ref inspect ./Meditron-70B-GPTQ
     """
 
 
-def parse_ids(text):
-    """'1,306,4658' -> [1, 306, 4658]."""
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise click.BadParameter("no token ids given")
-    return ids
-
-
-def model_options(f):
-    """Options shared by every command that runs a model."""
-    f = click.option("--max-memory", default=None, metavar="SIZE",
-                     help="Memory budget, e.g. 20GB, 1500MB or bytes (default: from available memory).")(f)
-    f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
-                     help="numba: fast kernels; numpy: the readable reference.")(f)
-    return f
-
-
-def open_model(checkpoint, backend, max_memory, quiet=True):
-    from . import load
-    return load(checkpoint, backend=backend, max_memory=max_memory, quiet=quiet)
-
-
+# -- generate ------------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--prompt-ids", required=True, help="Prompt as comma-separated token ids, e.g. 1,306,4658.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--prompt", "-p", default=None, help="Prompt text (or use --prompt-file, or pipe it on stdin).")
+@click.option("--prompt-file", type=click.Path(), default=None, help="Read the prompt text from a file.")
+@click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids (no tokenizer needed).")
+@click.option("--prompts-file", type=click.Path(), default=None,
+              help="JSONL of prompts run together as one batch; writes JSONL records.")
+@click.option("--output", "-o", type=click.Path(), default=None, help="With --prompts-file: write JSONL here.")
+@click.option("--template", type=click.Choice(["auto", "chatml", "llama2", "none"]), default="none",
+              show_default=True, help="Wrap the prompt as a chat turn (auto: from the tokenizer files).")
+@click.option("--system", default=None, help="System message for chat templates.")
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of streaming text.")
+@sampling_options
 @model_options
-def generate(checkpoint, prompt_ids, max_new_tokens, temperature, seed, ignore_eos, backend, max_memory):
-    """Continue a prompt and print the new token ids.
+def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, template, system,
+             max_new_tokens, stop, ignore_eos, as_json, greedy, temperature, top_k, top_p, min_p,
+             repetition_penalty, seed, backend, max_memory, quiet):
+    """Continue a prompt, streaming the text as it is produced.
+
+    \b
+    Examples:
+      tinyllama-ref generate ./ckpt --prompt "Aspirin is" -n 32
+      tinyllama-ref generate ./ckpt --prompt "What causes gout?" --template chatml --temperature 0.7 --seed 1
+      echo "Once upon a time" | tinyllama-ref generate ./ckpt --json
+      tinyllama-ref generate ./ckpt --prompt-ids 1,306,4658 -n 8          # prints new token ids
+      tinyllama-ref generate ./ckpt --prompts-file prompts.jsonl -o out.jsonl
+    """
+    from .generate import generate_text, run
+    from .sampling import Sampler, SamplingParams
+    from .templates import stop_conditions
+    sources = [x is not None for x in (prompt, prompt_file, prompt_ids, prompts_file)]
+    if sum(sources) > 1:
+        raise GenerationError("give only one of --prompt, --prompt-file, --prompt-ids, --prompts-file")
+    if sum(sources) == 0:
+        if sys.stdin.isatty():
+            raise GenerationError("no prompt: use --prompt TEXT, --prompt-file, --prompt-ids or pipe text in")
+        prompt = sys.stdin.read()
+    if prompt_file is not None:
+        try:
+            prompt = open(prompt_file, encoding="utf-8").read()
+        except (FileNotFoundError, UnicodeDecodeError) as e:
+            raise GenerationError(f"{prompt_file}: cannot read the prompt ({e.__class__.__name__})") from None
+    ids = parse_ids(prompt_ids) if prompt_ids is not None else None
+    params_kw = sampling_kwargs(greedy, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if output and not prompts_file:
+        raise GenerationError("--output goes with --prompts-file")
+    if max_new_tokens < 0:
+        raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    model = open_model(checkpoint, backend, max_memory, quiet)
+    params = SamplingParams.from_generation_config(checkpoint, **params_kw)
+    stop_ids = set() if ignore_eos else None
+
+    if ids is not None and not os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
+        # Token ids in, token ids out: works without any tokenizer files.
+        outs = run(model, [ids], max_new_tokens, Sampler(params),
+                   set() if ignore_eos else set(model.cfg.eos_token_ids))
+        if as_json:
+            click.echo(json.dumps(completion_record(model, outs[0])))
+        else:
+            click.echo(",".join(str(i) for i in outs[0].token_ids))
+        return
+
+    tok = model.tokenizer
+    template = resolve_template(model, template)
+    template_stops, template_stop_ids = stop_conditions(template, tok)
+    stops = list(stop) + template_stops
+    stop_ids = set() if ignore_eos else template_stop_ids
+    if prompts_file:
+        items = read_prompts_file(prompts_file)
+        batch = [it["prompt_ids"] if "prompt_ids" in it else
+                 model.encode_prompt(it["prompt"], template, it.get("system", system)) for it in items]
+        for b in batch:
+            tok.check_ids(b)
+        outs = generate_text(model, tok, batch, max_new_tokens, params, stops, stop_ids=stop_ids)
+        lines = "".join(json.dumps(completion_record(model, c, it.get("prompt"))) + "\n"
+                        for c, it in zip(outs, items))
+        if output:
+            write_atomically(output, lines)
+            notice(quiet, f"wrote {len(outs)} records to {output}")
+        else:
+            click.echo(lines, nl=False)
+        return
+
+    if ids is None:
+        if not prompt or not prompt.strip():
+            raise GenerationError("empty prompt: give some text")
+        ids = model.encode_prompt(prompt, template, system)
+    else:
+        tok.check_ids(ids)
+
+    def stream(_, text):
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+    c = generate_text(model, tok, [ids], max_new_tokens, params, stops, stop_ids=stop_ids,
+                      on_text=None if as_json else stream)[0]
+    if as_json:
+        click.echo(json.dumps(completion_record(model, c, prompt)))
+    else:
+        click.echo("")
+        if c.token_seconds:
+            notice(quiet, f"[{len(c.token_ids)} tokens, prefill {c.prefill_seconds:.2f} s, "
+                          f"{len(c.token_seconds) / sum(c.token_seconds):.2f} tokens/s, stop: {c.finish_reason}]")
+
+
+# -- chat ----------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--template", type=click.Choice(["auto", "chatml", "llama2", "none"]), default="auto",
+              show_default=True, help="Chat format (auto: from the tokenizer files).")
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Per reply.")
+@sampling_options
+@model_options
+def chat(checkpoint, template, system, max_new_tokens, greedy, temperature, top_k, top_p, min_p,
+         repetition_penalty, seed, backend, max_memory, quiet):
+    """Talk to the model turn by turn. Type /reset to forget the history, /quit (or Ctrl-D) to leave.
 
     \b
     Example:
-      tinyllama-ref generate ./tiny-llama --prompt-ids 1,306,4658 --max-new-tokens 8
+      tinyllama-ref chat ./Meditron-70B-GPTQ --system "You are a careful medical assistant." -t 0.7
     """
-    ids = parse_ids(prompt_ids)
-    model = open_model(checkpoint, backend, max_memory)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                         stop_ids=[] if ignore_eos else None)
-    click.echo(",".join(str(i) for i in out))
+    from .generate import generate_text
+    from .sampling import SamplingParams
+    from .templates import encode_chat, stop_conditions
+    model = open_model(checkpoint, backend, max_memory, quiet)
+    tok = model.tokenizer
+    template = resolve_template(model, template)
+    params = SamplingParams.from_generation_config(
+        checkpoint, **sampling_kwargs(greedy, temperature, top_k, top_p, min_p, repetition_penalty, seed))
+    head = [{"role": "system", "content": system}] if system else []
+    turns = []
+    interactive = sys.stdin.isatty()
+    notice(quiet or not interactive, f"chat template: {template}; /reset clears the history, /quit leaves")
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/quit":
+            break
+        if text.strip() == "/reset":
+            turns = []
+            notice(quiet, "(history cleared)")
+            continue
+        if not text.strip():
+            continue
+        turns.append({"role": "user", "content": text})
+        while True:
+            ids = encode_chat(tok, head + turns, template)
+            if len(ids) + min(max_new_tokens, 16) <= model.cfg.max_seq_len or len(turns) <= 1:
+                break
+            turns = turns[2:] if len(turns) > 2 else turns[-1:]
+            notice(False, "(history trimmed: the oldest exchange was dropped to fit the context)")
+        if len(ids) >= model.cfg.max_seq_len:
+            raise GenerationError(f"this message alone is {len(ids)} tokens; the context is "
+                                  f"{model.cfg.max_seq_len}")
+        tok.check_ids(ids)
 
+        def stream(_, piece):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        strings, stop_ids = stop_conditions(template, tok)
+        c = generate_text(model, tok, [ids], max_new_tokens, params, strings, stop_ids=stop_ids,
+                          on_text=stream)[0]
+        click.echo("")
+        turns.append({"role": "assistant", "content": c.text.strip()})
+
+
+# -- inspect -------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--max-memory", default=None, metavar="SIZE", help="Budget to plan for (default: 85% available).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record.")
+def inspect(checkpoint, max_memory, as_json):
+    """Architecture, quantization, sizes, and the memory and speed to expect on this machine.
+
+    \b
+    Example:
+      tinyllama-ref inspect ./Meditron-70B-GPTQ --max-memory 20GB
+    """
+    from .inspect import describe
+    info = describe(checkpoint, max_memory)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        click.echo(f"{k:<{width}}  {v}")
+
+
+# -- commands that live in their own modules -----------------------------------------------------------------
+def _register():
+    from .cli_eval import perplexity, score
+    main.add_command(perplexity)
+    main.add_command(score)
+    for module, names in ((".cli_synth", ["synth"]), (".cli_numerics", ["verify", "quantize"]),
+                          (".cli_bench", ["bench"])):
+        import importlib
+        mod = importlib.import_module(module, __package__)
+        for name in names:
+            main.add_command(getattr(mod, name))
+
+
+_register()
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import GenerationError
 from .sampling import Sampler, SamplingParams
+from .templates import StopStrings
 
 
 @dataclass
@@ -94,50 +95,40 @@ def generate_ids(model, prompts, max_new_tokens=16, temperature=0.0, seed=None, 
 class TextStopper:
     """Turns new tokens into printable text per sequence, and ends a sequence at a stop string.
 
-    Text that could still be the start of a stop string is held back, so a stop string never reaches
-    the output even when it arrives split over several tokens.
+    Text that could still be the start of a stop string is held back (templates.StopStrings), so a stop
+    string never reaches the output even when it arrives split over several tokens.
     """
 
     def __init__(self, tokenizer, n, stop_strings, on_text=None):
-        self.decoders = [tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(n)]
+        self.tokenizer = tokenizer
+        self.decoders = [None] * n        # made at the first token: the prompt is their left context
+        self.matchers = [StopStrings(stop_strings) for _ in range(n)]
         self.seen = [0] * n
-        self.text = [""] * n          # text produced so far (including held-back text)
-        self.emitted = [0] * n        # characters of it already handed to on_text
-        self.stop_strings = [s for s in stop_strings if s]
+        self.text = [""] * n
         self.on_text = on_text
-
-    def _safe_end(self, text):
-        """How much of `text` can be shown: everything except a tail that begins a stop string."""
-        end = len(text)
-        for stop in self.stop_strings:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):
-                    end = min(end, len(text) - k)
-                    break
-        return end
 
     def __call__(self, outs, live):
         stopped = []
         for s in live:
-            new_ids = outs[s].token_ids[self.seen[s]:]
-            self.seen[s] = len(outs[s].token_ids)
-            for tok in new_ids:
-                self.text[s] += self.decoders[s].push(tok)
-            if outs[s].finish_reason is not None:
-                self.text[s] += self.decoders[s].flush()
-            hits = [self.text[s].find(x) for x in self.stop_strings if x in self.text[s]]
-            if hits:
-                self.text[s] = self.text[s][:min(hits)]
+            c = outs[s]
+            if self.decoders[s] is None:      # knowing the prompt keeps the first word's leading space
+                self.decoders[s] = self.tokenizer.stream_decoder(skip_special_tokens=True,
+                                                                 context_ids=c.prompt_ids)
+            piece = "".join(self.decoders[s].push(t) for t in c.token_ids[self.seen[s]:])
+            self.seen[s] = len(c.token_ids)
+            finished = c.finish_reason is not None
+            if finished:
+                piece += self.decoders[s].flush()
+            shown, hit = self.matchers[s].push(piece)
+            if hit:
                 stopped.append(s)
-                end = len(self.text[s])
-            elif outs[s].finish_reason is not None:
-                end = len(self.text[s])
-            else:
-                end = self._safe_end(self.text[s])
-            if self.on_text and end > self.emitted[s]:
-                self.on_text(s, self.text[s][self.emitted[s]:end])
-            self.emitted[s] = max(self.emitted[s], end)
-            outs[s].text = self.text[s]
+            elif finished:
+                shown += self.matchers[s].flush()
+            if shown:
+                self.text[s] += shown
+                if self.on_text:
+                    self.on_text(s, shown)
+            c.text = self.text[s]
         return stopped
 
 

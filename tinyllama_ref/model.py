@@ -153,14 +153,14 @@ class Model:
 
     def encode_prompt(self, prompt, template="none", system=None):
         """Text -> token ids, through a chat template unless template is "none"; ids are checked."""
-        from .templates import render
+        from .templates import encode_chat
         tok = self.tokenizer
         if template == "none":
             ids = tok.encode(prompt, add_bos=True)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
-            ids = tok.encode(render(messages, template), add_bos=True)
+            ids = encode_chat(tok, messages, template)
         tok.check_ids(ids)
         return ids
 
@@ -169,13 +169,14 @@ class Model:
         """Complete a text prompt (or a list of them); returns the Completion(s) with .text and timings."""
         from .generate import generate_text
         from .sampling import SamplingParams
-        from .templates import stop_strings
+        from .templates import stop_conditions
         batch = not isinstance(prompt, str)
         prompts = list(prompt) if batch else [prompt]
         ids = [self.encode_prompt(p, template, system) for p in prompts]
         params = SamplingParams.from_generation_config(self.path, **sampling)
-        outs = generate_text(self, self.tokenizer, ids, max_new_tokens, params,
-                             list(stop) + stop_strings(template), on_text=on_text)
+        stop_strings, stop_ids = stop_conditions(template, self.tokenizer)
+        outs = generate_text(self, self.tokenizer, ids, max_new_tokens, params, list(stop) + stop_strings,
+                             stop_ids=stop_ids, on_text=on_text)
         return outs if batch else outs[0]
 
     def perplexity(self, text_or_ids, context=None, stride=None):

@@ -1,0 +1,32 @@
+"""Disk read bandwidth of the disk that holds a checkpoint, measured uncached."""
+
+import os
+import time
+
+
+def disk_read_gbps(path, nbytes=512 * 2**20, chunk=8 * 2**20):
+    """GB/s of reading up to `nbytes` of `path` after dropping those pages from the page cache.
+
+    POSIX_FADV_DONTNEED only drops clean pages nobody maps, so a file this process maps may still be
+    partly cached: the figure is then optimistic, and says so by being close to memory speed.
+    """
+    size = os.path.getsize(path)
+    n = min(nbytes, size)
+    start = max(0, (size - n) // 2 // 4096 * 4096)      # the middle of the file: weights, not the header
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        t = time.perf_counter()
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[:min(chunk, n - done)]], start + done)
+            if got <= 0:
+                break
+            done += got
+        seconds = time.perf_counter() - t
+        os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return done / seconds / 1e9 if seconds > 0 else float("inf")

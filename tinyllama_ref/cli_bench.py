@@ -1,0 +1,35 @@
+"""`bench kernels` and `bench generate`: the benchmarks in tools/, reachable from the installed command.
+
+Arguments are passed through to the benchmark's own parser (`tinyllama-ref bench generate --help`).
+"""
+
+import click
+
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+@click.group()
+def bench():
+    """Benchmarks: GPTQ kernels against memory bandwidth, generation against the I/O bound.
+
+    \b
+    Examples:
+      tinyllama-ref bench kernels --json
+      tinyllama-ref bench generate ./ckpt --batch 1,8,32 --max-memory 20GB --json
+    """
+
+
+@bench.command(context_settings=PASS_THROUGH, add_help_option=False)
+@click.pass_context
+def kernels(ctx):
+    """GPTQ GEMV/prefill kernels on the 70B layer shapes (see tools/bench_kernels.py)."""
+    from .bench_kernels import main
+    main(ctx.args)
+
+
+@bench.command(context_settings=PASS_THROUGH, add_help_option=False)
+@click.pass_context
+def generate(ctx):
+    """Load, prefill, decode at batch 1/8/32 with disk traffic, peak RSS and the I/O bound."""
+    from .bench_generate import main
+    main(ctx.args)

@@ -1,0 +1,127 @@
+"""Pieces every CLI command shares: model and sampling options, opening a model, prompt files, records."""
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from .errors import GenerationError
+
+
+def parse_ids(text):
+    """'1,306,4658' -> [1, 306, 4658]."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise click.BadParameter("no token ids given")
+    return ids
+
+
+def model_options(f):
+    """Options shared by every command that runs a model."""
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress or notices on stderr.")(f)
+    f = click.option("--max-memory", default=None, metavar="SIZE",
+                     help="Memory budget, e.g. 20GB, 1500MB or bytes (default: 85% of available memory).")(f)
+    f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+                     help="numba: fast kernels; numpy: the readable reference.")(f)
+    return f
+
+
+def sampling_options(f):
+    """Sampling flags; anything left out comes from the checkpoint's generation_config.json."""
+    opts = [
+        click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same text."),
+        click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats."),
+        click.option("--min-p", type=float, default=None, help="Drop tokens below min_p x the top probability."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1]."),
+        click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0: off)."),
+        click.option("--temperature", "-t", type=float, default=None, help="0 = greedy."),
+        click.option("--greedy", is_flag=True, help="Same as --temperature 0."),
+    ]
+    for o in opts:
+        f = o(f)
+    return f
+
+
+def sampling_kwargs(greedy, temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    return dict(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed)
+
+
+def notice(quiet, text):
+    if not quiet:
+        click.echo(text, err=True)
+
+
+def open_model(checkpoint, backend, max_memory, quiet=True):
+    from . import load
+    t = time.perf_counter()
+    if not quiet and sys.stderr.isatty():
+        click.echo(f"loading {checkpoint} ...", err=True)
+    model = load(checkpoint, backend=backend, max_memory=max_memory, quiet=True)
+    model.load_seconds = time.perf_counter() - t
+    if model.layers.n_resident < model.layers.n_layers:        # worth knowing: this run reads from disk
+        notice(quiet, model.layers.describe())
+    return model
+
+
+def resolve_template(model, template):
+    from .templates import default_template
+    if template in (None, "auto"):
+        return default_template(model.tokenizer)
+    return template
+
+
+def write_atomically(path, text):
+    """Write a whole file or nothing: into a temporary name first, then rename."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise GenerationError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def read_prompts_file(path):
+    """JSONL: each line {"prompt": text} or {"prompt_ids": [ids]} (optionally "system")."""
+    out = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except FileNotFoundError:
+        raise GenerationError(f"{path}: file not found") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GenerationError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if not isinstance(obj, dict) or not ({"prompt", "prompt_ids"} & set(obj)):
+            raise GenerationError(f"{path}:{n}: expected an object with \"prompt\" or \"prompt_ids\"")
+        out.append(obj)
+    if not out:
+        raise GenerationError(f"{path}: no prompts")
+    return out
+
+
+def completion_record(model, c, prompt_text=None):
+    per_token = c.token_seconds
+    return {
+        "prompt": prompt_text, "prompt_ids": c.prompt_ids, "completion": c.text, "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "timings": {"load_s": round(getattr(model, "load_seconds", 0.0), 4),
+                    "prefill_s": round(c.prefill_seconds, 4),
+                    "prefill_tokens_per_s": round(len(c.prompt_ids) / c.prefill_seconds, 3)
+                    if c.prefill_seconds else None,
+                    "per_token_s": [round(s, 5) for s in per_token],
+                    "decode_tokens_per_s": round(len(per_token) / sum(per_token), 3) if per_token else None},
+    }
