@@ -100,6 +100,8 @@ def make_trained_llama(out_dir, vocab=96, hidden=64, layers=2, heads=4, kv_heads
                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = LlamaForCausalLM(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # tiny matrices: one thread is as fast and immune to a busy machine
     data = torch.tensor(pattern_corpus(seed=99, n_tokens=seq_len * 32, vocab=vocab)).view(32, seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -109,6 +111,7 @@ def make_trained_llama(out_dir, vocab=96, hidden=64, layers=2, heads=4, kv_heads
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     model.eval()
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)

@@ -53,4 +53,58 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol):
         sys.exit(1)
 
 
-__all__ = ["verify", "TinyLlamaError"]
+@click.command("quantize")
+@click.argument("dense_checkpoint", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="Inputs per scale/zero group; -1 means one group per output row.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="Quantize inputs by decreasing Hessian diagonal (desc_act).")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid (fixed zero) or min-max.")
+@click.option("--damp-percent", type=float, default=0.01, show_default=True,
+              help="Dampening added to the Hessian's diagonal, as a fraction of its mean.")
+@click.option("--calibration", "calibration_text", type=click.Path(), default=None,
+              help="Calibration text file (tokenized with the checkpoint's tokenizer).")
+@click.option("--calibration-ids", type=click.Path(), default=None,
+              help="Calibration token ids: a JSON list (of lists) or one comma-separated sequence per line.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences used.")
+@click.option("--format", "checkpoint_format", type=click.Choice(["gptq", "gptq_v2"]), default="gptq",
+              show_default=True, help="gptq: AutoGPTQ v1 (stores zero - 1), what most files use.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_percent, calibration_text,
+             calibration_ids, seq_len, n_samples, checkpoint_format, quiet):
+    """Quantize a dense checkpoint with GPTQ (NumPy) into an AutoGPTQ-layout checkpoint directory.
+
+    Layer by layer: the calibration activations pass through one dense layer at a time, each linear is
+    quantized with Cholesky-based error feedback on the inputs it will really see (true sequential), and the
+    packed tensors are appended to OUT/model.safetensors before the next layer is read.
+
+    \b
+    Example:
+      tinyllama-ref quantize ./llama-dense ./llama-gptq --bits 4 --group-size 128 --act-order \\
+          --calibration notes.txt
+    """
+    from .config import load_config
+    from .quantize import LayerProgress, calibration_from_text, quantize_checkpoint, read_calibration_ids
+    if (calibration_text is None) == (calibration_ids is None):
+        raise click.UsageError("give exactly one of --calibration TEXT_FILE or --calibration-ids IDS_FILE")
+    if seq_len < 2 or n_samples < 1:
+        raise click.BadParameter("--seq-len must be >= 2 and --n-samples >= 1")
+    if calibration_ids is not None:
+        seqs = read_calibration_ids(calibration_ids)
+    else:
+        seqs = calibration_from_text(calibration_text, dense_checkpoint, seq_len, n_samples)
+    progress = None if quiet else LayerProgress(load_config(dense_checkpoint).n_layers)
+    errors = quantize_checkpoint(dense_checkpoint, out, seqs, bits=int(bits), group_size=group_size,
+                                 act_order=act_order, sym=sym, damp_percent=damp_percent,
+                                 checkpoint_format=checkpoint_format, seq_len=seq_len, n_samples=n_samples,
+                                 progress=progress)
+    worst = max(max(e.values()) for e in errors.values())
+    click.echo(f"wrote {out} ({bits}-bit, group size {group_size}, act-order {'on' if act_order else 'off'}, "
+               f"{'sym' if sym else 'asym'}); worst relative output error of a linear on the calibration "
+               f"inputs: {worst:.3e}")
+
+
+__all__ = ["verify", "quantize"]

@@ -1,0 +1,385 @@
+"""Quantize a dense Llama checkpoint with GPTQ, one decoder layer at a time, into the AutoGPTQ layout.
+
+    calibration ids -> embedding rows X [N, D]
+    for each layer (weights read from the memory map, one layer at a time):
+        H(q,k,v)  from rms_norm(X)                    -> quantize q, k, v
+        H(o)      from attention with QUANTIZED q,k,v -> quantize o
+        H(gate,up) from rms_norm(X + attention)       -> quantize gate, up
+        H(down)   from silu(gate(.)) * up(.)          -> quantize down
+        X <- the layer's output computed with the QUANTIZED layer, the input of the next layer
+        write the layer's packed tensors to the output file and forget them
+
+This is AutoGPTQ's "true sequential" order: every linear is calibrated on the inputs it will really see once
+the linears before it are quantized, so errors of earlier sub-layers are compensated rather than compounded.
+Memory stays bounded by the calibration activations (X and the attention output, N x D floats each), one
+layer's weights, and one Hessian (in x in float64: 6.6 GB for a 70B down_proj).
+
+The output file is written as a stream: every tensor's name, dtype and shape is known from config.json before
+anything is quantized, so the safetensors header goes first and each tensor is appended as soon as it exists.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from .attention import attend
+from .checkpoint import Checkpoint, to_f32
+from .config import load_config, read_json
+from .errors import CheckpointError, QuantError, TinyLlamaError
+from .gptq import gptq_quantize, hessian, stored_zeros
+from .ops import apply_rope, rms_norm, rope_tables, silu
+from .quant import pack_columns, pack_zeros
+from .weights import LINEARS, embedding_info
+
+QUERY_BLOCK = 256          # queries attended at once: bounds the [heads, queries, keys] scores of a long sequence
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+# The order in which a layer's linears are quantized (and written): each stage's inputs depend on the
+# quantized outputs of the stages before it.
+STAGES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+# -- calibration data ---------------------------------------------------------------------------------------
+
+def read_calibration_ids(path):
+    """Token id sequences from a file: a JSON list of ints or of lists, or one comma-separated sequence a line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise TinyLlamaError(f"{path}: cannot read calibration ids ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+        seqs = [data] if data and all(isinstance(t, int) for t in data) else data
+        seqs = [[int(t) for t in s] for s in seqs]
+    except (json.JSONDecodeError, TypeError, ValueError):
+        try:
+            seqs = [[int(t) for t in line.replace(" ", "").split(",") if t]
+                    for line in text.splitlines() if line.strip()]
+        except ValueError:
+            raise TinyLlamaError(f"{path}: expected a JSON list of token ids (or of lists), or one "
+                                 "comma-separated sequence of ids per line") from None
+    seqs = [s for s in seqs if s]
+    if not seqs:
+        raise TinyLlamaError(f"{path}: no token ids found")
+    return seqs
+
+
+def calibration_from_text(path, checkpoint_dir, seq_len, n_samples):
+    """Windows of seq_len tokens from a text file, tokenized with the checkpoint's tokenizer, each after BOS."""
+    from .tokenizer import Tokenizer
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise TinyLlamaError(f"{path}: cannot read calibration text ({e.strerror})") from None
+    tok = Tokenizer.from_dir(checkpoint_dir)
+    ids = tok.encode(text, add_bos=False)
+    if len(ids) < 2:
+        raise TinyLlamaError(f"{path}: the calibration text is (nearly) empty; give a few paragraphs of text "
+                             "like the model's use")
+    body = seq_len - 1
+    return [[tok.bos_id] + ids[s:s + body] for s in range(0, len(ids), body)][:n_samples]
+
+
+def check_calibration(seqs, cfg, seq_len, n_samples):
+    """Cut sequences to seq_len (and the model's context), keep n_samples, refuse ids outside the vocabulary."""
+    limit = min(seq_len, cfg.max_seq_len)
+    out = []
+    for s in seqs[:n_samples]:
+        s = np.asarray(s[:limit], dtype=np.int64)
+        bad = s[(s < 0) | (s >= cfg.vocab_size)]
+        if bad.size:
+            raise TinyLlamaError(f"calibration token id {int(bad[0])} is outside the vocabulary "
+                                 f"(0..{cfg.vocab_size - 1})")
+        out.append(s)
+    return out
+
+
+# -- streaming safetensors output ---------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file whose tensors are announced up front and then appended one by one, in order.
+
+    specs: [(name, dtype string, shape)] in the order the tensors will be written. The header (padded with
+    spaces to a multiple of 8 bytes, as the safetensors library does) is written at once; write() appends
+    data and checks it is the next announced tensor with the announced dtype and shape.
+    """
+
+    def __init__(self, path, specs, metadata=None):
+        header, offset = {}, 0
+        self.specs = []
+        for name, dtype, shape in specs:
+            itemsize = {"F16": 2, "F32": 4, "I32": 4}[dtype]
+            size = int(np.prod(shape, dtype=np.int64)) * itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.specs.append((name, dtype, tuple(shape)))
+            offset += size
+        if metadata:
+            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self.f = open(path, "wb")
+        self.f.write(np.uint64(len(raw)).astype("<u8").tobytes())
+        self.f.write(raw)
+        self.next = 0
+
+    def write(self, name, array):
+        if self.next >= len(self.specs):
+            raise QuantError(f"{self.path}: tensor {name} was not announced in the header")
+        want_name, want_dtype, want_shape = self.specs[self.next]
+        array = np.ascontiguousarray(array)
+        got_dtype = SAFETENSORS_DTYPES.get(array.dtype)
+        if (name, got_dtype, array.shape) != (want_name, want_dtype, want_shape):
+            raise QuantError(f"{self.path}: expected tensor {want_name} {want_dtype} {list(want_shape)} next, "
+                             f"got {name} {got_dtype} {list(array.shape)}")
+        self.f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.next += 1
+
+    def close(self):
+        self.f.close()
+        if self.next != len(self.specs):
+            raise QuantError(f"{self.path}: only {self.next} of {len(self.specs)} announced tensors were written")
+
+
+# -- the output layout --------------------------------------------------------------------------------------
+
+def packed_shapes(in_f, out_f, bits, group_size):
+    """Shapes of qweight, qzeros, scales, g_idx for one GPTQ linear (FORMATS.md, "Tensors of a GPTQ file")."""
+    G = 1 if group_size == -1 else -(-in_f // group_size)
+    return {"qweight": ("I32", (-(-in_f * bits // 32), out_f)), "qzeros": ("I32", (G, -(-out_f * bits // 32))),
+            "scales": ("F16", (G, out_f)), "g_idx": ("I32", (in_f,))}
+
+
+def output_plan(ckpt, cfg, bits, group_size):
+    """Every output tensor as (name, dtype, shape), in the order quantize_checkpoint produces them."""
+    plan = [("model.embed_tokens.weight", "F16", ckpt.info("model.embed_tokens.weight").shape)]
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        plan += [(p + "input_layernorm.weight", "F16", (cfg.dim,)),
+                 (p + "post_attention_layernorm.weight", "F16", (cfg.dim,))]
+        for stage in STAGES:
+            for key in stage:
+                sub, fin, fout = LINEARS[key]
+                for t, (dtype, shape) in packed_shapes(fin(cfg), fout(cfg), bits, group_size).items():
+                    plan.append((f"{p}{sub}.{t}", dtype, shape))
+    plan.append(("model.norm.weight", "F16", (cfg.dim,)))
+    if "lm_head.weight" in ckpt:
+        plan.append(("lm_head.weight", "F16", ckpt.info("lm_head.weight").shape))
+    return plan
+
+
+def as_fp16(ckpt, name):
+    """A dense tensor as float16, refusing values float16 cannot hold rather than writing inf."""
+    x = ckpt.f32(name)
+    if np.abs(x).max(initial=0.0) > 65504:
+        raise QuantError(f"{ckpt.info(name).file}: tensor {name} holds {float(np.abs(x).max()):.4g}, beyond "
+                         "float16's range; it cannot be stored in a GPTQ (float16) checkpoint")
+    return x.astype(np.float16)
+
+
+# -- one decoder layer, with float32 NumPy weights ----------------------------------------------------------
+
+def attention_heads(xn, Wq, Wk, Wv, cfg, cos, sin, lengths):
+    """Causal self-attention up to, not including, o_proj, for packed sequences: xn [N, D] -> [N, H * hd]."""
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    out = np.empty((xn.shape[0], H * hd), dtype=np.float32)               # [N, H * hd]
+    row = 0
+    for n in lengths:
+        x = xn[row:row + n]                                               # [n, D]
+        q = apply_rope((x @ Wq.T).reshape(n, H, hd), cos[:n], sin[:n])    # [n, H, hd]
+        k = apply_rope((x @ Wk.T).reshape(n, KV, hd), cos[:n], sin[:n])   # [n, KV, hd]
+        v = (x @ Wv.T).reshape(n, KV, hd)                                 # [n, KV, hd]
+        for b in range(0, n, QUERY_BLOCK):
+            m = min(QUERY_BLOCK, n - b)
+            att = attend(q[b:b + m], k[:b + m], v[:b + m], b)             # [m, H, hd]
+            out[row + b:row + b + m] = att.reshape(m, H * hd)
+        row += n
+    return out
+
+
+def rows_of(x, lengths):
+    """The rows of x sequence by sequence (Hessians and MLPs are accumulated per sequence to bound memory)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return [x[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def output_error(W, Wq, H):
+    """||X (W - Wq).T||^2 / ||X W.T||^2 on the calibration inputs, through H = 2/n X.T X."""
+    D = W - Wq                                                            # [out, in]
+    return float(np.sum((D @ H) * D) / max(np.sum((W @ H) * W), 1e-30))
+
+
+def quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result=None, progress=None, index=0):
+    """GPTQ for one decoder layer in true-sequential order. x [N, D] is the layer input computed with the
+    quantized layers before; returns (layer output [N, D], {key: GPTQResult}, {key: relative output error})."""
+    results, errors, quantized = {}, {}, {}
+
+    def run_stage(keys, H):
+        for key in keys:
+            W = dense[key]                                                # [out, in] float32
+            r = gptq_quantize(W, H, **settings)
+            results[key] = r
+            quantized[key] = r.dequantize().astype(np.float32)            # [out, in]
+            errors[key] = output_error(W.astype(np.float64), quantized[key].astype(np.float64), H)
+            if on_result:
+                on_result(index, key, r, W)
+            if progress:
+                progress.step(key)
+
+    attn_in = rms_norm(x, dense["attn_norm"], cfg.norm_eps)               # [N, D]
+    run_stage(("q", "k", "v"), hessian(rows_of(attn_in, lengths)))
+    heads = attention_heads(attn_in, quantized["q"], quantized["k"], quantized["v"], cfg, cos, sin,
+                            lengths)                                      # [N, H * hd]
+    del attn_in
+    run_stage(("o",), hessian(rows_of(heads, lengths)))
+    h = x + heads @ quantized["o"].T                                      # [N, D]
+    del heads
+    mlp_in = rms_norm(h, dense["ffn_norm"], cfg.norm_eps)                 # [N, D]
+    run_stage(("gate", "up"), hessian(rows_of(mlp_in, lengths)))
+
+    def swiglu(rows):                                                     # [n, D] -> [n, F]
+        return silu(rows @ quantized["gate"].T) * (rows @ quantized["up"].T)
+    run_stage(("down",), hessian(swiglu(r) for r in rows_of(mlp_in, lengths)))
+    out = np.concatenate([h_s + swiglu(m_s) @ quantized["down"].T
+                          for h_s, m_s in zip(rows_of(h, lengths), rows_of(mlp_in, lengths))])   # [N, D]
+    return out, results, errors
+
+
+def read_dense_layer(ckpt, cfg, i):
+    """Layer i's dense weights as float32 arrays (HF layout [out, in]) and its two norm weights."""
+    p = f"model.layers.{i}."
+    dense = {}
+    for key, (sub, fin, fout) in LINEARS.items():
+        name = f"{p}{sub}.weight"
+        info = ckpt.info(name)
+        if info.shape != (fout(cfg), fin(cfg)):
+            raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected "
+                                  f"[{fout(cfg)}, {fin(cfg)}] from config.json")
+        dense[key] = np.array(ckpt.f32(name), dtype=np.float32)
+    dense["attn_norm"] = np.array(ckpt.f32(p + "input_layernorm.weight"), dtype=np.float32)
+    dense["ffn_norm"] = np.array(ckpt.f32(p + "post_attention_layernorm.weight"), dtype=np.float32)
+    return dense
+
+
+# -- progress -----------------------------------------------------------------------------------------------
+
+class LayerProgress:
+    """A text progress bar per layer: `layer  3/80 [#####..] down  12.1s`, redrawn in place on a terminal."""
+
+    def __init__(self, n_layers, stream=None, width=7):
+        self.n_layers, self.stream, self.width = n_layers, stream or sys.stderr, width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def start(self, i):
+        self.i, self.done, self.t0 = i, 0, time.perf_counter()
+        self._draw("reading")
+
+    def step(self, key):
+        self.done += 1
+        self._draw(key)
+
+    def finish(self, worst_error):
+        self._draw(f"done, worst output error {worst_error:.2e}", final=True)
+
+    def _draw(self, what, final=False):
+        if not (self.tty or final):
+            return
+        bar = "#" * self.done + "." * (self.width - self.done)
+        line = (f"layer {self.i + 1:>{len(str(self.n_layers))}}/{self.n_layers} [{bar}] {what:<8} "
+                f"{time.perf_counter() - self.t0:6.1f}s")
+        self.stream.write(("\r" if self.tty else "") + line + ("\n" if final else ""))
+        self.stream.flush()
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+
+def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128, act_order=True, sym=True,
+                        damp_percent=0.01, checkpoint_format="gptq", seq_len=2048, n_samples=128,
+                        on_result=None, progress=None):
+    """Write a GPTQ checkpoint of dense_dir into out_dir; returns {layer: {linear: relative output error}}.
+
+    calibration: token id sequences (lists of ints). on_result(layer, key, GPTQResult, dense W) is called for
+    every quantized linear (tests use it to check the file against an independent packer).
+    """
+    if bits not in (2, 3, 4, 8):
+        raise QuantError(f"--bits must be 2, 3, 4 or 8, got {bits}")
+    if group_size != -1 and group_size <= 0:
+        raise QuantError(f"--group-size must be -1 (one group per row) or positive, got {group_size}")
+    if not 0 < damp_percent < 1:
+        raise QuantError(f"--damp-percent must lie between 0 and 1, got {damp_percent}")
+    ckpt = Checkpoint(dense_dir)
+    if any(n.endswith(".qweight") for n in ckpt.tensors):
+        raise QuantError(f"{dense_dir}: this checkpoint is already GPTQ-quantized; quantize a dense one")
+    cfg = load_config(dense_dir, vocab_size=embedding_info(ckpt, load_config(dense_dir).dim).shape[0])
+    seqs = check_calibration(calibration, cfg, seq_len, n_samples)
+    if not seqs:
+        raise TinyLlamaError("no calibration sequences")
+    if os.path.abspath(out_dir) == os.path.abspath(dense_dir):
+        raise TinyLlamaError("OUT must be a new directory, not the dense checkpoint itself")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise TinyLlamaError(f"{out_dir}: directory exists and is not empty; choose a new output directory")
+    os.makedirs(out_dir, exist_ok=True)
+
+    quant_block = {"bits": bits, "group_size": group_size, "damp_percent": damp_percent, "desc_act": act_order,
+                   "sym": sym, "true_sequential": True, "static_groups": False, "model_name_or_path": None,
+                   "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    settings = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp_percent=damp_percent)
+    writer = StreamingSafetensorsWriter(
+        os.path.join(out_dir, "model.safetensors"), output_plan(ckpt, cfg, bits, group_size),
+        metadata={"format": "pt", "quantized_by": "tinyllama-ref quantize", "gptq_bits": bits,
+                  "gptq_group_size": group_size, "gptq_desc_act": act_order})
+    try:
+        writer.write("model.embed_tokens.weight", as_fp16(ckpt, "model.embed_tokens.weight"))
+        lengths = [len(s) for s in seqs]
+        embed = ckpt.info("model.embed_tokens.weight")
+        x = to_f32(ckpt.raw(embed.name)[np.concatenate(seqs)], embed.dtype)   # [N, D] only the rows used
+        cos, sin = rope_tables(max(lengths), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)  # [T, hd]
+        errors = {}
+        for i in range(cfg.n_layers):
+            if progress:
+                progress.start(i)
+            dense = read_dense_layer(ckpt, cfg, i)
+            x, results, errors[i] = quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result,
+                                                   progress, i)
+            p = f"model.layers.{i}."
+            writer.write(p + "input_layernorm.weight", as_fp16(ckpt, p + "input_layernorm.weight"))
+            writer.write(p + "post_attention_layernorm.weight", as_fp16(ckpt, p + "post_attention_layernorm.weight"))
+            for stage in STAGES:
+                for key in stage:
+                    r, name = results[key], p + LINEARS[key][0]
+                    writer.write(name + ".qweight", pack_columns(r.codes, bits))
+                    writer.write(name + ".qzeros", pack_zeros(stored_zeros(r.zeros, bits, checkpoint_format), bits))
+                    writer.write(name + ".scales", r.scales)
+                    writer.write(name + ".g_idx", r.g_idx)
+            del dense, results
+            if progress:
+                progress.finish(max(errors[i].values()))
+        writer.write("model.norm.weight", as_fp16(ckpt, "model.norm.weight"))
+        if "lm_head.weight" in ckpt:
+            writer.write("lm_head.weight", as_fp16(ckpt, "lm_head.weight"))
+    finally:
+        writer.f.close()
+    writer.close()
+
+    hf = read_json(os.path.join(dense_dir, "config.json"))
+    hf["quantization_config"] = quant_block
+    hf["torch_dtype"] = "float16"
+    if "dtype" in hf:
+        hf["dtype"] = "float16"
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    with open(os.path.join(out_dir, "quantize_config.json"), "w", encoding="utf-8") as f:
+        json.dump(quant_block, f, indent=2)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(dense_dir, name)):
+            shutil.copyfile(os.path.join(dense_dir, name), os.path.join(out_dir, name))
+    return errors
