@@ -1,0 +1,634 @@
+"""Fast GPTQ matmuls in Numba: a fused dequantize-GEMV for decode and a dequantize-tile + BLAS path for prefill.
+
+They compute exactly what tinyllama_ref/quant.py's reference does (float32 arithmetic throughout), without ever
+building a float copy of the whole weight matrix.
+
+Layout (prepared once per layer by prepare(), cost reported by GPTQLinear.prepare_seconds):
+  qw        [R, out] uint32: the checkpoint's qweight viewed as unsigned (zero-copy) or, for act-order with
+            several groups, a repacked copy whose input rows are sorted by group (still packed codes).
+  segments  runs of whole "units" of packed rows that all belong to one group. A unit is the smallest
+            number of words that holds whole codes: 1 word for 2/4/8 bits, 3 words (32 codes) for 3 bits.
+  perm      for a repacked layer: the original input row of each sorted row (-1 for padding rows, which
+            read x = 0). Per call we permute x once (cheap: `in` floats) instead of touching the weights.
+
+Why this is fast (docs/TARGETS.md: a straightforward loop spends ~32 operations per 4-byte word):
+  1. Group-sum factorisation. For one segment of group g:
+         sum_i x_i * s_gj * (q_ij - z_gj) = s_gj * (sum_i x_i * q_ij  -  z_gj * sum_i x_i)
+     so the inner loop only accumulates acc_j += x_i * q_ij; scale and zero are applied once per segment.
+  2. No shifts. Code t of a word sits at bit offset o; (word & (mask << o)) converted to float is q * 2**o
+     exactly (at most 8 significant bits), so multiplying by x * 2**-o (computed once per row, outside the
+     column loop) gives x * q exactly. Per code: one AND, one int->float conversion, one FMA.
+     (x * 2**-o only loses bits for |x| < 2**-95, far below anything that matters in float32 sums.)
+  3. The inner loop runs over output columns j, contiguous in memory in every packed row, so LLVM
+     vectorizes it 16 columns per AVX-512 instruction. masked_f32 is an LLVM intrinsic so the AND and the
+     conversion stay in 32-bit lanes (Numba's own integer arithmetic widens to 64 bits, halving the width).
+  4. Columns are split into blocks, prange over blocks: both cores stream disjoint column slabs, each block's
+     accumulator stays in L1.
+"""
+
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .half import f16_to_f32
+
+GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once per row; beyond: tile + BLAS
+GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
+                           # per thread evens out a thread that the OS delays
+TILE_VALUES = 1024         # prefill tile: input rows (codes) per BLAS call ...
+TILE_COLUMNS = 1024        # ... and output columns per BLAS call: a 4 MB float32 tile
+
+
+@intrinsic
+def masked_f32(typingctx, word, mask):
+    """float32(word & mask) computed on 32-bit unsigned integers (AVX-512: vpandd + vcvtudq2ps)."""
+    if not isinstance(word, types.Integer) or not isinstance(mask, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        w, m = args
+        w = builder.trunc(w, i32) if w.type.width > 32 else builder.zext(w, i32) if w.type.width < 32 else w
+        m = builder.trunc(m, i32) if m.type.width > 32 else builder.zext(m, i32) if m.type.width < 32 else m
+        return builder.uitofp(builder.and_(w, m), ir.FloatType())
+    return types.float32(word, mask), codegen
+
+
+def unit_shape(bits):
+    """(words, codes) of the smallest run of packed words that holds whole codes."""
+    return (3, 32) if bits == 3 else (1, 32 // bits)
+
+
+# -- the unrolled inner loops -------------------------------------------------------------------------------
+# One function per (bits, words per pass), written out in full so LLVM sees constant masks and no inner loop
+# over codes: _pass_source() below prints any of them; tests/test_kernels_gptq.py checks they match it.
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b4_w2(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 16 4-bit codes in packed rows r..r+1."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.0625)
+    c2 = x[i + 2] * np.float32(0.00390625)
+    c3 = x[i + 3] * np.float32(0.000244140625)
+    c4 = x[i + 4] * np.float32(1.52587890625e-05)
+    c5 = x[i + 5] * np.float32(9.5367431640625e-07)
+    c6 = x[i + 6] * np.float32(5.960464477539063e-08)
+    c7 = x[i + 7] * np.float32(3.725290298461914e-09)
+    c8 = x[i + 8]
+    c9 = x[i + 9] * np.float32(0.0625)
+    c10 = x[i + 10] * np.float32(0.00390625)
+    c11 = x[i + 11] * np.float32(0.000244140625)
+    c12 = x[i + 12] * np.float32(1.52587890625e-05)
+    c13 = x[i + 13] * np.float32(9.5367431640625e-07)
+    c14 = x[i + 14] * np.float32(5.960464477539063e-08)
+    c15 = x[i + 15] * np.float32(3.725290298461914e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        s00 = (c0 * masked_f32(a0, 0x0000000F)
+                 + c2 * masked_f32(a0, 0x00000F00)
+                 + c4 * masked_f32(a0, 0x000F0000)
+                 + c6 * masked_f32(a0, 0x0F000000))
+        s01 = (c1 * masked_f32(a0, 0x000000F0)
+                 + c3 * masked_f32(a0, 0x0000F000)
+                 + c5 * masked_f32(a0, 0x00F00000)
+                 + c7 * masked_f32(a0, 0xF0000000))
+        s10 = (c8 * masked_f32(a1, 0x0000000F)
+                 + c10 * masked_f32(a1, 0x00000F00)
+                 + c12 * masked_f32(a1, 0x000F0000)
+                 + c14 * masked_f32(a1, 0x0F000000))
+        s11 = (c9 * masked_f32(a1, 0x000000F0)
+                 + c11 * masked_f32(a1, 0x0000F000)
+                 + c13 * masked_f32(a1, 0x00F00000)
+                 + c15 * masked_f32(a1, 0xF0000000))
+        acc[j] += (s00 + s01) + (s10 + s11)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b4_w1(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 8 4-bit codes in packed rows r..r+0."""
+    w0 = qw[r, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.0625)
+    c2 = x[i + 2] * np.float32(0.00390625)
+    c3 = x[i + 3] * np.float32(0.000244140625)
+    c4 = x[i + 4] * np.float32(1.52587890625e-05)
+    c5 = x[i + 5] * np.float32(9.5367431640625e-07)
+    c6 = x[i + 6] * np.float32(5.960464477539063e-08)
+    c7 = x[i + 7] * np.float32(3.725290298461914e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        s00 = (c0 * masked_f32(a0, 0x0000000F)
+                 + c2 * masked_f32(a0, 0x00000F00)
+                 + c4 * masked_f32(a0, 0x000F0000)
+                 + c6 * masked_f32(a0, 0x0F000000))
+        s01 = (c1 * masked_f32(a0, 0x000000F0)
+                 + c3 * masked_f32(a0, 0x0000F000)
+                 + c5 * masked_f32(a0, 0x00F00000)
+                 + c7 * masked_f32(a0, 0xF0000000))
+        acc[j] += s00 + s01
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b3_w3(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 32 3-bit codes in packed rows r..r+2."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    w2 = qw[r + 2, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.125)
+    c2 = x[i + 2] * np.float32(0.015625)
+    c3 = x[i + 3] * np.float32(0.001953125)
+    c4 = x[i + 4] * np.float32(0.000244140625)
+    c5 = x[i + 5] * np.float32(3.0517578125e-05)
+    c6 = x[i + 6] * np.float32(3.814697265625e-06)
+    c7 = x[i + 7] * np.float32(4.76837158203125e-07)
+    c8 = x[i + 8] * np.float32(5.960464477539063e-08)
+    c9 = x[i + 9] * np.float32(7.450580596923828e-09)
+    c10a = x[i + 10] * np.float32(9.313225746154785e-10)
+    c10b = x[i + 10] * np.float32(4.0)
+    c11 = x[i + 11] * np.float32(0.5)
+    c12 = x[i + 12] * np.float32(0.0625)
+    c13 = x[i + 13] * np.float32(0.0078125)
+    c14 = x[i + 14] * np.float32(0.0009765625)
+    c15 = x[i + 15] * np.float32(0.0001220703125)
+    c16 = x[i + 16] * np.float32(1.52587890625e-05)
+    c17 = x[i + 17] * np.float32(1.9073486328125e-06)
+    c18 = x[i + 18] * np.float32(2.384185791015625e-07)
+    c19 = x[i + 19] * np.float32(2.9802322387695312e-08)
+    c20 = x[i + 20] * np.float32(3.725290298461914e-09)
+    c21a = x[i + 21] * np.float32(4.656612873077393e-10)
+    c21b = x[i + 21] * np.float32(2.0)
+    c22 = x[i + 22] * np.float32(0.25)
+    c23 = x[i + 23] * np.float32(0.03125)
+    c24 = x[i + 24] * np.float32(0.00390625)
+    c25 = x[i + 25] * np.float32(0.00048828125)
+    c26 = x[i + 26] * np.float32(6.103515625e-05)
+    c27 = x[i + 27] * np.float32(7.62939453125e-06)
+    c28 = x[i + 28] * np.float32(9.5367431640625e-07)
+    c29 = x[i + 29] * np.float32(1.1920928955078125e-07)
+    c30 = x[i + 30] * np.float32(1.4901161193847656e-08)
+    c31 = x[i + 31] * np.float32(1.862645149230957e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        a2 = w2[j]
+        s00 = (c0 * masked_f32(a0, 0x00000007)
+                 + c2 * masked_f32(a0, 0x000001C0)
+                 + c4 * masked_f32(a0, 0x00007000)
+                 + c6 * masked_f32(a0, 0x001C0000)
+                 + c8 * masked_f32(a0, 0x07000000)
+                 + c10a * masked_f32(a0, 0xC0000000))
+        s01 = (c1 * masked_f32(a0, 0x00000038)
+                 + c3 * masked_f32(a0, 0x00000E00)
+                 + c5 * masked_f32(a0, 0x00038000)
+                 + c7 * masked_f32(a0, 0x00E00000)
+                 + c9 * masked_f32(a0, 0x38000000))
+        s10 = (c10b * masked_f32(a1, 0x00000001)
+                 + c12 * masked_f32(a1, 0x00000070)
+                 + c14 * masked_f32(a1, 0x00001C00)
+                 + c16 * masked_f32(a1, 0x00070000)
+                 + c18 * masked_f32(a1, 0x01C00000)
+                 + c20 * masked_f32(a1, 0x70000000))
+        s11 = (c11 * masked_f32(a1, 0x0000000E)
+                 + c13 * masked_f32(a1, 0x00000380)
+                 + c15 * masked_f32(a1, 0x0000E000)
+                 + c17 * masked_f32(a1, 0x00380000)
+                 + c19 * masked_f32(a1, 0x0E000000)
+                 + c21a * masked_f32(a1, 0x80000000))
+        s20 = (c21b * masked_f32(a2, 0x00000003)
+                 + c23 * masked_f32(a2, 0x000000E0)
+                 + c25 * masked_f32(a2, 0x00003800)
+                 + c27 * masked_f32(a2, 0x000E0000)
+                 + c29 * masked_f32(a2, 0x03800000)
+                 + c31 * masked_f32(a2, 0xE0000000))
+        s21 = (c22 * masked_f32(a2, 0x0000001C)
+                 + c24 * masked_f32(a2, 0x00000700)
+                 + c26 * masked_f32(a2, 0x0001C000)
+                 + c28 * masked_f32(a2, 0x00700000)
+                 + c30 * masked_f32(a2, 0x1C000000))
+        acc[j] += ((s00 + s01) + (s10 + s11)) + (s20 + s21)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b2_w1(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 16 2-bit codes in packed rows r..r+0."""
+    w0 = qw[r, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.25)
+    c2 = x[i + 2] * np.float32(0.0625)
+    c3 = x[i + 3] * np.float32(0.015625)
+    c4 = x[i + 4] * np.float32(0.00390625)
+    c5 = x[i + 5] * np.float32(0.0009765625)
+    c6 = x[i + 6] * np.float32(0.000244140625)
+    c7 = x[i + 7] * np.float32(6.103515625e-05)
+    c8 = x[i + 8] * np.float32(1.52587890625e-05)
+    c9 = x[i + 9] * np.float32(3.814697265625e-06)
+    c10 = x[i + 10] * np.float32(9.5367431640625e-07)
+    c11 = x[i + 11] * np.float32(2.384185791015625e-07)
+    c12 = x[i + 12] * np.float32(5.960464477539063e-08)
+    c13 = x[i + 13] * np.float32(1.4901161193847656e-08)
+    c14 = x[i + 14] * np.float32(3.725290298461914e-09)
+    c15 = x[i + 15] * np.float32(9.313225746154785e-10)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        s00 = (c0 * masked_f32(a0, 0x00000003)
+                 + c2 * masked_f32(a0, 0x00000030)
+                 + c4 * masked_f32(a0, 0x00000300)
+                 + c6 * masked_f32(a0, 0x00003000)
+                 + c8 * masked_f32(a0, 0x00030000)
+                 + c10 * masked_f32(a0, 0x00300000)
+                 + c12 * masked_f32(a0, 0x03000000)
+                 + c14 * masked_f32(a0, 0x30000000))
+        s01 = (c1 * masked_f32(a0, 0x0000000C)
+                 + c3 * masked_f32(a0, 0x000000C0)
+                 + c5 * masked_f32(a0, 0x00000C00)
+                 + c7 * masked_f32(a0, 0x0000C000)
+                 + c9 * masked_f32(a0, 0x000C0000)
+                 + c11 * masked_f32(a0, 0x00C00000)
+                 + c13 * masked_f32(a0, 0x0C000000)
+                 + c15 * masked_f32(a0, 0xC0000000))
+        acc[j] += s00 + s01
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b8_w2(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 8 8-bit codes in packed rows r..r+1."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.00390625)
+    c2 = x[i + 2] * np.float32(1.52587890625e-05)
+    c3 = x[i + 3] * np.float32(5.960464477539063e-08)
+    c4 = x[i + 4]
+    c5 = x[i + 5] * np.float32(0.00390625)
+    c6 = x[i + 6] * np.float32(1.52587890625e-05)
+    c7 = x[i + 7] * np.float32(5.960464477539063e-08)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        s00 = (c0 * masked_f32(a0, 0x000000FF)
+                 + c2 * masked_f32(a0, 0x00FF0000))
+        s01 = (c1 * masked_f32(a0, 0x0000FF00)
+                 + c3 * masked_f32(a0, 0xFF000000))
+        s10 = (c4 * masked_f32(a1, 0x000000FF)
+                 + c6 * masked_f32(a1, 0x00FF0000))
+        s11 = (c5 * masked_f32(a1, 0x0000FF00)
+                 + c7 * masked_f32(a1, 0xFF000000))
+        acc[j] += (s00 + s01) + (s10 + s11)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b8_w1(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 4 8-bit codes in packed rows r..r+0."""
+    w0 = qw[r, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.00390625)
+    c2 = x[i + 2] * np.float32(1.52587890625e-05)
+    c3 = x[i + 3] * np.float32(5.960464477539063e-08)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        s00 = (c0 * masked_f32(a0, 0x000000FF)
+                 + c2 * masked_f32(a0, 0x00FF0000))
+        s01 = (c1 * masked_f32(a0, 0x0000FF00)
+                 + c3 * masked_f32(a0, 0xFF000000))
+        acc[j] += s00 + s01
+
+def _pass_source(bits, nwords):
+    """The Python source of _pass_b{bits}_w{nwords}: for each code t of the packed words, the mask that
+    isolates it and the power of two that undoes its bit offset; codes that straddle two words (3 bits)
+    become two terms, one per word, each with its own mask and power of two."""
+    nvals = nwords * 32 // bits
+    terms = {w: [] for w in range(nwords)}
+    coefs = []
+    for t in range(nvals):
+        w, off = divmod(t * bits, 32)
+        if off + bits <= 32:
+            coefs.append((f"c{t}", t, 2.0 ** -off))
+            terms[w].append((f"c{t}", ((1 << bits) - 1) << off))
+        else:
+            low = 32 - off                       # bits of code t at the top of word w; the rest start word w+1
+            coefs.append((f"c{t}a", t, 2.0 ** -off))
+            terms[w].append((f"c{t}a", ((1 << low) - 1) << off))
+            coefs.append((f"c{t}b", t, 2.0 ** low))
+            terms[w + 1].append((f"c{t}b", (1 << (bits - low)) - 1))
+    lines = ['@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)',
+             f"def _pass_b{bits}_w{nwords}(qw, r, x, i, acc, j0, width):",
+             f'    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the {nvals} {bits}-bit codes in packed rows '
+             f'r..r+{nwords - 1}."""']
+    for w in range(nwords):
+        lines.append(f"    w{w} = qw[r + {w}, j0:j0 + width]" if w else "    w0 = qw[r, j0:j0 + width]")
+    for c, t, scale in coefs:
+        lines.append(f"    {c} = x[i + {t}]" if scale == 1.0 else f"    {c} = x[i + {t}] * np.float32({scale!r})")
+    lines.append("    for j in range(np.uint64(width)):")
+    for w in range(nwords):
+        lines.append(f"        a{w} = w{w}[j]")
+    sums = []
+    for w in range(nwords):
+        # Two partial sums per word (alternate codes) so the FMA chains are short and run side by side.
+        for half in range(2):
+            parts = [f"{c} * masked_f32(a{w}, 0x{m:08X})" for c, m in terms[w][half::2]]
+            sums.append(f"s{w}{half}")
+            lines.append("        s{}{} = ({})".format(w, half, ("\n" + " " * 17 + "+ ").join(parts)))
+    while len(sums) > 1:     # add the partial sums pairwise: a tree, not a chain
+        pairs = [f"({a} + {b})" for a, b in zip(sums[::2], sums[1::2])]
+        sums = pairs + (sums[-1:] if len(sums) % 2 else [])
+    lines.append("        acc[j] += " + sums[0][1:-1] if sums[0].startswith("(") else "        acc[j] += " + sums[0])
+    return "\n".join(lines) + "\n"
+
+
+# -- decode: fused dequantize-GEMV --------------------------------------------------------------------------
+
+@njit(inline="always")
+def _zero_code(zrow, col, bits, n_words):
+    """Stored zero code of column col from one qzeros row (a bit stream): read the 64 bits starting at the
+    word that holds the code's first bit, so a code straddling two words (3 bits) needs no branch."""
+    pos = col * bits
+    w = pos >> 5
+    w1 = min(w + 1, n_words - 1)     # the last word never straddles, so reading it twice is harmless
+    both = np.int64(zrow[w]) | (np.int64(zrow[w1]) << 32)
+    return (both >> (pos & 31)) & ((1 << bits) - 1)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _unpack_zero_row(zrow, j0, width, bits, zero_add, z_out):
+    """z_out[j] = true zero of column j0 + j as float32, from one qzeros row (a bit stream of `bits`-bit
+    codes). Unsigned loop indices let LLVM drop Numba's negative-index checks and vectorize (gathers)."""
+    ub = np.uint64(bits)
+    mask = np.uint64((1 << bits) - 1)
+    add = np.uint64(zero_add)
+    last = np.uint64(zrow.shape[0] - 1)
+    base = np.uint64(j0) * ub
+    for j in range(np.uint64(width)):
+        pos = base + j * ub
+        w = pos >> np.uint64(5)
+        both = np.uint64(zrow[w]) | (np.uint64(zrow[min(w + np.uint64(1), last)]) << np.uint64(32))
+        z_out[j] = np.float32(((both >> (pos & np.uint64(31))) + add) & mask)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _fold_segment(out, acc, scales_row, zeros_row, sum_x):
+    """out[j] += s_j * (acc[j] - z_j * sum_x): scale and zero applied once per segment and column."""
+    for j in range(np.uint64(out.shape[0])):
+        out[j] += f16_to_f32(scales_row[j]) * (acc[j] - zeros_row[j] * sum_x)
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, block, y):
+    """y[n, :] = xp[n, :] @ W_sorted for a few rows n, reading the packed weights once per row.
+
+    qw [R, out] uint32 (packed rows in segment order), xp [N, units * codes_per_unit] float32 (x permuted to
+    that order, zero padded), segments seg_start [S + 1] (in units) / seg_group [S], scales [G, out] as
+    uint16 fp16 bits, qzeros [G, words] uint32, zero_add 1 for checkpoint_format "gptq" (AutoGPTQ stores
+    zero - 1) else 0. Loop order: prange over column blocks (each thread streams its own columns of every
+    packed row); per block, per segment: accumulate acc[j] = sum x_i q_ij over the segment's packed rows with
+    the column loop innermost (vectorized), then fold in scale and zero once: y += s (acc - z sum x).
+    """
+    n_rows = xp.shape[0]
+    n_out = qw.shape[1]
+    unit_words = 3 if bits == 3 else 1
+    unit_codes = 32 if bits == 3 else 32 // bits
+    n_zero_words = qzeros.shape[1]
+    n_blocks = (n_out + block - 1) // block
+    for b in prange(n_blocks):
+        j0 = b * block
+        width = min(n_out, j0 + block) - j0
+        acc = np.empty(width, dtype=np.float32)
+        zbuf = np.empty(width, dtype=np.float32)
+        for n in range(n_rows):
+            x = xp[n]
+            out = y[n, j0:j0 + width]
+            out[:] = 0.0
+            for s in range(seg_group.shape[0]):
+                u0, u1 = seg_start[s], seg_start[s + 1]
+                xs = x[u0 * unit_codes:u1 * unit_codes]
+                sum_x = np.float32(0.0)
+                for i in range(np.uint64(xs.shape[0])):
+                    sum_x += xs[i]
+                acc[:] = 0.0
+                u = u0
+                if bits == 4:
+                    while u + 2 <= u1:
+                        _pass_b4_w2(qw, u, x, u * 8, acc, j0, width)
+                        u += 2
+                    if u < u1:
+                        _pass_b4_w1(qw, u, x, u * 8, acc, j0, width)
+                elif bits == 3:
+                    while u < u1:
+                        _pass_b3_w3(qw, u * 3, x, u * 32, acc, j0, width)
+                        u += 1
+                elif bits == 8:
+                    while u + 2 <= u1:
+                        _pass_b8_w2(qw, u, x, u * 4, acc, j0, width)
+                        u += 2
+                    if u < u1:
+                        _pass_b8_w1(qw, u, x, u * 4, acc, j0, width)
+                else:
+                    while u < u1:
+                        _pass_b2_w1(qw, u, x, u * 16, acc, j0, width)
+                        u += 1
+                g = seg_group[s]
+                _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, zbuf)
+                _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sum_x)
+
+
+# -- prefill: dequantize a tile, multiply with BLAS ---------------------------------------------------------
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def dequantize_tile(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, j0, j1, tile):
+    """tile[t, j] = W_sorted[u0 * codes_per_unit + t, j0 + j] in float32, for units u0..u1, columns j0..j1.
+
+    Same layout as gemv(). prange over 64-column strips; per strip and segment the scales and zeros of the
+    strip are widened once into small buffers, then every code row of the segment is decoded with the column
+    loop innermost (each code read as 64 bits starting at its word, so 3-bit straddlers need no branch).
+    """
+    unit_codes = 32 if bits == 3 else 32 // bits
+    mask = (1 << bits) - 1
+    n_words = qw.shape[0]
+    n_zero_words = qzeros.shape[1]
+    width = j1 - j0
+    strip = 64
+    t0 = u0 * unit_codes
+    for c in prange((width + strip - 1) // strip):
+        c0 = j0 + c * strip
+        cw = min(j1, c0 + strip) - c0
+        s_buf = np.empty(cw, dtype=np.float32)
+        z_buf = np.empty(cw, dtype=np.float32)
+        for s in range(seg_group.shape[0]):
+            ua, ub = max(u0, seg_start[s]), min(u1, seg_start[s + 1])
+            if ua >= ub:
+                continue
+            g = seg_group[s]
+            sc = scales[g, c0:c0 + cw]
+            zrow = qzeros[g]
+            for j in range(cw):
+                s_buf[j] = f16_to_f32(sc[j])
+                z_buf[j] = np.float32((_zero_code(zrow, c0 + j, bits, n_zero_words) + zero_add) & mask)
+            for t in range(ua * unit_codes, ub * unit_codes):
+                pos = t * bits
+                w = pos >> 5
+                shift = pos & 31
+                row0 = qw[w, c0:c0 + cw]
+                row1 = qw[min(w + 1, n_words - 1), c0:c0 + cw]
+                out = tile[t - t0, c0 - j0:c0 - j0 + cw]
+                for j in range(cw):
+                    both = np.int64(row0[j]) | (np.int64(row1[j]) << 32)
+                    q = (both >> shift) & mask
+                    out[j] = s_buf[j] * (np.float32(q) - z_buf[j])
+
+
+# -- load-time layout ---------------------------------------------------------------------------------------
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def repack_rows(qw, perm, bits, new_qw):
+    """new_qw: packed codes whose code row t is the original code row perm[t] (a zero code where perm < 0).
+
+    qw [R, out] uint32 original, new_qw [R2, out] uint32 zero-filled. prange over 256-column strips; rows
+    are written in order, each read as 64 bits from its source word so straddling codes need no branch.
+    """
+    mask = (1 << bits) - 1
+    n_words = qw.shape[0]
+    n_new_words = new_qw.shape[0]
+    n_out = qw.shape[1]
+    strip = 256
+    for c in prange((n_out + strip - 1) // strip):
+        c0 = c * strip
+        cw = min(n_out, c0 + strip) - c0
+        for t in range(perm.shape[0]):
+            src = perm[t]
+            if src < 0:
+                continue
+            pos = src * bits
+            w = pos >> 5
+            shift = pos & 31
+            row0 = qw[w, c0:c0 + cw]
+            row1 = qw[min(w + 1, n_words - 1), c0:c0 + cw]
+            dpos = t * bits
+            dw = dpos >> 5
+            dshift = dpos & 31
+            dst0 = new_qw[dw, c0:c0 + cw]
+            dst1 = new_qw[min(dw + 1, n_new_words - 1), c0:c0 + cw]
+            spill = dshift + bits > 32
+            for j in range(cw):
+                q = ((np.int64(row0[j]) | (np.int64(row1[j]) << 32)) >> shift) & mask
+                placed = q << dshift
+                dst0[j] |= np.uint32(placed & 0xFFFFFFFF)
+                if spill:
+                    dst1[j] |= np.uint32(placed >> 32)
+
+
+class Plan:
+    """What prepare() decided for one layer; gptq_matmul() reads it."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def __repr__(self):
+        return (f"Plan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}, "
+                f"prepare={self.prepare_note})")
+
+
+def _segments(unit_groups):
+    """Runs of equal group among consecutive units -> (seg_start [S + 1], seg_group [S])."""
+    change = np.flatnonzero(np.diff(unit_groups)) + 1                        # [S - 1]
+    seg_start = np.concatenate([[0], change, [len(unit_groups)]]).astype(np.int64)   # [S + 1]
+    return seg_start, unit_groups[seg_start[:-1]].astype(np.int64)           # [S]
+
+
+def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
+    """The kernel layout for one validated layer (see the module docstring).
+
+    Zero-copy when every unit of packed rows lies in one group and groups come in few runs (no act-order, or
+    act-order with a single group). Otherwise (act-order with several groups, or 3-bit inputs not a multiple
+    of 32) the codes are repacked with input rows sorted by group, each group padded to whole units.
+    """
+    n_in, n_out = len(g_idx), qweight.shape[1]
+    unit_words, unit_codes = unit_shape(bits)
+    n_groups = scales.shape[0]
+    g = np.asarray(g_idx, dtype=np.int64)                                    # [in]
+    qw = qweight.view(np.uint32)                                             # [R, out], no copy
+    n_units = -(-n_in // unit_codes)
+    padded = np.concatenate([g, np.full(n_units * unit_codes - n_in, -1)])   # [units * codes]
+    per_unit = padded.reshape(n_units, unit_codes)                          # [units, codes]
+    first = per_unit[:, 0]                                                   # [units]
+    uniform = np.all((per_unit == first[:, None]) | (per_unit < 0))
+    if uniform and qw.shape[0] == n_units * unit_words:
+        seg_start, seg_group = _segments(first)
+        if len(seg_group) <= 2 * n_groups:
+            return Plan(bits=bits, qw=qw, perm=None, n_in=n_in, n_padded=n_units * unit_codes,
+                        seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
+                        qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
+                        zero_add=1 if checkpoint_format == "gptq" else 0, repacked=False,
+                        prepare_note="zero-copy")
+    # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
+    order = np.argsort(g, kind="stable")                                     # [in]
+    counts = np.bincount(g, minlength=n_groups)                              # [G]
+    units = -(-counts // unit_codes)                                         # [G] units per group
+    perm = np.full(int(units.sum()) * unit_codes, -1, dtype=np.int64)        # [units2 * codes]
+    seg_start = np.concatenate([[0], np.cumsum(units)]).astype(np.int64)     # [G + 1]
+    taken = 0
+    for grp in range(n_groups):
+        c = int(counts[grp])
+        start = int(seg_start[grp]) * unit_codes
+        perm[start:start + c] = order[taken:taken + c]
+        taken += c
+    keep = units > 0
+    seg_group = np.flatnonzero(keep).astype(np.int64)                        # [S] non-empty groups
+    seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
+    new_qw = np.zeros((int(units.sum()) * unit_words, n_out), dtype=np.uint32)   # [R2, out]
+    repack_rows(qw, perm, bits, new_qw)
+    return Plan(bits=bits, qw=new_qw, perm=perm, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
+                seg_group=seg_group, scales=scales.view(np.uint16),
+                qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
+                zero_add=1 if checkpoint_format == "gptq" else 0, repacked=True,
+                prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group")
+
+
+def permute_x(plan, x):
+    """x [N, in] -> xp [N, padded] in the plan's row order, zeros in padding rows."""
+    xp = np.zeros((x.shape[0], plan.n_padded), dtype=np.float32)             # [N, padded]
+    if plan.perm is None:
+        xp[:, :plan.n_in] = x
+    else:
+        real = plan.perm >= 0
+        xp[:, real] = x[:, plan.perm[real]]
+    return xp
+
+
+def gemv_block(n_out):
+    """Output columns per GEMV task: a few long blocks per thread, a multiple of 32 columns so that every
+    block starts on a whole qzeros word for any bit width."""
+    tasks = max(1, numba.get_num_threads() * GEMV_TASKS_PER_THREAD)
+    per_task = -(-n_out // tasks)                    # ceil
+    return max(32, -(-per_task // 32) * 32)
+
+
+def gptq_matmul(plan, x):
+    """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias)."""
+    xp = permute_x(plan, x)                                                  # [N, padded]
+    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
+    if n_rows <= GEMV_MAX_ROWS:
+        gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
+             gemv_block(n_out), y)
+        return y
+    unit_codes = unit_shape(plan.bits)[1]
+    n_units = plan.n_padded // unit_codes
+    units_per_tile = max(1, TILE_VALUES // unit_codes)
+    y[:] = 0.0
+    for j0 in range(0, n_out, TILE_COLUMNS):
+        j1 = min(n_out, j0 + TILE_COLUMNS)
+        tile = np.empty((units_per_tile * unit_codes, j1 - j0), dtype=np.float32)   # [K, J]
+        for u0 in range(0, n_units, units_per_tile):
+            u1 = min(n_units, u0 + units_per_tile)
+            t = tile[:(u1 - u0) * unit_codes]                                 # [k, J]
+            dequantize_tile(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
+                            plan.zero_add, u0, u1, j0, j1, t)
+            y[:, j0:j1] += xp[:, u0 * unit_codes:u1 * unit_codes] @ t        # [N, j1 - j0]
+    return y

@@ -1,0 +1,144 @@
+"""fp16 / bf16 weights without a float16 type: Numba on the CPU has none, so half floats travel as uint16 bits
+and are widened to float32 inside the kernels with integer tricks (exact: every fp16 and bf16 value is a
+float32 value).
+
+half_linear(x, weight, dtype) is the dense linear of linear.py for F16/BF16 weights stored the Hugging Face way,
+weight [out, in], y = x @ W.T. It matters for lm_head ([32000, 8192] fp16 in every GPTQ checkpoint):
+  - few activation rows (decode): a fused kernel converts each weight row once and takes its dot product with
+    every activation row; the float copy is one row of `in` floats, never the matrix;
+  - many rows (prefill): convert a tile of rows to float32 and let BLAS multiply it.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+FUSED_MAX_ROWS = 8         # up to this many activation rows the fused kernel beats tile-convert + BLAS
+TILE_ROWS = 1024           # weight rows converted per BLAS call in the many-rows path
+
+
+def _as_i32(builder, value):
+    if value.type.width > 32:
+        return builder.trunc(value, ir.IntType(32))
+    if value.type.width < 32:
+        return builder.zext(value, ir.IntType(32))
+    return value
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32 (what C does with memcpy / a union)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(_as_i32(builder, args[0]), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """IEEE half bits (the low 16 bits of an integer) -> float32, exact for every value including subnormals,
+    inf and NaN. Written as LLVM's own `fpext half to float`, so on x86 with F16C / AVX-512 the loop
+    vectorizer turns it into vcvtph2ps (16 conversions per instruction) instead of integer bit fiddling."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if value.type.width > 16:
+            value = builder.trunc(value, ir.IntType(16))
+        half = builder.bitcast(value, ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def bf16_to_f32(typingctx, bits):
+    """bfloat16 bits -> float32: a bfloat16 is the top half of a float32 (zero-extend, shift by 16, bitcast),
+    done in 32-bit integer lanes (Numba's own integer arithmetic would widen to 64 bits and halve the SIMD
+    width)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if value.type.width > 16:
+            value = builder.trunc(value, ir.IntType(16))
+        wide = builder.shl(builder.zext(value, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _fused_rows(x, weight, is_bf16, y):
+    """y[n, o] = sum_i x[n, i] * W[o, i] for a few rows n, weight [out, in] as uint16 bits.
+
+    Parallel over output rows o (each thread streams its own contiguous slab of the weight). For each o the
+    weight row is widened into a small float32 buffer in chunks that stay in L1, then dotted with every
+    activation row: the conversion is paid once per weight, the multiply-add once per weight and row.
+    """
+    n_rows, n_in = x.shape
+    n_out = weight.shape[0]
+    chunk = 2048
+    for o in prange(n_out):
+        buf = np.empty(chunk, dtype=np.float32)
+        sums = np.zeros(n_rows, dtype=np.float32)
+        for i0 in range(0, n_in, chunk):
+            # Loops below run from 0 over slices: Numba's negative-index wraparound check then folds away and
+            # LLVM sees plain contiguous loads it can vectorize.
+            w = weight[o, i0:min(n_in, i0 + chunk)]
+            m = w.shape[0]
+            if is_bf16:
+                for i in range(m):
+                    buf[i] = bf16_to_f32(w[i])
+            else:
+                for i in range(m):
+                    buf[i] = f16_to_f32(w[i])
+            for n in range(n_rows):
+                xs = x[n, i0:i0 + m]
+                s = np.float32(0.0)
+                for i in range(m):
+                    s += xs[i] * buf[i]
+                sums[n] += s
+        for n in range(n_rows):
+            y[n, o] = sums[n]
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def widen(weight, is_bf16, out):
+    """out[:] = weight as float32 (uint16 bits in, same shape out); parallel over rows."""
+    for r in prange(weight.shape[0]):
+        w, o = weight[r], out[r]
+        if is_bf16:
+            for i in range(w.shape[0]):
+                o[i] = bf16_to_f32(w[i])
+        else:
+            for i in range(w.shape[0]):
+                o[i] = f16_to_f32(w[i])
+
+
+def half_bits(weight, dtype):
+    """The uint16 bit view of an F16 (np.float16) or BF16 (already uint16) weight; no copy."""
+    if dtype not in ("F16", "BF16"):
+        raise ValueError(f"half_linear takes F16 or BF16 weights, got {dtype}")
+    return weight.view(np.uint16)
+
+
+def half_linear(x, weight, dtype):
+    """x [N, in] float32, weight [out, in] F16/BF16 (uint16-viewable) -> x @ W.T as float32 [N, out]."""
+    bits = half_bits(weight, dtype)                                          # [out, in] uint16
+    x = np.ascontiguousarray(x, dtype=np.float32)                            # [N, in]
+    n_out = bits.shape[0]
+    y = np.empty((x.shape[0], n_out), dtype=np.float32)                      # [N, out]
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        _fused_rows(x, bits, dtype == "BF16", y)
+        return y
+    tile = np.empty((min(TILE_ROWS, n_out), bits.shape[1]), dtype=np.float32)  # [rows, in]
+    for o0 in range(0, n_out, TILE_ROWS):
+        o1 = min(n_out, o0 + TILE_ROWS)
+        t = tile[:o1 - o0]
+        widen(bits[o0:o1], dtype == "BF16", t)
+        y[:, o0:o1] = x @ t.T                                                # [N, o1 - o0]
+    return y

@@ -1,0 +1,146 @@
+"""The Numba GPTQ kernels (kernels/gptq.py) against the independent packer and the NumPy reference."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from gptq_packer import make_layer, quantize_config
+from tinyllama_ref import quant
+from tinyllama_ref.kernels import gptq
+
+MEDITRON = [(4, -1), (4, 128), (4, 32), (3, -1), (3, 128), (3, 32)]
+CASES = ([dict(bits=b, group_size=g, act_order=True) for b, g in MEDITRON]
+         + [dict(bits=4, group_size=128, sym=False), dict(bits=3, group_size=32, sym=False, act_order=True),
+            dict(bits=4, group_size=64, checkpoint_format="gptq_v2", sym=False),
+            dict(bits=3, group_size=128, checkpoint_format="gptq_v2", act_order=True, sym=False),
+            dict(bits=2, group_size=32, sym=False, act_order=True), dict(bits=8, group_size=64, sym=False)])
+
+
+def _id(case):
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def _close(y, expected):
+    """Agreement to 1e-4 of the output's scale: float32 sums in another order, nothing more."""
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _plan(layer, case):
+    return gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], case["bits"],
+                        case.get("checkpoint_format", "gptq"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_kernel_reproduces_x_at_w(case):
+    rng = np.random.default_rng(5)
+    layer = make_layer(rng, 256, 96, **case)
+    plan = _plan(layer, case)
+    for n_rows in (1, 3, gptq.GEMV_MAX_ROWS + 5):           # fused GEMV once, a few times, tile + BLAS
+        x = rng.normal(size=(n_rows, 256)).astype(np.float32)                    # [N, in]
+        _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_dequantized_tiles_equal_w(case, monkeypatch):
+    """The prefill tiles are W itself (rows in the plan's order), exactly; small tiles force many of them."""
+    layer = make_layer(np.random.default_rng(6), 256, 96, **case)
+    plan = _plan(layer, case)
+    rows = np.arange(layer["W"].shape[0]) if plan.perm is None else plan.perm
+    codes = gptq.unit_shape(case["bits"])[1]
+    tile = np.empty((plan.n_padded, 96), dtype=np.float32)
+    gptq.dequantize_tile(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
+                         plan.zero_add, 0, plan.n_padded // codes, 0, 96, tile)
+    real = np.flatnonzero(rows >= 0)                        # tile rows that hold an input (not padding)
+    np.testing.assert_array_equal(tile[real], layer["W"][rows[real]])
+    monkeypatch.setattr(gptq, "TILE_VALUES", 64)
+    monkeypatch.setattr(gptq, "TILE_COLUMNS", 40)
+    x = np.random.default_rng(1).normal(size=(7, 256)).astype(np.float32)
+    _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_arbitrary_g_idx_uneven_groups(bits):
+    """desc_act with any g_idx: groups of unequal, unaligned sizes, one group empty."""
+    rng = np.random.default_rng(bits)
+    g_idx = rng.integers(0, 4, size=128).astype(np.int32)
+    g_idx[g_idx == 2] = 3                                   # group 2 holds no input at all
+    layer = make_layer(rng, 128, 64, bits, 32, sym=False, g_idx=g_idx)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq")
+    assert plan.repacked and 2 not in plan.seg_group
+    for n_rows in (1, 6):
+        x = rng.normal(size=(n_rows, 128)).astype(np.float32)
+        _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
+
+
+@pytest.mark.parametrize("n_in,n_out,bits,group_size,act_order", [
+    (200, 40, 4, 64, False),    # last group has 8 inputs; zero-copy
+    (200, 40, 4, 64, True),
+    (96, 33, 3, 64, True),      # out not a multiple of 32 (qzeros' last word partly padding)
+    (80, 24, 3, 32, False),     # 3-bit inputs not a multiple of 32: repacked with padding
+    (72, 8, 4, 32, True),
+    (48, 20, 8, 32, False),
+])
+def test_odd_shapes(n_in, n_out, bits, group_size, act_order):
+    rng = np.random.default_rng(n_in + n_out)
+    layer = make_layer(rng, n_in, n_out, bits, group_size, act_order=act_order, sym=False)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq")
+    for n_rows in (1, 9):
+        x = rng.normal(size=(n_rows, n_in)).astype(np.float32)
+        _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
+
+
+def test_layout_choice_and_no_float_copy():
+    rng = np.random.default_rng(9)
+    plain = make_layer(rng, 256, 64, 4, 32)
+    plan = gptq.prepare(plain["qweight"], plain["qzeros"], plain["scales"], plain["g_idx"], 4, "gptq")
+    assert not plan.repacked and np.shares_memory(plan.qw, plain["qweight"])    # zero-copy
+    assert len(plan.seg_group) == 8
+    one_group = make_layer(rng, 256, 64, 3, -1, act_order=True)
+    plan = gptq.prepare(one_group["qweight"], one_group["qzeros"], one_group["scales"], one_group["g_idx"], 3,
+                        "gptq")
+    assert not plan.repacked and len(plan.seg_group) == 1
+    act = make_layer(rng, 256, 64, 4, 32, act_order=True)
+    plan = gptq.prepare(act["qweight"], act["qzeros"], act["scales"], act["g_idx"], 4, "gptq")
+    assert plan.repacked and plan.qw.dtype == np.uint32 and plan.qw.shape == act["qweight"].shape
+    # Whatever the plan keeps is packed integers or small per-row bookkeeping, never the float matrix.
+    for value in vars(plan).values():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            raise AssertionError(f"plan keeps a float array of shape {value.shape}")
+
+
+@pytest.mark.parametrize("case", [dict(bits=4, group_size=32, act_order=True, sym=False),
+                                  dict(bits=3, group_size=128, act_order=True)], ids=_id)
+def test_gptq_linear_backends_agree(case):
+    rng = np.random.default_rng(12)
+    layer = make_layer(rng, 256, 64, bias=True, **case)
+    cfg = quant.parse_quant_config(quantize_config(case["bits"], case["group_size"], True,
+                                                   sym=case.get("sym", True)), "quantize_config.json")
+    args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], cfg, 256, 64)
+    ref = quant.GPTQLinear(*args, bias=layer["bias"], backend="numpy")
+    fast = quant.GPTQLinear(*args, bias=layer["bias"], backend="numba")
+    assert fast.prepare_seconds > 0 and ref.prepare_seconds == 0
+    assert fast.nbytes == ref.nbytes
+    for n_rows in (1, 12):
+        x = rng.normal(size=(n_rows, 256)).astype(np.float32)
+        expected = x @ layer["W"] + layer["bias"].astype(np.float32)
+        _close(ref(x), expected)
+        _close(fast(x), expected)
+
+
+def test_unrolled_passes_match_their_generator():
+    """The hand-unrolled inner loops in kernels/gptq.py are exactly what _pass_source() describes."""
+    for bits, words in [(4, 2), (4, 1), (3, 3), (2, 1), (8, 2), (8, 1)]:
+        written = inspect.getsource(getattr(gptq, f"_pass_b{bits}_w{words}").py_func)
+        assert written == gptq._pass_source(bits, words), (bits, words)
+
+
+def test_pass_masks_cover_every_bit_once():
+    """Each packed word's masks in a pass partition its 32 bits (independent of the kernel arithmetic)."""
+    import re
+    for bits, words in [(4, 2), (3, 3), (2, 1), (8, 2)]:
+        src = gptq._pass_source(bits, words)
+        for w in range(words):
+            masks = [int(m, 16) for m in re.findall(rf"masked_f32\(a{w}, (0x[0-9A-F]+)\)", src)]
+            assert sum(masks) == 0xFFFFFFFF and np.bitwise_or.reduce(masks) == 0xFFFFFFFF, (bits, w)
