@@ -381,3 +381,19 @@ def test_deep_model_stays_well_behaved(tmp_path):
     corr = np.corrcoef(logits)                                                          # [6, 6]
     mean_off_diagonal = (corr.sum() - 6) / 30
     assert mean_off_diagonal < 0.95
+
+
+def test_progress_line_only_on_a_terminal(tmp_path):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    shown, hidden = Terminal(), io.StringIO()
+    synth.synthesize(str(tmp_path / "a"), preset="tiny", layers=1, progress_stream=shown)
+    synth.synthesize(str(tmp_path / "b"), preset="tiny", layers=1, progress_stream=hidden)
+    synth.synthesize(str(tmp_path / "c"), preset="tiny", layers=1, progress_stream=shown, quiet=True)
+    lines = shown.getvalue().rstrip("\n").split("\r")
+    assert "synth: model.safetensors" in lines[-1] and "(100%)" in lines[-1]
+    assert shown.getvalue().count("\n") == 1 and hidden.getvalue() == ""

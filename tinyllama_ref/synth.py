@@ -410,7 +410,7 @@ def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, s
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    progress = Progress(sum(sizes), enabled=not quiet and (progress_stream or sys.stderr).isatty(),
+    progress = Progress(sum(p.spec.nbytes for p in plan), enabled=not quiet and (progress_stream or sys.stderr).isatty(),
                         stream=progress_stream)
     try:
         write_json(os.path.join(out_dir, "config.json"), config_json(cfg, qc, float_dtype))
