@@ -397,3 +397,35 @@ def test_progress_line_only_on_a_terminal(tmp_path):
     lines = shown.getvalue().rstrip("\n").split("\r")
     assert "synth: model.safetensors" in lines[-1] and "(100%)" in lines[-1]
     assert shown.getvalue().count("\n") == 1 and hidden.getvalue() == ""
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n_in", [64, 100, 688])
+def test_qweight_slabs_are_valid_bit_streams_across_slab_boundaries(bits, n_in):
+    """Small slabs force many slab boundaries; n_in 100 and 688 leave a partly used last word for 3 bits."""
+    from tinyllama_ref.safetensors_writer import TensorSpec as Spec
+    n_out = 40
+    spec = Spec("w", "I32", (-(-n_in * bits // 32), n_out))
+    slabs = list(synth.qweight_slabs(spec, np.random.default_rng(bits), bits, n_in, chunk_bytes=4 * n_out * 3))
+    assert len(slabs) > 1 and all(s.dtype == np.int32 for s in slabs)
+    qweight = np.concatenate(slabs)
+    assert qweight.shape == spec.shape
+    codes = unpack_columns(qweight, bits, n_in)
+    assert codes.min() >= 1                                                    # code 0 never survives
+    assert codes.max() == (1 << bits) - 1 or bits == 8                         # 255 may not come up in 2560
+    assert (codes == 1 << (bits - 1)).any()
+    np.testing.assert_array_equal(pack_stream_columns(codes, bits), qweight)   # padding bits are zero
+
+
+def test_asymmetric_without_act_order(tmp_path):
+    out = str(tmp_path / "asym")
+    synth.synthesize(out, preset="tiny", bits=4, group_size=64, act_order=False, sym=False, layers=1, quiet=True)
+    qcfg = json.load(open(os.path.join(out, "quantize_config.json")))
+    assert qcfg["sym"] is False and qcfg["desc_act"] is False
+    ckpt = Checkpoint(out)
+    p = "model.layers.0.mlp.up_proj."
+    np.testing.assert_array_equal(ckpt.raw(p + "g_idx"), np.arange(TINY.dim) // 64)   # monotonic
+    stored = unpack_zeros(ckpt.raw(p + "qzeros"), 4, TINY.hidden_dim)             # [4, 688]
+    assert set(np.unique(stored)) == {6, 7, 8}                                    # true zeros 7, 8, 9
+    np.testing.assert_array_equal(pack_stream_rows(stored, 4), ckpt.raw(p + "qzeros"))
+    check_model_runs(out)

@@ -2,7 +2,8 @@
 
 Why: the real Meditron-70B GPTQ download is 35-41 GB per branch. To test the loader, the kernels and the
 memory streamer at full 70B shape we write files with the same names, shapes, dtypes, packing and JSON files
-(docs/FORMATS.md), filled with seeded random values, in a minute or two instead of a day of downloading.
+(docs/FORMATS.md), filled with seeded random values: the full 70B 4-bit file took under 5 minutes here,
+limited by the disk, instead of a day of downloading.
 
 How the file is written: the list of tensors (name, dtype, shape) is computed first, which fixes every byte
 offset and the exact file size; free disk space is checked against that size before anything is created;
@@ -12,11 +13,13 @@ flat whether the model is 1 MB or 36 GB.
 What "well-behaved" means here, and how it is arranged:
   - Codes are uniform over [0, 2**bits) except that code 0 (the most negative value) is replaced by the zero
     point. Plain uniform codes have mean -1/2 around the zero point, which makes every weight matrix carry a
-    rank-one "all ones" component; over 80 layers that component takes over the residual stream until every
-    position holds the same vector (we measured this: cosine 1.0 between positions by layer 10). With code 0
-    moved to the zero point the values are symmetric, {-(2**(bits-1) - 1) .. 2**(bits-1) - 1}.
+    rank-one "all ones" component; layer after layer that component takes over the residual stream until
+    every position holds the same vector (measured: the logits of different tokens correlate 0.999 after 32
+    tiny layers, see tests/test_synth.py). With code 0 moved to the zero point the values are symmetric,
+    {-(2**(bits-1) - 1) .. 2**(bits-1) - 1}, and the correlation stays near 0.7.
   - Scales (fp16, positive) make each dequantized weight's std GAIN / sqrt(in_features), so a layer roughly
-    preserves the size of its input and the residual stream grows slowly (about 10x over 80 layers).
+    preserves the size of its input and the residual stream grows slowly (measured on the full 70B file:
+    rms 1.2 after layer 0, 6.5 after layer 80, logits std 1.0).
   - Norm weights 1 + 0.05 * noise, embedding rows std 1, lm_head std 1 / sqrt(dim): logits of order 1.
 Each tensor has its own random stream seeded by (seed, tensor name), so a tensor's values do not depend on
 how many layers or shards were asked for.
@@ -105,7 +108,10 @@ def fix_zero_codes(blocks, bits):
     straddle = []                             # (word, offset) of fields that continue into the next word
     for t in range(32 * n_words // bits):
         w, off = divmod(t * bits, 32)
-        (inside[w].append(off) if off + bits <= 32 else straddle.append((w, off)))
+        if off + bits <= 32:
+            inside[w].append(off)
+        else:
+            straddle.append((w, off))
     for w, offsets in enumerate(inside):
         words = blocks[:, w]                                                  # [k, out] view
         lsb = np.uint32(sum(1 << off for off in offsets))
