@@ -28,6 +28,11 @@ Why this is fast (docs/TARGETS.md: a straightforward loop spends ~32 operations 
 
 import os
 
+# Numba's OpenMP workers spin after each parallel region by default; when the next step is a BLAS call, its
+# own threads then fight those spinning workers for the 2 cores (measured: prefill 10x slower). Sleeping
+# workers cost a few microseconds per kernel launch instead. Must be set before the first parallel launch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -374,19 +379,31 @@ def _unpack_zero_row(zrow, j0, width, bits, zero_add, z_out):
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def _fold_segment(out, acc, scales_row, zeros_row, sum_x):
-    """out[j] += s_j * (acc[j] - z_j * sum_x): scale and zero applied once per segment and column."""
+    """out[j] += s_j * (acc[j] - z_j * sum_x): scale and zero applied once per segment and column; acc is
+    cleared in the same pass for the next segment."""
     for j in range(np.uint64(out.shape[0])):
         out[j] += f16_to_f32(scales_row[j]) * (acc[j] - zeros_row[j] * sum_x)
+        acc[j] = 0.0
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _fold_segment_const_zero(out, acc, scales_row, zero, sum_x):
+    """_fold_segment when every zero of the layer is the same (symmetric quantization, checked at load)."""
+    z_sum = zero * sum_x
+    for j in range(np.uint64(out.shape[0])):
+        out[j] += f16_to_f32(scales_row[j]) * (acc[j] - z_sum)
+        acc[j] = 0.0
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, block, y):
+def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zero, block, y):
     """y[n, :] = xp[n, :] @ W_sorted for a few rows n, reading the packed weights once per row.
 
     qw [R, out] uint32 (packed rows in segment order), xp [N, units * codes_per_unit] float32 (x permuted to
     that order, zero padded), segments seg_start [S + 1] (in units) / seg_group [S], scales [G, out] as
     uint16 fp16 bits, qzeros [G, words] uint32, zero_add 1 for checkpoint_format "gptq" (AutoGPTQ stores
-    zero - 1) else 0. Loop order: prange over column blocks (each thread streams its own columns of every
+    zero - 1) else 0; const_zero >= 0 is the true zero of every column and group when prepare() found them
+    all equal (symmetric quantization), and then qzeros is not unpacked per segment. Loop order: prange over column blocks (each thread streams its own columns of every
     packed row); per block, per segment: accumulate acc[j] = sum x_i q_ij over the segment's packed rows with
     the column loop innermost (vectorized), then fold in scale and zero once: y += s (acc - z sum x).
     """
@@ -399,7 +416,7 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, block, y)
     for b in prange(n_blocks):
         j0 = b * block
         width = min(n_out, j0 + block) - j0
-        acc = np.empty(width, dtype=np.float32)
+        acc = np.zeros(width, dtype=np.float32)
         zbuf = np.empty(width, dtype=np.float32)
         for n in range(n_rows):
             x = xp[n]
@@ -411,7 +428,6 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, block, y)
                 sum_x = np.float32(0.0)
                 for i in range(np.uint64(xs.shape[0])):
                     sum_x += xs[i]
-                acc[:] = 0.0
                 u = u0
                 if bits == 4:
                     while u + 2 <= u1:
@@ -434,8 +450,11 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, block, y)
                         _pass_b2_w1(qw, u, x, u * 16, acc, j0, width)
                         u += 1
                 g = seg_group[s]
-                _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, zbuf)
-                _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sum_x)
+                if const_zero >= 0:
+                    _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero), sum_x)
+                else:
+                    _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, zbuf)
+                    _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sum_x)
 
 
 # -- prefill: dequantize a tile, multiply with BLAS ---------------------------------------------------------
@@ -541,6 +560,27 @@ def _segments(unit_groups):
     return seg_start, unit_groups[seg_start[:-1]].astype(np.int64)           # [S]
 
 
+def _constant_zero(qzeros, bits, n_out, zero_add):
+    """The true zero if every group and column shares it (symmetric GPTQ: 8 for 4 bits), else -1. Compares all
+    of qzeros once at load (a few percent of the layer's bytes) so the kernel may skip unpacking it."""
+    words = np.ascontiguousarray(qzeros).view(np.uint32)                    # [G, Z]
+    if words.size == 0:
+        return -1
+    stored = int(words[0, 0]) & ((1 << bits) - 1)
+    period = 3 if bits == 3 else 1                       # words after which a constant stream repeats
+    stream = 0
+    for t in range(period * 32 // bits):
+        stream |= stored << (t * bits)
+    pattern = np.array([(stream >> (32 * k)) & 0xFFFFFFFF for k in range(period)], dtype=np.uint32)
+    expected = np.resize(pattern, words.shape[1])                           # [Z]
+    used = np.full(words.shape[1], 0xFFFFFFFF, dtype=np.uint32)             # [Z] bits that hold codes
+    tail = n_out * bits - 32 * (words.shape[1] - 1)
+    used[-1] = (1 << tail) - 1 if tail < 32 else 0xFFFFFFFF
+    if np.all((words & used) == (expected & used)):
+        return (stored + zero_add) & ((1 << bits) - 1)
+    return -1
+
+
 def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
     """The kernel layout for one validated layer (see the module docstring).
 
@@ -550,6 +590,8 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
     """
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
+    zero_add = 1 if checkpoint_format == "gptq" else 0
+    const_zero = _constant_zero(qzeros, bits, n_out, zero_add)
     n_groups = scales.shape[0]
     g = np.asarray(g_idx, dtype=np.int64)                                    # [in]
     qw = qweight.view(np.uint32)                                             # [R, out], no copy
@@ -564,7 +606,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
             return Plan(bits=bits, qw=qw, perm=None, n_in=n_in, n_padded=n_units * unit_codes,
                         seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                         qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                        zero_add=1 if checkpoint_format == "gptq" else 0, repacked=False,
+                        zero_add=zero_add, const_zero=const_zero, repacked=False,
                         prepare_note="zero-copy")
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
@@ -586,7 +628,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
     return Plan(bits=bits, qw=new_qw, perm=perm, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
                 seg_group=seg_group, scales=scales.view(np.uint16),
                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                zero_add=1 if checkpoint_format == "gptq" else 0, repacked=True,
+                zero_add=zero_add, const_zero=const_zero, repacked=True,
                 prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group")
 
 
@@ -616,7 +658,7 @@ def gptq_matmul(plan, x):
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     if n_rows <= GEMV_MAX_ROWS:
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-             gemv_block(n_out), y)
+             plan.const_zero, gemv_block(n_out), y)
         return y
     unit_codes = unit_shape(plan.bits)[1]
     n_units = plan.n_padded // unit_codes

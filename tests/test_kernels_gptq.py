@@ -97,6 +97,14 @@ def test_layout_choice_and_no_float_copy():
     plan = gptq.prepare(plain["qweight"], plain["qzeros"], plain["scales"], plain["g_idx"], 4, "gptq")
     assert not plan.repacked and np.shares_memory(plan.qw, plain["qweight"])    # zero-copy
     assert len(plan.seg_group) == 8
+    assert plan.const_zero == 8                              # symmetric: zeros need no unpacking per call
+    for bits, n_out in [(3, 40), (2, 33), (8, 20)]:
+        sym = make_layer(rng, 64, n_out, bits, 32, checkpoint_format="gptq_v2")
+        asym = make_layer(rng, 64, n_out, bits, 32, sym=False)
+        assert gptq.prepare(sym["qweight"], sym["qzeros"], sym["scales"], sym["g_idx"], bits,
+                            "gptq_v2").const_zero == 2 ** (bits - 1)
+        assert gptq.prepare(asym["qweight"], asym["qzeros"], asym["scales"], asym["g_idx"], bits,
+                            "gptq").const_zero == -1
     one_group = make_layer(rng, 256, 64, 3, -1, act_order=True)
     plan = gptq.prepare(one_group["qweight"], one_group["qzeros"], one_group["scales"], one_group["g_idx"], 3,
                         "gptq")
