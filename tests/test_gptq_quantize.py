@@ -21,6 +21,7 @@ from quantize_helpers import make_trained_llama, pattern_corpus, perplexity, rtn
 from tinyllama_ref import quant
 from tinyllama_ref.cli import Cli
 from tinyllama_ref.cli_numerics import quantize as quantize_command
+from tinyllama_ref.cli_numerics import verify as verify_command
 from tinyllama_ref.errors import TinyLlamaError
 from tinyllama_ref.gptq import gptq_quantize, hessian
 from tinyllama_ref.quantize import quantize_checkpoint
@@ -265,6 +266,7 @@ def app():
     def group():
         pass
     group.add_command(quantize_command)
+    group.add_command(verify_command)
     return group
 
 
@@ -295,10 +297,10 @@ def test_cli_quantize_with_ids_file(app, trained, tmp_path):
     assert r.exit_code == 1 and "token id 96 is outside the vocabulary" in r.output
 
 
-def test_cli_quantize_with_text_calibration(app, hf_checkpoints, tmp_path):
+def test_cli_quantize_bf16_with_text_calibration_then_verify_with_a_text_prompt(app, hf_checkpoints, tmp_path):
     from tinyllama_ref.tokenizer_files import generate_text, write_tokenizer_files
     dense = tmp_path / "dense"
-    shutil.copytree(hf_checkpoints("f32-quantize-text", dtype="float32", vocab=512, hidden=64), dense)
+    shutil.copytree(hf_checkpoints("bf16-quantize-text", dtype="bfloat16", vocab=512, hidden=64), dense)
     write_tokenizer_files(str(dense), 512)
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(generate_text(60, 200, seed=4)))
@@ -309,5 +311,5 @@ def test_cli_quantize_with_text_calibration(app, hf_checkpoints, tmp_path):
     assert r.exit_code == 0, r.output
     assert "layer" not in r.output
     assert {"tokenizer.model", "tokenizer_config.json"} <= set(os.listdir(out))
-    from tinyllama_ref.verify import compare
-    assert compare(str(out), [1, 5, 300, 17]).passed
+    v = CliRunner().invoke(app, ["verify", str(out), "--prompt", "Ka thoro brae, 12 mg"])
+    assert v.exit_code == 0 and "PASS" in v.output, v.output

@@ -8,7 +8,6 @@ import sys
 
 import click
 
-from .errors import TinyLlamaError
 
 
 def prompt_token_ids(checkpoint, prompt, prompt_ids):

@@ -148,39 +148,49 @@ def logits_metrics(ours, theirs):
 # -- the reference side: transformers, one decoder layer at a time --------------------------------------------
 
 class ReferenceTensors:
-    """Reads checkpoint tensors with the safetensors package's PyTorch loader, independent of checkpoint.py."""
+    """Reads checkpoint tensors with the safetensors package's PyTorch loader (what transformers'
+    from_pretrained uses), independently of our checkpoint.py.
+
+    Every read opens the file and closes it again: safetensors memory-maps the file, and pages touched through
+    a map that stays open would count towards this process's resident memory for the rest of a 70B run.
+    """
 
     def __init__(self, directory):
         import torch
         from safetensors import safe_open
-        self.torch = torch
+        self.torch, self.safe_open = torch, safe_open
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index, encoding="utf-8") as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
         else:
             files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
-        self.handles, self.where = [], {}
+        self.where = {}
         for name in files:
-            h = safe_open(os.path.join(directory, name), framework="pt")
-            self.handles.append(h)
-            for key in h.keys():
-                self.where[key] = h
+            path = os.path.join(directory, name)
+            with safe_open(path, framework="pt") as h:
+                for key in h.keys():
+                    self.where[key] = path
 
     def __contains__(self, name):
         return name in self.where
 
-    def get(self, name):
+    def _path(self, name):
         if name not in self.where:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        return self.where[name].get_tensor(name)
+        return self.where[name]
+
+    def get(self, name):
+        with self.safe_open(self._path(name), framework="pt") as h:
+            return h.get_tensor(name)
 
     def f32(self, name):
         return self.get(name).to(self.torch.float32)
 
     def rows(self, name, start, stop):
         """Rows start..stop of a 2-D tensor, read without loading the rest (embedding, lm_head)."""
-        return self.where[name].get_slice(name)[start:stop].to(self.torch.float32)
+        with self.safe_open(self._path(name), framework="pt") as h:
+            return h.get_slice(name)[start:stop].to(self.torch.float32)
 
 
 def dequantized_weight(tensors, prefix, quant_config, in_features, out_features, columns_per_step=1024):
@@ -241,51 +251,79 @@ def hf_config_for(checkpoint_dir, HFLlamaConfig):
     return cfg
 
 
+def reference_layer_bytes(cfg, n_tokens):
+    """What the transformers side holds at once: a float32 decoder layer, the unpacking temporaries of one
+    1024-column slab of its widest GPTQ linear (int64 codes, words and floats: ~32 bytes an entry), its
+    activations, and one 4096-row slab of the float32 lm_head."""
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    params = cfg.dim * (2 * q_out + 2 * kv_out) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    slab = 32 * max(cfg.dim, cfg.hidden_dim) * 1024
+    activations = 4 * n_tokens * (6 * cfg.dim + 3 * cfg.hidden_dim) + 4 * 3 * cfg.n_heads * n_tokens ** 2
+    return 4 * params + slab + activations + 4 * 4096 * cfg.dim
+
+
 # -- the comparison -----------------------------------------------------------------------------------------
 
 def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, tolerance=None, model=None):
     """Run our model and transformers on the same weights and token ids; return a VerifyReport.
 
-    `model` may be an already loaded tinyllama_ref Model (tests use this to alter our side only).
+    `model` may be an already loaded tinyllama_ref Model of the same checkpoint (saves loading it twice).
     """
     torch, HFLlamaConfig, modeling = _import_torch()
     from . import load
     from .quant import read_quant_config
-    tolerance = tolerance or Tolerance()
-    ours_model = model or load(checkpoint_dir, backend=backend, max_memory=max_memory)
-    cfg = ours_model.cfg
-    ids = ours_model.check_ids(token_ids)                                 # [T]
-    T = len(ids)
-    if T == 0:
+    ours = model or load(checkpoint_dir, backend=backend, max_memory=max_memory)
+    ids = ours.check_ids(token_ids)                                       # [T]
+    if len(ids) == 0:
         raise TinyLlamaError("verify needs at least one token id")
-    if T > cfg.max_seq_len:
-        raise TinyLlamaError(f"{T} tokens exceed the model's context of {cfg.max_seq_len}")
-    quant_config = read_quant_config(checkpoint_dir) if ours_model.quant_config else None
-    tensors = ReferenceTensors(checkpoint_dir)
-    hf_config = hf_config_for(checkpoint_dir, HFLlamaConfig)
-    torch.set_grad_enabled(False)
+    if len(ids) > ours.cfg.max_seq_len:
+        raise TinyLlamaError(f"{len(ids)} tokens exceed the model's context of {ours.cfg.max_seq_len}")
+    ref = Reference(torch, modeling, hf_config_for(checkpoint_dir, HFLlamaConfig), ReferenceTensors(checkpoint_dir),
+                    read_quant_config(checkpoint_dir) if ours.quant_config else None)
+    report = VerifyReport(checkpoint_dir, describe(ours), ours.backend, len(ids), tolerance or Tolerance())
+    # Our model's memory budget must leave room for the reference side: one float32 transformers layer, the
+    # dequantization temporaries of its widest linear, and both sides' activations.
+    reservations = {"verify: one transformers layer": reference_layer_bytes(ours.cfg, len(ids)),
+                    "activations": ours.workspace_bytes(2 * len(ids), len(ids), all_logits=True)}
+    for what, nbytes in reservations.items():
+        ours.layers.reserve(what, nbytes)
+    try:
+        torch.set_grad_enabled(False)
+        run_chains(ours, ref, ids, report)
+    finally:
+        for what in [*reservations, "KV cache"]:
+            ours.layers.release_reservation(what)
+    return report
 
-    # The same embedding rows start both chains (read independently on each side).
-    x_ours = ours_model.embed(ids)                                        # [T, D]
+
+@dataclass
+class Reference:
+    """Everything the transformers side needs."""
+    torch: object
+    modeling: object          # transformers.models.llama.modeling_llama
+    hf_config: object         # transformers LlamaConfig, eager attention
+    tensors: ReferenceTensors
+    quant_config: object      # quant.QuantConfig or None
+
+
+def run_chains(ours, ref, ids, report):
+    """Both chains from the same embedding rows, layer by layer, then the logits; fills report in place."""
+    torch, cfg, T = ref.torch, ours.cfg, len(ids)
     embed_name = "model.embed_tokens.weight"
-    theirs = torch.cat([tensors.rows(embed_name, int(t), int(t) + 1) for t in ids])   # [T, D]
-    theirs = theirs[None]                                                 # [1, T, D]
-
-    rotary = modeling.LlamaRotaryEmbedding(hf_config)
+    x_ours = ours.embed(ids)                                              # [T, D]
+    theirs = torch.cat([ref.tensors.rows(embed_name, int(t), int(t) + 1) for t in ids])[None]   # [1, T, D]
     positions = torch.arange(T)[None]                                     # [1, T]
-    cos_sin = rotary(theirs, positions)                                   # ([1, T, hd], [1, T, hd])
-    mask = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)[None, None]   # [1, 1, T, T]
+    cos_sin = ref.modeling.LlamaRotaryEmbedding(ref.hf_config)(theirs, positions)   # ([1, T, hd], [1, T, hd])
+    mask = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)[None, None]   # [1, 1, T, T] causal
 
     # Our side runs two sequences per layer: slot 0 is our chain, slot 1 is our block on THEIR input.
-    cache = ours_model.new_cache(2, T)
+    cache = ours.new_cache(2, T)
     seqs = [(0, 0, T), (1, 0, T)]
-    report = VerifyReport(checkpoint_dir, describe(ours_model), ours_model.backend, T, tolerance)
-    for i, w in enumerate(ours_model.layers):
+    for i, w in enumerate(ours.layers):
         their_in = theirs[0].numpy()                                      # [T, D]
-        both = block(np.concatenate([x_ours, their_in]), w, cache, seqs, cfg,
-                     ours_model.cos, ours_model.sin)                      # [2T, D]
+        both = block(np.concatenate([x_ours, their_in]), w, cache, seqs, cfg, ours.cos, ours.sin)   # [2T, D]
         x_ours, local = both[:T], both[T:]                                # [T, D] each
-        layer = reference_layer(modeling, hf_config, tensors, quant_config, i)
+        layer = reference_layer(ref.modeling, ref.hf_config, ref.tensors, ref.quant_config, i)
         theirs = layer(theirs, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
         del layer                                                         # one reference layer at a time
         their_out = theirs[0].numpy()                                     # [T, D]
@@ -293,17 +331,14 @@ def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, toleran
         local_rel = float(np.abs(local - their_out).max()) / max(float(np.abs(their_out).max()), 1e-30)
         report.layers.append(LayerRow(i, max_abs, rel, cos, local_rel))
 
-    logits_ours = ours_model.lm_head(rms_norm(x_ours, ours_model.final_norm, cfg.norm_eps))   # [T, V]
-    norm = modeling.LlamaRMSNorm(cfg.dim, eps=hf_config.rms_norm_eps)
-    norm.weight.data = tensors.f32("model.norm.weight")
+    logits_ours = ours.lm_head(rms_norm(x_ours, ours.final_norm, cfg.norm_eps))    # [T, V]
+    norm = ref.modeling.LlamaRMSNorm(cfg.dim, eps=ref.hf_config.rms_norm_eps)
+    norm.weight.data = ref.tensors.f32("model.norm.weight")
     h = norm(theirs)[0]                                                   # [T, D]
-    head = embed_name if (cfg.tie_word_embeddings or "lm_head.weight" not in tensors) else "lm_head.weight"
-    chunks = []
-    for v0 in range(0, cfg.vocab_size, 4096):                             # the head a slab of rows at a time
-        chunks.append(h @ tensors.rows(head, v0, min(cfg.vocab_size, v0 + 4096)).T)   # [T, rows]
-    logits_theirs = torch.cat(chunks, dim=-1).numpy()                     # [T, V]
-    report.logits = logits_metrics(logits_ours, logits_theirs)
-    return report
+    head = embed_name if (cfg.tie_word_embeddings or "lm_head.weight" not in ref.tensors) else "lm_head.weight"
+    chunks = [h @ ref.tensors.rows(head, v0, min(cfg.vocab_size, v0 + 4096)).T      # [T, <= 4096]
+              for v0 in range(0, cfg.vocab_size, 4096)]                   # the head a slab of rows at a time
+    report.logits = logits_metrics(logits_ours, torch.cat(chunks, dim=-1).numpy())  # [T, V] each
 
 
 def describe(model):
