@@ -429,3 +429,17 @@ def test_asymmetric_without_act_order(tmp_path):
     assert set(np.unique(stored)) == {6, 7, 8}                                    # true zeros 7, 8, 9
     np.testing.assert_array_equal(pack_stream_rows(stored, 4), ckpt.raw(p + "qzeros"))
     check_model_runs(out)
+
+
+def test_transformers_reads_the_dense_sharded_layout(tmp_path):
+    """The dense layout is plain Hugging Face: transformers loads the shards via the index and agrees."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = str(tmp_path / "hf")
+    synth.synthesize(out, preset="tiny", dense_dtype="fp16", layers=2, shards=2, quiet=True)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = [1, 17, 200, 42, 999, 300]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()                      # [6, V]
+    got = tinyllama_ref.load(out, backend="numpy").logits(ids)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
