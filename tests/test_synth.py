@@ -443,3 +443,18 @@ def test_transformers_reads_the_dense_sharded_layout(tmp_path):
         expected = hf(torch.tensor([ids])).logits[0].numpy()                      # [6, V]
     got = tinyllama_ref.load(out, backend="numpy").logits(ids)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gptq_shards_and_seeds(tmp_path):
+    """GPTQ files may be sharded too; the same seed gives the same bytes, another seed other values."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    synth.synthesize(a, preset="tiny", layers=1, seed=5, quiet=True)
+    synth.synthesize(b, preset="tiny", layers=1, seed=5, quiet=True)
+    synth.synthesize(c, preset="tiny", layers=1, seed=6, shards=2, quiet=True)
+    data = open(os.path.join(a, "model.safetensors"), "rb").read()
+    assert data == open(os.path.join(b, "model.safetensors"), "rb").read()
+    sharded = Checkpoint(c)
+    assert len(sharded.files) == 2 and set(sharded.tensors) == set(Checkpoint(a).tensors)
+    name = "model.layers.0.self_attn.q_proj.qweight"
+    assert not np.array_equal(sharded.raw(name), Checkpoint(a).raw(name))
+    check_model_runs(c)

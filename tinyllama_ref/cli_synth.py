@@ -31,7 +31,7 @@ from .errors import TinyLlamaError
               help="Write a plain (unquantized) Hugging Face checkpoint in this dtype instead of GPTQ.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of safetensors files; more than 1 also writes model.safetensors.index.json.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same tensors).")
 @click.option("--quiet", is_flag=True, help="No progress line on stderr.")
 def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_format, dense, shards, seed, quiet):
     """Write a synthetic checkpoint to OUT (a new or empty directory).
@@ -45,7 +45,7 @@ def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_form
     \b
     Examples:
       tinyllama-ref synth ./tiny-gptq                                   # 2.5 MB, 4-bit g128 act-order
-      tinyllama-ref synth ./m70b --preset llama2-70b --bits 4 --group-size 128 --act-order   # 36.7 GB
+      tinyllama-ref synth ./m70b --preset llama2-70b --bits 4 --group-size 128 --act-order   # 36.7 GB, ~5 min
       tinyllama-ref synth ./m70b-main --preset llama2-70b --bits 4 --group-size -1          # Meditron main
       tinyllama-ref synth ./m70b-1layer --preset llama2-70b --layers 1 --bits 3 --group-size 32
       tinyllama-ref synth ./l7b-fp16 --preset llama2-7b --dense fp16 --shards 2
