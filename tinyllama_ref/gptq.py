@@ -170,7 +170,8 @@ def gptq_quantize(weight, H, bits=4, group_size=128, sym=True, act_order=False, 
             if col % group == 0:
                 # The group's grid comes from its columns as they are NOW: inside this block they already carry
                 # the error feedback of earlier columns (AutoGPTQ reads the not-yet-updated W here instead).
-                upcoming = np.concatenate([Wb[:, i:], W[:, b1:]], axis=1)[:, :group]   # [out, <= group]
+                inside = Wb[:, i:i + group]                               # [out, <= group] this block
+                upcoming = np.concatenate([inside, W[:, b1:b1 + group - inside.shape[1]]], axis=1)  # [out, <= group]
                 scale, zero = grid_params(upcoming, bits, sym)            # [out] each
                 scales[col // group], zeros[col // group] = scale, zero
             w = Wb[:, i]                                                  # [out]
