@@ -17,6 +17,8 @@ Layout choices copy the reference writer (the Rust core behind `safetensors.nump
 files are byte-for-byte what it would write for the same tensors:
   - data sorted by dtype, widest alignment first (I32 before F16), then by name;
   - header keys in that same order, `__metadata__` first, compact JSON, padded with spaces to 8 bytes.
+(The reference writes the keys inside `__metadata__` in hash-map order, which varies from run to run; we keep
+the caller's order, so files are identical to the reference's when the metadata has a single key.)
 """
 
 import json
