@@ -313,3 +313,20 @@ def test_cli_quantize_bf16_with_text_calibration_then_verify_with_a_text_prompt(
     assert {"tokenizer.model", "tokenizer_config.json"} <= set(os.listdir(out))
     v = CliRunner().invoke(app, ["verify", str(out), "--prompt", "Ka thoro brae, 12 mg"])
     assert v.exit_code == 0 and "PASS" in v.output, v.output
+
+
+def test_an_interrupted_run_leaves_no_complete_looking_file(trained, tmp_path, monkeypatch):
+    import tinyllama_ref.quantize as driver
+    real = driver.gptq_quantize
+    calls = []
+
+    def failing(W, H, **kw):
+        calls.append(1)
+        if len(calls) == 9:                                   # the second layer's k_proj
+            raise KeyboardInterrupt
+        return real(W, H, **kw)
+    monkeypatch.setattr(driver, "gptq_quantize", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(trained, str(out), CALIBRATION[:2], bits=4, group_size=32)
+    assert "model.safetensors" not in os.listdir(out) and "model.safetensors.partial" in os.listdir(out)

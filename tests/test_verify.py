@@ -42,6 +42,12 @@ def test_dense_checkpoints_pass(hf_checkpoints, dtype, backend):
     assert report.logits.kl < 1e-9
 
 
+def test_linear_rope_scaling_and_tied_embeddings_pass(hf_checkpoints):
+    path = hf_checkpoints("verify-rope-tied", dtype="float32", rope_factor=2.0, tie=True, seed=3)
+    report = verify_mod.compare(path, list(range(1, 120, 2)))
+    assert report.passed, verify_mod.format_report(report)
+
+
 @pytest.mark.parametrize("bits,group_size,act_order,sym,fmt", [
     (4, 32, True, True, "gptq"),
     (3, 32, True, False, "gptq"),

@@ -110,7 +110,8 @@ class StreamingSafetensorsWriter:
 
     specs: [(name, dtype string, shape)] in the order the tensors will be written. The header (padded with
     spaces to a multiple of 8 bytes, as the safetensors library does) is written at once; write() appends
-    data and checks it is the next announced tensor with the announced dtype and shape.
+    data and checks it is the next announced tensor with the announced dtype and shape. The file is written
+    as `path + ".partial"` and renamed when complete, so an interrupted run never leaves a file that looks whole.
     """
 
     def __init__(self, path, specs, metadata=None):
@@ -127,7 +128,7 @@ class StreamingSafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         self.path = path
-        self.f = open(path, "wb")
+        self.f = open(path + ".partial", "wb")
         self.f.write(np.uint64(len(raw)).astype("<u8").tobytes())
         self.f.write(raw)
         self.next = 0
@@ -148,6 +149,7 @@ class StreamingSafetensorsWriter:
         self.f.close()
         if self.next != len(self.specs):
             raise QuantError(f"{self.path}: only {self.next} of {len(self.specs)} announced tensors were written")
+        os.replace(self.path + ".partial", self.path)
 
 
 # -- the output layout --------------------------------------------------------------------------------------
