@@ -40,12 +40,13 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .half import f16_to_f32
+from .slabs import run_slabs
 
 GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once per row; beyond: tile + BLAS
 GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
                            # per thread evens out a thread that the OS delays
-TILE_VALUES = 1024         # prefill tile: input rows (codes) per BLAS call ...
-TILE_COLUMNS = 1024        # ... and output columns per BLAS call: a 4 MB float32 tile
+TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
+                           # threads together; see kernels/slabs.py for why each thread runs its own slabs
 
 
 @intrinsic
@@ -459,47 +460,69 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zer
 
 # -- prefill: dequantize a tile, multiply with BLAS ---------------------------------------------------------
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-def dequantize_tile(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, j0, j1, tile):
-    """tile[t, j] = W_sorted[u0 * codes_per_unit + t, j0 + j] in float32, for units u0..u1, columns j0..j1.
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, c0, cw, tile, lo):
+    """tile[t, lo + j] = W_sorted[u0 * codes_per_unit + t, c0 + j] for one strip of cw columns.
 
-    Same layout as gemv(). prange over 64-column strips; per strip and segment the scales and zeros of the
-    strip are widened once into small buffers, then every code row of the segment is decoded with the column
-    loop innermost (each code read as 64 bits starting at its word, so 3-bit straddlers need no branch).
+    The strip's scales and zeros are widened once per segment into small buffers, then every code row of
+    the segment is decoded with the column loop innermost, each code read as 64 bits starting at its word
+    so 3-bit straddlers need no branch.
     """
     unit_codes = 32 if bits == 3 else 32 // bits
     mask = (1 << bits) - 1
     n_words = qw.shape[0]
     n_zero_words = qzeros.shape[1]
-    width = j1 - j0
-    strip = 64
     t0 = u0 * unit_codes
-    for c in prange((width + strip - 1) // strip):
-        c0 = j0 + c * strip
-        cw = min(j1, c0 + strip) - c0
-        s_buf = np.empty(cw, dtype=np.float32)
-        z_buf = np.empty(cw, dtype=np.float32)
-        for s in range(seg_group.shape[0]):
-            ua, ub = max(u0, seg_start[s]), min(u1, seg_start[s + 1])
-            if ua >= ub:
-                continue
-            g = seg_group[s]
-            sc = scales[g, c0:c0 + cw]
-            zrow = qzeros[g]
-            for j in range(cw):
-                s_buf[j] = f16_to_f32(sc[j])
-                z_buf[j] = np.float32((_zero_code(zrow, c0 + j, bits, n_zero_words) + zero_add) & mask)
-            for t in range(ua * unit_codes, ub * unit_codes):
-                pos = t * bits
-                w = pos >> 5
-                shift = pos & 31
-                row0 = qw[w, c0:c0 + cw]
-                row1 = qw[min(w + 1, n_words - 1), c0:c0 + cw]
-                out = tile[t - t0, c0 - j0:c0 - j0 + cw]
-                for j in range(cw):
-                    both = np.int64(row0[j]) | (np.int64(row1[j]) << 32)
-                    q = (both >> shift) & mask
-                    out[j] = s_buf[j] * (np.float32(q) - z_buf[j])
+    s_buf = np.empty(cw, dtype=np.float32)
+    z_buf = np.empty(cw, dtype=np.float32)
+    for s in range(seg_group.shape[0]):
+        ua, ub = max(u0, seg_start[s]), min(u1, seg_start[s + 1])
+        if ua >= ub:
+            continue
+        g = seg_group[s]
+        sc = scales[g, c0:c0 + cw]
+        zrow = qzeros[g]
+        for j in range(cw):
+            s_buf[j] = f16_to_f32(sc[j])
+            z_buf[j] = np.float32((_zero_code(zrow, c0 + j, bits, n_zero_words) + zero_add) & mask)
+        for t in range(ua * unit_codes, ub * unit_codes):
+            pos = t * bits
+            w = pos >> 5
+            shift = pos & 31
+            row0 = qw[w, c0:c0 + cw]
+            row1 = qw[min(w + 1, n_words - 1), c0:c0 + cw]
+            dst = tile[t - t0, lo:lo + cw]
+            for j in range(np.uint64(cw)):
+                both = np.int64(row0[j]) | (np.int64(row1[j]) << 32)
+                q = (both >> shift) & mask
+                dst[j] = s_buf[j] * (np.float32(q) - z_buf[j])
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def dequantize_tile(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, j0, j1, tile):
+    """tile[t, j] = W_sorted[u0 * codes_per_unit + t, j0 + j] in float32, for units u0..u1, columns j0..j1.
+
+    Same layout as gemv(). prange over 64-column strips (both cores), each strip decoded by
+    _dequantize_strip.
+    """
+    width = j1 - j0
+    for c in prange((width + 63) // 64):
+        lo = c * 64
+        cw = min(width, lo + 64) - lo
+        _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, j0 + lo, cw,
+                          tile, lo)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def dequantize_slab(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, j0, j1, tile):
+    """dequantize_tile for all input rows on the calling thread only, GIL released (kernels/slabs.py runs
+    one per thread)."""
+    n_units = seg_start[seg_start.shape[0] - 1]
+    width = j1 - j0
+    for lo in range(0, width, 64):
+        cw = min(width, lo + 64) - lo
+        _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, 0, n_units, j0 + lo, cw,
+                          tile, lo)
 
 
 # -- load-time layout ---------------------------------------------------------------------------------------
@@ -660,17 +683,16 @@ def gptq_matmul(plan, x):
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
              plan.const_zero, gemv_block(n_out), y)
         return y
-    unit_codes = unit_shape(plan.bits)[1]
-    n_units = plan.n_padded // unit_codes
-    units_per_tile = max(1, TILE_VALUES // unit_codes)
-    y[:] = 0.0
-    for j0 in range(0, n_out, TILE_COLUMNS):
-        j1 = min(n_out, j0 + TILE_COLUMNS)
-        tile = np.empty((units_per_tile * unit_codes, j1 - j0), dtype=np.float32)   # [K, J]
-        for u0 in range(0, n_units, units_per_tile):
-            u1 = min(n_units, u0 + units_per_tile)
-            t = tile[:(u1 - u0) * unit_codes]                                 # [k, J]
-            dequantize_tile(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
-                            plan.zero_add, u0, u1, j0, j1, t)
-            y[:, j0:j1] += xp[:, u0 * unit_codes:u1 * unit_codes] @ t        # [N, j1 - j0]
+    threads = max(1, numba.get_num_threads())
+    columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // plan.n_padded) // 64 * 64)
+    tiles = {}
+
+    def work(j0, j1, worker):
+        if worker not in tiles:
+            tiles[worker] = np.empty(plan.n_padded * columns, dtype=np.float32)    # one scratch per thread
+        t = tiles[worker][:plan.n_padded * (j1 - j0)].reshape(plan.n_padded, j1 - j0)   # [in, j1 - j0]
+        dequantize_slab(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
+                        plan.zero_add, j0, j1, t)
+        y[:, j0:j1] = xp @ t                                                  # [N, j1 - j0]
+    run_slabs(n_out, columns, work)
     return y

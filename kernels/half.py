@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 FUSED_MAX_ROWS = 8         # up to this many activation rows the fused kernel beats tile-convert + BLAS
-TILE_ROWS = 1024           # weight rows converted per BLAS call in the many-rows path
+TILE_ROWS = 512            # weight rows widened per BLAS call in the many-rows path (16 MB at in = 8192)
 
 
 def _as_i32(builder, value):
@@ -78,39 +78,55 @@ def bf16_to_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _dot_half(x, w, is_bf16):
+    """sum_i x[i] * widen(w[i]): convert and multiply-add in one vectorized pass (vcvtph2ps + FMA)."""
+    s = np.float32(0.0)
+    if is_bf16:
+        for i in range(np.uint64(w.shape[0])):
+            s += x[i] * bf16_to_f32(w[i])
+    else:
+        for i in range(np.uint64(w.shape[0])):
+            s += x[i] * f16_to_f32(w[i])
+    return s
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def _fused_rows(x, weight, is_bf16, y):
     """y[n, o] = sum_i x[n, i] * W[o, i] for a few rows n, weight [out, in] as uint16 bits.
 
-    Parallel over output rows o (each thread streams its own contiguous slab of the weight). For each o the
-    weight row is widened into a small float32 buffer in chunks that stay in L1, then dotted with every
-    activation row: the conversion is paid once per weight, the multiply-add once per weight and row.
+    prange over blocks of output rows o (each thread streams its own contiguous slab of the weight; buffers
+    are allocated once per block, not per row). One activation row: convert and multiply-add fused, each
+    weight row read once. Several: the weight row is widened once, in L1-sized chunks, into a float32 buffer
+    that every activation row is dotted with, so conversion is paid once per weight.
     """
     n_rows, n_in = x.shape
     n_out = weight.shape[0]
     chunk = 2048
-    for o in prange(n_out):
+    rows_per_task = 64
+    for task in prange((n_out + rows_per_task - 1) // rows_per_task):
         buf = np.empty(chunk, dtype=np.float32)
-        sums = np.zeros(n_rows, dtype=np.float32)
-        for i0 in range(0, n_in, chunk):
-            # Loops below run from 0 over slices: Numba's negative-index wraparound check then folds away and
-            # LLVM sees plain contiguous loads it can vectorize.
-            w = weight[o, i0:min(n_in, i0 + chunk)]
-            m = w.shape[0]
-            if is_bf16:
-                for i in range(m):
-                    buf[i] = bf16_to_f32(w[i])
-            else:
-                for i in range(m):
-                    buf[i] = f16_to_f32(w[i])
+        for o in range(task * rows_per_task, min(n_out, (task + 1) * rows_per_task)):
+            if n_rows == 1:
+                y[0, o] = _dot_half(x[0], weight[o], is_bf16)
+                continue
             for n in range(n_rows):
-                xs = x[n, i0:i0 + m]
-                s = np.float32(0.0)
-                for i in range(m):
-                    s += xs[i] * buf[i]
-                sums[n] += s
-        for n in range(n_rows):
-            y[n, o] = sums[n]
+                y[n, o] = 0.0
+            for i0 in range(0, n_in, chunk):
+                w = weight[o, i0:min(n_in, i0 + chunk)]
+                m = w.shape[0]
+                if is_bf16:
+                    for i in range(np.uint64(m)):
+                        buf[i] = bf16_to_f32(w[i])
+                else:
+                    for i in range(np.uint64(m)):
+                        buf[i] = f16_to_f32(w[i])
+                for n in range(n_rows):
+                    xs = x[n, i0:i0 + m]
+                    s = np.float32(0.0)
+                    for i in range(np.uint64(m)):
+                        s += xs[i] * buf[i]
+                    y[n, o] += s
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
@@ -119,10 +135,10 @@ def widen(weight, is_bf16, out):
     for r in prange(weight.shape[0]):
         w, o = weight[r], out[r]
         if is_bf16:
-            for i in range(w.shape[0]):
+            for i in range(np.uint64(w.shape[0])):
                 o[i] = bf16_to_f32(w[i])
         else:
-            for i in range(w.shape[0]):
+            for i in range(np.uint64(w.shape[0])):
                 o[i] = f16_to_f32(w[i])
 
 
@@ -133,19 +149,36 @@ def half_bits(weight, dtype):
     return weight.view(np.uint16)
 
 
+@njit(error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def widen_rows(weight, is_bf16, out):
+    """widen() on the calling thread only, GIL released (kernels/slabs.py runs one per thread)."""
+    for r in range(weight.shape[0]):
+        w, o = weight[r], out[r]
+        if is_bf16:
+            for i in range(np.uint64(w.shape[0])):
+                o[i] = bf16_to_f32(w[i])
+        else:
+            for i in range(np.uint64(w.shape[0])):
+                o[i] = f16_to_f32(w[i])
+
+
 def half_linear(x, weight, dtype):
     """x [N, in] float32, weight [out, in] F16/BF16 (uint16-viewable) -> x @ W.T as float32 [N, out]."""
+    from .slabs import run_slabs
     bits = half_bits(weight, dtype)                                          # [out, in] uint16
     x = np.ascontiguousarray(x, dtype=np.float32)                            # [N, in]
-    n_out = bits.shape[0]
+    n_out, n_in = bits.shape
     y = np.empty((x.shape[0], n_out), dtype=np.float32)                      # [N, out]
     if x.shape[0] <= FUSED_MAX_ROWS:
         _fused_rows(x, bits, dtype == "BF16", y)
         return y
-    tile = np.empty((min(TILE_ROWS, n_out), bits.shape[1]), dtype=np.float32)  # [rows, in]
-    for o0 in range(0, n_out, TILE_ROWS):
-        o1 = min(n_out, o0 + TILE_ROWS)
-        t = tile[:o1 - o0]
-        widen(bits[o0:o1], dtype == "BF16", t)
+    tiles = {}
+
+    def work(o0, o1, worker):
+        if worker not in tiles:
+            tiles[worker] = np.empty(TILE_ROWS * n_in, dtype=np.float32)     # one scratch per thread
+        t = tiles[worker][:(o1 - o0) * n_in].reshape(o1 - o0, n_in)          # [rows, in]
+        widen_rows(bits[o0:o1], dtype == "BF16", t)
         y[:, o0:o1] = x @ t.T                                                # [N, o1 - o0]
+    run_slabs(n_out, TILE_ROWS, work)
     return y

@@ -54,8 +54,7 @@ def test_dequantized_tiles_equal_w(case, monkeypatch):
                          plan.zero_add, 0, plan.n_padded // codes, 0, 96, tile)
     real = np.flatnonzero(rows >= 0)                        # tile rows that hold an input (not padding)
     np.testing.assert_array_equal(tile[real], layer["W"][rows[real]])
-    monkeypatch.setattr(gptq, "TILE_VALUES", 64)
-    monkeypatch.setattr(gptq, "TILE_COLUMNS", 40)
+    monkeypatch.setattr(gptq, "TILE_FLOATS", 64 * 300)    # 64-column slabs: 96 columns = 2 slabs, one partial
     x = np.random.default_rng(1).normal(size=(7, 256)).astype(np.float32)
     _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
 
@@ -152,3 +151,26 @@ def test_pass_masks_cover_every_bit_once():
         for w in range(words):
             masks = [int(m, 16) for m in re.findall(rf"masked_f32\(a{w}, (0x[0-9A-F]+)\)", src)]
             assert sum(masks) == 0xFFFFFFFF and np.bitwise_or.reduce(masks) == 0xFFFFFFFF, (bits, w)
+
+
+def test_prefill_without_openblas_control(monkeypatch):
+    """Where BLAS cannot be held to one thread, the slabs run one after the other: same result."""
+    from tinyllama_ref.kernels import slabs
+    monkeypatch.setitem(slabs._openblas, "api", None)
+    monkeypatch.setattr(gptq, "TILE_FLOATS", 64 * 300)
+    rng = np.random.default_rng(21)
+    layer = make_layer(rng, 256, 160, 4, 32, act_order=True, sym=False)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    x = rng.normal(size=(10, 256)).astype(np.float32)
+    _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
+
+
+def test_blas_thread_count_is_restored():
+    from tinyllama_ref.kernels import slabs
+    api = slabs._find_openblas()
+    if api is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
+    before = api[0]()
+    with slabs.single_threaded_blas() as ok:
+        assert ok and api[0]() == 1
+    assert api[0]() == before

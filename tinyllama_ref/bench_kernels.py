@@ -14,6 +14,7 @@ The load-time preparation (act-order repack) is timed too. Only "exact" mode exi
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -79,7 +80,8 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
                          "weights_gbps": round(packed / seconds / 1e9, 2), "memory_gbps": round(mem, 2),
                          "ratio": round(packed / seconds / 1e9 / mem, 3),
                          "prepare_s": round(layer.prepare_seconds, 3), "layout": layer._plan.prepare_note,
-                         "packed_mb": round(packed / 1e6, 1)}
+                         "packed_mb": round(packed / 1e6, 1),
+                         "loadavg_1min": round(os.getloadavg()[0], 2)}   # > 2 means others shared the cores
                     if rows > 4:
                         key = (n_in, n_out, rows)
                         if key not in blas_cache:
