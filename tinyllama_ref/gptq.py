@@ -168,10 +168,12 @@ def gptq_quantize(weight, H, bits=4, group_size=128, sym=True, act_order=False, 
         for i in range(b1 - b0):
             col = b0 + i
             if col % group == 0:
-                # The group's grid comes from its columns as they are NOW: inside this block they already carry
-                # the error feedback of earlier columns (AutoGPTQ reads the not-yet-updated W here instead).
+                # The group's grid comes from its columns as they are NOW: those inside this block already carry
+                # the feedback of this block's earlier columns (AutoGPTQ reads the not-yet-updated W for them);
+                # a group running past the block reads W there, updated up to the previous block.
                 inside = Wb[:, i:i + group]                               # [out, <= group] this block
-                upcoming = np.concatenate([inside, W[:, b1:b1 + group - inside.shape[1]]], axis=1)  # [out, <= group]
+                later = W[:, b1:b1 + group - inside.shape[1]]             # [out, rest of the group]
+                upcoming = np.concatenate([inside, later], axis=1)        # [out, <= group]
                 scale, zero = grid_params(upcoming, bits, sym)            # [out] each
                 scales[col // group], zeros[col // group] = scale, zero
             w = Wb[:, i]                                                  # [out]
