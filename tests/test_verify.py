@@ -88,6 +88,7 @@ def test_cli_prints_table_and_exit_codes(app, hf_checkpoints, monkeypatch):
     path = hf_checkpoints("verify-float32", dtype="float32", layers=3, seed=7)
     good = run(app, path, "--prompt-ids", ",".join(map(str, PROMPT)))
     assert good.exit_code == 0, good.output
+    assert "layer 3/3: rel diff" in good.output                # progress on stderr as each layer is measured
     assert "| 2 |" in good.output and "KL" in good.output and good.output.strip().endswith(
         "PASS: every layer and the logits agree with transformers within tolerance")
     _perturb_layer(monkeypatch, 1)

@@ -31,7 +31,8 @@ def prompt_token_ids(checkpoint, prompt, prompt_ids):
               help="Memory budget for OUR model, e.g. 20GB (transformers' side holds one float32 layer).")
 @click.option("--rtol", type=float, default=None,
               help="Relative tolerance for hidden states and logits (default 1e-4).")
-def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol):
+@click.option("--quiet", is_flag=True, help="No per-layer progress on stderr.")
+def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
     """Compare every layer's hidden state and the logits with transformers on the same weights.
 
     Needs the optional extra: pip install 'tinyllama-ref[verify]'. GPTQ weights are dequantized by our
@@ -46,7 +47,12 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol):
     from .verify import Tolerance, compare, format_report
     ids = prompt_token_ids(checkpoint, prompt, prompt_ids)
     tol = Tolerance() if rtol is None else Tolerance(hidden_rel=rtol, logits_rel=rtol)
-    report = compare(checkpoint, ids, backend=backend, max_memory=max_memory, tolerance=tol)
+
+    def progress(row, n_layers):
+        click.echo(f"layer {row.index + 1}/{n_layers}: rel diff {row.rel:.2e}, same input {row.local_rel:.2e}",
+                   err=True)
+    report = compare(checkpoint, ids, backend=backend, max_memory=max_memory, tolerance=tol,
+                     on_layer=None if quiet else progress)
     click.echo(format_report(report))
     if not report.passed:
         sys.exit(1)

@@ -264,10 +264,12 @@ def reference_layer_bytes(cfg, n_tokens):
 
 # -- the comparison -----------------------------------------------------------------------------------------
 
-def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, tolerance=None, model=None):
+def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, tolerance=None, model=None,
+            on_layer=None):
     """Run our model and transformers on the same weights and token ids; return a VerifyReport.
 
     `model` may be an already loaded tinyllama_ref Model of the same checkpoint (saves loading it twice).
+    `on_layer(row, n_layers)` is called as each LayerRow is measured (a 70B run takes a while).
     """
     torch, HFLlamaConfig, modeling = _import_torch()
     from . import load
@@ -289,7 +291,7 @@ def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, toleran
         ours.layers.reserve(what, nbytes)
     try:
         torch.set_grad_enabled(False)
-        run_chains(ours, ref, ids, report)
+        run_chains(ours, ref, ids, report, on_layer)
     finally:
         for what in [*reservations, "KV cache"]:
             ours.layers.release_reservation(what)
@@ -306,7 +308,7 @@ class Reference:
     quant_config: object      # quant.QuantConfig or None
 
 
-def run_chains(ours, ref, ids, report):
+def run_chains(ours, ref, ids, report, on_layer=None):
     """Both chains from the same embedding rows, layer by layer, then the logits; fills report in place."""
     torch, cfg, T = ref.torch, ours.cfg, len(ids)
     embed_name = "model.embed_tokens.weight"
@@ -330,6 +332,8 @@ def run_chains(ours, ref, ids, report):
         max_abs, rel, cos = hidden_metrics(x_ours, their_out)
         local_rel = float(np.abs(local - their_out).max()) / max(float(np.abs(their_out).max()), 1e-30)
         report.layers.append(LayerRow(i, max_abs, rel, cos, local_rel))
+        if on_layer:
+            on_layer(report.layers[-1], cfg.n_layers)
 
     logits_ours = ours.lm_head(rms_norm(x_ours, ours.final_norm, cfg.norm_eps))    # [T, V]
     norm = ref.modeling.LlamaRMSNorm(cfg.dim, eps=ref.hf_config.rms_norm_eps)
