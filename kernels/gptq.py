@@ -74,6 +74,85 @@ def unit_shape(bits):
 # over codes: _pass_source() below prints any of them; tests/test_kernels_gptq.py checks they match it.
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _pass_b4_w4(qw, r, x, i, acc, j0, width):
+    """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 32 4-bit codes in packed rows r..r+3."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    w2 = qw[r + 2, j0:j0 + width]
+    w3 = qw[r + 3, j0:j0 + width]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.0625)
+    c2 = x[i + 2] * np.float32(0.00390625)
+    c3 = x[i + 3] * np.float32(0.000244140625)
+    c4 = x[i + 4] * np.float32(1.52587890625e-05)
+    c5 = x[i + 5] * np.float32(9.5367431640625e-07)
+    c6 = x[i + 6] * np.float32(5.960464477539063e-08)
+    c7 = x[i + 7] * np.float32(3.725290298461914e-09)
+    c8 = x[i + 8]
+    c9 = x[i + 9] * np.float32(0.0625)
+    c10 = x[i + 10] * np.float32(0.00390625)
+    c11 = x[i + 11] * np.float32(0.000244140625)
+    c12 = x[i + 12] * np.float32(1.52587890625e-05)
+    c13 = x[i + 13] * np.float32(9.5367431640625e-07)
+    c14 = x[i + 14] * np.float32(5.960464477539063e-08)
+    c15 = x[i + 15] * np.float32(3.725290298461914e-09)
+    c16 = x[i + 16]
+    c17 = x[i + 17] * np.float32(0.0625)
+    c18 = x[i + 18] * np.float32(0.00390625)
+    c19 = x[i + 19] * np.float32(0.000244140625)
+    c20 = x[i + 20] * np.float32(1.52587890625e-05)
+    c21 = x[i + 21] * np.float32(9.5367431640625e-07)
+    c22 = x[i + 22] * np.float32(5.960464477539063e-08)
+    c23 = x[i + 23] * np.float32(3.725290298461914e-09)
+    c24 = x[i + 24]
+    c25 = x[i + 25] * np.float32(0.0625)
+    c26 = x[i + 26] * np.float32(0.00390625)
+    c27 = x[i + 27] * np.float32(0.000244140625)
+    c28 = x[i + 28] * np.float32(1.52587890625e-05)
+    c29 = x[i + 29] * np.float32(9.5367431640625e-07)
+    c30 = x[i + 30] * np.float32(5.960464477539063e-08)
+    c31 = x[i + 31] * np.float32(3.725290298461914e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        a2 = w2[j]
+        a3 = w3[j]
+        s00 = (c0 * masked_f32(a0, 0x0000000F)
+                 + c2 * masked_f32(a0, 0x00000F00)
+                 + c4 * masked_f32(a0, 0x000F0000)
+                 + c6 * masked_f32(a0, 0x0F000000))
+        s01 = (c1 * masked_f32(a0, 0x000000F0)
+                 + c3 * masked_f32(a0, 0x0000F000)
+                 + c5 * masked_f32(a0, 0x00F00000)
+                 + c7 * masked_f32(a0, 0xF0000000))
+        s10 = (c8 * masked_f32(a1, 0x0000000F)
+                 + c10 * masked_f32(a1, 0x00000F00)
+                 + c12 * masked_f32(a1, 0x000F0000)
+                 + c14 * masked_f32(a1, 0x0F000000))
+        s11 = (c9 * masked_f32(a1, 0x000000F0)
+                 + c11 * masked_f32(a1, 0x0000F000)
+                 + c13 * masked_f32(a1, 0x00F00000)
+                 + c15 * masked_f32(a1, 0xF0000000))
+        s20 = (c16 * masked_f32(a2, 0x0000000F)
+                 + c18 * masked_f32(a2, 0x00000F00)
+                 + c20 * masked_f32(a2, 0x000F0000)
+                 + c22 * masked_f32(a2, 0x0F000000))
+        s21 = (c17 * masked_f32(a2, 0x000000F0)
+                 + c19 * masked_f32(a2, 0x0000F000)
+                 + c21 * masked_f32(a2, 0x00F00000)
+                 + c23 * masked_f32(a2, 0xF0000000))
+        s30 = (c24 * masked_f32(a3, 0x0000000F)
+                 + c26 * masked_f32(a3, 0x00000F00)
+                 + c28 * masked_f32(a3, 0x000F0000)
+                 + c30 * masked_f32(a3, 0x0F000000))
+        s31 = (c25 * masked_f32(a3, 0x000000F0)
+                 + c27 * masked_f32(a3, 0x0000F000)
+                 + c29 * masked_f32(a3, 0x00F00000)
+                 + c31 * masked_f32(a3, 0xF0000000))
+        acc[j] += ((s00 + s01) + (s10 + s11)) + ((s20 + s21) + (s30 + s31))
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def _pass_b4_w2(qw, r, x, i, acc, j0, width):
     """acc[j] += sum of x[i + t] * code[t, j0 + j] over the 16 4-bit codes in packed rows r..r+1."""
     w0 = qw[r, j0:j0 + width]
@@ -431,6 +510,9 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zer
                     sum_x += xs[i]
                 u = u0
                 if bits == 4:
+                    while u + 4 <= u1:
+                        _pass_b4_w4(qw, u, x, u * 8, acc, j0, width)
+                        u += 4
                     while u + 2 <= u1:
                         _pass_b4_w2(qw, u, x, u * 8, acc, j0, width)
                         u += 2
