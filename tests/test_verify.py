@@ -40,6 +40,8 @@ def test_dense_checkpoints_pass(hf_checkpoints, dtype, backend):
     for r in report.layers:                      # far inside the tolerance: float32 round-off only
         assert r.rel < 1e-5 and r.local_rel < 1e-5 and r.cos > 1 - 1e-9
     assert report.logits.kl < 1e-9
+    import torch
+    assert torch.is_grad_enabled()               # verify must not switch autograd off for the rest of a program
 
 
 def test_linear_rope_scaling_and_tied_embeddings_pass(hf_checkpoints):

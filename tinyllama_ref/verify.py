@@ -290,8 +290,8 @@ def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, toleran
     for what, nbytes in reservations.items():
         ours.layers.reserve(what, nbytes)
     try:
-        torch.set_grad_enabled(False)
-        run_chains(ours, ref, ids, report, on_layer)
+        with torch.no_grad():               # inference only; a context, so the caller's autograd state is kept
+            run_chains(ours, ref, ids, report, on_layer)
     finally:
         for what in [*reservations, "KV cache"]:
             ours.layers.release_reservation(what)
