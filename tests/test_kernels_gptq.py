@@ -138,7 +138,7 @@ def test_gptq_linear_backends_agree(case):
 
 def test_unrolled_passes_match_their_generator():
     """The hand-unrolled inner loops in kernels/gptq.py are exactly what _pass_source() describes."""
-    for bits, words in [(4, 4), (4, 2), (4, 1), (3, 3), (2, 1), (8, 2), (8, 1)]:
+    for bits, words in [(4, 4), (4, 2), (4, 1), (3, 6), (3, 3), (2, 1), (8, 2), (8, 1)]:
         written = inspect.getsource(getattr(gptq, f"_pass_b{bits}_w{words}").py_func)
         assert written == gptq._pass_source(bits, words), (bits, words)
 
