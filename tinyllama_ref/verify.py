@@ -6,9 +6,9 @@ Two independent chains start from the same embedding rows:
     theirs:  x0 -> transformers LlamaDecoderLayer (layer 0) -> ... -> LlamaRMSNorm -> lm_head
 
 and after every layer the two hidden states are compared. The reference side never touches our checkpoint
-reader: dense weights are read with the `safetensors` package's own PyTorch loader (as transformers'
-from_pretrained does), GPTQ weights are dequantized by our NumPy reference (quant.dequantize) into a plain
-float32 `nn.Linear`. Only ONE transformers decoder layer exists at a time, built on the "meta" device and then
+reader: it reads tensors with a few lines of plain file reads (ReferenceTensors); dense weights go into the
+transformers layer as stored (widened to float32), GPTQ weights are dequantized by our NumPy reference
+(quant.dequantize) into a plain float32 `nn.Linear`. Only ONE transformers decoder layer exists at a time, built on the "meta" device and then
 given its real tensors, so even a 70B checkpoint needs one float32 layer (about 3.4 GB) on that side.
 
 Because errors compound along a chain, a per-layer "local" error is measured too: our block is also run on
@@ -148,49 +148,65 @@ def logits_metrics(ours, theirs):
 # -- the reference side: transformers, one decoder layer at a time --------------------------------------------
 
 class ReferenceTensors:
-    """Reads checkpoint tensors with the safetensors package's PyTorch loader (what transformers'
-    from_pretrained uses), independently of our checkpoint.py.
+    """Checkpoint tensors for the transformers side, read with plain file reads, independently of checkpoint.py.
 
-    Every read opens the file and closes it again: safetensors memory-maps the file, and pages touched through
-    a map that stays open would count towards this process's resident memory for the rest of a 70B run.
+    Not the safetensors package: its loader memory-maps the whole file copy-on-write, which the kernel refuses
+    for a file larger than RAM (seen: "unable to mmap 28029674528 bytes ... Cannot allocate memory" for a 3-bit
+    70B file on a 23 GB machine). Reading exactly the bytes of one tensor into a fresh buffer also means the
+    memory is given back as soon as the reference layer is freed.
     """
 
     def __init__(self, directory):
         import torch
-        from safetensors import safe_open
-        self.torch, self.safe_open = torch, safe_open
+        self.torch = torch
+        self.dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+                       "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index, encoding="utf-8") as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
         else:
             files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
-        self.where = {}
+        self.where = {}       # name -> (path, dtype, shape, absolute start byte, end byte)
         for name in files:
             path = os.path.join(directory, name)
-            with safe_open(path, framework="pt") as h:
-                for key in h.keys():
-                    self.where[key] = path
+            with open(path, "rb") as f:
+                n = int(np.frombuffer(f.read(8), dtype="<u8")[0])            # header length
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, e in header.items():
+                begin, end = e["data_offsets"]
+                self.where[key] = (path, e["dtype"], tuple(e["shape"]), 8 + n + begin, 8 + n + end)
 
     def __contains__(self, name):
         return name in self.where
 
-    def _path(self, name):
+    def _entry(self, name):
         if name not in self.where:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
         return self.where[name]
 
+    def _read(self, path, start, end, dtype, shape):
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{path}: file ends inside a tensor (truncated download?)")
+        return self.torch.frombuffer(buf, dtype=self.dtypes[dtype]).reshape(shape)
+
     def get(self, name):
-        with self.safe_open(self._path(name), framework="pt") as h:
-            return h.get_tensor(name)
+        path, dtype, shape, start, end = self._entry(name)
+        return self._read(path, start, end, dtype, shape)
 
     def f32(self, name):
         return self.get(name).to(self.torch.float32)
 
-    def rows(self, name, start, stop):
-        """Rows start..stop of a 2-D tensor, read without loading the rest (embedding, lm_head)."""
-        with self.safe_open(self._path(name), framework="pt") as h:
-            return h.get_slice(name)[start:stop].to(self.torch.float32)
+    def rows(self, name, r0, r1):
+        """Rows r0..r1 of a 2-D tensor as float32, reading only their bytes (embedding rows, lm_head slabs)."""
+        path, dtype, shape, start, end = self._entry(name)
+        row_bytes = (end - start) // shape[0]
+        return self._read(path, start + r0 * row_bytes, start + r1 * row_bytes, dtype,
+                          (r1 - r0, *shape[1:])).to(self.torch.float32)
 
 
 def dequantized_weight(tensors, prefix, quant_config, in_features, out_features, columns_per_step=1024):
