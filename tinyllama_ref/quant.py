@@ -26,6 +26,25 @@ from .errors import ConfigError, QuantError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+ACTIVATION_MODES = ("exact", "int8")
+
+# How the numba backend treats activations, for every layer whose own `mode` is None. "exact" (the default)
+# is float32 throughout and matches the reference; "int8" is the opt-in approximate mode of kernels/int8.py
+# (4-bit layers, decode rows: activations rounded to int8 per block of 32, AVX512-VNNI dot products).
+ACTIVATION_MODE = os.environ.get("TINYLLAMA_GPTQ_MODE", "exact")
+
+
+def set_activation_mode(mode):
+    """Choose "exact" or "int8" for all GPTQ layers of the numba backend (see ACTIVATION_MODE)."""
+    global ACTIVATION_MODE
+    if mode not in ACTIVATION_MODES:
+        raise ConfigError(f"GPTQ activation mode must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+    if mode == "int8":
+        from .kernels.int8 import vnni_available
+        if not vnni_available():
+            raise ConfigError("GPTQ activation mode int8 needs a CPU with AVX512-VNNI (see /proc/cpuinfo); "
+                              "use the exact mode on this machine")
+    ACTIVATION_MODE = mode
 
 
 # -- the quantization settings -----------------------------------------------------------------------------
@@ -279,6 +298,7 @@ class GPTQLinear:
         self.tensor_names = list(tensor_names)
         self.nbytes = int(qweight.nbytes + qzeros.nbytes + scales.nbytes + g_idx.nbytes)
         self.prepare_seconds = 0.0
+        self.mode = None                 # None: follow ACTIVATION_MODE; or "exact" / "int8" for this layer
         self._plan = None
         if backend == "numba":
             from .kernels import gptq as kernels
@@ -321,6 +341,13 @@ class GPTQLinear:
                    quant_config, in_features, out_features, bias=bias, backend=backend, name=prefix, file=file,
                    tensor_names=used)
 
+    @property
+    def copied_tensors(self):
+        """Checkpoint tensors the numba plan copied (repacked): their mapped pages are not needed any more."""
+        if self._plan is not None and self._plan.repacked:
+            return [n for n in self.tensor_names if n.endswith(".qweight")]
+        return []
+
     def dequantize(self):
         """The float32 W [in, out] (for tests and inspection; the forward pass never builds it)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format)
@@ -332,7 +359,8 @@ class GPTQLinear:
             return gptq_matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                          self.checkpoint_format, self.bias)          # [N, out]
         from .kernels import gptq as kernels
-        y = kernels.gptq_matmul(self._plan, np.ascontiguousarray(x, dtype=np.float32))   # [N, out]
+        y = kernels.gptq_matmul(self._plan, np.ascontiguousarray(x, dtype=np.float32),
+                                self.mode or ACTIVATION_MODE)                       # [N, out]
         if self.bias is not None:
             y += self.bias
         return y

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .errors import MemoryBudgetError
 from .memory import current_rss, default_budget, human, parse_size
-from .weights import layer_tensor_names, load_layer
+from .weights import LINEARS, layer_tensor_names, load_layer
 
 JIT_RESERVE = 256 * 10**6          # numba: LLVM's peak while compiling the kernels the first time
 SAFETY = 16 * 10**6                # interpreter growth after load (lazy imports, small temporaries) ...
@@ -111,6 +111,10 @@ class LayerSource:
         m = self.model
         layer = load_layer(m.ckpt, m.cfg, m.quant_config, m.backend, i)
         self.prepare_seconds += time.perf_counter() - t
+        # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
+        # now on; the mapped file pages of the original would only double the layer's memory.
+        copied = [n for name in LINEARS for n in getattr(getattr(layer, name), "copied_tensors", ())]
+        self._drop_pages(copied)
         return layer
 
     def __len__(self):
@@ -156,13 +160,16 @@ class LayerSource:
 
     def _release(self, i, layer):
         """Drop a streamed layer's pages from this process and from the page cache."""
+        self._drop_pages(self.names[i])
+        del layer
+
+    def _drop_pages(self, names):
         ckpt = self.model.ckpt
-        ckpt.advise(self.names[i], mmap.MADV_DONTNEED)
-        for name in self.names[i]:
+        ckpt.advise(names, mmap.MADV_DONTNEED)
+        for name in names:
             info = ckpt.info(name)
             os.posix_fadvise(ckpt.files[info.file]._fd.fileno(), info.start, info.nbytes,
                              os.POSIX_FADV_DONTNEED)
-        del layer
 
     # -- reporting ----------------------------------------------------------------------------------------
     def describe(self):
