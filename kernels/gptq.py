@@ -874,7 +874,9 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]
-    units = -(-counts // unit_codes)                                         # [G] units per group
+    # Pad every group to whole blocks of 32 inputs (a whole number of units for every bit width), so the
+    # int8-activation mode (kernels/int8.py) can use any repacked layer; GPTQ's own groups need no padding.
+    units = -(-counts // 32) * (32 // unit_codes)                            # [G] units per group
     perm = np.full(int(units.sum()) * unit_codes, -1, dtype=np.int64)        # [units2 * codes]
     seg_start = np.concatenate([[0], np.cumsum(units)]).astype(np.int64)     # [G + 1]
     taken = 0
@@ -914,11 +916,18 @@ def gemv_block(n_out):
     return max(32, -(-per_task // 32) * 32)
 
 
-def gptq_matmul(plan, x):
-    """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias)."""
+def gptq_matmul(plan, x, mode="exact"):
+    """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias).
+
+    mode "int8" (opt-in, approximate, 4-bit only) quantizes the activations of decode rows and uses
+    kernels/int8.py; layers it cannot serve, and prefill rows, stay exact."""
     xp = permute_x(plan, x)                                                  # [N, padded]
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
+    if mode == "int8" and n_rows <= GEMV_MAX_ROWS:
+        from . import int8
+        if int8.supports(plan):
+            return int8.gptq_matmul_int8(plan, xp, y, gemv_block(n_out))
     if n_rows <= GEMV_MAX_ROWS:
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
              plan.const_zero, gemv_block(n_out), y)

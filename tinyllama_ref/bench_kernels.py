@@ -59,10 +59,41 @@ def blas_gflops(rng, n_in, n_out, rows, repeats):
     return 2.0 * rows * n_in * n_out / seconds / 1e9
 
 
-def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed=0, emit=print):
+def int8_model_accuracy(seed=0, sequences=32, length=4):
+    """KL(exact || int8) and top-1 agreement of next-token distributions on a synthetic tiny 4-bit GPTQ
+    model (tinyllama_ref.synth; random weights, act-order, group 32). Sequences of `length` <= 4 tokens so
+    every matmul takes the decode path, where int8 mode applies."""
+    import tempfile
+    from . import load, quant
+    from .synth import synthesize
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as d:
+        synthesize(d, preset="tiny", bits=4, group_size=32, act_order=True, seed=seed, quiet=True)
+        model = load(d, backend="numba")
+        ids = rng.integers(3, model.cfg.vocab_size, size=(sequences, length))
+        before = quant.ACTIVATION_MODE
+        try:
+            quant.set_activation_mode("exact")
+            exact = np.concatenate([model.logits(list(map(int, s))) for s in ids])     # [S * L, V]
+            quant.set_activation_mode("int8")
+            approx = np.concatenate([model.logits(list(map(int, s))) for s in ids])    # [S * L, V]
+        finally:
+            quant.ACTIVATION_MODE = before
+    log_p = exact - exact.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))                # [S * L, V]
+    log_q = approx - approx.max(axis=1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+    top1 = float(np.mean(exact.argmax(axis=1) == approx.argmax(axis=1)))
+    return {"model_kl": round(kl, 8), "model_top1_agreement": round(top1, 4), "model": "synthetic tiny 4-bit g32"}
+
+
+def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed=0, emit=print,
+        modes=("exact",)):
     from .kernels.bandwidth import memory_read_gbps
     from .quant import GPTQLinear
     rng = np.random.default_rng(seed)
+    accuracy = int8_model_accuracy(seed) if "int8" in modes else {}
     blas_cache = {}
     results = []
     for name, n_in, n_out in shapes:
@@ -91,19 +122,35 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
                                  blas_ratio=round(gflops / blas_cache[key], 3))
                     results.append(r)
                     emit(r)
+                    if "int8" in modes and bits == 4 and rows <= 4:
+                        exact_y = layer(x)
+                        layer.mode = "int8"
+                        approx_y = layer(x)
+                        q_seconds = median_seconds(lambda: layer(x), repeats)
+                        layer.mode = None
+                        q = dict(r, mode="int8", median_ms=round(q_seconds * 1e3, 3),
+                                 weights_gbps=round(packed / q_seconds / 1e9, 2),
+                                 ratio=round(packed / q_seconds / 1e9 / mem, 3),
+                                 layer_rel_err=float(np.abs(approx_y - exact_y).max() / np.abs(exact_y).max()),
+                                 loadavg_1min=round(os.getloadavg()[0], 2))
+                        q.update(accuracy)
+                        results.append(q)
+                        emit(q)
                 del layer
     return results
 
 
 def markdown(results):
     """The results as a markdown table (decode rows first, then prefill)."""
-    lines = ["| shape (in x out) | bits | group | rows | median ms | packed GB/s | memory GB/s | ratio | "
+    lines = ["| mode | shape (in x out) | bits | group | rows | median ms | packed GB/s | memory GB/s | ratio | "
              "GFLOP/s | BLAS f32 GFLOP/s | ratio | prepare s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["rows"] > 4, r["shape"], -r["bits"], r["group_size"], r["rows"])):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["rows"] > 4, r["shape"], -r["bits"], r["group_size"], r["rows"],
+                                            r["mode"])):
         g = "none" if r["group_size"] == -1 else str(r["group_size"])
         pre = r.get("gflops")
-        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['bits']} | {g} | {r['rows']} | {r['median_ms']} | "
+        lines.append(f"| {r['mode']} | {r['shape'][0]} x {r['shape'][1]} | {r['bits']} | {g} | {r['rows']} | "
+                     f"{r['median_ms']} | "
                      f"{r['weights_gbps']} | {r['memory_gbps']} | {r['ratio']:.2f} | "
                      f"{pre if pre is not None else ''} | {r.get('blas_gflops', '')} | "
                      f"{'' if pre is None else format(r['blas_ratio'], '.2f')} | {r['prepare_s']} |")
@@ -125,6 +172,9 @@ def main(argv=None):
                         help="'all' (the four 70B shapes) or a comma list of INxOUT, e.g. 8192x28672")
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per decode figure (median)")
     parser.add_argument("--prefill-repeats", type=int, default=3, help="timed runs per prefill figure")
+    parser.add_argument("--modes", default="exact",
+                        help="comma list: exact (default; float32, matches the reference) and/or int8 (opt-in, "
+                             "approximate: int8 activations with VNNI, 4-bit decode rows only)")
     parser.add_argument("--quick", action="store_true", help="only the 8192x28672 shape, decode rows only")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
@@ -147,11 +197,21 @@ def main(argv=None):
         else:
             extra = (f"  prefill {r['gflops']:.0f} GFLOP/s vs BLAS {r['blas_gflops']:.0f} ({r['blas_ratio']:.2f})"
                      if "gflops" in r else "")
-            print(f"{r['shape'][0]:>5} x {r['shape'][1]:<5} {r['bits']}-bit g{r['group_size']:<4} rows {r['rows']:<3} "
+            if r["mode"] != "exact":
+                extra += (f"  [{r['mode']}: layer rel err {r['layer_rel_err']:.1e}, model KL {r['model_kl']:.2e}, "
+                          f"top-1 {r['model_top1_agreement']:.3f}]")
+            print(f"{r['mode']:>5} {r['shape'][0]:>5} x {r['shape'][1]:<5} {r['bits']}-bit g{r['group_size']:<4} "
+                  f"rows {r['rows']:<3} "
                   f"{r['median_ms']:8.2f} ms  {r['weights_gbps']:6.1f} GB/s packed  memory {r['memory_gbps']:5.1f} "
                   f"GB/s  ratio {r['ratio']:.2f}  prepare {r['prepare_s']:.2f}s{extra}", flush=True)
 
-    results = run(shapes, args.bits, args.groups, rows, args.repeats, args.prefill_repeats, emit=emit)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if "int8" in modes:
+        from .quant import set_activation_mode
+        set_activation_mode("int8")          # validates the CPU; layers are switched one at a time below
+        set_activation_mode("exact")
+    results = run(shapes, args.bits, args.groups, rows, args.repeats, args.prefill_repeats, emit=emit,
+                  modes=modes)
     if args.markdown:
         print(markdown(results))
     return results

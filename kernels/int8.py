@@ -1,0 +1,171 @@
+"""Opt-in, NOT exact: 4-bit GPTQ GEMV with activations quantized to int8 and AVX512-VNNI integer dot products.
+
+CPU runtimes (llama.cpp's Q8 activations, for example) do this to reach the memory bandwidth: the exact path
+spends one AND, one int->float conversion and one FMA per weight, this one spends about a fifth of that.
+It changes the results (activations rounded to 8 bits per block of 32), so it is never the default: a layer
+uses it only when its `mode` is set to "int8", and the benchmark reports its accuracy next to its speed.
+
+Layout: the same plan as gptq.gemv (segments of 4-bit packed rows, x permuted to the plan's order); every
+segment must hold whole blocks of 32 codes (4 packed words), which prepare() guarantees for group sizes that
+are multiples of 32 and for a single group. A packed word holds codes of 8 consecutive inputs, nibble k =
+input k. `word & 0x0F0F0F0F` is then four bytes: the codes of inputs 0, 2, 4, 6; `(word >> 4) & 0x0F0F0F0F`
+those of inputs 1, 3, 5, 7. vpdpbusd multiplies four unsigned bytes by four signed bytes and adds the four
+products to a 32-bit lane, so with the int8 activations of inputs (0, 2, 4, 6) and (1, 3, 5, 7) packed into
+two 32-bit numbers, two instructions do the 8 multiply-adds of a word for 16 columns at once.
+
+Per block b of 32 inputs with scale d_b = max|x| / 127 and xq = round(x / d_b):
+    acc_j += d_b * sum_{i in b} xq_i * q_ij                 (exact integer sum, one conversion per block)
+and per segment, as in the exact path, y_j += s_j * (acc_j - z_j * sum_i d_b xq_i).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .gptq import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+
+BLOCK = 32                 # inputs per activation scale (4 packed words)
+
+
+def vnni_available():
+    """True when the CPU has AVX512-VNNI (vpdpbusd on 512-bit vectors)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags and "avx512f" in flags
+
+
+@intrinsic
+def _vnni_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, scale):
+    """For 16 columns: acc[0:16] += scale * sum over 4 packed rows of (int8 x) . (4-bit codes).
+
+    acc_addr: float32 accumulators; w_addr: first packed word (uint32) of the 16 columns in the block's
+    first row, the next rows `row_bytes` further; xw_addr: 8 int32, the int8 activations packed in fours
+    (inputs 0,2,4,6 | 1,3,5,7 of each word). Written in LLVM IR because Numba has no vector types.
+    """
+    def codegen(context, builder, signature, args):
+        acc_a, w_a, stride, xw_a, sc = args
+        i8p = ir.IntType(8).as_pointer()
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v16i = ir.VectorType(i32, 16)
+        v16f = ir.VectorType(ir.FloatType(), 16)
+        module = builder.module
+        dpbusd_ty = ir.FunctionType(v16i, [v16i, v16i, v16i])
+        name = "llvm.x86.avx512.vpdpbusd.512"
+        dpbusd = module.globals.get(name) or ir.Function(module, dpbusd_ty, name)
+
+        def splat(value, vty):
+            undef = ir.Constant(vty, ir.Undefined)
+            one = builder.insert_element(undef, value, i32(0))
+            return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+
+        def vload(addr, vty, align):
+            ptr = builder.inttoptr(addr, vty.as_pointer())
+            return builder.load(ptr, align=align)
+
+        mask = ir.Constant(v16i, [0x0F0F0F0F] * 16)
+        four = ir.Constant(v16i, [4] * 16)
+        total = ir.Constant(v16i, [0] * 16)
+        for k in range(4):
+            w = vload(builder.add(w_a, builder.mul(stride, i64(k))), v16i, 4)
+            low = builder.and_(w, mask)
+            high = builder.and_(builder.lshr(w, four), mask)
+            xa = builder.load(builder.inttoptr(builder.add(xw_a, i64(8 * k)), i32.as_pointer()), align=4)
+            xb = builder.load(builder.inttoptr(builder.add(xw_a, i64(8 * k + 4)), i32.as_pointer()), align=4)
+            total = builder.call(dpbusd, [total, low, splat(xa, v16i)])
+            total = builder.call(dpbusd, [total, high, splat(xb, v16i)])
+        acc = vload(acc_a, v16f, 4)
+        scaled = builder.fmul(builder.sitofp(total, v16f), splat(sc, v16f))
+        builder.store(builder.fadd(acc, scaled), builder.inttoptr(acc_a, v16f.as_pointer()), align=4)
+        return context.get_dummy_value()
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.float32)
+    return sig, codegen
+
+
+def quantize_activations(xp):
+    """xp [N, padded] float32 -> (packed int8 codes as int32 [N, padded / 4] in the vpdpbusd order,
+    block scales [N, padded / 32] float32, dequantized activations x_hat [N, padded] float32)."""
+    n, m = xp.shape
+    blocks = xp.reshape(n, m // BLOCK, BLOCK)                                 # [N, B, 32]
+    scale = np.abs(blocks).max(axis=2) / 127.0                                # [N, B]
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int8)   # [N, B, 32]
+    x_hat = (q.astype(np.float32) * scale[:, :, None]).reshape(n, m)          # [N, padded]
+    words = q.reshape(n, m // 8, 8)                                           # [N, words, 8] one packed word
+    order = words[:, :, [0, 2, 4, 6, 1, 3, 5, 7]]                             # even inputs, then odd inputs
+    packed = np.ascontiguousarray(order).reshape(n, m).view(np.int32)         # [N, padded / 4]
+    return packed, scale, x_hat
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def gemv_int8(qw, xw, xscale, xhat, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
+    """The int8-activation GEMV for 4-bit plans (see the module docstring); same loop order as gptq.gemv:
+    prange over column blocks, per segment integer dot products per 32-input block, fold once per segment.
+    Columns past the last multiple of 16 of a block take a scalar loop with the same arithmetic."""
+    n_rows = xw.shape[0]
+    n_out = qw.shape[1]
+    row_bytes = qw.shape[1] * 4
+    n_blocks = (n_out + block - 1) // block
+    base_w = np.int64(qw.ctypes.data)
+    x_row_bytes = xw.shape[1] * 4
+    for b in prange(n_blocks):
+        j0 = b * block
+        width = min(n_out, j0 + block) - j0
+        vec = width // 16 * 16
+        acc = np.zeros(width, dtype=np.float32)
+        zbuf = np.empty(width, dtype=np.float32)
+        base_acc = np.int64(acc.ctypes.data)
+        for n in range(n_rows):
+            out = y[n, j0:j0 + width]
+            out[:] = 0.0
+            base_x = np.int64(xw.ctypes.data) + n * x_row_bytes
+            for s in range(seg_group.shape[0]):
+                u0, u1 = seg_start[s], seg_start[s + 1]          # packed words; multiples of 4
+                sum_x = np.float32(0.0)
+                for i in range(u0 * 8, u1 * 8):
+                    sum_x += xhat[n, i]
+                for r in range(u0, u1, 4):
+                    d = xscale[n, r // 4]
+                    for jj in range(0, vec, 16):
+                        _vnni_block16(base_acc + jj * 4, base_w + r * row_bytes + (j0 + jj) * 4, row_bytes,
+                                      base_x + r * 8, d)
+                    for j in range(vec, width):
+                        total = 0
+                        for k in range(4):
+                            word = np.int64(qw[r + k, j0 + j])
+                            for t in range(8):
+                                total += ((word >> (4 * t)) & 15) * np.int64(
+                                    _xq(xw, n, (r + k) * 8 + t))
+                        acc[j] += np.float32(total) * d
+                g = seg_group[s]
+                if const_zero >= 0:
+                    _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero), sum_x)
+                else:
+                    _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
+                    _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sum_x)
+
+
+@njit(inline="always")
+def _xq(xw, n, i):
+    """The int8 activation of input i (plan order) from the packed words of quantize_activations."""
+    word, t = i // 8, i % 8
+    slot = (t // 2) if t % 2 == 0 else 4 + t // 2                 # even inputs first, then odd
+    packed = np.int64(xw[n, word * 2 + slot // 4])
+    byte = (packed >> (8 * (slot % 4))) & 255
+    return byte - 256 if byte > 127 else byte
+
+
+def supports(plan):
+    """int8 mode needs 4-bit codes and segments of whole 32-input blocks."""
+    return plan.bits == 4 and bool(np.all(plan.seg_start % 4 == 0))
+
+
+def gptq_matmul_int8(plan, xp, y, block):
+    """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp already in plan order)."""
+    xw, xscale, xhat = quantize_activations(xp)
+    gemv_int8(plan.qw, xw, xscale, xhat, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
+              plan.zero_add, plan.const_zero, block, y)
+    return y
