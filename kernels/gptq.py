@@ -1,4 +1,4 @@
-"""Fast GPTQ matmuls in Numba: a fused dequantize-GEMV for decode and a dequantize-tile + BLAS path for prefill.
+"""Fast GPTQ matmuls in Numba: a fused dequantize-GEMV for decode, dequantized slabs + BLAS for prefill.
 
 They compute exactly what tinyllama_ref/quant.py's reference does (float32 arithmetic throughout), without ever
 building a float copy of the whole weight matrix.
@@ -9,7 +9,10 @@ Layout (prepared once per layer by prepare(), cost reported by GPTQLinear.prepar
   segments  runs of whole "units" of packed rows that all belong to one group. A unit is the smallest
             number of words that holds whole codes: 1 word for 2/4/8 bits, 3 words (32 codes) for 3 bits.
   perm      for a repacked layer: the original input row of each sorted row (-1 for padding rows, which
-            read x = 0). Per call we permute x once (cheap: `in` floats) instead of touching the weights.
+            read x = 0; each group is padded to a multiple of 32 inputs). Per call we permute x once
+            (cheap: `in` floats) instead of touching the weights.
+  const_zero the true zero when every group and column shares it (symmetric GPTQ), so the kernel need
+            not unpack qzeros; -1 otherwise.
 
 Why this is fast (docs/TARGETS.md: a straightforward loop spends ~32 operations per 4-byte word):
   1. Group-sum factorisation. For one segment of group g:
@@ -22,8 +25,12 @@ Why this is fast (docs/TARGETS.md: a straightforward loop spends ~32 operations 
   3. The inner loop runs over output columns j, contiguous in memory in every packed row, so LLVM
      vectorizes it 16 columns per AVX-512 instruction. masked_f32 is an LLVM intrinsic so the AND and the
      conversion stay in 32-bit lanes (Numba's own integer arithmetic widens to 64 bits, halving the width).
-  4. Columns are split into blocks, prange over blocks: both cores stream disjoint column slabs, each block's
-     accumulator stays in L1.
+  4. Several packed rows per pass (4 words = 32 codes for 4 bits, 6 words = 64 codes for 3 bits): the
+     accumulator is loaded and stored once per pass, and the partial sums form a tree, not one long chain.
+  5. Columns are split into a few long blocks per thread, prange over blocks: both cores stream disjoint
+     column slabs of every packed row.
+Prefill (more than GEMV_MAX_ROWS rows): each thread dequantizes a slab of columns for all inputs into its
+own float32 scratch (never the whole matrix) and multiplies it with single-threaded BLAS (kernels/slabs.py).
 """
 
 import os
