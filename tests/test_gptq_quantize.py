@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import tinyllama_ref
-from gptq_packer import pack_stream_columns, pack_stream_rows
+from gptq_packer import pack_stream_columns, pack_stream_rows, write_safetensors
 from quantize_helpers import make_trained_llama, pattern_corpus, perplexity, rtn_quantize
 from tinyllama_ref import quant
 from tinyllama_ref.cli import Cli
@@ -199,12 +199,12 @@ def test_each_linear_beats_round_to_nearest_on_the_same_grid(trained, quantized,
 @pytest.mark.parametrize("bits,group_size,act_order,sym,fmt", [(4, 32, True, True, "gptq"),
                                                                (3, 32, True, False, "gptq"),
                                                                (4, -1, False, False, "gptq_v2")])
-def test_written_file_equals_the_independent_packer_byte_for_byte(trained, quantized, bits, group_size,
+def test_written_file_equals_the_independent_packer_byte_for_byte(trained, quantized, tmp_path, bits, group_size,
                                                                   act_order, sym, fmt):
     out, results, _ = quantized(bits, group_size, act_order, sym, fmt)
     tensors = read_file_tensors(out)
     dense = tinyllama_ref.checkpoint.Checkpoint(trained)
-    expected_names = set()
+    expected = {}
     for (i, key), r in results.items():
         p = f"model.layers.{i}.{SUBS[key]}"
         stored = (r.zeros - 1) % 2 ** bits if fmt == "gptq" else r.zeros     # FORMATS.md: v1 stores zero - 1
@@ -214,12 +214,21 @@ def test_written_file_equals_the_independent_packer_byte_for_byte(trained, quant
             got = tensors[f"{p}.{t}"]
             assert got.dtype == array.dtype and got.shape == array.shape, (p, t)
             assert got.tobytes() == array.tobytes(), (p, t)
-            expected_names.add(f"{p}.{t}")
+            expected[f"{p}.{t}"] = array
     for name in dense.tensors:
         if not name.endswith("_proj.weight"):
-            assert tensors[name].tobytes() == dense.f32(name).astype(np.float16).tobytes(), name
-            expected_names.add(name)
-    assert set(tensors) == expected_names
+            expected[name] = dense.f32(name).astype(np.float16)
+            assert tensors[name].tobytes() == expected[name].tobytes(), name
+    assert set(tensors) == set(expected)
+    # The whole file: the test-side writer, given the same tensors in the same order and the same metadata,
+    # produces the identical bytes (header, offsets, padding, data).
+    path = os.path.join(out, "model.safetensors")
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    order = [n for n in header if n != "__metadata__"]
+    write_safetensors(str(tmp_path / "packer.safetensors"), {n: expected[n] for n in order},
+                      metadata=header["__metadata__"])
+    assert (tmp_path / "packer.safetensors").read_bytes() == open(path, "rb").read()
     qc = json.load(open(os.path.join(out, "quantize_config.json")))
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert qc == cfg["quantization_config"]

@@ -125,7 +125,7 @@ class StreamingSafetensorsWriter:
             offset += size
         if metadata:
             header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw = json.dumps(header).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         self.path = path
         self.f = open(path + ".partial", "wb")
