@@ -97,3 +97,26 @@ def test_cli_budget_error_is_one_line(deep):
     p = subprocess.run([sys.executable, "-m", "tinyllama_ref.cli", "generate", deep, "--prompt-ids", "1,2",
                         "--max-memory", "2MB"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "too small" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
+    """Act-order GPTQ layers are repacked for the kernels; streaming them must not change a bit."""
+    import tinyllama_ref.streaming as streaming
+    from tinyllama_ref.synth import synthesize
+    monkeypatch.setattr(streaming, "SAFETY_FRACTION", 0.0)
+    path = str(tmp_path / "q")
+    synthesize(path, preset="tiny", bits=4, group_size=32, act_order=True, layers=12, quiet=True)
+    resident = tinyllama_ref.load(path, backend="numba")
+    ids = list(range(1, 40))
+    ref = resident.logits(ids)
+    streamed = tinyllama_ref.load(path, backend="numba")
+    src = streamed.layers
+    c = resident.cfg                                     # what logits(ids) reserves: KV cache, activations
+    src.reserve("KV cache", 2 * c.n_layers * len(ids) * c.n_kv_heads * c.head_dim * 4)
+    src.reserve("activations", resident.layers.reserved["activations"])
+    src.budget = src._fixed() + 2 * max(src.file_bytes) + streaming.READ_CHUNK + 3 * max(src.file_bytes)
+    src.n_resident = src._plan()
+    assert 0 < src.n_resident < src.n_layers
+    np.testing.assert_array_equal(streamed.logits(ids), ref)
+    assert streamed.generate([1, 5, 9], max_new_tokens=6, stop_ids=[]) == \
+        resident.generate([1, 5, 9], max_new_tokens=6, stop_ids=[])

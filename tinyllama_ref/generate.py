@@ -51,14 +51,22 @@ def run(model, prompts, max_new_tokens, sampler, stop_ids, on_step=None):
         return outs
     max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max_new_tokens)
     cache = model.new_cache(len(prompts), max_len)
+    try:
+        return _decode(model, prompts, outs, cache, max_new_tokens, max_len, sampler, stop_ids, on_step)
+    finally:
+        model.layers.release_reservation("KV cache")
+
+
+def _decode(model, prompts, outs, cache, max_new_tokens, max_len, sampler, stop_ids, on_step):
+    cfg = model.cfg
     live = list(range(len(prompts)))
     t = time.perf_counter()
     logits = model.forward([np.asarray(p) for p in prompts], cache, live)       # [B, V]
+    t_prev = time.perf_counter()
     for c in outs:
-        c.prefill_seconds = time.perf_counter() - t
+        c.prefill_seconds = t_prev - t
     while live:
         new = sampler.sample_batch(logits, [outs[s].prompt_ids + outs[s].token_ids for s in live])
-        t_now = time.perf_counter()
         for s, tok in zip(live, new):
             c = outs[s]
             c.token_ids.append(int(tok))
@@ -77,11 +85,10 @@ def run(model, prompts, max_new_tokens, sampler, stop_ids, on_step=None):
         if not live:
             break
         logits = model.forward([np.array([outs[s].token_ids[-1]]) for s in live], cache, live)  # [B_live, V]
-        dt = time.perf_counter() - t_now
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now            # one decode step: sampling plus a pass over the weights
         for s in live:
             outs[s].token_seconds.append(dt)
-    model.layers.release_reservation("KV cache")
-    del cache
     return outs
 
 

@@ -132,7 +132,10 @@ class Model:
         if len(ids) > self.cfg.max_seq_len:
             raise GenerationError(f"{len(ids)} tokens exceed the model's context of {self.cfg.max_seq_len}")
         cache = self.new_cache(1, len(ids))
-        return self.forward([ids], cache, [0], all_logits=True)
+        try:
+            return self.forward([ids], cache, [0], all_logits=True)
+        finally:
+            self.layers.release_reservation("KV cache")
 
     def generate(self, token_ids, max_new_tokens=16, temperature=0.0, **sampling):
         """New token ids after the prompt (a list of ints), or one list per prompt for a batch of prompts."""

@@ -30,7 +30,7 @@ from .weights import LINEARS, layer_tensor_names, load_layer
 JIT_RESERVE = 256 * 10**6          # numba: LLVM's peak while compiling the kernels the first time
 SAFETY = 16 * 10**6                # interpreter growth after load (lazy imports, small temporaries) ...
 SAFETY_FRACTION = 0.01             # ... plus 1% of the budget for allocator slack
-READ_CHUNK = 4 * 2**20             # bytes per pread when reading a layer ahead (one reused buffer)
+READ_CHUNK = 2**20                 # bytes per pread when reading a layer ahead (one reused buffer)
 
 
 class LayerSource:
