@@ -143,8 +143,8 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
 def markdown(results):
     """The results as a markdown table (decode rows first, then prefill)."""
     lines = ["| mode | shape (in x out) | bits | group | rows | median ms | packed GB/s | memory GB/s | ratio | "
-             "GFLOP/s | BLAS f32 GFLOP/s | ratio | prepare s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GFLOP/s | BLAS f32 GFLOP/s | ratio | prepare s | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["rows"] > 4, r["shape"], -r["bits"], r["group_size"], r["rows"],
                                             r["mode"])):
         g = "none" if r["group_size"] == -1 else str(r["group_size"])
@@ -153,7 +153,8 @@ def markdown(results):
                      f"{r['median_ms']} | "
                      f"{r['weights_gbps']} | {r['memory_gbps']} | {r['ratio']:.2f} | "
                      f"{pre if pre is not None else ''} | {r.get('blas_gflops', '')} | "
-                     f"{'' if pre is None else format(r['blas_ratio'], '.2f')} | {r['prepare_s']} |")
+                     f"{'' if pre is None else format(r['blas_ratio'], '.2f')} | {r['prepare_s']} | "
+                     f"{r['loadavg_1min']} |")
     return "\n".join(lines)
 
 
