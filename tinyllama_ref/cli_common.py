@@ -1,6 +1,5 @@
 """Pieces every CLI command shares: model and sampling options, opening a model, prompt files, records."""
 
-import json
 import os
 import sys
 import time
@@ -8,6 +7,7 @@ import time
 import click
 
 from .errors import GenerationError
+from .jsonl import read_jsonl
 
 
 def parse_ids(text):
@@ -90,26 +90,14 @@ def write_atomically(path, text):
 
 
 def read_prompts_file(path):
-    """JSONL: each line {"prompt": text} or {"prompt_ids": [ids]} (optionally "system")."""
+    """JSONL: each line {"prompt": text} or {"prompt_ids": [ids]} (optionally "system"), or a bare string."""
     out = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except FileNotFoundError:
-        raise GenerationError(f"{path}: file not found") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GenerationError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, obj in read_jsonl(path, "prompts"):
         if isinstance(obj, str):
             obj = {"prompt": obj}
         if not isinstance(obj, dict) or not ({"prompt", "prompt_ids"} & set(obj)):
-            raise GenerationError(f"{path}:{n}: expected an object with \"prompt\" or \"prompt_ids\"")
+            raise GenerationError(f"{where}: expected an object with \"prompt\" or \"prompt_ids\"")
         out.append(obj)
-    if not out:
-        raise GenerationError(f"{path}: no prompts")
     return out
 
 

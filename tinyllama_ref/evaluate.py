@@ -3,13 +3,13 @@
 Both only ever read `model.forward` logits through log_softmax; nothing here samples.
 """
 
-import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import GenerationError
+from .jsonl import read_jsonl
 from .ops import log_softmax
 
 
@@ -98,24 +98,7 @@ def parse_item(obj, where):
 
 def read_items(path):
     """A JSONL file of items; a malformed line is an error that names the line."""
-    items = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except FileNotFoundError:
-        raise GenerationError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise GenerationError(f"{path}: not UTF-8 text") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GenerationError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        items.append(parse_item(obj, f"{path}:{n}"))
-    if not items:
-        raise GenerationError(f"{path}: no items")
-    return items
+    return [parse_item(obj, where) for where, obj in read_jsonl(path, "items")]
 
 
 def item_prompt(item):
