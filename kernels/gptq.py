@@ -651,9 +651,7 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zer
     """
     n_rows = xp.shape[0]
     n_out = qw.shape[1]
-    unit_words = 3 if bits == 3 else 1
     unit_codes = 32 if bits == 3 else 32 // bits
-    n_zero_words = qzeros.shape[1]
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
         j0 = b * block

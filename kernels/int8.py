@@ -48,7 +48,6 @@ def _vnni_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, scale):
     """
     def codegen(context, builder, signature, args):
         acc_a, w_a, stride, xw_a, sc = args
-        i8p = ir.IntType(8).as_pointer()
         i32, i64 = ir.IntType(32), ir.IntType(64)
         v16i = ir.VectorType(i32, 16)
         v16f = ir.VectorType(ir.FloatType(), 16)

@@ -53,7 +53,7 @@ def _find_openblas():
 @contextmanager
 def single_threaded_blas():
     """Hold NumPy's OpenBLAS to one thread inside the block; yields False if that is not possible."""
-    import numpy  # noqa: F401  (make sure NumPy's BLAS is loaded before looking for it)
+    import numpy  # noqa: F401,F811  (NumPy's BLAS must be loaded before we look for it)
     api = _find_openblas()
     if api is None:
         yield False

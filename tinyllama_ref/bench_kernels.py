@@ -136,7 +136,7 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
                         q.update(accuracy)
                         results.append(q)
                         emit(q)
-                del layer
+                layer = None                  # free the repacked copy before the next layer
     return results
 
 
