@@ -155,6 +155,20 @@ def test_chat_turns_reset_quit(ckpt):
     assert len(p.stdout.splitlines()) == 2           # one reply line per user turn
 
 
+def test_int8_mode_is_opt_in_and_close(ckpt):
+    from tinyllama_ref.kernels.int8 import vnni_available
+    if not vnni_available():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    args = ["generate", ckpt, "--prompt", "The patient", "-n", "4", "--json", "--ignore-eos", "--greedy"]
+    exact = json.loads(invoke(*args).stdout)
+    approx = invoke(*args, "--gptq-mode", "int8")
+    assert approx.exit_code == 0, approx.output
+    assert len(json.loads(approx.stdout)["token_ids"]) == 4
+    from tinyllama_ref.quant import set_activation_mode
+    set_activation_mode("exact")                     # the mode is process-wide: leave it as found
+    assert exact["token_ids"] == json.loads(invoke(*args).stdout)["token_ids"]
+
+
 def test_inspect_json(ckpt):
     r = invoke("inspect", ckpt, "--json")
     assert r.exit_code == 0, r.output

@@ -67,7 +67,7 @@ def main():
 @model_options
 def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, template, system,
              max_new_tokens, stop, ignore_eos, as_json, greedy, temperature, top_k, top_p, min_p,
-             repetition_penalty, seed, backend, max_memory, quiet):
+             repetition_penalty, seed, backend, max_memory, quiet, gptq_mode):
     """Continue a prompt, streaming the text as it is produced.
 
     \b
@@ -99,7 +99,7 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
         raise GenerationError("--output goes with --prompts-file")
     if max_new_tokens < 0:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    model = open_model(checkpoint, backend, max_memory, quiet)
+    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     params = SamplingParams.from_generation_config(checkpoint, **params_kw)
     stop_ids = set() if ignore_eos else None
 
@@ -165,7 +165,7 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
 @sampling_options
 @model_options
 def chat(checkpoint, template, system, max_new_tokens, greedy, temperature, top_k, top_p, min_p,
-         repetition_penalty, seed, backend, max_memory, quiet):
+         repetition_penalty, seed, backend, max_memory, quiet, gptq_mode):
     """Talk to the model turn by turn. Type /reset to forget the history, /quit (or Ctrl-D) to leave.
 
     \b
@@ -175,7 +175,7 @@ def chat(checkpoint, template, system, max_new_tokens, greedy, temperature, top_
     from .generate import generate_text
     from .sampling import SamplingParams
     from .templates import encode_chat, stop_conditions
-    model = open_model(checkpoint, backend, max_memory, quiet)
+    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     tok = model.tokenizer
     template = resolve_template(model, template)
     params = SamplingParams.from_generation_config(

@@ -26,6 +26,9 @@ def model_options(f):
     f = click.option("--quiet", "-q", is_flag=True, help="No progress or notices on stderr.")(f)
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Memory budget, e.g. 20GB, 1500MB or bytes (default: 85% of available memory).")(f)
+    f = click.option("--gptq-mode", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
+                     help="exact: float32 GPTQ kernels; int8: opt-in approximate decode (activations "
+                          "rounded to int8 per block of 32, AVX512-VNNI; 4-bit layers only).")(f)
     f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
                      help="numba: fast kernels; numpy: the readable reference.")(f)
     return f
@@ -57,8 +60,10 @@ def notice(quiet, text):
         click.echo(text, err=True)
 
 
-def open_model(checkpoint, backend, max_memory, quiet=True):
+def open_model(checkpoint, backend, max_memory, quiet=True, gptq_mode="exact"):
     from . import load
+    from .quant import set_activation_mode
+    set_activation_mode(gptq_mode)
     t = time.perf_counter()
     if not quiet and sys.stderr.isatty():
         click.echo(f"loading {checkpoint} ...", err=True)

@@ -16,7 +16,8 @@ from .progress import Progress
 @click.option("--stride", type=int, default=None, help="Tokens between window starts (default: --context).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record.")
 @model_options
-def perplexity(checkpoint, file, context, stride, as_json, backend, max_memory, quiet):
+def perplexity(checkpoint, file, context, stride, as_json, backend, max_memory, quiet,
+               gptq_mode):
     """Perplexity of a text file, with a sliding window.
 
     \b
@@ -31,7 +32,7 @@ def perplexity(checkpoint, file, context, stride, as_json, backend, max_memory, 
         raise GenerationError(f"{file}: file not found") from None
     except UnicodeDecodeError:
         raise GenerationError(f"{file}: not UTF-8 text") from None
-    model = open_model(checkpoint, backend, max_memory, quiet)
+    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     ids = model.tokenizer.encode(text, add_bos=True)
     bar = Progress("perplexity", len(ids), enabled=not quiet, unit="tok")
     result = run_perplexity(model, ids, context, stride, on_window=bar.update)
@@ -48,7 +49,7 @@ def perplexity(checkpoint, file, context, stride, as_json, backend, max_memory, 
 @click.argument("items", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per item, then a summary record.")
 @model_options
-def score(checkpoint, items, as_json, backend, max_memory, quiet):
+def score(checkpoint, items, as_json, backend, max_memory, quiet, gptq_mode):
     """Multiple-choice accuracy: each option scored by its log-likelihood after the question.
 
     ITEMS is JSONL, one {"question", "options", "answer"} per line (answer: the right option's index, text
@@ -61,7 +62,7 @@ def score(checkpoint, items, as_json, backend, max_memory, quiet):
     """
     from .evaluate import read_items, score as run_score
     parsed = read_items(items)
-    model = open_model(checkpoint, backend, max_memory, quiet)
+    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     bar = Progress("scoring", len(parsed), enabled=not quiet, unit="items")
     summary = run_score(model, model.tokenizer, parsed, on_item=bar.update)
     bar.close()
