@@ -52,6 +52,8 @@ from .slabs import run_slabs
 GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once per row; beyond: tile + BLAS
 GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
                            # per thread evens out a thread that the OS delays
+INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
+INPLACE_SCALE_BYTES = 128 * 2**10   # "inplace" plans: float32 scales of one column block, all groups
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
                            # threads together; see kernels/slabs.py for why each thread runs its own slabs
 
@@ -770,6 +772,603 @@ def dequantize_slab(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, j0
                           tile, lo)
 
 
+# -- act-order in the checkpoint's own row order (no load-time repack) ---------------------------------------
+# A layer streamed from disk every token cannot afford repack_rows() (0.03-0.3 s per matrix, more than reading
+# it). prepare(..., repack=False) keeps qweight exactly as mapped and these kernels read it in place.
+#
+# In the original row order neighbouring codes belong to unrelated groups (act-order), so the segment trick of
+# gemv() (one scale per run of rows) is gone. Instead each code is multiplied by its own group's scale, looked
+# up per input through g_idx in a small float32 buffer sc[G, width] widened from fp16 once per column block:
+#     y_j = sum_i x_i * s[g_i, j] * q_ij  -  sum_g (sum_{i in g} x_i) * s[g, j] * z[g, j]
+# The first sum is the inner loop (per code: AND, int->float, two multiplies, no stores: the partial sums
+# form a tree in registers, as in gemv()); the second needs only the per-group sums of x (computed once per
+# call, [N, G]) and costs G * out operations, 1/group_size of the first. sc is G * width * 4 bytes and is
+# read once per code, so a column block is narrow enough to keep it in L2 (see inplace_block()).
+# _inplace_pass_source() prints each pass; tests/test_kernels_gptq_inplace.py checks they match it.
+
+def _inplace_pass_source(bits, nwords):
+    """The Python source of _ipass_b{bits}_w{nwords}: like _pass_source, but every code also multiplies by
+    the float32 scale of its own input's group (row g_idx[i + t] of the block's scale buffer), because in
+    the checkpoint's row order neighbouring codes belong to unrelated groups."""
+    nvals = nwords * 32 // bits
+    terms = {w: [] for w in range(nwords)}
+    coefs = []
+    for t in range(nvals):
+        w, off = divmod(t * bits, 32)
+        if off + bits <= 32:
+            coefs.append((f"c{t}", t, 2.0 ** -off))
+            terms[w].append((f"c{t}", t, ((1 << bits) - 1) << off))
+        else:
+            low = 32 - off
+            coefs.append((f"c{t}a", t, 2.0 ** -off))
+            terms[w].append((f"c{t}a", t, ((1 << low) - 1) << off))
+            coefs.append((f"c{t}b", t, 2.0 ** low))
+            terms[w + 1].append((f"c{t}b", t, (1 << (bits - low)) - 1))
+    lines = ['@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)',
+             f"def _ipass_b{bits}_w{nwords}(qw, r, x, i, gi, sc, acc, j0, width):",
+             f'    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the {nvals} '
+             f'{bits}-bit codes\n    in packed rows r..r+{nwords - 1}."""']
+    for w in range(nwords):
+        lines.append(f"    w{w} = qw[r + {w}, j0:j0 + width]" if w else "    w0 = qw[r, j0:j0 + width]")
+    for t in range(nvals):
+        lines.append(f"    s{t} = sc[gi[i + {t}]]")
+    for c, t, scale in coefs:
+        lines.append(f"    {c} = x[i + {t}]" if scale == 1.0 else f"    {c} = x[i + {t}] * np.float32({scale!r})")
+    lines.append("    for j in range(np.uint64(width)):")
+    for w in range(nwords):
+        lines.append(f"        a{w} = w{w}[j]")
+    sums = []
+    for w in range(nwords):
+        for half in range(2):
+            parts = [f"{c} * s{t}[j] * masked_f32(a{w}, 0x{m:08X})" for c, t, m in terms[w][half::2]]
+            sums.append(f"p{w}{half}")
+            lines.append("        p{}{} = ({})".format(w, half, ("\n" + " " * 17 + "+ ").join(parts)))
+    while len(sums) > 1:
+        pairs = [f"({a} + {b})" for a, b in zip(sums[::2], sums[1::2])]
+        sums = pairs + (sums[-1:] if len(sums) % 2 else [])
+    lines.append("        acc[j] += " + sums[0][1:-1] if sums[0].startswith("(") else "        acc[j] += " + sums[0])
+    return "\n".join(lines) + "\n"
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_b4_w4(qw, r, x, i, gi, sc, acc, j0, width):
+    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the 32 4-bit codes
+    in packed rows r..r+3."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    w2 = qw[r + 2, j0:j0 + width]
+    w3 = qw[r + 3, j0:j0 + width]
+    s0 = sc[gi[i + 0]]
+    s1 = sc[gi[i + 1]]
+    s2 = sc[gi[i + 2]]
+    s3 = sc[gi[i + 3]]
+    s4 = sc[gi[i + 4]]
+    s5 = sc[gi[i + 5]]
+    s6 = sc[gi[i + 6]]
+    s7 = sc[gi[i + 7]]
+    s8 = sc[gi[i + 8]]
+    s9 = sc[gi[i + 9]]
+    s10 = sc[gi[i + 10]]
+    s11 = sc[gi[i + 11]]
+    s12 = sc[gi[i + 12]]
+    s13 = sc[gi[i + 13]]
+    s14 = sc[gi[i + 14]]
+    s15 = sc[gi[i + 15]]
+    s16 = sc[gi[i + 16]]
+    s17 = sc[gi[i + 17]]
+    s18 = sc[gi[i + 18]]
+    s19 = sc[gi[i + 19]]
+    s20 = sc[gi[i + 20]]
+    s21 = sc[gi[i + 21]]
+    s22 = sc[gi[i + 22]]
+    s23 = sc[gi[i + 23]]
+    s24 = sc[gi[i + 24]]
+    s25 = sc[gi[i + 25]]
+    s26 = sc[gi[i + 26]]
+    s27 = sc[gi[i + 27]]
+    s28 = sc[gi[i + 28]]
+    s29 = sc[gi[i + 29]]
+    s30 = sc[gi[i + 30]]
+    s31 = sc[gi[i + 31]]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.0625)
+    c2 = x[i + 2] * np.float32(0.00390625)
+    c3 = x[i + 3] * np.float32(0.000244140625)
+    c4 = x[i + 4] * np.float32(1.52587890625e-05)
+    c5 = x[i + 5] * np.float32(9.5367431640625e-07)
+    c6 = x[i + 6] * np.float32(5.960464477539063e-08)
+    c7 = x[i + 7] * np.float32(3.725290298461914e-09)
+    c8 = x[i + 8]
+    c9 = x[i + 9] * np.float32(0.0625)
+    c10 = x[i + 10] * np.float32(0.00390625)
+    c11 = x[i + 11] * np.float32(0.000244140625)
+    c12 = x[i + 12] * np.float32(1.52587890625e-05)
+    c13 = x[i + 13] * np.float32(9.5367431640625e-07)
+    c14 = x[i + 14] * np.float32(5.960464477539063e-08)
+    c15 = x[i + 15] * np.float32(3.725290298461914e-09)
+    c16 = x[i + 16]
+    c17 = x[i + 17] * np.float32(0.0625)
+    c18 = x[i + 18] * np.float32(0.00390625)
+    c19 = x[i + 19] * np.float32(0.000244140625)
+    c20 = x[i + 20] * np.float32(1.52587890625e-05)
+    c21 = x[i + 21] * np.float32(9.5367431640625e-07)
+    c22 = x[i + 22] * np.float32(5.960464477539063e-08)
+    c23 = x[i + 23] * np.float32(3.725290298461914e-09)
+    c24 = x[i + 24]
+    c25 = x[i + 25] * np.float32(0.0625)
+    c26 = x[i + 26] * np.float32(0.00390625)
+    c27 = x[i + 27] * np.float32(0.000244140625)
+    c28 = x[i + 28] * np.float32(1.52587890625e-05)
+    c29 = x[i + 29] * np.float32(9.5367431640625e-07)
+    c30 = x[i + 30] * np.float32(5.960464477539063e-08)
+    c31 = x[i + 31] * np.float32(3.725290298461914e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        a2 = w2[j]
+        a3 = w3[j]
+        p00 = (c0 * s0[j] * masked_f32(a0, 0x0000000F)
+                 + c2 * s2[j] * masked_f32(a0, 0x00000F00)
+                 + c4 * s4[j] * masked_f32(a0, 0x000F0000)
+                 + c6 * s6[j] * masked_f32(a0, 0x0F000000))
+        p01 = (c1 * s1[j] * masked_f32(a0, 0x000000F0)
+                 + c3 * s3[j] * masked_f32(a0, 0x0000F000)
+                 + c5 * s5[j] * masked_f32(a0, 0x00F00000)
+                 + c7 * s7[j] * masked_f32(a0, 0xF0000000))
+        p10 = (c8 * s8[j] * masked_f32(a1, 0x0000000F)
+                 + c10 * s10[j] * masked_f32(a1, 0x00000F00)
+                 + c12 * s12[j] * masked_f32(a1, 0x000F0000)
+                 + c14 * s14[j] * masked_f32(a1, 0x0F000000))
+        p11 = (c9 * s9[j] * masked_f32(a1, 0x000000F0)
+                 + c11 * s11[j] * masked_f32(a1, 0x0000F000)
+                 + c13 * s13[j] * masked_f32(a1, 0x00F00000)
+                 + c15 * s15[j] * masked_f32(a1, 0xF0000000))
+        p20 = (c16 * s16[j] * masked_f32(a2, 0x0000000F)
+                 + c18 * s18[j] * masked_f32(a2, 0x00000F00)
+                 + c20 * s20[j] * masked_f32(a2, 0x000F0000)
+                 + c22 * s22[j] * masked_f32(a2, 0x0F000000))
+        p21 = (c17 * s17[j] * masked_f32(a2, 0x000000F0)
+                 + c19 * s19[j] * masked_f32(a2, 0x0000F000)
+                 + c21 * s21[j] * masked_f32(a2, 0x00F00000)
+                 + c23 * s23[j] * masked_f32(a2, 0xF0000000))
+        p30 = (c24 * s24[j] * masked_f32(a3, 0x0000000F)
+                 + c26 * s26[j] * masked_f32(a3, 0x00000F00)
+                 + c28 * s28[j] * masked_f32(a3, 0x000F0000)
+                 + c30 * s30[j] * masked_f32(a3, 0x0F000000))
+        p31 = (c25 * s25[j] * masked_f32(a3, 0x000000F0)
+                 + c27 * s27[j] * masked_f32(a3, 0x0000F000)
+                 + c29 * s29[j] * masked_f32(a3, 0x00F00000)
+                 + c31 * s31[j] * masked_f32(a3, 0xF0000000))
+        acc[j] += ((p00 + p01) + (p10 + p11)) + ((p20 + p21) + (p30 + p31))
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_b4_w2(qw, r, x, i, gi, sc, acc, j0, width):
+    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the 16 4-bit codes
+    in packed rows r..r+1."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    s0 = sc[gi[i + 0]]
+    s1 = sc[gi[i + 1]]
+    s2 = sc[gi[i + 2]]
+    s3 = sc[gi[i + 3]]
+    s4 = sc[gi[i + 4]]
+    s5 = sc[gi[i + 5]]
+    s6 = sc[gi[i + 6]]
+    s7 = sc[gi[i + 7]]
+    s8 = sc[gi[i + 8]]
+    s9 = sc[gi[i + 9]]
+    s10 = sc[gi[i + 10]]
+    s11 = sc[gi[i + 11]]
+    s12 = sc[gi[i + 12]]
+    s13 = sc[gi[i + 13]]
+    s14 = sc[gi[i + 14]]
+    s15 = sc[gi[i + 15]]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.0625)
+    c2 = x[i + 2] * np.float32(0.00390625)
+    c3 = x[i + 3] * np.float32(0.000244140625)
+    c4 = x[i + 4] * np.float32(1.52587890625e-05)
+    c5 = x[i + 5] * np.float32(9.5367431640625e-07)
+    c6 = x[i + 6] * np.float32(5.960464477539063e-08)
+    c7 = x[i + 7] * np.float32(3.725290298461914e-09)
+    c8 = x[i + 8]
+    c9 = x[i + 9] * np.float32(0.0625)
+    c10 = x[i + 10] * np.float32(0.00390625)
+    c11 = x[i + 11] * np.float32(0.000244140625)
+    c12 = x[i + 12] * np.float32(1.52587890625e-05)
+    c13 = x[i + 13] * np.float32(9.5367431640625e-07)
+    c14 = x[i + 14] * np.float32(5.960464477539063e-08)
+    c15 = x[i + 15] * np.float32(3.725290298461914e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        p00 = (c0 * s0[j] * masked_f32(a0, 0x0000000F)
+                 + c2 * s2[j] * masked_f32(a0, 0x00000F00)
+                 + c4 * s4[j] * masked_f32(a0, 0x000F0000)
+                 + c6 * s6[j] * masked_f32(a0, 0x0F000000))
+        p01 = (c1 * s1[j] * masked_f32(a0, 0x000000F0)
+                 + c3 * s3[j] * masked_f32(a0, 0x0000F000)
+                 + c5 * s5[j] * masked_f32(a0, 0x00F00000)
+                 + c7 * s7[j] * masked_f32(a0, 0xF0000000))
+        p10 = (c8 * s8[j] * masked_f32(a1, 0x0000000F)
+                 + c10 * s10[j] * masked_f32(a1, 0x00000F00)
+                 + c12 * s12[j] * masked_f32(a1, 0x000F0000)
+                 + c14 * s14[j] * masked_f32(a1, 0x0F000000))
+        p11 = (c9 * s9[j] * masked_f32(a1, 0x000000F0)
+                 + c11 * s11[j] * masked_f32(a1, 0x0000F000)
+                 + c13 * s13[j] * masked_f32(a1, 0x00F00000)
+                 + c15 * s15[j] * masked_f32(a1, 0xF0000000))
+        acc[j] += (p00 + p01) + (p10 + p11)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_b4_w1(qw, r, x, i, gi, sc, acc, j0, width):
+    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the 8 4-bit codes
+    in packed rows r..r+0."""
+    w0 = qw[r, j0:j0 + width]
+    s0 = sc[gi[i + 0]]
+    s1 = sc[gi[i + 1]]
+    s2 = sc[gi[i + 2]]
+    s3 = sc[gi[i + 3]]
+    s4 = sc[gi[i + 4]]
+    s5 = sc[gi[i + 5]]
+    s6 = sc[gi[i + 6]]
+    s7 = sc[gi[i + 7]]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.0625)
+    c2 = x[i + 2] * np.float32(0.00390625)
+    c3 = x[i + 3] * np.float32(0.000244140625)
+    c4 = x[i + 4] * np.float32(1.52587890625e-05)
+    c5 = x[i + 5] * np.float32(9.5367431640625e-07)
+    c6 = x[i + 6] * np.float32(5.960464477539063e-08)
+    c7 = x[i + 7] * np.float32(3.725290298461914e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        p00 = (c0 * s0[j] * masked_f32(a0, 0x0000000F)
+                 + c2 * s2[j] * masked_f32(a0, 0x00000F00)
+                 + c4 * s4[j] * masked_f32(a0, 0x000F0000)
+                 + c6 * s6[j] * masked_f32(a0, 0x0F000000))
+        p01 = (c1 * s1[j] * masked_f32(a0, 0x000000F0)
+                 + c3 * s3[j] * masked_f32(a0, 0x0000F000)
+                 + c5 * s5[j] * masked_f32(a0, 0x00F00000)
+                 + c7 * s7[j] * masked_f32(a0, 0xF0000000))
+        acc[j] += p00 + p01
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_b3_w3(qw, r, x, i, gi, sc, acc, j0, width):
+    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the 32 3-bit codes
+    in packed rows r..r+2."""
+    w0 = qw[r, j0:j0 + width]
+    w1 = qw[r + 1, j0:j0 + width]
+    w2 = qw[r + 2, j0:j0 + width]
+    s0 = sc[gi[i + 0]]
+    s1 = sc[gi[i + 1]]
+    s2 = sc[gi[i + 2]]
+    s3 = sc[gi[i + 3]]
+    s4 = sc[gi[i + 4]]
+    s5 = sc[gi[i + 5]]
+    s6 = sc[gi[i + 6]]
+    s7 = sc[gi[i + 7]]
+    s8 = sc[gi[i + 8]]
+    s9 = sc[gi[i + 9]]
+    s10 = sc[gi[i + 10]]
+    s11 = sc[gi[i + 11]]
+    s12 = sc[gi[i + 12]]
+    s13 = sc[gi[i + 13]]
+    s14 = sc[gi[i + 14]]
+    s15 = sc[gi[i + 15]]
+    s16 = sc[gi[i + 16]]
+    s17 = sc[gi[i + 17]]
+    s18 = sc[gi[i + 18]]
+    s19 = sc[gi[i + 19]]
+    s20 = sc[gi[i + 20]]
+    s21 = sc[gi[i + 21]]
+    s22 = sc[gi[i + 22]]
+    s23 = sc[gi[i + 23]]
+    s24 = sc[gi[i + 24]]
+    s25 = sc[gi[i + 25]]
+    s26 = sc[gi[i + 26]]
+    s27 = sc[gi[i + 27]]
+    s28 = sc[gi[i + 28]]
+    s29 = sc[gi[i + 29]]
+    s30 = sc[gi[i + 30]]
+    s31 = sc[gi[i + 31]]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.125)
+    c2 = x[i + 2] * np.float32(0.015625)
+    c3 = x[i + 3] * np.float32(0.001953125)
+    c4 = x[i + 4] * np.float32(0.000244140625)
+    c5 = x[i + 5] * np.float32(3.0517578125e-05)
+    c6 = x[i + 6] * np.float32(3.814697265625e-06)
+    c7 = x[i + 7] * np.float32(4.76837158203125e-07)
+    c8 = x[i + 8] * np.float32(5.960464477539063e-08)
+    c9 = x[i + 9] * np.float32(7.450580596923828e-09)
+    c10a = x[i + 10] * np.float32(9.313225746154785e-10)
+    c10b = x[i + 10] * np.float32(4.0)
+    c11 = x[i + 11] * np.float32(0.5)
+    c12 = x[i + 12] * np.float32(0.0625)
+    c13 = x[i + 13] * np.float32(0.0078125)
+    c14 = x[i + 14] * np.float32(0.0009765625)
+    c15 = x[i + 15] * np.float32(0.0001220703125)
+    c16 = x[i + 16] * np.float32(1.52587890625e-05)
+    c17 = x[i + 17] * np.float32(1.9073486328125e-06)
+    c18 = x[i + 18] * np.float32(2.384185791015625e-07)
+    c19 = x[i + 19] * np.float32(2.9802322387695312e-08)
+    c20 = x[i + 20] * np.float32(3.725290298461914e-09)
+    c21a = x[i + 21] * np.float32(4.656612873077393e-10)
+    c21b = x[i + 21] * np.float32(2.0)
+    c22 = x[i + 22] * np.float32(0.25)
+    c23 = x[i + 23] * np.float32(0.03125)
+    c24 = x[i + 24] * np.float32(0.00390625)
+    c25 = x[i + 25] * np.float32(0.00048828125)
+    c26 = x[i + 26] * np.float32(6.103515625e-05)
+    c27 = x[i + 27] * np.float32(7.62939453125e-06)
+    c28 = x[i + 28] * np.float32(9.5367431640625e-07)
+    c29 = x[i + 29] * np.float32(1.1920928955078125e-07)
+    c30 = x[i + 30] * np.float32(1.4901161193847656e-08)
+    c31 = x[i + 31] * np.float32(1.862645149230957e-09)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        a1 = w1[j]
+        a2 = w2[j]
+        p00 = (c0 * s0[j] * masked_f32(a0, 0x00000007)
+                 + c2 * s2[j] * masked_f32(a0, 0x000001C0)
+                 + c4 * s4[j] * masked_f32(a0, 0x00007000)
+                 + c6 * s6[j] * masked_f32(a0, 0x001C0000)
+                 + c8 * s8[j] * masked_f32(a0, 0x07000000)
+                 + c10a * s10[j] * masked_f32(a0, 0xC0000000))
+        p01 = (c1 * s1[j] * masked_f32(a0, 0x00000038)
+                 + c3 * s3[j] * masked_f32(a0, 0x00000E00)
+                 + c5 * s5[j] * masked_f32(a0, 0x00038000)
+                 + c7 * s7[j] * masked_f32(a0, 0x00E00000)
+                 + c9 * s9[j] * masked_f32(a0, 0x38000000))
+        p10 = (c10b * s10[j] * masked_f32(a1, 0x00000001)
+                 + c12 * s12[j] * masked_f32(a1, 0x00000070)
+                 + c14 * s14[j] * masked_f32(a1, 0x00001C00)
+                 + c16 * s16[j] * masked_f32(a1, 0x00070000)
+                 + c18 * s18[j] * masked_f32(a1, 0x01C00000)
+                 + c20 * s20[j] * masked_f32(a1, 0x70000000))
+        p11 = (c11 * s11[j] * masked_f32(a1, 0x0000000E)
+                 + c13 * s13[j] * masked_f32(a1, 0x00000380)
+                 + c15 * s15[j] * masked_f32(a1, 0x0000E000)
+                 + c17 * s17[j] * masked_f32(a1, 0x00380000)
+                 + c19 * s19[j] * masked_f32(a1, 0x0E000000)
+                 + c21a * s21[j] * masked_f32(a1, 0x80000000))
+        p20 = (c21b * s21[j] * masked_f32(a2, 0x00000003)
+                 + c23 * s23[j] * masked_f32(a2, 0x000000E0)
+                 + c25 * s25[j] * masked_f32(a2, 0x00003800)
+                 + c27 * s27[j] * masked_f32(a2, 0x000E0000)
+                 + c29 * s29[j] * masked_f32(a2, 0x03800000)
+                 + c31 * s31[j] * masked_f32(a2, 0xE0000000))
+        p21 = (c22 * s22[j] * masked_f32(a2, 0x0000001C)
+                 + c24 * s24[j] * masked_f32(a2, 0x00000700)
+                 + c26 * s26[j] * masked_f32(a2, 0x0001C000)
+                 + c28 * s28[j] * masked_f32(a2, 0x00700000)
+                 + c30 * s30[j] * masked_f32(a2, 0x1C000000))
+        acc[j] += ((p00 + p01) + (p10 + p11)) + (p20 + p21)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_b2_w1(qw, r, x, i, gi, sc, acc, j0, width):
+    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the 16 2-bit codes
+    in packed rows r..r+0."""
+    w0 = qw[r, j0:j0 + width]
+    s0 = sc[gi[i + 0]]
+    s1 = sc[gi[i + 1]]
+    s2 = sc[gi[i + 2]]
+    s3 = sc[gi[i + 3]]
+    s4 = sc[gi[i + 4]]
+    s5 = sc[gi[i + 5]]
+    s6 = sc[gi[i + 6]]
+    s7 = sc[gi[i + 7]]
+    s8 = sc[gi[i + 8]]
+    s9 = sc[gi[i + 9]]
+    s10 = sc[gi[i + 10]]
+    s11 = sc[gi[i + 11]]
+    s12 = sc[gi[i + 12]]
+    s13 = sc[gi[i + 13]]
+    s14 = sc[gi[i + 14]]
+    s15 = sc[gi[i + 15]]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.25)
+    c2 = x[i + 2] * np.float32(0.0625)
+    c3 = x[i + 3] * np.float32(0.015625)
+    c4 = x[i + 4] * np.float32(0.00390625)
+    c5 = x[i + 5] * np.float32(0.0009765625)
+    c6 = x[i + 6] * np.float32(0.000244140625)
+    c7 = x[i + 7] * np.float32(6.103515625e-05)
+    c8 = x[i + 8] * np.float32(1.52587890625e-05)
+    c9 = x[i + 9] * np.float32(3.814697265625e-06)
+    c10 = x[i + 10] * np.float32(9.5367431640625e-07)
+    c11 = x[i + 11] * np.float32(2.384185791015625e-07)
+    c12 = x[i + 12] * np.float32(5.960464477539063e-08)
+    c13 = x[i + 13] * np.float32(1.4901161193847656e-08)
+    c14 = x[i + 14] * np.float32(3.725290298461914e-09)
+    c15 = x[i + 15] * np.float32(9.313225746154785e-10)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        p00 = (c0 * s0[j] * masked_f32(a0, 0x00000003)
+                 + c2 * s2[j] * masked_f32(a0, 0x00000030)
+                 + c4 * s4[j] * masked_f32(a0, 0x00000300)
+                 + c6 * s6[j] * masked_f32(a0, 0x00003000)
+                 + c8 * s8[j] * masked_f32(a0, 0x00030000)
+                 + c10 * s10[j] * masked_f32(a0, 0x00300000)
+                 + c12 * s12[j] * masked_f32(a0, 0x03000000)
+                 + c14 * s14[j] * masked_f32(a0, 0x30000000))
+        p01 = (c1 * s1[j] * masked_f32(a0, 0x0000000C)
+                 + c3 * s3[j] * masked_f32(a0, 0x000000C0)
+                 + c5 * s5[j] * masked_f32(a0, 0x00000C00)
+                 + c7 * s7[j] * masked_f32(a0, 0x0000C000)
+                 + c9 * s9[j] * masked_f32(a0, 0x000C0000)
+                 + c11 * s11[j] * masked_f32(a0, 0x00C00000)
+                 + c13 * s13[j] * masked_f32(a0, 0x0C000000)
+                 + c15 * s15[j] * masked_f32(a0, 0xC0000000))
+        acc[j] += p00 + p01
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_b8_w1(qw, r, x, i, gi, sc, acc, j0, width):
+    """acc[j] += sum of x[i + t] * scale[g_idx[i + t], j] * code[t, j0 + j] over the 4 8-bit codes
+    in packed rows r..r+0."""
+    w0 = qw[r, j0:j0 + width]
+    s0 = sc[gi[i + 0]]
+    s1 = sc[gi[i + 1]]
+    s2 = sc[gi[i + 2]]
+    s3 = sc[gi[i + 3]]
+    c0 = x[i + 0]
+    c1 = x[i + 1] * np.float32(0.00390625)
+    c2 = x[i + 2] * np.float32(1.52587890625e-05)
+    c3 = x[i + 3] * np.float32(5.960464477539063e-08)
+    for j in range(np.uint64(width)):
+        a0 = w0[j]
+        p00 = (c0 * s0[j] * masked_f32(a0, 0x000000FF)
+                 + c2 * s2[j] * masked_f32(a0, 0x00FF0000))
+        p01 = (c1 * s1[j] * masked_f32(a0, 0x0000FF00)
+                 + c3 * s3[j] * masked_f32(a0, 0xFF000000))
+        acc[j] += p00 + p01
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _ipass_tail(qw, t0, t1, bits, x, gi, sc, acc, j0, width):
+    """acc[j] += x[t] * scale[g_idx[t], j] * code[t, j0 + j] for codes t0..t1, one code at a time (the inputs
+    past the last whole unit of packed words: 3-bit layers whose inputs are not a multiple of 32)."""
+    mask = (1 << bits) - 1
+    last = qw.shape[0] - 1
+    for t in range(t0, t1):
+        pos = t * bits
+        w = pos >> 5
+        shift = pos & 31
+        row0 = qw[w, j0:j0 + width]
+        row1 = qw[min(w + 1, last), j0:j0 + width]
+        s = sc[gi[t]]
+        xt = x[t]
+        for j in range(np.uint64(width)):
+            q = ((np.int64(row0[j]) | (np.int64(row1[j]) << 32)) >> shift) & mask
+            acc[j] += xt * s[j] * np.float32(q)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, sc, zc):
+    """sc[g, j] = scale of group g, column j0 + j as float32; zc[g, j] its true zero (unless const_zero >= 0,
+    when zc is not used)."""
+    n_zero_words = qzeros.shape[1]
+    mask = (1 << bits) - 1
+    for g in range(sc.shape[0]):
+        srow = scales[g, j0:j0 + width]
+        dst = sc[g]
+        for j in range(np.uint64(width)):
+            dst[j] = f16_to_f32(srow[j])
+        if const_zero < 0:
+            zrow = qzeros[g]
+            zdst = zc[g]
+            for j in range(width):
+                zdst[j] = np.float32((_zero_code(zrow, j0 + j, bits, n_zero_words) + zero_add) & mask)
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n_in, block, y):
+    """y[n, :] = x[n, :] @ W for a few rows n, with qw the checkpoint's qweight in its ORIGINAL row order.
+
+    qw [R, out] uint32 as mapped (no copy), xg [N, units * codes_per_unit] float32 (x zero padded to whole
+    units), gi [units * codes_per_unit] int64 (g_idx, padded with group 0: padded inputs have x = 0),
+    sumx [N, G] float32 per-group sums of x, scales [G, out] uint16 fp16 bits, qzeros [G, words] uint32,
+    zero_add / const_zero as in gemv(). Loop order: prange over column blocks of `block` columns; per block,
+    widen the block's scales (and zeros) of every group once into sc [G, block] (zc), then per activation
+    row run the passes over all packed rows with the column loop innermost (vectorized): acc[j] += x_i s_gi,j
+    q_ij. The block's packed rows (R * block * 4 bytes) stay in L2 for the next activation row. Finally
+    y = acc - sum_g sumx_g s_g z_g.
+    """
+    n_rows = xg.shape[0]
+    n_out = qw.shape[1]
+    n_groups = scales.shape[0]
+    unit_words = 3 if bits == 3 else 1
+    unit_codes = 32 if bits == 3 else 32 // bits
+    n_full = min(qw.shape[0] // unit_words, n_in // unit_codes)   # units whose words and inputs all exist
+    n_blocks = (n_out + block - 1) // block
+    for b in prange(n_blocks):
+        j0 = b * block
+        width = min(n_out, j0 + block) - j0
+        sc = np.empty((n_groups, width), dtype=np.float32)
+        zc = np.empty((n_groups if const_zero < 0 else 1, width), dtype=np.float32)
+        _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, sc, zc)
+        acc = np.empty(width, dtype=np.float32)
+        for n in range(n_rows):
+            x = xg[n]
+            acc[:] = 0.0
+            u = 0
+            if bits == 4:
+                while u + 4 <= n_full:
+                    _ipass_b4_w4(qw, u, x, u * 8, gi, sc, acc, j0, width)
+                    u += 4
+                while u < n_full:
+                    _ipass_b4_w1(qw, u, x, u * 8, gi, sc, acc, j0, width)
+                    u += 1
+            elif bits == 3:
+                while u < n_full:
+                    _ipass_b3_w3(qw, u * 3, x, u * 32, gi, sc, acc, j0, width)
+                    u += 1
+            elif bits == 8:
+                while u < n_full:
+                    _ipass_b8_w1(qw, u, x, u * 4, gi, sc, acc, j0, width)
+                    u += 1
+            else:
+                while u < n_full:
+                    _ipass_b2_w1(qw, u, x, u * 16, gi, sc, acc, j0, width)
+                    u += 1
+            _ipass_tail(qw, n_full * unit_codes, n_in, bits, x, gi, sc, acc, j0, width)
+            out = y[n, j0:j0 + width]
+            for j in range(np.uint64(width)):
+                out[j] = acc[j]
+            for g in range(n_groups):
+                sx = sumx[n, g]
+                srow = sc[g]
+                if const_zero >= 0:
+                    sz = sx * np.float32(const_zero)
+                    for j in range(np.uint64(width)):
+                        out[j] -= sz * srow[j]
+                else:
+                    zrow = zc[g]
+                    for j in range(np.uint64(width)):
+                        out[j] -= sx * srow[j] * zrow[j]
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def dequantize_slab_inplace(qw, gi, scales, qzeros, bits, zero_add, n_in, j0, j1, tile):
+    """tile[i, j] = W[i, j0 + j] for every input i in the ORIGINAL row order (qw as in gemv_inplace), on the
+    calling thread only, GIL released (kernels/slabs.py runs one per thread).
+
+    Per 64-column strip the scales and zeros of every group are widened once into sc / zc [G, 64]; then each
+    code row is decoded with the column loop innermost, looking up its group's rows through g_idx, each code
+    read as 64 bits starting at its word so 3-bit straddlers need no branch.
+    """
+    mask = (1 << bits) - 1
+    last = qw.shape[0] - 1
+    n_groups = scales.shape[0]
+    width = j1 - j0
+    sc = np.empty((n_groups, 64), dtype=np.float32)
+    zc = np.empty((n_groups, 64), dtype=np.float32)
+    for lo in range(0, width, 64):
+        cw = min(width, lo + 64) - lo
+        c0 = j0 + lo
+        _widen_group_rows(scales, qzeros, bits, zero_add, -1, c0, cw, sc[:, :cw], zc[:, :cw])
+        for t in range(n_in):
+            pos = t * bits
+            w = pos >> 5
+            shift = pos & 31
+            row0 = qw[w, c0:c0 + cw]
+            row1 = qw[min(w + 1, last), c0:c0 + cw]
+            g = gi[t]
+            s_row = sc[g]
+            z_row = zc[g]
+            dst = tile[t, lo:lo + cw]
+            for j in range(np.uint64(cw)):
+                both = np.int64(row0[j]) | (np.int64(row1[j]) << 32)
+                q = (both >> shift) & mask
+                dst[j] = s_row[j] * (np.float32(q) - z_row[j])
+
+
 # -- load-time layout ---------------------------------------------------------------------------------------
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
@@ -817,7 +1416,8 @@ class Plan:
         self.__dict__.update(fields)
 
     def __repr__(self):
-        return (f"Plan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}, "
+        segments = "none (in place)" if self.seg_group is None else len(self.seg_group)
+        return (f"Plan(bits={self.bits}, segments={segments}, repacked={self.repacked}, "
                 f"prepare={self.prepare_note})")
 
 
@@ -849,12 +1449,14 @@ def _constant_zero(qzeros, bits, n_out, zero_add):
     return -1
 
 
-def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
+def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True):
     """The kernel layout for one validated layer (see the module docstring).
 
     Zero-copy when every unit of packed rows lies in one group and groups come in few runs (no act-order, or
     act-order with a single group). Otherwise (act-order with several groups, or 3-bit inputs not a multiple
-    of 32) the codes are repacked with input rows sorted by group, each group padded to whole units.
+    of 32) the codes are repacked with input rows sorted by group, each group padded to whole units, unless
+    repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
+    gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     """
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
@@ -874,8 +1476,10 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
             return Plan(bits=bits, qw=qw, perm=None, n_in=n_in, n_padded=n_units * unit_codes,
                         seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                         qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                        zero_add=zero_add, const_zero=const_zero, repacked=False,
+                        zero_add=zero_add, const_zero=const_zero, repacked=False, layout="segments",
                         prepare_note="zero-copy")
+    if not repack:
+        return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero)
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]
@@ -898,8 +1502,59 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
     return Plan(bits=bits, qw=new_qw, perm=perm, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
                 seg_group=seg_group, scales=scales.view(np.uint16),
                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                zero_add=zero_add, const_zero=const_zero, repacked=True,
+                zero_add=zero_add, const_zero=const_zero, repacked=True, layout="segments",
                 prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group")
+
+
+def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
+    """The "inplace" layout: qweight as mapped, plus g_idx padded to whole units (padding inputs read group 0
+    and x = 0). Only O(in) bookkeeping is made here; nothing the size of the weights."""
+    n_in = len(g)
+    unit_codes = unit_shape(bits)[1]
+    n_padded = -(-n_in // unit_codes) * unit_codes
+    gi = np.zeros(n_padded, dtype=np.int64)                                   # [padded]
+    gi[:n_in] = g
+    return Plan(bits=bits, qw=qw, perm=None, n_in=n_in, n_padded=n_padded, seg_start=None, seg_group=None,
+                g_idx=gi, n_groups=scales.shape[0], scales=scales.view(np.uint16),
+                qzeros=np.ascontiguousarray(qzeros).view(np.uint32), zero_add=zero_add, const_zero=const_zero,
+                repacked=False, layout="inplace", prepare_note="in place (act-order read through g_idx)")
+
+
+def inplace_block(n_out, n_groups):
+    """Output columns per gemv_inplace task: the block's float32 scales, sc [G, block], are read once per
+    code and should stay in L2 (about 128 KB), but blocks of at least 64 columns keep each packed row's
+    slab a whole number of cache lines; a multiple of 32 columns starts every block on a qzeros word."""
+    per_task = -(-n_out // max(1, numba.get_num_threads()))
+    cap = max(64, (INPLACE_SCALE_BYTES // (4 * n_groups)) // 32 * 32)
+    return max(32, min(cap, -(-per_task // 32) * 32))
+
+
+def _gptq_matmul_inplace(plan, x):
+    """gptq_matmul for an "inplace" plan: x stays in input order; per-group sums of x are made per call."""
+    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
+    if n_rows <= INPLACE_GEMV_MAX_ROWS:
+        xg = np.zeros((n_rows, plan.n_padded), dtype=np.float32)             # [N, padded]
+        xg[:, :plan.n_in] = x
+        sumx = np.zeros((n_rows, plan.n_groups), dtype=np.float32)           # [N, G]
+        for n in range(n_rows):
+            sumx[n] = np.bincount(plan.g_idx[:plan.n_in], weights=x[n], minlength=plan.n_groups)
+        gemv_inplace(plan.qw, xg, plan.g_idx, sumx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
+                     plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), y)
+        return y
+    threads = max(1, numba.get_num_threads())
+    columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // plan.n_in) // 64 * 64)
+    tiles = {}
+
+    def work(j0, j1, worker):
+        if worker not in tiles:
+            tiles[worker] = np.empty(plan.n_in * columns, dtype=np.float32)     # one scratch per thread
+        t = tiles[worker][:plan.n_in * (j1 - j0)].reshape(plan.n_in, j1 - j0)   # [in, j1 - j0]
+        dequantize_slab_inplace(plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
+                                plan.n_in, j0, j1, t)
+        y[:, j0:j1] = x @ t                                                   # [N, j1 - j0]
+    run_slabs(n_out, columns, work)
+    return y
 
 
 def permute_x(plan, x):
@@ -928,7 +1583,9 @@ def gptq_matmul(plan, x, mode="exact"):
     """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias).
 
     mode "int8" (opt-in, approximate, 4-bit only) quantizes the activations of decode rows and uses
-    kernels/int8.py; layers it cannot serve, and prefill rows, stay exact."""
+    kernels/int8.py; layers it cannot serve, and prefill rows, stay exact (as do "inplace" plans)."""
+    if plan.layout == "inplace":
+        return _gptq_matmul_inplace(plan, x)
     xp = permute_x(plan, x)                                                  # [N, padded]
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]

@@ -282,11 +282,14 @@ class GPTQLinear:
     """y = x @ W + bias for one GPTQ layer; W is never stored as floats.
 
     backend "numpy": dequantize a slab at a time and multiply (the reference above).
-    backend "numba": kernels/gptq.py; a layout is prepared once here (see prepare_seconds).
+    backend "numba": kernels/gptq.py; a layout is prepared once here (see prepare_seconds). repack=False
+    (numba only) never copies qweight: act-order layers with several groups are then read in place through
+    g_idx instead of being repacked sorted by group (slower per call, no load-time cost: for layers that are
+    streamed from disk every token).
     """
 
     def __init__(self, qweight, qzeros, scales, g_idx, cfg, in_features, out_features, bias=None,
-                 backend="numpy", name="", file="<arrays>", tensor_names=()):
+                 backend="numpy", name="", file="<arrays>", tensor_names=(), repack=True):
         if g_idx is None:
             g_idx = default_g_idx(in_features, cfg.group_size)
         validate_tensors(name, file, in_features, out_features, cfg, qweight, qzeros, scales, g_idx, bias)
@@ -303,14 +306,16 @@ class GPTQLinear:
         if backend == "numba":
             from .kernels import gptq as kernels
             t0 = time.perf_counter()
-            self._plan = kernels.prepare(qweight, qzeros, scales, g_idx, cfg.bits, cfg.checkpoint_format)
+            self._plan = kernels.prepare(qweight, qzeros, scales, g_idx, cfg.bits, cfg.checkpoint_format,
+                                         repack=repack)
             self.prepare_seconds = time.perf_counter() - t0
         elif backend != "numpy":
             raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
 
     @classmethod
-    def from_checkpoint(cls, ckpt, prefix, quant_config, backend, in_features, out_features):
-        """The layer stored under `prefix` (e.g. "model.layers.3.mlp.up_proj") as zero-copy views."""
+    def from_checkpoint(cls, ckpt, prefix, quant_config, backend, in_features, out_features, repack=True):
+        """The layer stored under `prefix` (e.g. "model.layers.3.mlp.up_proj") as zero-copy views; repack as in
+        __init__."""
         names = {t: f"{prefix}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         file = ckpt.info(names["qweight"]).file
         if quant_config is None:
@@ -339,7 +344,7 @@ class GPTQLinear:
             used.append(names["bias"])
         return cls(ckpt.raw(names["qweight"]), ckpt.raw(names["qzeros"]), ckpt.raw(names["scales"]), g_idx,
                    quant_config, in_features, out_features, bias=bias, backend=backend, name=prefix, file=file,
-                   tensor_names=used)
+                   tensor_names=used, repack=repack)
 
     @property
     def copied_tensors(self):

@@ -1,0 +1,140 @@
+"""The in-place act-order kernels (kernels/gptq.py, prepare(..., repack=False)) against the independent packer.
+
+Expectations come from tests/gptq_packer.make_layer only: W built from known codes, scales and zeros.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from gptq_packer import make_layer, quantize_config
+from tinyllama_ref import quant
+from tinyllama_ref.kernels import gptq
+
+CASES = [dict(bits=4, group_size=128), dict(bits=4, group_size=32), dict(bits=3, group_size=128),
+         dict(bits=3, group_size=32), dict(bits=4, group_size=32, sym=False),
+         dict(bits=3, group_size=64, sym=False, checkpoint_format="gptq_v2"),
+         dict(bits=2, group_size=32, sym=False), dict(bits=8, group_size=64, sym=False)]
+ROWS = (1, 3, gptq.INPLACE_GEMV_MAX_ROWS, 64)      # GEMV once, a few rows, the most GEMV rows, tiles + BLAS
+
+
+def _id(case):
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def _close(y, expected, rtol):
+    """Agreement to rtol of the output's scale: float32 sums in another order, nothing more."""
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(y, expected, rtol=rtol, atol=rtol * scale)
+
+
+def _plans(layer, bits, fmt="gptq"):
+    args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, fmt)
+    return gptq.prepare(*args, repack=False), gptq.prepare(*args, repack=True)
+
+
+def _check(layer, bits, fmt, rng, rows=ROWS):
+    inplace, repacked = _plans(layer, bits, fmt)
+    assert inplace.layout == "inplace" and not inplace.repacked
+    assert np.shares_memory(inplace.qw, layer["qweight"]) and inplace.qw.shape == layer["qweight"].shape
+    assert repacked.repacked                               # the comparison really is against the other layout
+    for n_rows in rows:
+        x = rng.normal(size=(n_rows, layer["W"].shape[0])).astype(np.float32)      # [N, in]
+        y = gptq.gptq_matmul(inplace, x)
+        _close(y, x @ layer["W"], 1e-4)
+        _close(y, gptq.gptq_matmul(repacked, x), 1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_inplace_matches_w_and_repacked(case):
+    rng = np.random.default_rng(31)
+    layer = make_layer(rng, 512, 160, act_order=True, **case)
+    _check(layer, case["bits"], case.get("checkpoint_format", "gptq"), rng)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_arbitrary_non_monotonic_g_idx(bits):
+    """Any g_idx: uneven, unaligned groups, one group empty, neighbours in unrelated groups."""
+    rng = np.random.default_rng(40 + bits)
+    g_idx = rng.integers(0, 8, size=256).astype(np.int32)
+    g_idx[g_idx == 6] = 7                                    # group 6 holds no input at all
+    layer = make_layer(rng, 256, 96, bits, 32, sym=False, g_idx=g_idx)
+    assert np.any(np.diff(g_idx) < 0)
+    _check(layer, bits, "gptq", rng)
+
+
+@pytest.mark.parametrize("n_in,n_out,bits,group_size", [
+    (200, 40, 4, 64),     # last group short
+    (96, 33, 3, 64),      # out not a multiple of 32
+    (80, 24, 3, 32),      # 3-bit inputs not a multiple of 32: the last unit lacks a word (tail loop)
+    (72, 8, 4, 32),       # fewer columns than one vector
+    (1000, 70, 3, 128),   # 3-bit tail of 8 inputs, several blocks of columns
+])
+def test_odd_shapes(n_in, n_out, bits, group_size):
+    rng = np.random.default_rng(n_in * 7 + n_out)
+    layer = make_layer(rng, n_in, n_out, bits, group_size, act_order=True, sym=False)
+    _check(layer, bits, "gptq", rng)
+
+
+def test_many_column_blocks(monkeypatch):
+    """Narrow blocks (a small scale budget) give many prange tasks and a partial last block."""
+    monkeypatch.setattr(gptq, "INPLACE_SCALE_BYTES", 1)    # floor of 64 columns per block
+    rng = np.random.default_rng(77)
+    layer = make_layer(rng, 256, 300, 4, 32, act_order=True, sym=False)
+    assert gptq.inplace_block(300, 8) == 64
+    _check(layer, 4, "gptq", rng, rows=(1, 5))
+
+
+def test_prefill_tiles_many_slabs(monkeypatch):
+    monkeypatch.setattr(gptq, "TILE_FLOATS", 64 * 300)    # 64-column slabs: 160 columns = 3 slabs, one partial
+    rng = np.random.default_rng(78)
+    layer = make_layer(rng, 256, 160, 3, 32, act_order=True, sym=False)
+    _check(layer, 3, "gptq", rng, rows=(gptq.INPLACE_GEMV_MAX_ROWS + 1, 40))
+
+
+def test_plan_keeps_no_copy_of_the_weights():
+    rng = np.random.default_rng(3)
+    layer = make_layer(rng, 512, 96, 4, 128, act_order=True)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        repack=False)
+    assert np.shares_memory(plan.qw, layer["qweight"]) and np.shares_memory(plan.scales, layer["scales"])
+    assert plan.const_zero == 8
+    small = sum(v.nbytes for v in vars(plan).values() if isinstance(v, np.ndarray)
+                and not np.shares_memory(v, layer["qweight"]) and not np.shares_memory(v, layer["scales"]))
+    assert small <= layer["qzeros"].nbytes + 8 * 512        # qzeros (already contiguous) and g_idx only
+    # A layer that needs no repack gets the same zero-copy segment plan either way.
+    plain = make_layer(rng, 256, 64, 4, 32)
+    for repack in (True, False):
+        p = gptq.prepare(plain["qweight"], plain["qzeros"], plain["scales"], plain["g_idx"], 4, "gptq",
+                         repack=repack)
+        assert p.layout == "segments" and not p.repacked and np.shares_memory(p.qw, plain["qweight"])
+
+
+@pytest.mark.parametrize("repack", [True, False])
+def test_gptq_linear_repack_flag(repack):
+    rng = np.random.default_rng(12)
+    layer = make_layer(rng, 256, 64, 3, 32, act_order=True, sym=False, bias=True)
+    cfg = quant.parse_quant_config(quantize_config(3, 32, True, sym=False), "quantize_config.json")
+    lin = quant.GPTQLinear(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], cfg, 256, 64,
+                           bias=layer["bias"], backend="numba", name="l", tensor_names=["l.qweight", "l.scales"],
+                           repack=repack)
+    assert lin._plan.repacked == repack
+    assert lin.copied_tensors == (["l.qweight"] if repack else [])
+    for n_rows in (1, 12):
+        x = rng.normal(size=(n_rows, 256)).astype(np.float32)
+        _close(lin(x), x @ layer["W"] + layer["bias"].astype(np.float32), 1e-4)
+
+
+def test_int8_mode_leaves_inplace_plans_exact():
+    rng = np.random.default_rng(13)
+    layer = make_layer(rng, 256, 64, 4, 32, act_order=True)
+    plan, _ = _plans(layer, 4)
+    x = rng.normal(size=(1, 256)).astype(np.float32)
+    np.testing.assert_array_equal(gptq.gptq_matmul(plan, x, mode="int8"), gptq.gptq_matmul(plan, x))
+
+
+def test_inplace_passes_match_their_generator():
+    for bits, words in [(4, 4), (4, 1), (3, 3), (2, 1), (8, 1)]:
+        written = inspect.getsource(getattr(gptq, f"_ipass_b{bits}_w{words}").py_func)
+        assert written == gptq._inplace_pass_source(bits, words), (bits, words)
