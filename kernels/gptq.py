@@ -53,7 +53,8 @@ GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once pe
 GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
                            # per thread evens out a thread that the OS delays
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
-INPLACE_SCALE_BYTES = 128 * 2**10   # "inplace" plans: float32 scales of one column block, all groups
+INPLACE_SCALE_BYTES = 512 * 2**10   # "inplace" plans: float32 scales of one column block, all groups
+INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
                            # threads together; see kernels/slabs.py for why each thread runs its own slabs
 
@@ -1268,7 +1269,7 @@ def _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, sc,
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n_in, block, y):
+def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n_in, block, chunk_bytes, y):
     """y[n, :] = x[n, :] @ W for a few rows n, with qw the checkpoint's qweight in its ORIGINAL row order.
 
     qw [R, out] uint32 as mapped (no copy), xg [N, units * codes_per_unit] float32 (x zero padded to whole
@@ -1293,30 +1294,38 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
         sc = np.empty((n_groups, width), dtype=np.float32)
         zc = np.empty((n_groups if const_zero < 0 else 1, width), dtype=np.float32)
         _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, sc, zc)
-        acc = np.empty(width, dtype=np.float32)
+        accs = np.zeros((n_rows, width), dtype=np.float32)
+        # Packed rows in chunks of about INPLACE_CHUNK_BYTES (a whole number of passes): every activation row
+        # runs over one chunk before the next is read, so the chunk is read from memory once, from L2 after.
+        chunk = max(4, (chunk_bytes // (width * 4 * unit_words)) // 4 * 4)      # units per chunk
+        for c0 in range(0, n_full, chunk):
+            c1 = min(n_full, c0 + chunk)
+            for n in range(n_rows):
+                x = xg[n]
+                acc = accs[n]
+                u = c0
+                if bits == 4:
+                    while u + 4 <= c1:
+                        _ipass_b4_w4(qw, u, x, u * 8, gi, sc, acc, j0, width)
+                        u += 4
+                    while u < c1:
+                        _ipass_b4_w1(qw, u, x, u * 8, gi, sc, acc, j0, width)
+                        u += 1
+                elif bits == 3:
+                    while u < c1:
+                        _ipass_b3_w3(qw, u * 3, x, u * 32, gi, sc, acc, j0, width)
+                        u += 1
+                elif bits == 8:
+                    while u < c1:
+                        _ipass_b8_w1(qw, u, x, u * 4, gi, sc, acc, j0, width)
+                        u += 1
+                else:
+                    while u < c1:
+                        _ipass_b2_w1(qw, u, x, u * 16, gi, sc, acc, j0, width)
+                        u += 1
         for n in range(n_rows):
             x = xg[n]
-            acc[:] = 0.0
-            u = 0
-            if bits == 4:
-                while u + 4 <= n_full:
-                    _ipass_b4_w4(qw, u, x, u * 8, gi, sc, acc, j0, width)
-                    u += 4
-                while u < n_full:
-                    _ipass_b4_w1(qw, u, x, u * 8, gi, sc, acc, j0, width)
-                    u += 1
-            elif bits == 3:
-                while u < n_full:
-                    _ipass_b3_w3(qw, u * 3, x, u * 32, gi, sc, acc, j0, width)
-                    u += 1
-            elif bits == 8:
-                while u < n_full:
-                    _ipass_b8_w1(qw, u, x, u * 4, gi, sc, acc, j0, width)
-                    u += 1
-            else:
-                while u < n_full:
-                    _ipass_b2_w1(qw, u, x, u * 16, gi, sc, acc, j0, width)
-                    u += 1
+            acc = accs[n]
             _ipass_tail(qw, n_full * unit_codes, n_in, bits, x, gi, sc, acc, j0, width)
             out = y[n, j0:j0 + width]
             for j in range(np.uint64(width)):
@@ -1540,7 +1549,7 @@ def _gptq_matmul_inplace(plan, x):
         for n in range(n_rows):
             sumx[n] = np.bincount(plan.g_idx[:plan.n_in], weights=x[n], minlength=plan.n_groups)
         gemv_inplace(plan.qw, xg, plan.g_idx, sumx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-                     plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), y)
+                     plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), INPLACE_CHUNK_BYTES, y)
         return y
     threads = max(1, numba.get_num_threads())
     columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // plan.n_in) // 64 * 64)
