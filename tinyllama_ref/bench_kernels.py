@@ -7,9 +7,13 @@ built in memory and run through GPTQLinear's Numba backend:
   - prefill (64 and 512 rows): GFLOP/s (2 * rows * in * out / time) next to float32 BLAS on the same shapes
     (x @ W with W a dense float32 [in, out]) measured in the same run, with their ratio.
 The load-time preparation (act-order repack) is timed too. Only "exact" mode exists: float32 arithmetic.
+--layout picks the act-order layout: "repacked" (rows sorted by group at load, for resident layers), "inplace"
+(prepare(..., repack=False): qweight read as stored, no load-time copy, for layers streamed from disk) or both;
+every result names its layout.
 
     python tools/bench_kernels.py                       # the full table (a few minutes)
     python tools/bench_kernels.py --quick --json        # one shape, JSON lines
+    python tools/bench_kernels.py --layout both --shapes 8192x28672,28672x8192 --groups 128 --rows 1,8
 """
 
 import argparse
@@ -89,7 +93,7 @@ def int8_model_accuracy(seed=0, sequences=32, length=4):
 
 
 def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed=0, emit=print,
-        modes=("exact",)):
+        modes=("exact",), layouts=("repacked",)):
     from .kernels.bandwidth import memory_read_gbps
     from .quant import GPTQLinear
     rng = np.random.default_rng(seed)
@@ -100,56 +104,60 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
         for bits in bits_list:
             for group_size in groups:
                 cfg, qweight, qzeros, scales, g_idx = random_layer(rng, n_in, n_out, bits, group_size)
-                layer = GPTQLinear(qweight, qzeros, scales, g_idx, cfg, n_in, n_out, backend="numba", name=name)
-                packed = qweight.nbytes + qzeros.nbytes + scales.nbytes
-                for rows in rows_list:
-                    x = rng.standard_normal((rows, n_in), dtype=np.float32)     # [rows, in]
-                    mem = memory_read_gbps(256 * 2**20, repeats=5)
-                    seconds = median_seconds(lambda: layer(x), repeats if rows <= 4 else prefill_repeats)
-                    r = {"mode": "exact", "name": name, "bits": bits, "group_size": group_size, "act_order": True,
-                         "shape": [n_in, n_out], "rows": rows, "median_ms": round(seconds * 1e3, 3),
-                         "weights_gbps": round(packed / seconds / 1e9, 2), "memory_gbps": round(mem, 2),
-                         "ratio": round(packed / seconds / 1e9 / mem, 3),
-                         "prepare_s": round(layer.prepare_seconds, 3), "layout": layer._plan.prepare_note,
-                         "packed_mb": round(packed / 1e6, 1),
-                         "loadavg_1min": round(os.getloadavg()[0], 2)}   # > 2 means others shared the cores
-                    if rows > 4:
-                        key = (n_in, n_out, rows)
-                        if key not in blas_cache:
-                            blas_cache[key] = blas_gflops(rng, n_in, n_out, rows, prefill_repeats)
-                        gflops = 2.0 * rows * n_in * n_out / seconds / 1e9
-                        r.update(gflops=round(gflops, 1), blas_gflops=round(blas_cache[key], 1),
-                                 blas_ratio=round(gflops / blas_cache[key], 3))
-                    results.append(r)
-                    emit(r)
-                    if "int8" in modes and bits == 4 and rows <= 4:
-                        exact_y = layer(x)
-                        layer.mode = "int8"
-                        approx_y = layer(x)
-                        q_seconds = median_seconds(lambda: layer(x), repeats)
-                        layer.mode = None
-                        q = dict(r, mode="int8", median_ms=round(q_seconds * 1e3, 3),
-                                 weights_gbps=round(packed / q_seconds / 1e9, 2),
-                                 ratio=round(packed / q_seconds / 1e9 / mem, 3),
-                                 layer_rel_err=float(np.abs(approx_y - exact_y).max() / np.abs(exact_y).max()),
-                                 loadavg_1min=round(os.getloadavg()[0], 2))
-                        q.update(accuracy)
-                        results.append(q)
-                        emit(q)
-                layer = None                  # free the repacked copy before the next layer
+                for layout in layouts:
+                    layer = GPTQLinear(qweight, qzeros, scales, g_idx, cfg, n_in, n_out, backend="numba", name=name,
+                                       repack=layout == "repacked")
+                    packed = qweight.nbytes + qzeros.nbytes + scales.nbytes
+                    for rows in rows_list:
+                        x = rng.standard_normal((rows, n_in), dtype=np.float32)     # [rows, in]
+                        mem = memory_read_gbps(256 * 2**20, repeats=5)
+                        seconds = median_seconds(lambda: layer(x), repeats if rows <= 4 else prefill_repeats)
+                        r = {"mode": "exact", "name": name, "bits": bits, "group_size": group_size, "act_order": True,
+                             "shape": [n_in, n_out], "rows": rows, "median_ms": round(seconds * 1e3, 3),
+                             "weights_gbps": round(packed / seconds / 1e9, 2), "memory_gbps": round(mem, 2),
+                             "ratio": round(packed / seconds / 1e9 / mem, 3),
+                             "prepare_s": round(layer.prepare_seconds, 3), "layout": layout,
+                             "plan": layer._plan.prepare_note,
+                             "packed_mb": round(packed / 1e6, 1),
+                             "loadavg_1min": round(os.getloadavg()[0], 2)}   # > 2 means others shared the cores
+                        if rows > 4:
+                            key = (n_in, n_out, rows)
+                            if key not in blas_cache:
+                                blas_cache[key] = blas_gflops(rng, n_in, n_out, rows, prefill_repeats)
+                            gflops = 2.0 * rows * n_in * n_out / seconds / 1e9
+                            r.update(gflops=round(gflops, 1), blas_gflops=round(blas_cache[key], 1),
+                                     blas_ratio=round(gflops / blas_cache[key], 3))
+                        results.append(r)
+                        emit(r)
+                        if "int8" in modes and bits == 4 and rows <= 4:
+                            exact_y = layer(x)
+                            layer.mode = "int8"
+                            approx_y = layer(x)
+                            q_seconds = median_seconds(lambda: layer(x), repeats)
+                            layer.mode = None
+                            q = dict(r, mode="int8", median_ms=round(q_seconds * 1e3, 3),
+                                     weights_gbps=round(packed / q_seconds / 1e9, 2),
+                                     ratio=round(packed / q_seconds / 1e9 / mem, 3),
+                                     layer_rel_err=float(np.abs(approx_y - exact_y).max() / np.abs(exact_y).max()),
+                                     loadavg_1min=round(os.getloadavg()[0], 2))
+                            q.update(accuracy)
+                            results.append(q)
+                            emit(q)
+                    layer = None                  # free the repacked copy before the next layer
     return results
 
 
 def markdown(results):
     """The results as a markdown table (decode rows first, then prefill)."""
-    lines = ["| mode | shape (in x out) | bits | group | rows | median ms | packed GB/s | memory GB/s | ratio | "
-             "GFLOP/s | BLAS f32 GFLOP/s | ratio | prepare s | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | layout | shape (in x out) | bits | group | rows | median ms | packed GB/s | memory GB/s | "
+             "ratio | GFLOP/s | BLAS f32 GFLOP/s | ratio | prepare s | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["rows"] > 4, r["shape"], -r["bits"], r["group_size"], r["rows"],
-                                            r["mode"])):
+                                            r["mode"], r["layout"])):
         g = "none" if r["group_size"] == -1 else str(r["group_size"])
         pre = r.get("gflops")
-        lines.append(f"| {r['mode']} | {r['shape'][0]} x {r['shape'][1]} | {r['bits']} | {g} | {r['rows']} | "
+        lines.append(f"| {r['mode']} | {r['layout']} | {r['shape'][0]} x {r['shape'][1]} | {r['bits']} | {g} | "
+                     f"{r['rows']} | "
                      f"{r['median_ms']} | "
                      f"{r['weights_gbps']} | {r['memory_gbps']} | {r['ratio']:.2f} | "
                      f"{pre if pre is not None else ''} | {r.get('blas_gflops', '')} | "
@@ -176,6 +184,9 @@ def main(argv=None):
     parser.add_argument("--modes", default="exact",
                         help="comma list: exact (default; float32, matches the reference) and/or int8 (opt-in, "
                              "approximate: int8 activations with VNNI, 4-bit decode rows only)")
+    parser.add_argument("--layout", choices=("repacked", "inplace", "both"), default="repacked",
+                        help="act-order layout: repacked at load (default; resident layers), inplace (no load-time "
+                             "copy; streamed layers) or both")
     parser.add_argument("--quick", action="store_true", help="only the 8192x28672 shape, decode rows only")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
@@ -201,8 +212,8 @@ def main(argv=None):
             if r["mode"] != "exact":
                 extra += (f"  [{r['mode']}: layer rel err {r['layer_rel_err']:.1e}, model KL {r['model_kl']:.2e}, "
                           f"top-1 {r['model_top1_agreement']:.3f}]")
-            print(f"{r['mode']:>5} {r['shape'][0]:>5} x {r['shape'][1]:<5} {r['bits']}-bit g{r['group_size']:<4} "
-                  f"rows {r['rows']:<3} "
+            print(f"{r['mode']:>5} {r['layout']:>8} {r['shape'][0]:>5} x {r['shape'][1]:<5} {r['bits']}-bit "
+                  f"g{r['group_size']:<4} rows {r['rows']:<3} "
                   f"{r['median_ms']:8.2f} ms  {r['weights_gbps']:6.1f} GB/s packed  memory {r['memory_gbps']:5.1f} "
                   f"GB/s  ratio {r['ratio']:.2f}  prepare {r['prepare_s']:.2f}s{extra}", flush=True)
 
@@ -211,8 +222,9 @@ def main(argv=None):
         from .quant import set_activation_mode
         set_activation_mode("int8")          # validates the CPU; layers are switched one at a time below
         set_activation_mode("exact")
+    layouts = ("repacked", "inplace") if args.layout == "both" else (args.layout,)
     results = run(shapes, args.bits, args.groups, rows, args.repeats, args.prefill_repeats, emit=emit,
-                  modes=modes)
+                  modes=modes, layouts=layouts)
     if args.markdown:
         print(markdown(results))
     return results
