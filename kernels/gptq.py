@@ -62,7 +62,7 @@ GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once pe
 GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
                            # per thread evens out a thread that the OS delays
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
-INPLACE_SCALE_BYTES = 512 * 2**10   # "inplace" plans: float32 scales of one column block, all groups
+INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: float32 scales of one column block, all groups (L2-resident)
 INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
                            # threads together; see kernels/slabs.py for why each thread runs its own slabs
@@ -1517,9 +1517,11 @@ def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
 
 
 def inplace_block(n_out, n_groups):
-    """Output columns per gemv_inplace task: the block's float32 scales, sc [G, block], are read once per
-    code and should stay in L2 (about 128 KB), but blocks of at least 64 columns keep each packed row's
-    slab a whole number of cache lines; a multiple of 32 columns starts every block on a qzeros word."""
+    """Output columns per gemv_inplace task. The block's float32 scales, sc [G, block], are read once per code
+    and must stay in L2 (INPLACE_SCALE_BYTES); within that, wider is better, since each packed row of the block
+    is a separate stream (measured on the 70B shapes: 1024-2048 columns beat 128-512 by up to 1.4x on a quiet
+    machine; with other work on the cores, 256-512 KB of scales did best). At least 64 columns, a multiple of
+    32 so every block starts on a qzeros word."""
     per_task = -(-n_out // max(1, numba.get_num_threads()))
     cap = max(64, (INPLACE_SCALE_BYTES // (4 * n_groups)) // 32 * 32)
     return max(32, min(cap, -(-per_task // 32) * 32))
