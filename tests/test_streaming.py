@@ -100,7 +100,8 @@ def test_cli_budget_error_is_one_line(deep):
 
 
 def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
-    """Act-order GPTQ layers are repacked for the kernels; streaming them must not change a bit."""
+    """Resident act-order layers are repacked at load, streamed ones read in place: same float32 results
+    up to summation order, and the same greedy text."""
     import tinyllama_ref.streaming as streaming
     from tinyllama_ref.synth import synthesize
     monkeypatch.setattr(streaming, "SAFETY_FRACTION", 0.0)
@@ -117,6 +118,7 @@ def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
     src.budget = src._fixed() + 2 * max(src.file_bytes) + streaming.READ_CHUNK + 3 * max(src.file_bytes)
     src.n_resident = src._plan()
     assert 0 < src.n_resident < src.n_layers
-    np.testing.assert_array_equal(streamed.logits(ids), ref)
+    got = streamed.logits(ids)
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
     assert streamed.generate([1, 5, 9], max_new_tokens=6, stop_ids=[]) == \
         resident.generate([1, 5, 9], max_new_tokens=6, stop_ids=[])

@@ -106,10 +106,10 @@ class LayerSource:
         self.reserved.pop(what, None)
 
     # -- iteration ----------------------------------------------------------------------------------------
-    def _build(self, i):
+    def _build(self, i, streamed=False):
         t = time.perf_counter()
         m = self.model
-        layer = load_layer(m.ckpt, m.cfg, m.quant_config, m.backend, i)
+        layer = load_layer(m.ckpt, m.cfg, m.quant_config, m.backend, i, streamed=streamed)
         self.prepare_seconds += time.perf_counter() - t
         # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
         # now on; the mapped file pages of the original would only double the layer's memory.
@@ -133,7 +133,7 @@ class LayerSource:
             self._pending.pop(i).result()             # wait for this layer's bytes to be in memory
             if i + 1 < self.n_layers:
                 self._read_ahead(i + 1)
-            layer = self._build(i)
+            layer = self._build(i, streamed=True)
             yield layer
             self._release(i, layer)
 
