@@ -62,7 +62,8 @@ GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once pe
 GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
                            # per thread evens out a thread that the OS delays
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
-INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: float32 scales of one column block, all groups (L2-resident)
+INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
+INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
                            # threads together; see kernels/slabs.py for why each thread runs its own slabs
@@ -809,18 +810,21 @@ def dequantize_slab(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, j0
 #
 # In the original row order neighbouring codes belong to unrelated groups (act-order), so the segment trick of
 # gemv() (one scale per run of rows) is gone. Instead each code is multiplied by its own group's scale, looked
-# up per input through g_idx in a small float32 buffer sc[G, width] widened from fp16 once per column block:
+# up per input through g_idx in a small buffer sc[G, width] of the block's fp16 scales, copied contiguous once
+# per column block:
 #     y_j = sum_i x_i * s[g_i, j] * q_ij  -  sum_g (sum_{i in g} x_i) * s[g, j] * z[g, j]
-# The first sum is the inner loop (per code: AND, int->float, two multiplies, no stores: the partial sums
-# form a tree in registers, as in gemv()); the second needs only the per-group sums of x (computed once per
-# call, [N, G]) and costs G * out operations, 1/group_size of the first. sc is G * width * 4 bytes and is
-# read once per code, so a column block is narrow enough to keep it in L2 (see inplace_block()).
+# The first sum is the inner loop (per code: AND, int->float, fp16->float, two multiplies, no stores: the
+# partial sums form a tree in registers, as in gemv()); the second needs only the per-group sums of x
+# (computed once per call, [N, G]) and costs G * out operations, 1/group_size of the first. The scale loads
+# (16 columns of scale per 16 codes) dominate the cache traffic, so sc stays fp16 (measured 1.1-1.3x faster
+# than a float32 copy: half the L2 -> L1 bytes for one more conversion) and a column block is narrow enough to
+# keep it in L2 (see inplace_block()).
 # _inplace_pass_source() prints each pass; tests/test_kernels_gptq_inplace.py checks they match it.
 
 def _inplace_pass_source(bits, nwords):
     """The Python source of _ipass_b{bits}_w{nwords}: like _pass_source, but every code also multiplies by
-    the float32 scale of its own input's group (row g_idx[i + t] of the block's scale buffer), because in
-    the checkpoint's row order neighbouring codes belong to unrelated groups."""
+    the scale of its own input's group (row g_idx[i + t] of the block's fp16 scale buffer), because in the
+    checkpoint's row order neighbouring codes belong to unrelated groups."""
     nvals = nwords * 32 // bits
     terms = {w: [] for w in range(nwords)}
     coefs = []
@@ -851,7 +855,7 @@ def _inplace_pass_source(bits, nwords):
     sums = []
     for w in range(nwords):
         for half in range(2):
-            parts = [f"{c} * s{t}[j] * masked_f32(a{w}, 0x{m:08X})" for c, t, m in terms[w][half::2]]
+            parts = [f"{c} * f16_to_f32(s{t}[j]) * masked_f32(a{w}, 0x{m:08X})" for c, t, m in terms[w][half::2]]
             sums.append(f"p{w}{half}")
             lines.append("        p{}{} = ({})".format(w, half, ("\n" + " " * 17 + "+ ").join(parts)))
     while len(sums) > 1:
@@ -938,38 +942,38 @@ def _ipass_b4_w4(qw, r, x, i, gi, sc, acc, j0, width):
         a1 = w1[j]
         a2 = w2[j]
         a3 = w3[j]
-        p00 = (c0 * s0[j] * masked_f32(a0, 0x0000000F)
-                 + c2 * s2[j] * masked_f32(a0, 0x00000F00)
-                 + c4 * s4[j] * masked_f32(a0, 0x000F0000)
-                 + c6 * s6[j] * masked_f32(a0, 0x0F000000))
-        p01 = (c1 * s1[j] * masked_f32(a0, 0x000000F0)
-                 + c3 * s3[j] * masked_f32(a0, 0x0000F000)
-                 + c5 * s5[j] * masked_f32(a0, 0x00F00000)
-                 + c7 * s7[j] * masked_f32(a0, 0xF0000000))
-        p10 = (c8 * s8[j] * masked_f32(a1, 0x0000000F)
-                 + c10 * s10[j] * masked_f32(a1, 0x00000F00)
-                 + c12 * s12[j] * masked_f32(a1, 0x000F0000)
-                 + c14 * s14[j] * masked_f32(a1, 0x0F000000))
-        p11 = (c9 * s9[j] * masked_f32(a1, 0x000000F0)
-                 + c11 * s11[j] * masked_f32(a1, 0x0000F000)
-                 + c13 * s13[j] * masked_f32(a1, 0x00F00000)
-                 + c15 * s15[j] * masked_f32(a1, 0xF0000000))
-        p20 = (c16 * s16[j] * masked_f32(a2, 0x0000000F)
-                 + c18 * s18[j] * masked_f32(a2, 0x00000F00)
-                 + c20 * s20[j] * masked_f32(a2, 0x000F0000)
-                 + c22 * s22[j] * masked_f32(a2, 0x0F000000))
-        p21 = (c17 * s17[j] * masked_f32(a2, 0x000000F0)
-                 + c19 * s19[j] * masked_f32(a2, 0x0000F000)
-                 + c21 * s21[j] * masked_f32(a2, 0x00F00000)
-                 + c23 * s23[j] * masked_f32(a2, 0xF0000000))
-        p30 = (c24 * s24[j] * masked_f32(a3, 0x0000000F)
-                 + c26 * s26[j] * masked_f32(a3, 0x00000F00)
-                 + c28 * s28[j] * masked_f32(a3, 0x000F0000)
-                 + c30 * s30[j] * masked_f32(a3, 0x0F000000))
-        p31 = (c25 * s25[j] * masked_f32(a3, 0x000000F0)
-                 + c27 * s27[j] * masked_f32(a3, 0x0000F000)
-                 + c29 * s29[j] * masked_f32(a3, 0x00F00000)
-                 + c31 * s31[j] * masked_f32(a3, 0xF0000000))
+        p00 = (c0 * f16_to_f32(s0[j]) * masked_f32(a0, 0x0000000F)
+                 + c2 * f16_to_f32(s2[j]) * masked_f32(a0, 0x00000F00)
+                 + c4 * f16_to_f32(s4[j]) * masked_f32(a0, 0x000F0000)
+                 + c6 * f16_to_f32(s6[j]) * masked_f32(a0, 0x0F000000))
+        p01 = (c1 * f16_to_f32(s1[j]) * masked_f32(a0, 0x000000F0)
+                 + c3 * f16_to_f32(s3[j]) * masked_f32(a0, 0x0000F000)
+                 + c5 * f16_to_f32(s5[j]) * masked_f32(a0, 0x00F00000)
+                 + c7 * f16_to_f32(s7[j]) * masked_f32(a0, 0xF0000000))
+        p10 = (c8 * f16_to_f32(s8[j]) * masked_f32(a1, 0x0000000F)
+                 + c10 * f16_to_f32(s10[j]) * masked_f32(a1, 0x00000F00)
+                 + c12 * f16_to_f32(s12[j]) * masked_f32(a1, 0x000F0000)
+                 + c14 * f16_to_f32(s14[j]) * masked_f32(a1, 0x0F000000))
+        p11 = (c9 * f16_to_f32(s9[j]) * masked_f32(a1, 0x000000F0)
+                 + c11 * f16_to_f32(s11[j]) * masked_f32(a1, 0x0000F000)
+                 + c13 * f16_to_f32(s13[j]) * masked_f32(a1, 0x00F00000)
+                 + c15 * f16_to_f32(s15[j]) * masked_f32(a1, 0xF0000000))
+        p20 = (c16 * f16_to_f32(s16[j]) * masked_f32(a2, 0x0000000F)
+                 + c18 * f16_to_f32(s18[j]) * masked_f32(a2, 0x00000F00)
+                 + c20 * f16_to_f32(s20[j]) * masked_f32(a2, 0x000F0000)
+                 + c22 * f16_to_f32(s22[j]) * masked_f32(a2, 0x0F000000))
+        p21 = (c17 * f16_to_f32(s17[j]) * masked_f32(a2, 0x000000F0)
+                 + c19 * f16_to_f32(s19[j]) * masked_f32(a2, 0x0000F000)
+                 + c21 * f16_to_f32(s21[j]) * masked_f32(a2, 0x00F00000)
+                 + c23 * f16_to_f32(s23[j]) * masked_f32(a2, 0xF0000000))
+        p30 = (c24 * f16_to_f32(s24[j]) * masked_f32(a3, 0x0000000F)
+                 + c26 * f16_to_f32(s26[j]) * masked_f32(a3, 0x00000F00)
+                 + c28 * f16_to_f32(s28[j]) * masked_f32(a3, 0x000F0000)
+                 + c30 * f16_to_f32(s30[j]) * masked_f32(a3, 0x0F000000))
+        p31 = (c25 * f16_to_f32(s25[j]) * masked_f32(a3, 0x000000F0)
+                 + c27 * f16_to_f32(s27[j]) * masked_f32(a3, 0x0000F000)
+                 + c29 * f16_to_f32(s29[j]) * masked_f32(a3, 0x00F00000)
+                 + c31 * f16_to_f32(s31[j]) * masked_f32(a3, 0xF0000000))
         acc[j] += ((p00 + p01) + (p10 + p11)) + ((p20 + p21) + (p30 + p31))
 
 
@@ -996,14 +1000,14 @@ def _ipass_b4_w1(qw, r, x, i, gi, sc, acc, j0, width):
     c7 = x[i + 7] * np.float32(3.725290298461914e-09)
     for j in range(np.uint64(width)):
         a0 = w0[j]
-        p00 = (c0 * s0[j] * masked_f32(a0, 0x0000000F)
-                 + c2 * s2[j] * masked_f32(a0, 0x00000F00)
-                 + c4 * s4[j] * masked_f32(a0, 0x000F0000)
-                 + c6 * s6[j] * masked_f32(a0, 0x0F000000))
-        p01 = (c1 * s1[j] * masked_f32(a0, 0x000000F0)
-                 + c3 * s3[j] * masked_f32(a0, 0x0000F000)
-                 + c5 * s5[j] * masked_f32(a0, 0x00F00000)
-                 + c7 * s7[j] * masked_f32(a0, 0xF0000000))
+        p00 = (c0 * f16_to_f32(s0[j]) * masked_f32(a0, 0x0000000F)
+                 + c2 * f16_to_f32(s2[j]) * masked_f32(a0, 0x00000F00)
+                 + c4 * f16_to_f32(s4[j]) * masked_f32(a0, 0x000F0000)
+                 + c6 * f16_to_f32(s6[j]) * masked_f32(a0, 0x0F000000))
+        p01 = (c1 * f16_to_f32(s1[j]) * masked_f32(a0, 0x000000F0)
+                 + c3 * f16_to_f32(s3[j]) * masked_f32(a0, 0x0000F000)
+                 + c5 * f16_to_f32(s5[j]) * masked_f32(a0, 0x00F00000)
+                 + c7 * f16_to_f32(s7[j]) * masked_f32(a0, 0xF0000000))
         acc[j] += p00 + p01
 
 
@@ -1084,40 +1088,40 @@ def _ipass_b3_w3(qw, r, x, i, gi, sc, acc, j0, width):
         a0 = w0[j]
         a1 = w1[j]
         a2 = w2[j]
-        p00 = (c0 * s0[j] * masked_f32(a0, 0x00000007)
-                 + c2 * s2[j] * masked_f32(a0, 0x000001C0)
-                 + c4 * s4[j] * masked_f32(a0, 0x00007000)
-                 + c6 * s6[j] * masked_f32(a0, 0x001C0000)
-                 + c8 * s8[j] * masked_f32(a0, 0x07000000)
-                 + c10a * s10[j] * masked_f32(a0, 0xC0000000))
-        p01 = (c1 * s1[j] * masked_f32(a0, 0x00000038)
-                 + c3 * s3[j] * masked_f32(a0, 0x00000E00)
-                 + c5 * s5[j] * masked_f32(a0, 0x00038000)
-                 + c7 * s7[j] * masked_f32(a0, 0x00E00000)
-                 + c9 * s9[j] * masked_f32(a0, 0x38000000))
-        p10 = (c10b * s10[j] * masked_f32(a1, 0x00000001)
-                 + c12 * s12[j] * masked_f32(a1, 0x00000070)
-                 + c14 * s14[j] * masked_f32(a1, 0x00001C00)
-                 + c16 * s16[j] * masked_f32(a1, 0x00070000)
-                 + c18 * s18[j] * masked_f32(a1, 0x01C00000)
-                 + c20 * s20[j] * masked_f32(a1, 0x70000000))
-        p11 = (c11 * s11[j] * masked_f32(a1, 0x0000000E)
-                 + c13 * s13[j] * masked_f32(a1, 0x00000380)
-                 + c15 * s15[j] * masked_f32(a1, 0x0000E000)
-                 + c17 * s17[j] * masked_f32(a1, 0x00380000)
-                 + c19 * s19[j] * masked_f32(a1, 0x0E000000)
-                 + c21a * s21[j] * masked_f32(a1, 0x80000000))
-        p20 = (c21b * s21[j] * masked_f32(a2, 0x00000003)
-                 + c23 * s23[j] * masked_f32(a2, 0x000000E0)
-                 + c25 * s25[j] * masked_f32(a2, 0x00003800)
-                 + c27 * s27[j] * masked_f32(a2, 0x000E0000)
-                 + c29 * s29[j] * masked_f32(a2, 0x03800000)
-                 + c31 * s31[j] * masked_f32(a2, 0xE0000000))
-        p21 = (c22 * s22[j] * masked_f32(a2, 0x0000001C)
-                 + c24 * s24[j] * masked_f32(a2, 0x00000700)
-                 + c26 * s26[j] * masked_f32(a2, 0x0001C000)
-                 + c28 * s28[j] * masked_f32(a2, 0x00700000)
-                 + c30 * s30[j] * masked_f32(a2, 0x1C000000))
+        p00 = (c0 * f16_to_f32(s0[j]) * masked_f32(a0, 0x00000007)
+                 + c2 * f16_to_f32(s2[j]) * masked_f32(a0, 0x000001C0)
+                 + c4 * f16_to_f32(s4[j]) * masked_f32(a0, 0x00007000)
+                 + c6 * f16_to_f32(s6[j]) * masked_f32(a0, 0x001C0000)
+                 + c8 * f16_to_f32(s8[j]) * masked_f32(a0, 0x07000000)
+                 + c10a * f16_to_f32(s10[j]) * masked_f32(a0, 0xC0000000))
+        p01 = (c1 * f16_to_f32(s1[j]) * masked_f32(a0, 0x00000038)
+                 + c3 * f16_to_f32(s3[j]) * masked_f32(a0, 0x00000E00)
+                 + c5 * f16_to_f32(s5[j]) * masked_f32(a0, 0x00038000)
+                 + c7 * f16_to_f32(s7[j]) * masked_f32(a0, 0x00E00000)
+                 + c9 * f16_to_f32(s9[j]) * masked_f32(a0, 0x38000000))
+        p10 = (c10b * f16_to_f32(s10[j]) * masked_f32(a1, 0x00000001)
+                 + c12 * f16_to_f32(s12[j]) * masked_f32(a1, 0x00000070)
+                 + c14 * f16_to_f32(s14[j]) * masked_f32(a1, 0x00001C00)
+                 + c16 * f16_to_f32(s16[j]) * masked_f32(a1, 0x00070000)
+                 + c18 * f16_to_f32(s18[j]) * masked_f32(a1, 0x01C00000)
+                 + c20 * f16_to_f32(s20[j]) * masked_f32(a1, 0x70000000))
+        p11 = (c11 * f16_to_f32(s11[j]) * masked_f32(a1, 0x0000000E)
+                 + c13 * f16_to_f32(s13[j]) * masked_f32(a1, 0x00000380)
+                 + c15 * f16_to_f32(s15[j]) * masked_f32(a1, 0x0000E000)
+                 + c17 * f16_to_f32(s17[j]) * masked_f32(a1, 0x00380000)
+                 + c19 * f16_to_f32(s19[j]) * masked_f32(a1, 0x0E000000)
+                 + c21a * f16_to_f32(s21[j]) * masked_f32(a1, 0x80000000))
+        p20 = (c21b * f16_to_f32(s21[j]) * masked_f32(a2, 0x00000003)
+                 + c23 * f16_to_f32(s23[j]) * masked_f32(a2, 0x000000E0)
+                 + c25 * f16_to_f32(s25[j]) * masked_f32(a2, 0x00003800)
+                 + c27 * f16_to_f32(s27[j]) * masked_f32(a2, 0x000E0000)
+                 + c29 * f16_to_f32(s29[j]) * masked_f32(a2, 0x03800000)
+                 + c31 * f16_to_f32(s31[j]) * masked_f32(a2, 0xE0000000))
+        p21 = (c22 * f16_to_f32(s22[j]) * masked_f32(a2, 0x0000001C)
+                 + c24 * f16_to_f32(s24[j]) * masked_f32(a2, 0x00000700)
+                 + c26 * f16_to_f32(s26[j]) * masked_f32(a2, 0x0001C000)
+                 + c28 * f16_to_f32(s28[j]) * masked_f32(a2, 0x00700000)
+                 + c30 * f16_to_f32(s30[j]) * masked_f32(a2, 0x1C000000))
         acc[j] += ((p00 + p01) + (p10 + p11)) + (p20 + p21)
 
 
@@ -1160,22 +1164,22 @@ def _ipass_b2_w1(qw, r, x, i, gi, sc, acc, j0, width):
     c15 = x[i + 15] * np.float32(9.313225746154785e-10)
     for j in range(np.uint64(width)):
         a0 = w0[j]
-        p00 = (c0 * s0[j] * masked_f32(a0, 0x00000003)
-                 + c2 * s2[j] * masked_f32(a0, 0x00000030)
-                 + c4 * s4[j] * masked_f32(a0, 0x00000300)
-                 + c6 * s6[j] * masked_f32(a0, 0x00003000)
-                 + c8 * s8[j] * masked_f32(a0, 0x00030000)
-                 + c10 * s10[j] * masked_f32(a0, 0x00300000)
-                 + c12 * s12[j] * masked_f32(a0, 0x03000000)
-                 + c14 * s14[j] * masked_f32(a0, 0x30000000))
-        p01 = (c1 * s1[j] * masked_f32(a0, 0x0000000C)
-                 + c3 * s3[j] * masked_f32(a0, 0x000000C0)
-                 + c5 * s5[j] * masked_f32(a0, 0x00000C00)
-                 + c7 * s7[j] * masked_f32(a0, 0x0000C000)
-                 + c9 * s9[j] * masked_f32(a0, 0x000C0000)
-                 + c11 * s11[j] * masked_f32(a0, 0x00C00000)
-                 + c13 * s13[j] * masked_f32(a0, 0x0C000000)
-                 + c15 * s15[j] * masked_f32(a0, 0xC0000000))
+        p00 = (c0 * f16_to_f32(s0[j]) * masked_f32(a0, 0x00000003)
+                 + c2 * f16_to_f32(s2[j]) * masked_f32(a0, 0x00000030)
+                 + c4 * f16_to_f32(s4[j]) * masked_f32(a0, 0x00000300)
+                 + c6 * f16_to_f32(s6[j]) * masked_f32(a0, 0x00003000)
+                 + c8 * f16_to_f32(s8[j]) * masked_f32(a0, 0x00030000)
+                 + c10 * f16_to_f32(s10[j]) * masked_f32(a0, 0x00300000)
+                 + c12 * f16_to_f32(s12[j]) * masked_f32(a0, 0x03000000)
+                 + c14 * f16_to_f32(s14[j]) * masked_f32(a0, 0x30000000))
+        p01 = (c1 * f16_to_f32(s1[j]) * masked_f32(a0, 0x0000000C)
+                 + c3 * f16_to_f32(s3[j]) * masked_f32(a0, 0x000000C0)
+                 + c5 * f16_to_f32(s5[j]) * masked_f32(a0, 0x00000C00)
+                 + c7 * f16_to_f32(s7[j]) * masked_f32(a0, 0x0000C000)
+                 + c9 * f16_to_f32(s9[j]) * masked_f32(a0, 0x000C0000)
+                 + c11 * f16_to_f32(s11[j]) * masked_f32(a0, 0x00C00000)
+                 + c13 * f16_to_f32(s13[j]) * masked_f32(a0, 0x0C000000)
+                 + c15 * f16_to_f32(s15[j]) * masked_f32(a0, 0xC0000000))
         acc[j] += p00 + p01
 
 
@@ -1194,10 +1198,10 @@ def _ipass_b8_w1(qw, r, x, i, gi, sc, acc, j0, width):
     c3 = x[i + 3] * np.float32(5.960464477539063e-08)
     for j in range(np.uint64(width)):
         a0 = w0[j]
-        p00 = (c0 * s0[j] * masked_f32(a0, 0x000000FF)
-                 + c2 * s2[j] * masked_f32(a0, 0x00FF0000))
-        p01 = (c1 * s1[j] * masked_f32(a0, 0x0000FF00)
-                 + c3 * s3[j] * masked_f32(a0, 0xFF000000))
+        p00 = (c0 * f16_to_f32(s0[j]) * masked_f32(a0, 0x000000FF)
+                 + c2 * f16_to_f32(s2[j]) * masked_f32(a0, 0x00FF0000))
+        p01 = (c1 * f16_to_f32(s1[j]) * masked_f32(a0, 0x0000FF00)
+                 + c3 * f16_to_f32(s3[j]) * masked_f32(a0, 0xFF000000))
         acc[j] += p00 + p01
 
 
@@ -1228,7 +1232,7 @@ def _ipass_tail(qw, t0, t1, bits, x, gi, sc, acc, j0, width):
         xt = x[t]
         for j in range(np.uint64(width)):
             q = ((np.int64(row0[j]) | (np.int64(row1[j]) << 32)) >> shift) & mask
-            acc[j] += xt * s[j] * np.float32(q)
+            acc[j] += xt * f16_to_f32(s[j]) * np.float32(q)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
@@ -1258,10 +1262,11 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
     units), gi [units * codes_per_unit] int64 (g_idx, padded with group 0: padded inputs have x = 0),
     sumx [N, G] float32 per-group sums of x, scales [G, out] uint16 fp16 bits, qzeros [G, words] uint32,
     zero_add / const_zero as in gemv(). Loop order: prange over column blocks of `block` columns; per block,
-    widen the block's scales (and zeros) of every group once into sc [G, block] (zc); then, per chunk of
-    packed rows (about chunk_bytes of this block's columns) and per activation row, run the passes with the
-    column loop innermost (vectorized): acc[n, j] += x_i s_gi,j q_ij. The chunk is read from memory by the
-    first activation row (prefetched one pass ahead) and from L2 by the others. Finally
+    copy the block's fp16 scales of every group once into sc [G, block] (and widen the zeros into zc unless
+    const_zero >= 0); then, per chunk of packed rows (about chunk_bytes of this block's columns) and per
+    activation row, run the passes with the column loop innermost (vectorized): acc[n, j] += x_i s_gi,j q_ij.
+    The chunk is read from memory by the first activation row (prefetched one pass ahead) and from L2 by the
+    others. Finally
     y = acc - sum_g sumx_g s_g z_g (zero term once per group and column, not per code).
     """
     n_rows = xg.shape[0]
@@ -1274,9 +1279,13 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
     for b in prange(n_blocks):
         j0 = b * block
         width = min(n_out, j0 + block) - j0
-        sc = np.empty((n_groups, width), dtype=np.float32)
+        sc = np.empty((n_groups, width), dtype=np.uint16)
+        for g in range(n_groups):
+            sc[g] = scales[g, j0:j0 + width]
         zc = np.empty((n_groups if const_zero < 0 else 1, width), dtype=np.float32)
-        _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, sc, zc)
+        if const_zero < 0:
+            spare = np.empty((n_groups, width), dtype=np.float32)        # its float32 scales: unused here
+            _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, spare, zc)
         accs = np.zeros((n_rows, width), dtype=np.float32)
         # Packed rows in chunks of about INPLACE_CHUNK_BYTES (a whole number of passes): every activation row
         # runs over one chunk before the next is read, so the chunk is read from memory once, from L2 after.
@@ -1323,11 +1332,11 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
                 if const_zero >= 0:
                     sz = sx * np.float32(const_zero)
                     for j in range(np.uint64(width)):
-                        out[j] -= sz * srow[j]
+                        out[j] -= sz * f16_to_f32(srow[j])
                 else:
                     zrow = zc[g]
                     for j in range(np.uint64(width)):
-                        out[j] -= sx * srow[j] * zrow[j]
+                        out[j] -= sx * f16_to_f32(srow[j]) * zrow[j]
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
@@ -1517,13 +1526,13 @@ def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
 
 
 def inplace_block(n_out, n_groups):
-    """Output columns per gemv_inplace task. The block's float32 scales, sc [G, block], are read once per code
-    and must stay in L2 (INPLACE_SCALE_BYTES); within that, wider is better, since each packed row of the block
-    is a separate stream (measured on the 70B shapes: 1024-2048 columns beat 128-512 by up to 1.4x on a quiet
-    machine; with other work on the cores, 256-512 KB of scales did best). At least 64 columns, a multiple of
-    32 so every block starts on a qzeros word."""
+    """Output columns per gemv_inplace task. The block's fp16 scales, sc [G, block], are read once per code and
+    must stay in L2 (INPLACE_SCALE_BYTES); within that, wider is better up to about INPLACE_MAX_BLOCK columns,
+    since each packed row of the block is a separate stream (measured on the 70B shapes, one thread: 1024
+    columns 1.5x faster than 128 at G = 64; 576 columns 1.6x faster than 64 at G = 224). At least 64 columns,
+    a multiple of 32 so every block starts on a qzeros word."""
     per_task = -(-n_out // max(1, numba.get_num_threads()))
-    cap = max(64, (INPLACE_SCALE_BYTES // (4 * n_groups)) // 32 * 32)
+    cap = min(INPLACE_MAX_BLOCK, max(64, (INPLACE_SCALE_BYTES // (2 * n_groups)) // 32 * 32))
     return max(32, min(cap, -(-per_task // 32) * 32))
 
 
