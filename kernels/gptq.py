@@ -58,7 +58,7 @@ from numba.extending import intrinsic
 from .half import f16_to_f32
 from .slabs import run_slabs
 
-GEMV_MAX_ROWS = 4          # up to this many activation rows: fused GEMV once per row; beyond: tile + BLAS
+GEMV_MAX_ROWS = 16         # up to this many activation rows: fused GEMV once per row; beyond: tile + BLAS
 GEMV_TASKS_PER_THREAD = 2  # column blocks per thread: long contiguous row slabs stream best, a spare block
                            # per thread evens out a thread that the OS delays
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2

@@ -41,7 +41,7 @@ def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backen
     src = model.layers
     biggest = max(model.ckpt.files, key=lambda p: model.ckpt.files[p].size)
     mem_gbps = memory_read_gbps()
-    disk_gbps = disk_read_gbps(biggest)
+    disk_gbps = disk_read_gbps(biggest, 2**30)
     rng = np.random.default_rng(seed)
     records = []
     # Warm-up: compiles kernels and builds resident layers, so the timings below are steady state.
