@@ -129,17 +129,21 @@ def _fused_rows(x, weight, is_bf16, y):
                     y[n, o] += s
 
 
+@njit(error_model="numpy", cache=True, boundscheck=False, inline="always")
+def _widen_row(w, is_bf16, o):
+    if is_bf16:
+        for i in range(np.uint64(w.shape[0])):
+            o[i] = bf16_to_f32(w[i])
+    else:
+        for i in range(np.uint64(w.shape[0])):
+            o[i] = f16_to_f32(w[i])
+
+
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def widen(weight, is_bf16, out):
     """out[:] = weight as float32 (uint16 bits in, same shape out); parallel over rows."""
     for r in prange(weight.shape[0]):
-        w, o = weight[r], out[r]
-        if is_bf16:
-            for i in range(np.uint64(w.shape[0])):
-                o[i] = bf16_to_f32(w[i])
-        else:
-            for i in range(np.uint64(w.shape[0])):
-                o[i] = f16_to_f32(w[i])
+        _widen_row(weight[r], is_bf16, out[r])
 
 
 def half_bits(weight, dtype):
@@ -153,13 +157,7 @@ def half_bits(weight, dtype):
 def widen_rows(weight, is_bf16, out):
     """widen() on the calling thread only, GIL released (kernels/slabs.py runs one per thread)."""
     for r in range(weight.shape[0]):
-        w, o = weight[r], out[r]
-        if is_bf16:
-            for i in range(np.uint64(w.shape[0])):
-                o[i] = bf16_to_f32(w[i])
-        else:
-            for i in range(np.uint64(w.shape[0])):
-                o[i] = f16_to_f32(w[i])
+        _widen_row(weight[r], is_bf16, out[r])
 
 
 def half_linear(x, weight, dtype):
