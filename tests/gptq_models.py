@@ -5,12 +5,10 @@ the reference is a transformers LlamaForCausalLM whose Linear weights are the de
 here from the codes, not by the code under test.
 """
 
-import json
-import os
 
 import numpy as np
 
-from gptq_packer import make_layer, quantize_config, write_safetensors
+from gptq_packer import make_layer, quantize_config, write_gptq_checkpoint
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -54,16 +52,8 @@ def make_gptq_llama(out_dir, bits=4, group_size=32, act_order=True, sym=True, ch
                 # bias is applied on the reference side through a forward hook below.
                 lin.register_forward_hook(_bias_hook(torch.from_numpy(q["bias"].astype(np.float32))))
     del sd
-    os.makedirs(out_dir, exist_ok=True)
     qc = quantize_config(bits, group_size, act_order, sym, checkpoint_format)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, metadata={"format": "pt"})
-    hf = cfg.to_dict()
-    hf["quantization_config"] = qc
-    hf["torch_dtype"] = "float16"
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    with open(os.path.join(out_dir, "quantize_config.json"), "w") as f:
-        json.dump(qc, f, indent=2)
+    write_gptq_checkpoint(out_dir, tensors, cfg.to_dict(), qc)
     return model
 
 

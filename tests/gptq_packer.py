@@ -105,3 +105,17 @@ def write_safetensors(path, tensors, metadata=None):
         f.write(raw)
         for blob in blobs:
             f.write(blob)
+
+
+def write_gptq_checkpoint(out_dir, tensors, hf_config, qc):
+    """TheBloke's layout: one model.safetensors, config.json with quantization_config, quantize_config.json."""
+    import json
+    import os
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, metadata={"format": "pt"})
+    hf_config = dict(hf_config, quantization_config=qc, torch_dtype="float16")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    with open(os.path.join(out_dir, "quantize_config.json"), "w") as f:
+        json.dump(qc, f, indent=2)
+    return out_dir

@@ -1,6 +1,5 @@
 """Tiny random Llama checkpoints made by transformers itself, the independent reference for our model."""
 
-import os
 
 import numpy as np
 

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 
-from gptq_packer import make_layer, quantize_config, write_safetensors
+from gptq_packer import make_layer, quantize_config, write_gptq_checkpoint
 
 LINEARS = {   # checkpoint sub-name -> (in, out) as functions of the HF config dict
     "self_attn.q_proj": (lambda c: c["hidden_size"], lambda c: c["num_attention_heads"] * _hd(c)),
@@ -59,15 +59,8 @@ def make_gptq_checkpoint(dense_dir, out_dir, bits=4, group_size=32, act_order=Tr
                                checkpoint_format=checkpoint_format)
             for t in ("qweight", "qzeros", "scales", "g_idx"):
                 tensors[f"model.layers.{i}.{sub}.{t}"] = layer[t]
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, metadata={"format": "pt"})
     qc = quantize_config(bits, group_size, act_order, sym, checkpoint_format)
-    cfg["quantization_config"] = qc
-    cfg["torch_dtype"] = "float16"
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(os.path.join(out_dir, "quantize_config.json"), "w") as f:
-        json.dump(qc, f, indent=2)
-    return out_dir
+    return write_gptq_checkpoint(out_dir, tensors, cfg, qc)
 
 
 # -- a tiny model that has learnt something, and text for it ------------------------------------------------

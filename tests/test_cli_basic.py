@@ -1,7 +1,6 @@
 """The CLI on a tiny transformers checkpoint: through click's runner and as a real subprocess."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,6 +1,5 @@
 """A tiny GPTQ Llama in TheBloke's layout against transformers running the dequantized weights."""
 
-import numpy as np
 import pytest
 
 import tinyllama_ref

@@ -1,7 +1,6 @@
 """Layer streaming under a memory budget: same numbers as the resident model, peak RSS under the budget."""
 
 import json
-import os
 import subprocess
 import sys
 
