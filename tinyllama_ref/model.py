@@ -16,7 +16,7 @@ import numpy as np
 
 from .attention import QUERY_BLOCK, attention
 from .checkpoint import Checkpoint, to_f32
-from .config import load_config, read_json
+from .config import load_config, read_json, with_vocab
 from .errors import GenerationError
 from .kvcache import KVCache
 from .linear import BACKENDS
@@ -55,9 +55,9 @@ class Model:
         self.backend = backend
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.
-        hidden = load_config(path).dim
-        embed = embedding_info(self.ckpt, hidden)
-        self.cfg = load_config(path, vocab_size=embed.shape[0])
+        cfg = load_config(path)
+        embed = embedding_info(self.ckpt, cfg.dim)
+        self.cfg = with_vocab(cfg, embed.shape[0])
         self.quant_config = read_quant_config_if_any(path)
         self.embed_weight = self.ckpt.raw(embed.name)              # [V, D] view, stored dtype
         self.embed_dtype = embed.dtype
