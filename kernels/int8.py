@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .gptq import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from .gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
 
 BLOCK = 32                 # inputs per activation scale (4 packed words)
 

@@ -1,4 +1,4 @@
-"""The Numba GPTQ kernels (kernels/gptq.py) against the independent packer and the NumPy reference."""
+"""The Numba GPTQ kernels (kernels/gptq*.py) against the independent packer and the NumPy reference."""
 
 import inspect
 
@@ -7,7 +7,7 @@ import pytest
 
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, gptq_passes, gptq_prefill
 
 MEDITRON = [(4, -1), (4, 128), (4, 32), (3, -1), (3, 128), (3, 32)]
 CASES = ([dict(bits=b, group_size=g, act_order=True) for b, g in MEDITRON]
@@ -50,8 +50,8 @@ def test_dequantized_tiles_equal_w(case, monkeypatch):
     rows = np.arange(layer["W"].shape[0]) if plan.perm is None else plan.perm
     codes = gptq.unit_shape(case["bits"])[1]
     tile = np.empty((plan.n_padded, 96), dtype=np.float32)
-    gptq.dequantize_tile(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
-                         plan.zero_add, 0, plan.n_padded // codes, 0, 96, tile)
+    gptq_prefill.dequantize_tile(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
+                                 plan.zero_add, 0, plan.n_padded // codes, 0, 96, tile)
     real = np.flatnonzero(rows >= 0)                        # tile rows that hold an input (not padding)
     np.testing.assert_array_equal(tile[real], layer["W"][rows[real]])
     monkeypatch.setattr(gptq, "TILE_FLOATS", 64 * 300)    # 64-column slabs: 96 columns = 2 slabs, one partial
@@ -137,20 +137,42 @@ def test_gptq_linear_backends_agree(case):
 
 
 def test_unrolled_passes_match_their_generator():
-    """The hand-unrolled inner loops in kernels/gptq.py are exactly what _pass_source() describes."""
-    for bits, words in [(4, 4), (4, 2), (4, 1), (3, 6), (3, 3), (2, 1), (8, 2), (8, 1)]:
-        written = inspect.getsource(getattr(gptq, f"_pass_b{bits}_w{words}").py_func)
-        assert written == gptq._pass_source(bits, words), (bits, words)
+    """The hand-unrolled inner loops in kernels/gptq_passes.py are exactly what pass_source() writes."""
+    for bits, passes in gptq_passes.PASSES.items():
+        for words in passes:
+            written = inspect.getsource(getattr(gptq_passes, f"_pass_b{bits}_w{words}").py_func)
+            assert written == gptq_passes.pass_source(bits, words), (bits, words)
 
 
-def test_pass_masks_cover_every_bit_once():
-    """Each packed word's masks in a pass partition its 32 bits (independent of the kernel arithmetic)."""
-    import re
-    for bits, words in [(4, 2), (3, 3), (2, 1), (8, 2)]:
-        src = gptq._pass_source(bits, words)
-        for w in range(words):
-            masks = [int(m, 16) for m in re.findall(rf"masked_f32\(a{w}, (0x[0-9A-F]+)\)", src)]
-            assert sum(masks) == 0xFFFFFFFF and np.bitwise_or.reduce(masks) == 0xFFFFFFFF, (bits, w)
+@pytest.mark.parametrize("bits", sorted(gptq_passes.PASSES))
+def test_every_pass_weighs_each_bit_once(bits):
+    """Set one bit per column: column j holds bit b = j mod (32 * words) of the pass's words and nothing else.
+    Codes are a little-endian bit stream, so that bit is bit b % bits of code b // bits, and the pass must add
+    exactly x[b // bits] * 2**(b % bits). 300 columns: two whole 128-column chunks and a partial one."""
+    rng = np.random.default_rng(3)
+    for words in gptq_passes.PASSES[bits]:
+        n_bits = 32 * words
+        width = 300
+        b = np.arange(width) % n_bits                                          # [width] the bit of column j
+        qw = np.zeros((words, width), dtype=np.uint32)                         # [words, width]
+        qw[b // 32, np.arange(width)] = np.left_shift(np.uint32(1), (b % 32).astype(np.uint32))
+        x = rng.normal(size=n_bits // bits).astype(np.float32)                 # [codes]
+        expected = x[b // bits] * np.float32(2.0) ** (b % bits)                # [width], exact
+        for ahead in (0, words):
+            acc = np.zeros(width, dtype=np.float32)
+            getattr(gptq_passes, f"_pass_b{bits}_w{words}")(qw, 0, x, 0, acc, 0, width, ahead)
+            np.testing.assert_array_equal(acc, expected, err_msg=f"{bits}-bit, {words} words")
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_wide_blocks_cross_chunks(bits):
+    """600 columns: each thread's block spans several 128-column chunks, the last one partial."""
+    rng = np.random.default_rng(8)
+    layer = make_layer(rng, 256, 600, bits=bits, group_size=64, act_order=True)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq")
+    for n_rows in (1, 2):
+        x = rng.normal(size=(n_rows, 256)).astype(np.float32)
+        _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
 
 
 def test_prefill_without_openblas_control(monkeypatch):

@@ -1,4 +1,4 @@
-"""The in-place act-order kernels (kernels/gptq.py, prepare(..., repack=False)) against the independent packer.
+"""The in-place act-order kernels (kernels/gptq_inplace.py, prepare(..., repack=False)) against the independent packer.
 
 Expectations come from tests/gptq_packer.make_layer only: W built from known codes, scales and zeros.
 """
@@ -10,7 +10,7 @@ import pytest
 
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, gptq_inplace
 
 CASES = [dict(bits=4, group_size=128), dict(bits=4, group_size=32), dict(bits=3, group_size=128),
          dict(bits=3, group_size=32), dict(bits=4, group_size=32, sym=False),
@@ -136,5 +136,5 @@ def test_int8_mode_leaves_inplace_plans_exact():
 
 def test_inplace_passes_match_their_generator():
     for bits, words in [(4, 4), (4, 1), (3, 3), (2, 1), (8, 1)]:
-        written = inspect.getsource(getattr(gptq, f"_ipass_b{bits}_w{words}").py_func)
-        assert written == gptq._inplace_pass_source(bits, words), (bits, words)
+        written = inspect.getsource(getattr(gptq_inplace, f"_ipass_b{bits}_w{words}").py_func)
+        assert written == gptq_inplace._inplace_pass_source(bits, words), (bits, words)
