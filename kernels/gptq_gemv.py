@@ -59,9 +59,52 @@ def _fold_segment_const_zero(out, acc, scales_row, zero, sum_x):
         acc[j] = 0.0
 
 
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _segment_passes(qw, u0, u1, bits, xp, accs, j0, width):
+    """accs[n, j] += sum of xp[n, t] * code[t, j0 + j] over the codes t of units u0..u1, for every row n.
+
+    Rows are the inner loop: a pass's packed rows (a few x width words, tens of KB) come from memory for row
+    0, which also prefetches the next pass, and from L1/L2 for the others, so a batch of N rows reads the
+    weights once, not N times."""
+    n_rows = xp.shape[0]
+    u = u0
+    if bits == 4:
+        while u + 4 <= u1:
+            for n in range(n_rows):
+                _pass_b4_w4(qw, u, xp[n], u * 8, accs[n], j0, width, 4 if n == 0 else 0)
+            u += 4
+        while u < u1:
+            for n in range(n_rows):
+                _pass_b4_w1(qw, u, xp[n], u * 8, accs[n], j0, width, 1 if n == 0 else 0)
+            u += 1
+    elif bits == 3:
+        while u < u1:
+            for n in range(n_rows):
+                _pass_b3_w3(qw, u * 3, xp[n], u * 32, accs[n], j0, width, 3 if n == 0 else 0)
+            u += 1
+    elif bits == 8:
+        while u + 4 <= u1:
+            for n in range(n_rows):
+                _pass_b8_w4(qw, u, xp[n], u * 4, accs[n], j0, width, 4 if n == 0 else 0)
+            u += 4
+        while u < u1:
+            for n in range(n_rows):
+                _pass_b8_w1(qw, u, xp[n], u * 4, accs[n], j0, width, 1 if n == 0 else 0)
+            u += 1
+    else:
+        while u + 2 <= u1:
+            for n in range(n_rows):
+                _pass_b2_w2(qw, u, xp[n], u * 16, accs[n], j0, width, 2 if n == 0 else 0)
+            u += 2
+        while u < u1:
+            for n in range(n_rows):
+                _pass_b2_w1(qw, u, xp[n], u * 16, accs[n], j0, width, 1 if n == 0 else 0)
+            u += 1
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zero, block, y):
-    """y[n, :] = xp[n, :] @ W_sorted for a few rows n, reading the packed weights once per row.
+    """y[n, :] = xp[n, :] @ W_sorted for a few rows n, reading the packed weights once for all rows.
 
     qw [R, out] uint32 (packed rows in segment order), xp [N, units * codes_per_unit] float32 (x permuted to
     that order, zero padded), segments seg_start [S + 1] (in units) / seg_group [S], scales [G, out] as
@@ -71,9 +114,8 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zer
 
     Loop order: prange over column blocks, one long block per thread (gemv_block in kernels/gptq.py: each
     thread streams its own columns of every packed row, the longer the runs the better the hardware
-    prefetchers follow); per block, per segment: accumulate acc[j] = sum x_i q_ij over the segment's packed
-    rows (the passes, column loop innermost, prefetching one pass ahead for the first activation row), then
-    fold in scale and zero once: y += s (acc - z sum x).
+    prefetchers follow); per block, per segment: accumulate acc[n, j] = sum x_ni q_ij over the segment's
+    packed rows (_segment_passes), then fold in scale and zero once: y[n] += s (acc[n] - z sum x_n).
     """
     n_rows = xp.shape[0]
     n_out = qw.shape[1]
@@ -82,48 +124,23 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zer
     for b in prange(n_blocks):
         j0 = b * block
         width = min(n_out, j0 + block) - j0
-        acc = np.zeros(width, dtype=np.float32)
+        accs = np.zeros((n_rows, width), dtype=np.float32)                  # [N, width]
         zbuf = np.empty(width, dtype=np.float32)
         for n in range(n_rows):
-            x = xp[n]
-            ahead = 1 if n == 0 else 0           # later rows find the block's packed rows in cache, if at all
-            out = y[n, j0:j0 + width]
-            out[:] = 0.0
-            for s in range(seg_group.shape[0]):
-                u0, u1 = seg_start[s], seg_start[s + 1]
-                xs = x[u0 * unit_codes:u1 * unit_codes]
+            y[n, j0:j0 + width] = 0.0
+        for s in range(seg_group.shape[0]):
+            u0, u1 = seg_start[s], seg_start[s + 1]
+            _segment_passes(qw, u0, u1, bits, xp, accs, j0, width)
+            g = seg_group[s]
+            if const_zero < 0:
+                _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, zbuf)
+            for n in range(n_rows):
+                xs = xp[n, u0 * unit_codes:u1 * unit_codes]
                 sum_x = np.float32(0.0)
                 for i in range(np.uint64(xs.shape[0])):
                     sum_x += xs[i]
-                u = u0
-                if bits == 4:
-                    while u + 4 <= u1:
-                        _pass_b4_w4(qw, u, x, u * 8, acc, j0, width, ahead * 4)
-                        u += 4
-                    while u < u1:
-                        _pass_b4_w1(qw, u, x, u * 8, acc, j0, width, ahead)
-                        u += 1
-                elif bits == 3:
-                    while u < u1:
-                        _pass_b3_w3(qw, u * 3, x, u * 32, acc, j0, width, ahead * 3)
-                        u += 1
-                elif bits == 8:
-                    while u + 4 <= u1:
-                        _pass_b8_w4(qw, u, x, u * 4, acc, j0, width, ahead * 4)
-                        u += 4
-                    while u < u1:
-                        _pass_b8_w1(qw, u, x, u * 4, acc, j0, width, ahead)
-                        u += 1
-                else:
-                    while u + 2 <= u1:
-                        _pass_b2_w2(qw, u, x, u * 16, acc, j0, width, ahead * 2)
-                        u += 2
-                    while u < u1:
-                        _pass_b2_w1(qw, u, x, u * 16, acc, j0, width, ahead)
-                        u += 1
-                g = seg_group[s]
                 if const_zero >= 0:
-                    _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero), sum_x)
+                    _fold_segment_const_zero(y[n, j0:j0 + width], accs[n], scales[g, j0:j0 + width],
+                                             np.float32(const_zero), sum_x)
                 else:
-                    _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, zbuf)
-                    _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sum_x)
+                    _fold_segment(y[n, j0:j0 + width], accs[n], scales[g, j0:j0 + width], zbuf, sum_x)

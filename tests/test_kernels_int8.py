@@ -82,7 +82,7 @@ def test_int8_mode_through_the_layer_and_its_limits():
                                atol=1e-5 * np.abs(approx4).max())
     # 3-bit layers and prefill rows stay exact.
     np.testing.assert_allclose(lin3(x), x @ three["W"], rtol=1e-4, atol=1e-4 * np.abs(x @ three["W"]).max())
-    xs = rng.normal(size=(gptq.GEMV_MAX_ROWS + 1, 128)).astype(np.float32)   # the prefill path
+    xs = rng.normal(size=(gptq.INT8_MAX_ROWS + 1, 128)).astype(np.float32)   # past the int8 rows: exact
     np.testing.assert_allclose(lin4(xs), xs @ four["W"], rtol=1e-4, atol=1e-4 * np.abs(xs @ four["W"]).max())
     with pytest.raises(ConfigError, match="must be one of exact, int8"):
         quant.set_activation_mode("int4")
