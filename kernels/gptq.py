@@ -24,12 +24,7 @@ Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepa
               unpack qzeros; -1 otherwise.
 """
 
-import os
-
-# Numba's OpenMP workers spin after each parallel region by default; when the next step is a BLAS call, its
-# own threads then fight those spinning workers for the 2 cores (measured: prefill 10x slower). Sleeping
-# workers cost a few microseconds per kernel launch instead. Must be set before the first parallel launch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How the OpenMP workers behind prange wait between kernels is set in tinyllama_ref/__init__.py.
 
 import numba
 import numpy as np

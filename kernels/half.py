@@ -9,12 +9,7 @@ weight [out, in], y = x @ W.T. It matters for lm_head ([32000, 8192] fp16 in eve
   - many rows (prefill): convert a tile of rows to float32 and let BLAS multiply it.
 """
 
-import os
-
-# Numba's OpenMP workers spin after each parallel region by default; when the next step is a BLAS call, its
-# own threads then fight those spinning workers for the 2 cores (measured: prefill 10x slower). Sleeping
-# workers cost a few microseconds per kernel launch instead. Must be set before the first parallel launch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How the OpenMP workers behind prange wait between kernels is set in tinyllama_ref/__init__.py.
 
 import numpy as np
 from llvmlite import ir

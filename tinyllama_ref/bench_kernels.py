@@ -6,7 +6,8 @@ built in memory and run through GPTQLinear's Numba backend:
     memory read bandwidth measured just before, in the same run (kernels/bandwidth.py), with their ratio;
   - prefill (64 and 512 rows): GFLOP/s (2 * rows * in * out / time) next to float32 BLAS on the same shapes
     (x @ W with W a dense float32 [in, out]) measured in the same run, with their ratio.
-The load-time preparation (act-order repack) is timed too. Only "exact" mode exists: float32 arithmetic.
+The load-time preparation (act-order repack) is timed too. Modes: "exact" (the default float32 path) and, with
+--modes exact,int8, the opt-in int8-activation decode with its accuracy (KL, top-1) next to its speed.
 --layout picks the act-order layout: "repacked" (rows sorted by group at load, for resident layers), "inplace"
 (prepare(..., repack=False): qweight read as stored, no load-time copy, for layers streamed from disk) or both;
 every result names its layout.
