@@ -178,8 +178,9 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
     new_qw = np.zeros((int(units.sum()) * unit_words, n_out), dtype=np.uint32)   # [R2, out]
     repack_rows(qw, perm, bits, new_qw)
-    return Plan(bits=bits, qw=new_qw, perm=perm, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
-                seg_group=seg_group, scales=scales.view(np.uint16),
+    gather = np.where(perm >= 0, perm, n_in)                                 # [padded] see permute_x
+    return Plan(bits=bits, qw=new_qw, perm=perm, gather=gather, n_in=n_in, n_padded=len(perm),
+                seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
                 zero_add=zero_add, const_zero=const_zero, repacked=True, layout="segments",
                 prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group")
@@ -246,11 +247,10 @@ def permute_x(plan, x):
         xp[:, :plan.n_in] = x
         return xp
     # np.take with an index array is a plain gather (30x faster than boolean-mask assignment); padding
-    # rows point at an extra zero column.
+    # rows point at an extra zero column (plan.gather, made once in prepare()).
     extended = np.zeros((x.shape[0], plan.n_in + 1), dtype=np.float32)       # [N, in + 1]
     extended[:, :plan.n_in] = x
-    gather = np.where(plan.perm >= 0, plan.perm, plan.n_in)                  # [padded]
-    return np.take(extended, gather, axis=1)                                 # [N, padded]
+    return np.take(extended, plan.gather, axis=1)                            # [N, padded]
 
 
 def gemv_block(n_out):
