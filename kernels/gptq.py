@@ -214,8 +214,8 @@ def inplace_block(n_out, n_groups):
 def _gptq_matmul_inplace(plan, x):
     """gptq_matmul for an "inplace" plan: x stays in input order; per-group sums of x are made per call."""
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     if n_rows <= INPLACE_GEMV_MAX_ROWS:
+        y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         xg = np.zeros((n_rows, plan.n_padded), dtype=np.float32)             # [N, padded]
         xg[:, :plan.n_in] = x
         sumx = np.zeros((n_rows, plan.n_groups), dtype=np.float32)           # [N, G]
@@ -225,16 +225,25 @@ def _gptq_matmul_inplace(plan, x):
                      plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), INPLACE_CHUNK_BYTES,
                      y)
         return y
+    return _slab_matmul(x, n_out, lambda j0, j1, t: dequantize_slab_inplace(
+        plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
+
+
+def _slab_matmul(x, n_out, dequantize):
+    """Prefill: y [N, out] = x [N, in] @ W, W dequantized a slab of columns at a time by dequantize(j0, j1, t)
+    into t [in, j1 - j0] (one scratch per thread, never the whole matrix) and multiplied with BLAS; the slabs
+    are spread over the threads by kernels/slabs.py."""
+    n_rows, n_in = x.shape
+    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     threads = max(1, numba.get_num_threads())
-    columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // plan.n_in) // 64 * 64)
+    columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // n_in) // 64 * 64)
     tiles = {}
 
     def work(j0, j1, worker):
         if worker not in tiles:
-            tiles[worker] = np.empty(plan.n_in * columns, dtype=np.float32)     # one scratch per thread
-        t = tiles[worker][:plan.n_in * (j1 - j0)].reshape(plan.n_in, j1 - j0)   # [in, j1 - j0]
-        dequantize_slab_inplace(plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-                                plan.n_in, j0, j1, t)
+            tiles[worker] = np.empty(n_in * columns, dtype=np.float32)          # one scratch per thread
+        t = tiles[worker][:n_in * (j1 - j0)].reshape(n_in, j1 - j0)             # [in, j1 - j0]
+        dequantize(j0, j1, t)
         y[:, j0:j1] = x @ t                                                   # [N, j1 - j0]
     run_slabs(n_out, columns, work)
     return y
@@ -270,25 +279,15 @@ def gptq_matmul(plan, x, mode="exact"):
         return _gptq_matmul_inplace(plan, x)
     xp = permute_x(plan, x)                                                  # [N, padded]
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     if mode == "int8" and n_rows <= INT8_MAX_ROWS:
         from . import int8
         if int8.supports(plan):
+            y = np.empty((n_rows, n_out), dtype=np.float32)                  # [N, out]
             return int8.gptq_matmul_int8(plan, xp, y, gemv_block(n_out))
     if n_rows <= GEMV_MAX_ROWS:
+        y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
              plan.const_zero, gemv_block(n_out), y)
         return y
-    threads = max(1, numba.get_num_threads())
-    columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // plan.n_padded) // 64 * 64)
-    tiles = {}
-
-    def work(j0, j1, worker):
-        if worker not in tiles:
-            tiles[worker] = np.empty(plan.n_padded * columns, dtype=np.float32)    # one scratch per thread
-        t = tiles[worker][:plan.n_padded * (j1 - j0)].reshape(plan.n_padded, j1 - j0)   # [in, j1 - j0]
-        dequantize_slab(plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
-                        plan.zero_add, j0, j1, t)
-        y[:, j0:j1] = xp @ t                                                  # [N, j1 - j0]
-    run_slabs(n_out, columns, work)
-    return y
+    return _slab_matmul(xp, n_out, lambda j0, j1, t: dequantize_slab(
+        plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add, j0, j1, t))
