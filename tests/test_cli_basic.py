@@ -27,7 +27,7 @@ def test_generate_prompt_ids_matches_transformers(ckpt):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "tinyllama_ref.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tinyllama_ref", *args], capture_output=True, text=True,
                           timeout=300)
 
 

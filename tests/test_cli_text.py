@@ -20,7 +20,7 @@ TEXT = ("The patient presented with fever and cough. Treatment with antibiotics 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from tinyllama_ref.synth import synthesize
+    from tinyllama_ref.make.synth import synthesize
     out = str(tmp_path_factory.mktemp("synth") / "tiny")
     synthesize(out, preset="tiny", bits=4, group_size=32, act_order=True, quiet=True)
     return out

@@ -20,11 +20,11 @@ from gptq_packer import pack_stream_columns, pack_stream_rows, write_safetensors
 from quantize_helpers import make_trained_llama, pattern_corpus, perplexity, rtn_quantize
 from tinyllama_ref import quant
 from tinyllama_ref.cli import Cli
-from tinyllama_ref.cli_numerics import quantize as quantize_command
-from tinyllama_ref.cli_numerics import verify as verify_command
+from tinyllama_ref.cli.numerics import quantize as quantize_command
+from tinyllama_ref.cli.numerics import verify as verify_command
 from tinyllama_ref.errors import TinyLlamaError
-from tinyllama_ref.gptq import gptq_quantize, hessian
-from tinyllama_ref.quantize import quantize_checkpoint
+from tinyllama_ref.make.gptq import gptq_quantize, hessian
+from tinyllama_ref.make.quantize import quantize_checkpoint
 
 SUBS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -261,7 +261,7 @@ def test_quantized_model_loads_generates_and_keeps_perplexity(trained, quantized
 
 
 def test_verify_passes_on_a_quantized_checkpoint(quantized):
-    from tinyllama_ref.verify import compare, format_report
+    from tinyllama_ref.measure.verify import compare, format_report
     out, _, _ = quantized(3, 32, True, False)
     report = compare(out, HELD_OUT[:20])
     assert report.passed, format_report(report)
@@ -307,7 +307,7 @@ def test_cli_quantize_with_ids_file(app, trained, tmp_path):
 
 
 def test_cli_quantize_bf16_with_text_calibration_then_verify_with_a_text_prompt(app, hf_checkpoints, tmp_path):
-    from tinyllama_ref.tokenizer_files import generate_text, write_tokenizer_files
+    from tinyllama_ref.make.tokenizer_files import generate_text, write_tokenizer_files
     dense = tmp_path / "dense"
     shutil.copytree(hf_checkpoints("bf16-quantize-text", dtype="bfloat16", vocab=512, hidden=64), dense)
     write_tokenizer_files(str(dense), 512)
@@ -325,7 +325,7 @@ def test_cli_quantize_bf16_with_text_calibration_then_verify_with_a_text_prompt(
 
 
 def test_an_interrupted_run_leaves_no_complete_looking_file(trained, tmp_path, monkeypatch):
-    import tinyllama_ref.quantize as driver
+    import tinyllama_ref.make.quantize as driver
     real = driver.gptq_quantize
     calls = []
 
@@ -349,7 +349,7 @@ def test_the_drivers_layer_forward_matches_transformers(trained):
     from tinyllama_ref.checkpoint import Checkpoint
     from tinyllama_ref.config import load_config
     from tinyllama_ref.ops import rope_tables
-    from tinyllama_ref.quantize import quantize_layer, read_dense_layer
+    from tinyllama_ref.make.quantize import quantize_layer, read_dense_layer
     seqs = [np.array(s[:64]) for s in CALIBRATION[:3]]
     hf = LlamaForCausalLM.from_pretrained(trained, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -93,7 +93,7 @@ def test_parse_size_rejects_nonsense(text):
 
 
 def test_cli_budget_error_is_one_line(deep):
-    p = subprocess.run([sys.executable, "-m", "tinyllama_ref.cli", "generate", deep, "--prompt-ids", "1,2",
+    p = subprocess.run([sys.executable, "-m", "tinyllama_ref", "generate", deep, "--prompt-ids", "1,2",
                         "--max-memory", "2MB"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "too small" in p.stderr and "Traceback" not in p.stderr
 
@@ -102,7 +102,7 @@ def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
     """Resident act-order layers are repacked at load, streamed ones read in place: same float32 results
     up to summation order, and the same greedy text."""
     import tinyllama_ref.streaming as streaming
-    from tinyllama_ref.synth import synthesize
+    from tinyllama_ref.make.synth import synthesize
     monkeypatch.setattr(streaming, "SAFETY_FRACTION", 0.0)
     path = str(tmp_path / "q")
     synthesize(path, preset="tiny", bits=4, group_size=32, act_order=True, layers=12, quiet=True)

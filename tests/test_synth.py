@@ -17,13 +17,13 @@ from safetensors.numpy import save_file
 
 import tinyllama_ref
 from gptq_packer import pack_stream_columns, pack_stream_rows
-from tinyllama_ref import synth
+from tinyllama_ref.make import synth
 from tinyllama_ref.checkpoint import Checkpoint
-from tinyllama_ref.cli_synth import synth as synth_command
+from tinyllama_ref.cli.synth import synth as synth_command
 from tinyllama_ref.config import preset
 from tinyllama_ref.errors import CheckpointError, ConfigError
 from tinyllama_ref.quant import QuantConfig, unpack_columns, unpack_zeros
-from tinyllama_ref.safetensors_writer import SafetensorsWriter, TensorSpec, file_size
+from tinyllama_ref.make.safetensors_writer import SafetensorsWriter, TensorSpec, file_size
 
 TINY = preset("tiny")
 LINEAR_SHAPES = {   # sub-name: (in, out) for the tiny preset
@@ -403,7 +403,7 @@ def test_progress_line_only_on_a_terminal(tmp_path):
 @pytest.mark.parametrize("n_in", [64, 100, 688])
 def test_qweight_slabs_are_valid_bit_streams_across_slab_boundaries(bits, n_in):
     """Small slabs force many slab boundaries; n_in 100 and 688 leave a partly used last word for 3 bits."""
-    from tinyllama_ref.safetensors_writer import TensorSpec as Spec
+    from tinyllama_ref.make.safetensors_writer import TensorSpec as Spec
     n_out = 40
     spec = Spec("w", "I32", (-(-n_in * bits // 32), n_out))
     slabs = list(synth.qweight_slabs(spec, np.random.default_rng(bits), bits, n_in, chunk_bytes=4 * n_out * 3))

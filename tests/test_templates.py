@@ -8,7 +8,7 @@ from tinyllama_ref.errors import GenerationError, TokenizerError
 from tinyllama_ref.templates import (TEMPLATES, StopStrings, default_template, encode_chat, render,
                                      stop_conditions, stop_strings, template_adds_bos)
 from tinyllama_ref.tokenizer import Tokenizer
-from tinyllama_ref.tokenizer_files import write_tokenizer_files
+from tinyllama_ref.make.tokenizer_files import write_tokenizer_files
 
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json "chat_template", transcribed.
 LLAMA2_CHAT_JINJA = (
@@ -66,7 +66,7 @@ def test_chatml_is_the_model_card_prompt():
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chatml_matches_its_jinja_template(messages):
-    from tinyllama_ref.tokenizer_files import CHATML_JINJA
+    from tinyllama_ref.make.tokenizer_files import CHATML_JINJA
     for gen in (True, False):
         assert render(messages, "chatml", gen) == jinja_render(CHATML_JINJA, messages, add_generation_prompt=gen)
 
@@ -136,7 +136,7 @@ def test_default_template_from_tokenizer_files(tmp_path, chatml_dir):
         meditron.check_ids(encode_chat(meditron, CONVERSATIONS[0], "chatml"))
     write_tokenizer_files(str(tmp_path / "llama2"), 400, chat_template=LLAMA2_CHAT_JINJA)
     assert default_template(Tokenizer.from_dir(str(tmp_path / "llama2"))) == "llama2"
-    from tinyllama_ref.tokenizer_files import CHATML_JINJA
+    from tinyllama_ref.make.tokenizer_files import CHATML_JINJA
     write_tokenizer_files(str(tmp_path / "spelled"), 400, chat_template=CHATML_JINJA)   # no added tokens
     assert default_template(Tokenizer.from_dir(str(tmp_path / "spelled"))) == "chatml"
     write_tokenizer_files(str(tmp_path / "plain"), 400)

@@ -8,7 +8,7 @@ import sentencepiece as spm
 
 from tinyllama_ref.errors import TokenizerError
 from tinyllama_ref.tokenizer import Tokenizer
-from tinyllama_ref.tokenizer_files import generate_text, write_tokenizer_files
+from tinyllama_ref.make.tokenizer_files import generate_text, write_tokenizer_files
 
 SP_SIZE = 1000
 # Meditron's layout scaled down: the embedding has 1017 rows, <|im_start|> is row 1017 and <|im_end|> 1018,

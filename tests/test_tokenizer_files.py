@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from tinyllama_ref.errors import TokenizerError
-from tinyllama_ref.tokenizer_files import CHATML_JINJA, generate_text, write_tokenizer_files
+from tinyllama_ref.make.tokenizer_files import CHATML_JINJA, generate_text, write_tokenizer_files
 
 MEDITRON_ADDED = {"<|im_start|>": 1017, "<|im_end|>": 1018}   # the Meditron layout, scaled down
 

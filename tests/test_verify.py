@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from quantize_helpers import make_gptq_checkpoint
-from tinyllama_ref import verify as verify_mod
+from tinyllama_ref.measure import verify as verify_mod
 from tinyllama_ref.cli import Cli
-from tinyllama_ref.cli_numerics import verify as verify_command
+from tinyllama_ref.cli.numerics import verify as verify_command
 
 PROMPT = [1, 17, 250, 3, 99, 4, 180, 42, 7, 311, 64, 5]
 

@@ -6,8 +6,8 @@ import time
 
 import click
 
-from .errors import GenerationError
-from .jsonl import read_jsonl
+from ..errors import GenerationError
+from ..jsonl import read_jsonl
 
 
 def parse_ids(text):
@@ -61,8 +61,8 @@ def notice(quiet, text):
 
 
 def open_model(checkpoint, backend, max_memory, quiet=True, gptq_mode="exact"):
-    from . import load
-    from .quant import set_activation_mode
+    from .. import load
+    from ..quant import set_activation_mode
     set_activation_mode(gptq_mode)
     t = time.perf_counter()
     if not quiet and sys.stderr.isatty():
@@ -75,7 +75,7 @@ def open_model(checkpoint, backend, max_memory, quiet=True, gptq_mode="exact"):
 
 
 def resolve_template(model, template):
-    from .templates import default_template
+    from ..templates import default_template
     if template in (None, "auto"):
         return default_template(model.tokenizer)
     return template

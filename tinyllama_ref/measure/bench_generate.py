@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .memory import human, peak_rss
+from ..memory import human, peak_rss
 
 
 def _io_read_bytes():
@@ -30,11 +30,11 @@ def _io_read_bytes():
 
 def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backend="numba", max_memory=None,
           seed=0):
-    from . import load
+    from .. import load
     from .bandwidth import disk_read_gbps
-    from .generate import run
-    from .kernels.bandwidth import memory_read_gbps
-    from .sampling import Sampler, SamplingParams
+    from ..generate import run
+    from ..kernels.bandwidth import memory_read_gbps
+    from ..sampling import Sampler, SamplingParams
     t = time.perf_counter()
     model = load(checkpoint, backend=backend, max_memory=max_memory)
     load_s = time.perf_counter() - t

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # dtype string -> NumPy dtype used for the bytes (BF16 travels as uint16 bit patterns).
 DTYPES = {

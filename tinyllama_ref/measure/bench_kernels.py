@@ -32,7 +32,7 @@ SHAPES_70B = [("q_proj/o_proj", 8192, 8192), ("k_proj/v_proj", 8192, 1024),
 
 def random_layer(rng, n_in, n_out, bits, group_size):
     """Random packed tensors with act-order g_idx (random bit patterns are valid codes for any width)."""
-    from .quant import QuantConfig, pack_zeros
+    from ..quant import QuantConfig, pack_zeros
     cfg = QuantConfig(bits=bits, group_size=group_size, desc_act=True, sym=True, source="bench")
     n_groups = cfg.n_groups(n_in)
     words = lambda *shape: rng.integers(0, 2**32, size=shape, dtype=np.uint32).view(np.int32)   # noqa: E731
@@ -69,8 +69,8 @@ def int8_model_accuracy(seed=0, sequences=32, length=4):
     model (tinyllama_ref.synth; random weights, act-order, group 32). Sequences of `length` <= 4 tokens so
     every matmul takes the decode path, where int8 mode applies."""
     import tempfile
-    from . import load, quant
-    from .synth import synthesize
+    from .. import load, quant
+    from ..make.synth import synthesize
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as d:
         synthesize(d, preset="tiny", bits=4, group_size=32, act_order=True, seed=seed, quiet=True)
@@ -95,8 +95,8 @@ def int8_model_accuracy(seed=0, sequences=32, length=4):
 
 def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed=0, emit=print,
         modes=("exact",), layouts=("repacked",)):
-    from .kernels.bandwidth import memory_read_gbps
-    from .quant import GPTQLinear
+    from ..kernels.bandwidth import memory_read_gbps
+    from ..quant import GPTQLinear
     rng = np.random.default_rng(seed)
     accuracy = int8_model_accuracy(seed) if "int8" in modes else {}
     blas_cache = {}
@@ -220,7 +220,7 @@ def main(argv=None):
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if "int8" in modes:
-        from .quant import set_activation_mode
+        from ..quant import set_activation_mode
         set_activation_mode("int8")          # validates the CPU; layers are switched one at a time below
         set_activation_mode("exact")
     layouts = ("repacked", "inplace") if args.layout == "both" else (args.layout,)

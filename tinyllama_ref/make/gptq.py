@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import QuantError
+from ..errors import QuantError
 
 BLOCK_SIZE = 128
 

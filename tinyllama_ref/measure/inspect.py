@@ -2,8 +2,8 @@
 
 import os
 
-from .memory import human
-from .model import Model
+from ..memory import human
+from ..model import Model
 
 
 def describe(checkpoint, max_memory=None, measure=True):
@@ -41,7 +41,7 @@ def describe(checkpoint, max_memory=None, measure=True):
         info["tokenizer"] = "none (tokenizer.model missing: use --prompt-ids)"
     if measure:
         from .bandwidth import disk_read_gbps
-        from .kernels.bandwidth import memory_read_gbps
+        from ..kernels.bandwidth import memory_read_gbps
         mem = memory_read_gbps(256 * 2**20, repeats=5)
         biggest = max(ckpt.files, key=lambda p: ckpt.files[p].size)
         disk = disk_read_gbps(biggest, 256 * 2**20)

@@ -26,14 +26,14 @@ import time
 
 import numpy as np
 
-from .attention import attend
-from .checkpoint import Checkpoint, to_f32
-from .config import load_config, read_json
-from .errors import CheckpointError, QuantError, TinyLlamaError
+from ..attention import attend
+from ..checkpoint import Checkpoint, to_f32
+from ..config import load_config, read_json
+from ..errors import CheckpointError, QuantError, TinyLlamaError
 from .gptq import gptq_quantize, hessian, stored_zeros
-from .ops import apply_rope, rms_norm, rope_tables, silu
-from .quant import pack_columns, pack_zeros
-from .weights import LINEARS, embedding_info
+from ..ops import apply_rope, rms_norm, rope_tables, silu
+from ..quant import pack_columns, pack_zeros
+from ..weights import LINEARS, embedding_info
 
 QUERY_BLOCK = 256          # queries attended at once: bounds the [heads, queries, keys] scores of a long sequence
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -71,7 +71,7 @@ def read_calibration_ids(path):
 
 def calibration_from_text(path, checkpoint_dir, seq_len, n_samples):
     """Windows of seq_len tokens from a text file, tokenized with the checkpoint's tokenizer, each after BOS."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -4,9 +4,9 @@ import json
 
 import click
 
-from .cli_common import model_options, open_model
-from .errors import GenerationError
-from .progress import Progress
+from .common import model_options, open_model
+from ..errors import GenerationError
+from ..progress import Progress
 
 
 @click.command()
@@ -25,7 +25,7 @@ def perplexity(checkpoint, file, context, stride, as_json, backend, max_memory, 
       tinyllama-ref perplexity ./ckpt notes.txt --context 512 --stride 256
       tinyllama-ref perplexity ./ckpt notes.txt --json
     """
-    from .evaluate import perplexity as run_perplexity
+    from ..evaluate import perplexity as run_perplexity
     try:
         text = open(file, encoding="utf-8").read()
     except FileNotFoundError:
@@ -60,7 +60,7 @@ def score(checkpoint, items, as_json, backend, max_memory, quiet, gptq_mode):
     Example:
       tinyllama-ref score ./ckpt medqa_dev.jsonl --json
     """
-    from .evaluate import read_items, score as run_score
+    from ..evaluate import read_items, score as run_score
     parsed = read_items(items)
     model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     bar = Progress("scoring", len(parsed), enabled=not quiet, unit="items")

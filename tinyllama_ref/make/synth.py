@@ -37,11 +37,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from .config import preset as get_preset
-from .errors import CheckpointError, ConfigError
-from .quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_zeros
+from ..config import preset as get_preset
+from ..errors import CheckpointError, ConfigError
+from ..quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_zeros
 from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
-from .weights import LINEARS
+from ..weights import LINEARS
 
 GAIN = 0.8                         # std of a dequantized weight times sqrt(in_features)
 CHUNK_BYTES = 64 * 1024 * 1024     # generate and write tensors in slabs of about this size

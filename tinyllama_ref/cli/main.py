@@ -11,9 +11,9 @@ import sys
 
 import click
 
-from .cli_common import (completion_record, model_options, notice, open_model, parse_ids, read_prompts_file,
+from .common import (completion_record, model_options, notice, open_model, parse_ids, read_prompts_file,
                          resolve_template, sampling_kwargs, sampling_options, write_atomically)
-from .errors import GenerationError, TinyLlamaError
+from ..errors import GenerationError, TinyLlamaError
 
 
 class Cli(click.Group):
@@ -78,9 +78,9 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
       tinyllama-ref generate ./ckpt --prompt-ids 1,306,4658 -n 8          # prints new token ids
       tinyllama-ref generate ./ckpt --prompts-file prompts.jsonl -o out.jsonl
     """
-    from .generate import generate_text, run
-    from .sampling import Sampler, SamplingParams
-    from .templates import stop_conditions
+    from ..generate import generate_text, run
+    from ..sampling import Sampler, SamplingParams
+    from ..templates import stop_conditions
     sources = [x is not None for x in (prompt, prompt_file, prompt_ids, prompts_file)]
     if sum(sources) > 1:
         raise GenerationError("give only one of --prompt, --prompt-file, --prompt-ids, --prompts-file")
@@ -172,9 +172,9 @@ def chat(checkpoint, template, system, max_new_tokens, greedy, temperature, top_
     Example:
       tinyllama-ref chat ./Meditron-70B-GPTQ --system "You are a careful medical assistant." -t 0.7
     """
-    from .generate import generate_text
-    from .sampling import SamplingParams
-    from .templates import encode_chat, stop_conditions
+    from ..generate import generate_text
+    from ..sampling import SamplingParams
+    from ..templates import encode_chat, stop_conditions
     model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     tok = model.tokenizer
     template = resolve_template(model, template)
@@ -233,7 +233,7 @@ def inspect(checkpoint, max_memory, as_json):
     Example:
       tinyllama-ref inspect ./Meditron-70B-GPTQ --max-memory 20GB
     """
-    from .inspect import describe
+    from ..measure.inspect import describe
     info = describe(checkpoint, max_memory)
     if as_json:
         click.echo(json.dumps(info))
@@ -241,22 +241,3 @@ def inspect(checkpoint, max_memory, as_json):
     width = max(len(k) for k in info)
     for k, v in info.items():
         click.echo(f"{k:<{width}}  {v}")
-
-
-# -- commands that live in their own modules -----------------------------------------------------------------
-def _register():
-    from .cli_eval import perplexity, score
-    main.add_command(perplexity)
-    main.add_command(score)
-    for module, names in ((".cli_synth", ["synth"]), (".cli_numerics", ["verify", "quantize"]),
-                          (".cli_bench", ["bench"])):
-        import importlib
-        mod = importlib.import_module(module, __package__)
-        for name in names:
-            main.add_command(getattr(mod, name))
-
-
-_register()
-
-if __name__ == "__main__":
-    main()

@@ -15,9 +15,9 @@ def prompt_token_ids(checkpoint, prompt, prompt_ids):
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,306,4658")
     if prompt_ids is not None:
-        from .cli import parse_ids
+        from .common import parse_ids
         return parse_ids(prompt_ids)
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
     return Tokenizer.from_dir(checkpoint).encode(prompt, add_bos=True)
 
 
@@ -44,7 +44,7 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
     Example:
       tinyllama-ref verify ./Meditron-70B-GPTQ --prompt "The patient presents with" --max-memory 20GB
     """
-    from .verify import Tolerance, compare, format_report
+    from ..measure.verify import Tolerance, compare, format_report
     ids = prompt_token_ids(checkpoint, prompt, prompt_ids)
     tol = Tolerance() if rtol is None else Tolerance(hidden_rel=rtol, logits_rel=rtol)
 
@@ -91,8 +91,8 @@ def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_perce
       tinyllama-ref quantize ./llama-dense ./llama-gptq --bits 4 --group-size 128 --act-order \\
           --calibration notes.txt
     """
-    from .config import load_config
-    from .quantize import LayerProgress, calibration_from_text, quantize_checkpoint, read_calibration_ids
+    from ..config import load_config
+    from ..make.quantize import LayerProgress, calibration_from_text, quantize_checkpoint, read_calibration_ids
     if (calibration_text is None) == (calibration_ids is None):
         raise click.UsageError("give exactly one of --calibration TEXT_FILE or --calibration-ids IDS_FILE")
     if seq_len < 2 or n_samples < 1:

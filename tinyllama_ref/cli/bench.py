@@ -23,7 +23,7 @@ def bench():
 @click.pass_context
 def kernels(ctx):
     """GPTQ GEMV/prefill kernels on the 70B layer shapes (see tools/bench_kernels.py)."""
-    from .bench_kernels import main
+    from ..measure.bench_kernels import main
     main(ctx.args)
 
 
@@ -31,5 +31,5 @@ def kernels(ctx):
 @click.pass_context
 def generate(ctx):
     """Load, prefill, decode at batch 1/8/32 with disk traffic, peak RSS and the I/O bound."""
-    from .bench_generate import main
+    from ..measure.bench_generate import main
     main(ctx.args)

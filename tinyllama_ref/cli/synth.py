@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from .config import PRESETS
-from .errors import TinyLlamaError
+from ..config import PRESETS
+from ..errors import TinyLlamaError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,7 +50,7 @@ def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_form
       tinyllama-ref synth ./m70b-1layer --preset llama2-70b --layers 1 --bits 3 --group-size 32
       tinyllama-ref synth ./l7b-fp16 --preset llama2-7b --dense fp16 --shards 2
     """
-    from .synth import human_bytes, synthesize
+    from ..make.synth import human_bytes, synthesize
     try:
         summary = synthesize(out, preset=preset, bits=int(bits), group_size=group_size, act_order=act_order,
                              sym=sym, dense_dtype=dense, shards=shards, seed=seed,

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import CheckpointError, TinyLlamaError
-from .model import block
-from .ops import log_softmax, rms_norm
+from ..errors import CheckpointError, TinyLlamaError
+from ..model import block
+from ..ops import log_softmax, rms_norm
 
 
 class VerifyDependencyError(TinyLlamaError):
@@ -213,7 +213,7 @@ def dequantized_weight(tensors, prefix, quant_config, in_features, out_features,
     """A GPTQ linear as a float32 torch weight [out, in] (nn.Linear layout), dequantized by quant.dequantize a
     slab of output columns at a time so the unpacking temporaries stay small for 28672-wide 70B layers."""
     import torch
-    from .quant import default_g_idx, dequantize
+    from ..quant import default_g_idx, dequantize
     qweight = tensors.get(prefix + ".qweight").numpy()                    # [in * bits / 32, out]
     qzeros = tensors.get(prefix + ".qzeros").numpy()                      # [G, out * bits / 32]
     scales = tensors.get(prefix + ".scales").numpy()                      # [G, out]
@@ -288,8 +288,8 @@ def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, toleran
     `on_layer(row, n_layers)` is called as each LayerRow is measured (a 70B run takes a while).
     """
     torch, HFLlamaConfig, modeling = _import_torch()
-    from . import load
-    from .quant import read_quant_config
+    from .. import load
+    from ..quant import read_quant_config
     ours = model or load(checkpoint_dir, backend=backend, max_memory=max_memory)
     ids = ours.check_ids(token_ids)                                       # [T]
     if len(ids) == 0:

@@ -18,7 +18,7 @@ import json
 import os
 import random
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 # ChatML as Hugging Face chat templates spell it (the Meditron GPTQ card's prompt format).
 CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"

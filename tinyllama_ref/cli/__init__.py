@@ -1,0 +1,21 @@
+"""The `tinyllama-ref` command line. Every click command lives in this package, and nothing outside it
+imports click.
+
+    main.py      the group (one-line errors, exit 1), generate, chat, inspect
+    evaluate.py  perplexity, score
+    synth.py     synth: random checkpoints of any Llama-2 shape
+    numerics.py  verify (against transformers), quantize (GPTQ)
+    bench.py     bench kernels, bench generate
+    common.py    the options and helpers the commands share
+"""
+
+from .bench import bench
+from .evaluate import perplexity, score
+from .main import Cli, main
+from .numerics import quantize, verify
+from .synth import synth
+
+for _command in (perplexity, score, synth, verify, quantize, bench):
+    main.add_command(_command)
+
+__all__ = ["main", "Cli"]
