@@ -1,0 +1,1 @@
+"""An HTTP server that speaks TGI's and OpenAI's APIs, with continuous batching (extra: [serve])."""
