@@ -25,9 +25,12 @@ def parse_size(text):
 
 
 def human(n):
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+    """Bytes for people, in SI units with one decimal: 36_700_000_000 -> "36.7 GB", 999 -> "999 B".
+
+    The one byte formatter of the project (budgets, file sizes, transfer rates); parse_size reads it back."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
+            return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
 
 
