@@ -85,4 +85,4 @@ def test_int8_mode_through_the_layer_and_its_limits():
     xs = rng.normal(size=(gptq.INT8_MAX_ROWS + 1, 128)).astype(np.float32)   # past the int8 rows: exact
     np.testing.assert_allclose(lin4(xs), xs @ four["W"], rtol=1e-4, atol=1e-4 * np.abs(xs @ four["W"]).max())
     with pytest.raises(ConfigError, match="must be one of exact, int8"):
-        quant.set_activation_mode("int4")
+        quant.check_gptq_mode("int4")

@@ -22,15 +22,22 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 from .errors import (CheckpointError, ConfigError, GenerationError, MemoryBudgetError,  # noqa: E402
                      QuantError, TinyLlamaError, TokenizerError)
+from .model import Model  # noqa: E402
+from .text import TextModel  # noqa: E402
 
 __version__ = "0.1.0"
 
 
-def load(path, backend="numba", max_memory=None, quiet=True):
-    """Open a checkpoint directory (dense or GPTQ safetensors) as a Model."""
-    from .model import Model
-    return Model(path, backend=backend, max_memory=max_memory, quiet=quiet)
+def load(path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True):
+    """Open a checkpoint directory (dense or GPTQ safetensors) as a TextModel: the forward pass plus its
+    tokenizer.
+
+    backend: "numba" (fast kernels) or "numpy" (the readable reference). max_memory: a budget such as
+    "20GB" (default: 85% of available memory); layers that do not fit are streamed from disk.
+    gptq_mode: "exact" (float32, the default) or "int8" (opt-in approximate activations, AVX512-VNNI).
+    """
+    return TextModel(Model(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=quiet))
 
 
-__all__ = ["load", "TinyLlamaError", "CheckpointError", "ConfigError", "GenerationError", "QuantError",
+__all__ = ["load", "Model", "TextModel", "TinyLlamaError", "CheckpointError", "ConfigError", "GenerationError", "QuantError",
            "TokenizerError", "MemoryBudgetError", "__version__"]

@@ -21,10 +21,12 @@ from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the reference implementation caps the header at 100 MB too
 
-# safetensors dtype string -> NumPy dtype. BF16 has no NumPy dtype: it is read as uint16 and widened on use.
+# safetensors dtype string -> NumPy dtype, for reading and for make/safetensors_writer.py (the one table). BF16
+# has no NumPy dtype: it is read as uint16 and widened on use.
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
 }
 
 
@@ -235,3 +237,29 @@ class Checkpoint:
         for name in names:
             info = self.tensors[name]
             self.files[info.file].advise(info.start, info.end, advice)
+
+    # -- page cache (streaming.py reads layers ahead and drops them after use) --------------------------------
+    def read_ahead(self, name, buffer):
+        """Read a tensor's bytes through `buffer` (a reused bytearray) so that they land in the page cache.
+
+        I/O only, with os.preadv (which releases the GIL): a read-ahead thread can run it while the main
+        thread computes. Returns the bytes read.
+        """
+        info = self.info(name)
+        fd = self.files[info.file]._fd.fileno()
+        view = memoryview(buffer)
+        pos = info.start
+        while pos < info.end:
+            n = os.preadv(fd, [view[:min(len(buffer), info.end - pos)]], pos)
+            if n <= 0:
+                break
+            pos += n
+        return pos - info.start
+
+    def drop_pages(self, names):
+        """Release the tensors' pages from this process (MADV_DONTNEED) and from the page cache."""
+        self.advise(names, mmap.MADV_DONTNEED)
+        for name in names:
+            info = self.tensors[name]
+            os.posix_fadvise(self.files[info.file]._fd.fileno(), info.start, info.nbytes,
+                             os.POSIX_FADV_DONTNEED)

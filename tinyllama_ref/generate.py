@@ -50,11 +50,8 @@ def run(model, prompts, max_new_tokens, sampler, stop_ids, on_step=None):
     if max_new_tokens == 0:
         return outs
     max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max_new_tokens)
-    cache = model.new_cache(len(prompts), max_len)
-    try:
+    with model.new_cache(len(prompts), max_len) as cache:
         return _decode(model, prompts, outs, cache, max_new_tokens, max_len, sampler, stop_ids, on_step)
-    finally:
-        model.layers.release_reservation("KV cache")
 
 
 def _decode(model, prompts, outs, cache, max_new_tokens, max_len, sampler, stop_ids, on_step):

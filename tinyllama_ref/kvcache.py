@@ -10,12 +10,28 @@ import numpy as np
 
 
 class KVCache:
-    def __init__(self, n_layers, n_slots, max_len, n_kv_heads, head_dim):
+    """reservation: the memory budget's Reservation for this cache (model.new_cache makes one); closing the
+    cache, or leaving its `with` block, gives it back."""
+
+    def __init__(self, n_layers, n_slots, max_len, n_kv_heads, head_dim, reservation=None):
         shape = (n_slots, max_len, n_kv_heads, head_dim)
         self.k = [np.zeros(shape, dtype=np.float32) for _ in range(n_layers)]   # [B, S, KV, hd] each
         self.v = [np.zeros(shape, dtype=np.float32) for _ in range(n_layers)]
         self.lengths = np.zeros(n_slots, dtype=np.int64)
         self.max_len = max_len
+        self.reservation = reservation
+
+    def close(self):
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     @staticmethod
     def bytes_needed(n_layers, n_slots, max_len, n_kv_heads, head_dim):

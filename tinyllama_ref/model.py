@@ -11,6 +11,7 @@ resident or stream them from disk (streaming.py): the forward pass does not care
 """
 
 import os
+import sys
 
 import numpy as np
 
@@ -18,9 +19,12 @@ from .attention import QUERY_BLOCK, attention
 from .checkpoint import Checkpoint, to_f32
 from .config import load_config, read_json, with_vocab
 from .errors import GenerationError
+from .generate import generate_ids
 from .kvcache import KVCache
 from .linear import BACKENDS
 from .ops import rms_norm, rope_tables, silu
+from .quant import check_gptq_mode, read_quant_config
+from .streaming import LayerSource
 from .weights import embedding_info, load_head
 
 
@@ -41,18 +45,18 @@ def read_quant_config_if_any(path):
         "quantization_config" in read_json(os.path.join(path, "config.json"))
     if not has_block:
         return None
-    from .quant import read_quant_config
     return read_quant_config(path)
 
 
 class Model:
-    """A loaded checkpoint. Use `tinyllama_ref.load(path)` rather than constructing this directly."""
+    """A loaded checkpoint's forward pass. `tinyllama_ref.load(path)` wraps it with its tokenizer (text.py)."""
 
-    def __init__(self, path, backend="numba", max_memory=None, quiet=True):
+    def __init__(self, path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True):
         if backend not in BACKENDS:
             raise GenerationError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.path = path
         self.backend = backend
+        self.gptq_mode = check_gptq_mode(gptq_mode)
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.
         cfg = load_config(path)
@@ -62,10 +66,14 @@ class Model:
         self.embed_weight = self.ckpt.raw(embed.name)              # [V, D] view, stored dtype
         self.embed_dtype = embed.dtype
         self.final_norm, self.lm_head = load_head(self.ckpt, self.cfg, backend)
-        from .streaming import make_layer_source
-        self.layers = make_layer_source(self, max_memory, quiet=quiet)
-        self.cos, self.sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim,
-                                         self.cfg.rope_theta, self.cfg.rope_scaling_factor)  # [P, hd]
+        self.layers = LayerSource(self.ckpt, self.cfg, self.quant_config, backend, gptq_mode, max_memory,
+                                  fixed_bytes=self.lm_head.nbytes + self.final_norm.nbytes,
+                                  scratch_bytes=reference_scratch_bytes(self.cfg, backend))
+        if not quiet:
+            print(self.layers.describe(), file=sys.stderr)
+        # RoPE tables are built for the longest cache asked for so far (new_cache), not for the config's
+        # max_position_embeddings, which a config may set to anything.
+        self.cos = self.sin = np.zeros((0, self.cfg.head_dim), dtype=np.float32)   # [P, hd]
 
     # -- the pieces ---------------------------------------------------------------------------------------
     def check_ids(self, ids):
@@ -83,11 +91,19 @@ class Model:
         return to_f32(self.embed_weight[ids], self.embed_dtype)    # [N, D]
 
     def new_cache(self, n_slots, max_len):
-        """A KV cache for n_slots sequences of up to max_len positions, counted in the memory budget."""
+        """A KV cache for n_slots sequences of up to max_len positions, counted in the memory budget (with
+        the RoPE tables it needs) until it is closed: `with model.new_cache(...) as cache:`."""
         c = self.cfg
-        self.layers.reserve("KV cache", KVCache.bytes_needed(c.n_layers, n_slots, max_len, c.n_kv_heads,
-                                                             c.head_dim))
-        return KVCache(c.n_layers, n_slots, max_len, c.n_kv_heads, c.head_dim)
+        max_len = min(max_len, c.max_seq_len)
+        rope_bytes = 2 * max(0, max_len - len(self.cos)) * c.head_dim * 4
+        name = "KV cache"
+        while name in self.layers.reserved:            # several caches may be open at once (a server's, a score's)
+            name += "+"
+        reservation = self.layers.reserve(name, KVCache.bytes_needed(c.n_layers, n_slots, max_len, c.n_kv_heads,
+                                                                     c.head_dim) + rope_bytes)
+        if max_len > len(self.cos):
+            self.cos, self.sin = rope_tables(max_len, c.head_dim, c.rope_theta, c.rope_scaling_factor)  # [P, hd]
+        return KVCache(c.n_layers, n_slots, max_len, c.n_kv_heads, c.head_dim, reservation=reservation)
 
     def workspace_bytes(self, n_rows, longest_context, all_logits):
         """A generous estimate of the activations one pass allocates (see attention.py's query blocks)."""
@@ -112,7 +128,9 @@ class Model:
             seqs.append((slot, start, len(toks)))
         ids = np.concatenate([self.check_ids(t) for t in chunks])    # [N]
         longest = max(start + n for _, start, n in seqs)
-        self.layers.reserve("activations", self.workspace_bytes(len(ids), longest, all_logits))
+        # The workspace stays reserved after the pass: it is the high-water mark the allocator keeps.
+        self.layers.reserve("activations", max(self.layers.reserved.get("activations", 0),
+                                               self.workspace_bytes(len(ids), longest, all_logits)))
         x = self.embed(ids)                                          # [N, D]
         for w in self.layers:
             x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin)   # [N, D]
@@ -131,65 +149,20 @@ class Model:
             raise GenerationError("empty token sequence: nothing to score")
         if len(ids) > self.cfg.max_seq_len:
             raise GenerationError(f"{len(ids)} tokens exceed the model's context of {self.cfg.max_seq_len}")
-        cache = self.new_cache(1, len(ids))
-        try:
+        with self.new_cache(1, len(ids)) as cache:
             return self.forward([ids], cache, [0], all_logits=True)
-        finally:
-            self.layers.release_reservation("KV cache")
 
     def generate(self, token_ids, max_new_tokens=16, temperature=0.0, **sampling):
         """New token ids after the prompt (a list of ints), or one list per prompt for a batch of prompts."""
-        from .generate import generate_ids
         batch = len(token_ids) > 0 and not np.isscalar(token_ids[0])
         prompts = [list(p) for p in token_ids] if batch else [list(token_ids)]
         outs = generate_ids(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return outs if batch else outs[0]
 
-    # -- text in, text out (tokenizer.py, templates.py, sampling.py, evaluate.py) -------------------------
-    @property
-    def tokenizer(self):
-        """The checkpoint's tokenizer, read on first use (a checkpoint without one still runs on ids)."""
-        if getattr(self, "_tokenizer", None) is None:
-            from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_dir(self.path, vocab_size=self.cfg.vocab_size)
-        return self._tokenizer
 
-    def encode_prompt(self, prompt, template="none", system=None):
-        """Text -> token ids, through a chat template unless template is "none"; ids are checked."""
-        from .templates import encode_chat
-        tok = self.tokenizer
-        if template == "none":
-            ids = tok.encode(prompt, add_bos=True)
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + \
-                [{"role": "user", "content": prompt}]
-            ids = encode_chat(tok, messages, template)
-        tok.check_ids(ids)
-        return ids
-
-    def generate_text(self, prompt, max_new_tokens=256, template="none", system=None, stop=(), on_text=None,
-                      **sampling):
-        """Complete a text prompt (or a list of them); returns the Completion(s) with .text and timings."""
-        from .generate import generate_text
-        from .sampling import SamplingParams
-        from .templates import stop_conditions
-        batch = not isinstance(prompt, str)
-        prompts = list(prompt) if batch else [prompt]
-        ids = [self.encode_prompt(p, template, system) for p in prompts]
-        params = SamplingParams.from_generation_config(self.path, **sampling)
-        stop_strings, stop_ids = stop_conditions(template, self.tokenizer)
-        outs = generate_text(self, self.tokenizer, ids, max_new_tokens, params, list(stop) + stop_strings,
-                             stop_ids=stop_ids, on_text=on_text)
-        return outs if batch else outs[0]
-
-    def perplexity(self, text_or_ids, context=None, stride=None):
-        """Sliding-window perplexity of a text (or token ids): dict with perplexity and tokens/s."""
-        from .evaluate import perplexity
-        ids = self.tokenizer.encode(text_or_ids, add_bos=True) if isinstance(text_or_ids, str) else text_or_ids
-        return perplexity(self, ids, context, stride)
-
-    def score(self, items):
-        """Multiple-choice items (dicts with question, options, answer): per-item choice and accuracy."""
-        from .evaluate import parse_item, score
-        parsed = [parse_item(it, f"item {i + 1}") for i, it in enumerate(items)]
-        return score(self, self.tokenizer, parsed)
+def reference_scratch_bytes(cfg, backend):
+    """The numpy reference widens a whole matrix to float32 (and GPTQ codes to ints) when it multiplies: the
+    largest such temporary must fit in the budget too. The numba kernels read the stored words directly."""
+    if backend == "numba":
+        return 0
+    return 8 * max(cfg.vocab_size * cfg.dim, cfg.dim * max(cfg.hidden_dim, cfg.n_heads * cfg.head_dim))

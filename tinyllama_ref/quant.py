@@ -26,25 +26,24 @@ from .errors import ConfigError, QuantError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
-ACTIVATION_MODES = ("exact", "int8")
-
-# How the numba backend treats activations, for every layer whose own `mode` is None. "exact" (the default)
-# is float32 throughout and matches the reference; "int8" is the opt-in approximate mode of kernels/int8.py
-# (4-bit layers, decode rows: activations rounded to int8 per block of 32, AVX512-VNNI dot products).
-ACTIVATION_MODE = os.environ.get("TINYLLAMA_GPTQ_MODE", "exact")
+GPTQ_MODES = ("exact", "int8")
 
 
-def set_activation_mode(mode):
-    """Choose "exact" or "int8" for all GPTQ layers of the numba backend (see ACTIVATION_MODE)."""
-    global ACTIVATION_MODE
-    if mode not in ACTIVATION_MODES:
-        raise ConfigError(f"GPTQ activation mode must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+def check_gptq_mode(mode):
+    """How the numba backend treats activations in GPTQ layers; a parameter of load(), never a global.
+
+    "exact" (the default) is float32 throughout and matches the reference; "int8" is the opt-in approximate
+    mode of kernels/int8.py (4-bit layers, decode rows: activations rounded to int8 per block of 32,
+    AVX512-VNNI dot products).
+    """
+    if mode not in GPTQ_MODES:
+        raise ConfigError(f"GPTQ activation mode must be one of {', '.join(GPTQ_MODES)}, got {mode!r}")
     if mode == "int8":
         from .kernels.int8 import vnni_available
         if not vnni_available():
             raise ConfigError("GPTQ activation mode int8 needs a CPU with AVX512-VNNI (see /proc/cpuinfo); "
                               "use the exact mode on this machine")
-    ACTIVATION_MODE = mode
+    return mode
 
 
 # -- the quantization settings -----------------------------------------------------------------------------
@@ -178,6 +177,17 @@ def true_zeros(stored, bits, checkpoint_format):
     return stored
 
 
+def stored_zeros(zeros, bits, checkpoint_format):
+    """The inverse of true_zeros, for writers (synth, quantize): "gptq" stores zero - 1 wrapped to `bits` (a
+    zero of 0 becomes 2**bits - 1), "gptq_v2" the zero itself."""
+    zeros = np.asarray(zeros)
+    if checkpoint_format == "gptq":
+        return (zeros - 1) & ((1 << bits) - 1)
+    if checkpoint_format == "gptq_v2":
+        return zeros
+    raise QuantError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got {checkpoint_format!r}")
+
+
 def scales_f32(scales):
     return np.asarray(scales, dtype=np.float32)
 
@@ -192,19 +202,25 @@ def dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format="gptq"):
     return s[g] * (q.astype(np.float32) - z[g].astype(np.float32))            # [in, out]
 
 
-def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, checkpoint_format="gptq", bias=None,
-                          columns_per_step=4096):
-    """y = x @ W + bias with W dequantized a slab of output columns at a time (so a 70B layer never needs
-    more than in * 4096 floats at once). x [N, in] -> y [N, out]."""
+def dequantized_slabs(qweight, qzeros, scales, g_idx, bits, checkpoint_format="gptq", columns_per_step=4096):
+    """(j0, j1, W[:, j0:j1]) for slabs of about columns_per_step output columns, so that a 70B layer never
+    needs more than in * columns_per_step floats (and their unpacking temporaries) at once."""
     n_out = qweight.shape[1]
     per_word = 32 // np.gcd(32, bits)                  # output columns per whole number of qzeros words
     step = max(per_word, columns_per_step // per_word * per_word)
-    y = np.empty((x.shape[0], n_out), dtype=np.float32)                       # [N, out]
     for j0 in range(0, n_out, step):
         j1 = min(n_out, j0 + step)
         z0, z1 = j0 * bits // 32, -(-j1 * bits // 32)   # the qzeros words that hold columns j0..j1
-        w = dequantize(qweight[:, j0:j1], qzeros[:, z0:z1], scales[:, j0:j1], g_idx, bits,
-                       checkpoint_format)                                     # [in, j1 - j0]
+        yield j0, j1, dequantize(qweight[:, j0:j1], qzeros[:, z0:z1], scales[:, j0:j1], g_idx, bits,
+                                 checkpoint_format)                           # [in, j1 - j0]
+
+
+def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, checkpoint_format="gptq", bias=None,
+                          columns_per_step=4096):
+    """y = x @ W + bias with W dequantized a slab of output columns at a time. x [N, in] -> y [N, out]."""
+    y = np.empty((x.shape[0], qweight.shape[1]), dtype=np.float32)            # [N, out]
+    for j0, j1, w in dequantized_slabs(qweight, qzeros, scales, g_idx, bits, checkpoint_format,
+                                       columns_per_step):
         y[:, j0:j1] = x @ w                                                   # [N, j1 - j0]
     if bias is not None:
         y += bias
@@ -289,7 +305,7 @@ class GPTQLinear:
     """
 
     def __init__(self, qweight, qzeros, scales, g_idx, cfg, in_features, out_features, bias=None,
-                 backend="numpy", name="", file="<arrays>", tensor_names=(), repack=True):
+                 backend="numpy", name="", file="<arrays>", tensor_names=(), repack=True, mode="exact"):
         if g_idx is None:
             g_idx = default_g_idx(in_features, cfg.group_size)
         validate_tensors(name, file, in_features, out_features, cfg, qweight, qzeros, scales, g_idx, bias)
@@ -301,7 +317,7 @@ class GPTQLinear:
         self.tensor_names = list(tensor_names)
         self.nbytes = int(qweight.nbytes + qzeros.nbytes + scales.nbytes + g_idx.nbytes)
         self.prepare_seconds = 0.0
-        self.mode = None                 # None: follow ACTIVATION_MODE; or "exact" / "int8" for this layer
+        self.mode = check_gptq_mode(mode)    # "exact", or the opt-in approximate "int8" (numba backend)
         self._plan = None
         if backend == "numba":
             from .kernels import gptq as kernels
@@ -313,9 +329,10 @@ class GPTQLinear:
             raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
 
     @classmethod
-    def from_checkpoint(cls, ckpt, prefix, quant_config, backend, in_features, out_features, repack=True):
-        """The layer stored under `prefix` (e.g. "model.layers.3.mlp.up_proj") as zero-copy views; repack as in
-        __init__."""
+    def from_checkpoint(cls, ckpt, prefix, quant_config, backend, in_features, out_features, repack=True,
+                        mode="exact"):
+        """The layer stored under `prefix` (e.g. "model.layers.3.mlp.up_proj") as zero-copy views; repack and
+        mode as in __init__."""
         names = {t: f"{prefix}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         file = ckpt.info(names["qweight"]).file
         if quant_config is None:
@@ -344,7 +361,7 @@ class GPTQLinear:
             used.append(names["bias"])
         return cls(ckpt.raw(names["qweight"]), ckpt.raw(names["qzeros"]), ckpt.raw(names["scales"]), g_idx,
                    quant_config, in_features, out_features, bias=bias, backend=backend, name=prefix, file=file,
-                   tensor_names=used, repack=repack)
+                   tensor_names=used, repack=repack, mode=mode)
 
     @property
     def copied_tensors(self):
@@ -364,8 +381,7 @@ class GPTQLinear:
             return gptq_matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                          self.checkpoint_format, self.bias)          # [N, out]
         from .kernels import gptq as kernels
-        y = kernels.gptq_matmul(self._plan, np.ascontiguousarray(x, dtype=np.float32),
-                                self.mode or ACTIVATION_MODE)                       # [N, out]
+        y = kernels.gptq_matmul(self._plan, np.ascontiguousarray(x, dtype=np.float32), self.mode)  # [N, out]
         if self.bias is not None:
             y += self.bias
         return y

@@ -17,9 +17,6 @@ streamed layer is used its pages are dropped from this process (madvise MADV_DON
 When everything fits, every layer is resident and nothing streams.
 """
 
-import mmap
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,25 +30,48 @@ SAFETY_FRACTION = 0.01             # ... plus 1% of the budget for allocator sla
 READ_CHUNK = 2**20                 # bytes per pread when reading a layer ahead (one reused buffer)
 
 
-class LayerSource:
-    """Iterate to get the layers in order; resident ones are kept, the rest are read, used and released."""
+class Reservation:
+    """Budget set aside for one purpose (KV cache, activations) before allocating it.
 
-    def __init__(self, model, max_memory=None, quiet=True):
-        self.model = model
-        m = model
-        self.n_layers = m.cfg.n_layers
-        self.names = [layer_tensor_names(m.ckpt, i) for i in range(self.n_layers)]
-        self.file_bytes = [sum(m.ckpt.info(n).nbytes for n in names) for names in self.names]
+    Made by LayerSource.reserve, which counts it at once; use it as a context manager to give the memory
+    back when the work is done:  with layers.reserve("KV cache", n): ...
+    """
+
+    def __init__(self, source, what):
+        self.source, self.what = source, what
+
+    def __enter__(self):
+        return self
+
+    def release(self):
+        self.source.release_reservation(self.what)
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+class LayerSource:
+    """Iterate to get the layers in order; resident ones are kept, the rest are read, used and released.
+
+    ckpt, cfg, quant_config, backend and gptq_mode say how to build a layer (weights.load_layer);
+    fixed_bytes is what the model holds besides its layers (the head), scratch_bytes the largest temporary a
+    backend allocates per matmul.
+    """
+
+    def __init__(self, ckpt, cfg, quant_config, backend, gptq_mode="exact", max_memory=None, fixed_bytes=0,
+                 scratch_bytes=0):
+        self.ckpt, self.cfg, self.quant_config = ckpt, cfg, quant_config
+        self.backend, self.gptq_mode = backend, gptq_mode
+        self.n_layers = cfg.n_layers
+        self.names = [layer_tensor_names(ckpt, i) for i in range(self.n_layers)]
+        self.file_bytes = [sum(ckpt.info(n).nbytes for n in names) for names in self.names]
         self.budget = default_budget() if max_memory is None else parse_size(max_memory)
         self.budget_given = max_memory is not None
         self.baseline = current_rss()
-        self.head_bytes = m.lm_head.nbytes + m.final_norm.nbytes
-        self.jit_reserve = JIT_RESERVE if m.backend == "numba" else 0
-        # The numpy reference widens a whole matrix to float32 (and GPTQ codes to ints) when it multiplies:
-        # the largest such temporary must fit too. The numba kernels read the stored words directly.
-        self.scratch = 0 if m.backend == "numba" else 8 * max(
-            [m.lm_head.in_features * m.lm_head.out_features] +
-            [m.cfg.dim * max(m.cfg.hidden_dim, m.cfg.n_heads * m.cfg.head_dim)])
+        self.head_bytes = fixed_bytes
+        self.jit_reserve = JIT_RESERVE if backend == "numba" else 0
+        self.scratch = scratch_bytes
         self.reserved = {}
         self.resident = {}                 # layer index -> LayerWeights kept for the model's lifetime
         self.prepare_seconds = 0.0         # time spent building layers (incl. kernel layout preparation)
@@ -59,7 +79,6 @@ class LayerSource:
         self._pool = None
         self._pending = {}                 # layer index -> Future of its read-ahead
         self._buffer = None
-        self.quiet = quiet
         self.n_resident = self._plan()
 
     # -- planning -----------------------------------------------------------------------------------------
@@ -91,7 +110,10 @@ class LayerSource:
         return k
 
     def reserve(self, what, nbytes):
-        """Set aside memory (KV cache, activations) before allocating it; fewer layers may stay resident."""
+        """Set aside memory (KV cache, activations) before allocating it; fewer layers may stay resident.
+
+        Returns a Reservation: `with layers.reserve(...):` releases it at the end of the block.
+        """
         self.reserved[what] = nbytes
         try:
             k = self._plan()
@@ -101,6 +123,7 @@ class LayerSource:
         for i in [i for i in self.resident if i >= k]:
             self._release(i, self.resident.pop(i))
         self.n_resident = k
+        return Reservation(self, what)
 
     def release_reservation(self, what):
         self.reserved.pop(what, None)
@@ -108,13 +131,13 @@ class LayerSource:
     # -- iteration ----------------------------------------------------------------------------------------
     def _build(self, i, streamed=False):
         t = time.perf_counter()
-        m = self.model
-        layer = load_layer(m.ckpt, m.cfg, m.quant_config, m.backend, i, streamed=streamed)
+        layer = load_layer(self.ckpt, self.cfg, self.quant_config, self.backend, i, streamed=streamed,
+                           gptq_mode=self.gptq_mode)
         self.prepare_seconds += time.perf_counter() - t
         # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
         # now on; the mapped file pages of the original would only double the layer's memory.
         copied = [n for name in LINEARS for n in getattr(getattr(layer, name), "copied_tensors", ())]
-        self._drop_pages(copied)
+        self.ckpt.drop_pages(copied)
         return layer
 
     def __len__(self):
@@ -144,32 +167,14 @@ class LayerSource:
         self._pending[i] = self._pool.submit(self._read_layer, i)
 
     def _read_layer(self, i):
-        """I/O only: pull the layer's byte ranges into the page cache (os.preadv releases the GIL)."""
-        ckpt = self.model.ckpt
-        view = memoryview(self._buffer)
+        """I/O only: pull the layer's byte ranges into the page cache."""
         for name in self.names[i]:
-            info = ckpt.info(name)
-            fd = ckpt.files[info.file]._fd.fileno()
-            pos = info.start
-            while pos < info.end:
-                n = os.preadv(fd, [view[:min(READ_CHUNK, info.end - pos)]], pos)
-                if n <= 0:
-                    break
-                pos += n
-            self.bytes_streamed += info.nbytes
+            self.bytes_streamed += self.ckpt.read_ahead(name, self._buffer)
 
     def _release(self, i, layer):
         """Drop a streamed layer's pages from this process and from the page cache."""
-        self._drop_pages(self.names[i])
+        self.ckpt.drop_pages(self.names[i])
         del layer
-
-    def _drop_pages(self, names):
-        ckpt = self.model.ckpt
-        ckpt.advise(names, mmap.MADV_DONTNEED)
-        for name in names:
-            info = ckpt.info(name)
-            os.posix_fadvise(ckpt.files[info.file]._fd.fileno(), info.start, info.nbytes,
-                             os.POSIX_FADV_DONTNEED)
 
     # -- reporting ----------------------------------------------------------------------------------------
     def describe(self):
@@ -184,10 +189,3 @@ class LayerSource:
 
     def resident_bytes(self):
         return sum(self.file_bytes[:self.n_resident])
-
-
-def make_layer_source(model, max_memory=None, quiet=True):
-    source = LayerSource(model, max_memory, quiet)
-    if not quiet:
-        print(source.describe(), file=sys.stderr)
-    return source

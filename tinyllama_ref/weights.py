@@ -55,13 +55,13 @@ def layer_tensor_names(ckpt, i):
     return [n for n in ckpt.tensors if n.startswith(prefix)]
 
 
-def load_layer(ckpt, cfg, quant_config, backend, i, streamed=False):
+def load_layer(ckpt, cfg, quant_config, backend, i, streamed=False, gptq_mode="exact"):
     """Layer i's weights; a streamed layer is used once per pass, so its kernels read the words in place."""
     prefix = f"model.layers.{i}."
     linears = {}
     for field_name, (sub, fin, fout) in LINEARS.items():
         linears[field_name] = make_linear(ckpt, prefix + sub, quant_config, backend, fin(cfg), fout(cfg),
-                                          repack=not streamed)
+                                          repack=not streamed, gptq_mode=gptq_mode)
     return LayerWeights(
         index=i,
         attn_norm=norm_weight(ckpt, prefix + "input_layernorm.weight", cfg.dim),

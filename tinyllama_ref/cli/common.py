@@ -62,12 +62,10 @@ def notice(quiet, text):
 
 def open_model(checkpoint, backend, max_memory, quiet=True, gptq_mode="exact"):
     from .. import load
-    from ..quant import set_activation_mode
-    set_activation_mode(gptq_mode)
     t = time.perf_counter()
     if not quiet and sys.stderr.isatty():
         click.echo(f"loading {checkpoint} ...", err=True)
-    model = load(checkpoint, backend=backend, max_memory=max_memory, quiet=True)
+    model = load(checkpoint, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=True)
     model.load_seconds = time.perf_counter() - t
     if model.layers.n_resident < model.layers.n_layers:        # worth knowing: this run reads from disk
         notice(quiet, model.layers.describe())

@@ -69,21 +69,16 @@ def int8_model_accuracy(seed=0, sequences=32, length=4):
     model (tinyllama_ref.synth; random weights, act-order, group 32). Sequences of `length` <= 4 tokens so
     every matmul takes the decode path, where int8 mode applies."""
     import tempfile
-    from .. import load, quant
+    from .. import load
     from ..make.synth import synthesize
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as d:
         synthesize(d, preset="tiny", bits=4, group_size=32, act_order=True, seed=seed, quiet=True)
         model = load(d, backend="numba")
         ids = rng.integers(3, model.cfg.vocab_size, size=(sequences, length))
-        before = quant.ACTIVATION_MODE
-        try:
-            quant.set_activation_mode("exact")
-            exact = np.concatenate([model.logits(list(map(int, s))) for s in ids])     # [S * L, V]
-            quant.set_activation_mode("int8")
-            approx = np.concatenate([model.logits(list(map(int, s))) for s in ids])    # [S * L, V]
-        finally:
-            quant.ACTIVATION_MODE = before
+        exact = np.concatenate([model.logits(list(map(int, s))) for s in ids])     # [S * L, V]
+        model = load(d, backend="numba", gptq_mode="int8")
+        approx = np.concatenate([model.logits(list(map(int, s))) for s in ids])    # [S * L, V]
     log_p = exact - exact.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))                # [S * L, V]
     log_q = approx - approx.max(axis=1, keepdims=True)
@@ -135,7 +130,7 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
                             layer.mode = "int8"
                             approx_y = layer(x)
                             q_seconds = median_seconds(lambda: layer(x), repeats)
-                            layer.mode = None
+                            layer.mode = "exact"
                             q = dict(r, mode="int8", median_ms=round(q_seconds * 1e3, 3),
                                      weights_gbps=round(packed / q_seconds / 1e9, 2),
                                      ratio=round(packed / q_seconds / 1e9 / mem, 3),
@@ -220,9 +215,8 @@ def main(argv=None):
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if "int8" in modes:
-        from ..quant import set_activation_mode
-        set_activation_mode("int8")          # validates the CPU; layers are switched one at a time below
-        set_activation_mode("exact")
+        from ..quant import check_gptq_mode
+        check_gptq_mode("int8")              # validates the CPU; layers are switched one at a time below
     layouts = ("repacked", "inplace") if args.layout == "both" else (args.layout,)
     results = run(shapes, args.bits, args.groups, rows, args.repeats, args.prefill_repeats, emit=emit,
                   modes=modes, layouts=layouts)

@@ -2,8 +2,8 @@
 
 import os
 
+from .. import load
 from ..memory import human
-from ..model import Model
 
 
 def describe(checkpoint, max_memory=None, measure=True):
@@ -12,7 +12,7 @@ def describe(checkpoint, max_memory=None, measure=True):
     The estimate is the streaming bound: resident weight bytes / memory bandwidth + streamed bytes / disk
     bandwidth, both measured now; real decoding adds compute, so treat it as a floor.
     """
-    model = Model(checkpoint, backend="numba", max_memory=max_memory)
+    model = load(checkpoint, backend="numba", max_memory=max_memory)
     c, ckpt, src = model.cfg, model.ckpt, model.layers
     q = model.quant_config
     quant = "none (dense " + ckpt.info("model.layers.0.self_attn.q_proj.weight").dtype + ")" if q is None else \

@@ -20,6 +20,7 @@ torch and transformers are an optional extra (pip install 'tinyllama-ref[verify]
 
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -213,21 +214,15 @@ def dequantized_weight(tensors, prefix, quant_config, in_features, out_features,
     """A GPTQ linear as a float32 torch weight [out, in] (nn.Linear layout), dequantized by quant.dequantize a
     slab of output columns at a time so the unpacking temporaries stay small for 28672-wide 70B layers."""
     import torch
-    from ..quant import default_g_idx, dequantize
+    from ..quant import default_g_idx, dequantized_slabs
     qweight = tensors.get(prefix + ".qweight").numpy()                    # [in * bits / 32, out]
     qzeros = tensors.get(prefix + ".qzeros").numpy()                      # [G, out * bits / 32]
     scales = tensors.get(prefix + ".scales").numpy()                      # [G, out]
     g_idx = (tensors.get(prefix + ".g_idx").numpy() if prefix + ".g_idx" in tensors
              else default_g_idx(in_features, quant_config.group_size))    # [in]
-    bits = quant_config.bits
-    per_word = 32 // np.gcd(32, bits)          # columns that fill a whole number of qzeros words
-    step = max(per_word, columns_per_step // per_word * per_word)
     weight = torch.empty(out_features, in_features, dtype=torch.float32)  # [out, in]
-    for j0 in range(0, out_features, step):
-        j1 = min(out_features, j0 + step)
-        z0, z1 = j0 * bits // 32, -(-j1 * bits // 32)
-        w = dequantize(qweight[:, j0:j1], qzeros[:, z0:z1], scales[:, j0:j1], g_idx, bits,
-                       quant_config.checkpoint_format)                    # [in, j1 - j0]
+    for j0, j1, w in dequantized_slabs(qweight, qzeros, scales, g_idx, quant_config.bits,
+                                       quant_config.checkpoint_format, columns_per_step):   # w [in, j1 - j0]
         weight[j0:j1] = torch.from_numpy(np.ascontiguousarray(w.T))       # [j1 - j0, in]
     return weight
 
@@ -303,14 +298,11 @@ def compare(checkpoint_dir, token_ids, backend="numpy", max_memory=None, toleran
     # dequantization temporaries of its widest linear, and both sides' activations.
     reservations = {"verify: one transformers layer": reference_layer_bytes(ours.cfg, len(ids)),
                     "activations": ours.workspace_bytes(2 * len(ids), len(ids), all_logits=True)}
-    for what, nbytes in reservations.items():
-        ours.layers.reserve(what, nbytes)
-    try:
+    with ExitStack() as held:
+        for what, nbytes in reservations.items():
+            held.enter_context(ours.layers.reserve(what, nbytes))
         with torch.no_grad():               # inference only; a context, so the caller's autograd state is kept
             run_chains(ours, ref, ids, report, on_layer)
-    finally:
-        for what in [*reservations, "KV cache"]:
-            ours.layers.release_reservation(what)
     return report
 
 
@@ -335,21 +327,21 @@ def run_chains(ours, ref, ids, report, on_layer=None):
     mask = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)[None, None]   # [1, 1, T, T] causal
 
     # Our side runs two sequences per layer: slot 0 is our chain, slot 1 is our block on THEIR input.
-    cache = ours.new_cache(2, T)
-    seqs = [(0, 0, T), (1, 0, T)]
-    for i, w in enumerate(ours.layers):
-        their_in = theirs[0].numpy()                                      # [T, D]
-        both = block(np.concatenate([x_ours, their_in]), w, cache, seqs, cfg, ours.cos, ours.sin)   # [2T, D]
-        x_ours, local = both[:T], both[T:]                                # [T, D] each
-        layer = reference_layer(ref.modeling, ref.hf_config, ref.tensors, ref.quant_config, i)
-        theirs = layer(theirs, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
-        del layer                                                         # one reference layer at a time
-        their_out = theirs[0].numpy()                                     # [T, D]
-        max_abs, rel, cos = hidden_metrics(x_ours, their_out)
-        local_rel = float(np.abs(local - their_out).max()) / max(float(np.abs(their_out).max()), 1e-30)
-        report.layers.append(LayerRow(i, max_abs, rel, cos, local_rel))
-        if on_layer:
-            on_layer(report.layers[-1], cfg.n_layers)
+    with ours.new_cache(2, T) as cache:
+        seqs = [(0, 0, T), (1, 0, T)]
+        for i, w in enumerate(ours.layers):
+            their_in = theirs[0].numpy()                                      # [T, D]
+            both = block(np.concatenate([x_ours, their_in]), w, cache, seqs, cfg, ours.cos, ours.sin)   # [2T, D]
+            x_ours, local = both[:T], both[T:]                                # [T, D] each
+            layer = reference_layer(ref.modeling, ref.hf_config, ref.tensors, ref.quant_config, i)
+            theirs = layer(theirs, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+            del layer                                                         # one reference layer at a time
+            their_out = theirs[0].numpy()                                     # [T, D]
+            max_abs, rel, cos = hidden_metrics(x_ours, their_out)
+            local_rel = float(np.abs(local - their_out).max()) / max(float(np.abs(their_out).max()), 1e-30)
+            report.layers.append(LayerRow(i, max_abs, rel, cos, local_rel))
+            if on_layer:
+                on_layer(report.layers[-1], cfg.n_layers)
 
     logits_ours = ours.lm_head(rms_norm(x_ours, ours.final_norm, cfg.norm_eps))    # [T, V]
     norm = ref.modeling.LlamaRMSNorm(cfg.dim, eps=ref.hf_config.rms_norm_eps)
