@@ -31,7 +31,7 @@ def prompt_token_ids(checkpoint, prompt, prompt_ids):
               help="Memory budget for OUR model, e.g. 20GB (transformers' side holds one float32 layer).")
 @click.option("--rtol", type=float, default=None,
               help="Relative tolerance for hidden states and logits (default 1e-4).")
-@click.option("--quiet", is_flag=True, help="No per-layer progress on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-layer progress on stderr.")
 def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
     """Compare every layer's hidden state and the logits with transformers on the same weights.
 
@@ -75,24 +75,25 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
               help="Calibration token ids: a JSON list (of lists) or one comma-separated sequence per line.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences used.")
-@click.option("--format", "checkpoint_format", type=click.Choice(["gptq", "gptq_v2"]), default="gptq",
-              show_default=True, help="gptq: AutoGPTQ v1 (stores zero - 1), what most files use.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--checkpoint-format", type=click.Choice(["gptq", "gptq_v2"]), default="gptq", show_default=True,
+              help="gptq: AutoGPTQ v1 (stored zero = zero - 1), what most files use; gptq_v2: GPTQModel "
+                   "(stored zero = zero).")
+@click.option("--quiet", "-q", is_flag=True, help="No per-layer progress on stderr.")
 def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_percent, calibration_text,
              calibration_ids, seq_len, n_samples, checkpoint_format, quiet):
     """Quantize a dense checkpoint with GPTQ (NumPy) into an AutoGPTQ-layout checkpoint directory.
 
     Layer by layer: the calibration activations pass through one dense layer at a time, each linear is
     quantized with Cholesky-based error feedback on the inputs it will really see (true sequential), and the
-    packed tensors are appended to OUT/model.safetensors before the next layer is read.
+    packed tensors are appended to OUT/model.safetensors before the next layer is read. OUT must be new or
+    empty, or hold only the model.safetensors.partial of an interrupted run (which then starts over).
 
     \b
     Example:
       tinyllama-ref quantize ./llama-dense ./llama-gptq --bits 4 --group-size 128 --act-order \\
           --calibration notes.txt
     """
-    from ..config import load_config
-    from ..make.quantize import LayerProgress, calibration_from_text, quantize_checkpoint, read_calibration_ids
+    from ..make.quantize import calibration_from_text, quantize_checkpoint, read_calibration_ids
     if (calibration_text is None) == (calibration_ids is None):
         raise click.UsageError("give exactly one of --calibration TEXT_FILE or --calibration-ids IDS_FILE")
     if seq_len < 2 or n_samples < 1:
@@ -101,11 +102,10 @@ def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_perce
         seqs = read_calibration_ids(calibration_ids)
     else:
         seqs = calibration_from_text(calibration_text, dense_checkpoint, seq_len, n_samples)
-    progress = None if quiet else LayerProgress(load_config(dense_checkpoint).n_layers)
     errors = quantize_checkpoint(dense_checkpoint, out, seqs, bits=int(bits), group_size=group_size,
                                  act_order=act_order, sym=sym, damp_percent=damp_percent,
                                  checkpoint_format=checkpoint_format, seq_len=seq_len, n_samples=n_samples,
-                                 progress=progress)
+                                 quiet=quiet)
     worst = max(max(e.values()) for e in errors.values())
     click.echo(f"wrote {out} ({bits}-bit, group size {group_size}, act-order {'on' if act_order else 'off'}, "
                f"{'sym' if sym else 'asym'}); worst relative output error of a linear on the calibration "

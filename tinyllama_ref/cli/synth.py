@@ -24,7 +24,8 @@ from ..errors import TinyLlamaError
               help="Inputs per quantization group; -1 means one group over all inputs.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="desc_act: g_idx is a shuffled (non-monotonic) group map, as in TheBloke's act-order files.")
-@click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric quantization (constant zeros).")
+@click.option("--sym/--asym", default=True, show_default=True,
+              help="Symmetric grid (every zero point 2**(bits-1)) or asymmetric (zeros vary by group and column).")
 @click.option("--checkpoint-format", type=click.Choice(["gptq", "gptq_v2"]), default="gptq", show_default=True,
               help="gptq: AutoGPTQ v1 (stored zero = zero - 1); gptq_v2: GPTQModel (stored zero = zero).")
 @click.option("--dense", type=click.Choice(["fp16", "bf16"]), default=None,
@@ -32,7 +33,7 @@ from ..errors import TinyLlamaError
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of safetensors files; more than 1 also writes model.safetensors.index.json.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same tensors).")
-@click.option("--quiet", is_flag=True, help="No progress line on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
 def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_format, dense, shards, seed, quiet):
     """Write a synthetic checkpoint to OUT (a new or empty directory).
 
@@ -50,7 +51,8 @@ def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_form
       tinyllama-ref synth ./m70b-1layer --preset llama2-70b --layers 1 --bits 3 --group-size 32
       tinyllama-ref synth ./l7b-fp16 --preset llama2-7b --dense fp16 --shards 2
     """
-    from ..make.synth import human_bytes, synthesize
+    from ..make.synth import synthesize
+    from ..memory import human
     try:
         summary = synthesize(out, preset=preset, bits=int(bits), group_size=group_size, act_order=act_order,
                              sym=sym, dense_dtype=dense, shards=shards, seed=seed,
@@ -59,6 +61,6 @@ def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_form
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     click.echo(f"wrote {summary['out_dir']}: {summary['format']}, preset {preset}, {summary['n_layers']} layers, "
-               f"{human_bytes(summary['safetensors_bytes'])} of tensors in {summary['write_seconds']:.1f} s "
+               f"{human(summary['safetensors_bytes'])} of tensors in {summary['write_seconds']:.1f} s "
                f"(tokenizer {summary['tokenizer_seconds']:.1f} s)")
     click.echo("files: " + ", ".join(summary["files"]))

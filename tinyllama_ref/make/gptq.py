@@ -194,13 +194,3 @@ def gptq_quantize(weight, H, bits=4, group_size=128, sym=True, act_order=False, 
                       scales=scales.astype(np.float16), zeros=zeros.astype(np.int32), g_idx=g_idx,
                       perm=perm.astype(np.int64), loss=loss)
 
-
-def stored_zeros(zeros, bits, checkpoint_format="gptq"):
-    """The zero codes as a checkpoint stores them: AutoGPTQ "v1" ("gptq") writes zero - 1, wrapped to `bits`
-    (FORMATS.md; a zero of 0 becomes 2**bits - 1, which readers turn back into 0 with (z + 1) & maxq);
-    "gptq_v2" stores the true zero."""
-    if checkpoint_format == "gptq":
-        return (np.asarray(zeros) - 1) % (2 ** bits)
-    if checkpoint_format == "gptq_v2":
-        return np.asarray(zeros)
-    raise QuantError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")

@@ -15,27 +15,33 @@ Memory stays bounded by the calibration activations (X and the attention output,
 layer's weights, and one Hessian (in x in float64: 6.6 GB for a 70B down_proj).
 
 The output file is written as a stream: every tensor's name, dtype and shape is known from config.json before
-anything is quantized, so the safetensors header goes first and each tensor is appended as soon as it exists.
+anything is quantized, so the safetensors header goes first and each tensor is appended as soon as it exists
+(make/safetensors_writer.py, in production order). An interrupted run leaves only OUT/model.safetensors.partial;
+running the same command again into that OUT starts over cleanly.
 """
 
 import json
 import os
-import shutil
 import sys
-import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from ..attention import attend
+from ..attention import attention
 from ..checkpoint import Checkpoint, to_f32
 from ..config import load_config, read_json
 from ..errors import CheckpointError, QuantError, TinyLlamaError
-from .gptq import gptq_quantize, hessian, stored_zeros
-from ..ops import apply_rope, rms_norm, rope_tables, silu
-from ..quant import pack_columns, pack_zeros
+from ..kvcache import KVCache
+from ..ops import rms_norm, rope_tables, silu
+from ..progress import Progress
+from ..quant import QuantConfig, pack_columns, pack_zeros, stored_zeros
 from ..weights import LINEARS, embedding_info
+from .files import copy_file, write_json
+from .gptq import gptq_quantize, hessian
+from .layout import gptq_linear_specs, quantization_block, safetensors_metadata
+from .safetensors_writer import SafetensorsWriter, TensorSpec
 
-QUERY_BLOCK = 256          # queries attended at once: bounds the [heads, queries, keys] scores of a long sequence
+PARTIAL = "model.safetensors.partial"     # what an interrupted run leaves in OUT (and nothing else)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
 # The order in which a layer's linears are quantized (and written): each stage's inputs depend on the
@@ -100,82 +106,22 @@ def check_calibration(seqs, cfg, seq_len, n_samples):
     return out
 
 
-# -- streaming safetensors output ---------------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
-
-
-class StreamingSafetensorsWriter:
-    """Write a safetensors file whose tensors are announced up front and then appended one by one, in order.
-
-    specs: [(name, dtype string, shape)] in the order the tensors will be written. The header (padded with
-    spaces to a multiple of 8 bytes, as the safetensors library does) is written at once; write() appends
-    data and checks it is the next announced tensor with the announced dtype and shape. The file is written
-    as `path + ".partial"` and renamed when complete, so an interrupted run never leaves a file that looks whole.
-    """
-
-    def __init__(self, path, specs, metadata=None):
-        header, offset = {}, 0
-        self.specs = []
-        for name, dtype, shape in specs:
-            itemsize = {"F16": 2, "F32": 4, "I32": 4}[dtype]
-            size = int(np.prod(shape, dtype=np.int64)) * itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.specs.append((name, dtype, tuple(shape)))
-            offset += size
-        if metadata:
-            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-        raw = json.dumps(header).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        self.path = path
-        self.f = open(path + ".partial", "wb")
-        self.f.write(np.uint64(len(raw)).astype("<u8").tobytes())
-        self.f.write(raw)
-        self.next = 0
-
-    def write(self, name, array):
-        if self.next >= len(self.specs):
-            raise QuantError(f"{self.path}: tensor {name} was not announced in the header")
-        want_name, want_dtype, want_shape = self.specs[self.next]
-        array = np.ascontiguousarray(array)
-        got_dtype = SAFETENSORS_DTYPES.get(array.dtype)
-        if (name, got_dtype, array.shape) != (want_name, want_dtype, want_shape):
-            raise QuantError(f"{self.path}: expected tensor {want_name} {want_dtype} {list(want_shape)} next, "
-                             f"got {name} {got_dtype} {list(array.shape)}")
-        self.f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-        self.next += 1
-
-    def close(self):
-        self.f.close()
-        if self.next != len(self.specs):
-            raise QuantError(f"{self.path}: only {self.next} of {len(self.specs)} announced tensors were written")
-        os.replace(self.path + ".partial", self.path)
-
-
 # -- the output layout --------------------------------------------------------------------------------------
 
-def packed_shapes(in_f, out_f, bits, group_size):
-    """Shapes of qweight, qzeros, scales, g_idx for one GPTQ linear (FORMATS.md, "Tensors of a GPTQ file")."""
-    G = 1 if group_size == -1 else -(-in_f // group_size)
-    return {"qweight": ("I32", (-(-in_f * bits // 32), out_f)), "qzeros": ("I32", (G, -(-out_f * bits // 32))),
-            "scales": ("F16", (G, out_f)), "g_idx": ("I32", (in_f,))}
-
-
 def output_plan(ckpt, cfg, bits, group_size):
-    """Every output tensor as (name, dtype, shape), in the order quantize_checkpoint produces them."""
-    plan = [("model.embed_tokens.weight", "F16", ckpt.info("model.embed_tokens.weight").shape)]
+    """Every output tensor's TensorSpec, in the order quantize_checkpoint produces them."""
+    plan = [TensorSpec("model.embed_tokens.weight", "F16", ckpt.info("model.embed_tokens.weight").shape)]
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        plan += [(p + "input_layernorm.weight", "F16", (cfg.dim,)),
-                 (p + "post_attention_layernorm.weight", "F16", (cfg.dim,))]
+        plan += [TensorSpec(p + "input_layernorm.weight", "F16", (cfg.dim,)),
+                 TensorSpec(p + "post_attention_layernorm.weight", "F16", (cfg.dim,))]
         for stage in STAGES:
             for key in stage:
                 sub, fin, fout = LINEARS[key]
-                for t, (dtype, shape) in packed_shapes(fin(cfg), fout(cfg), bits, group_size).items():
-                    plan.append((f"{p}{sub}.{t}", dtype, shape))
-    plan.append(("model.norm.weight", "F16", (cfg.dim,)))
+                plan += gptq_linear_specs(p + sub, fin(cfg), fout(cfg), bits, group_size)
+    plan.append(TensorSpec("model.norm.weight", "F16", (cfg.dim,)))
     if "lm_head.weight" in ckpt:
-        plan.append(("lm_head.weight", "F16", ckpt.info("lm_head.weight").shape))
+        plan.append(TensorSpec("lm_head.weight", "F16", ckpt.info("lm_head.weight").shape))
     return plan
 
 
@@ -191,19 +137,16 @@ def as_fp16(ckpt, name):
 # -- one decoder layer, with float32 NumPy weights ----------------------------------------------------------
 
 def attention_heads(xn, Wq, Wk, Wv, cfg, cos, sin, lengths):
-    """Causal self-attention up to, not including, o_proj, for packed sequences: xn [N, D] -> [N, H * hd]."""
-    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    out = np.empty((xn.shape[0], H * hd), dtype=np.float32)               # [N, H * hd]
+    """The engine's attention (attention.py) with o_proj left out, for packed sequences: xn [N, D] -> [N, H * hd].
+
+    o_proj is the identity here because GPTQ needs its input (the Hessian of o). One sequence at a time through
+    a one-slot cache, so the keys and values of all calibration sequences never exist at once."""
+    w = SimpleNamespace(q=lambda x: x @ Wq.T, k=lambda x: x @ Wk.T, v=lambda x: x @ Wv.T, o=lambda heads: heads)
+    cache = KVCache(1, 1, max(lengths), cfg.n_kv_heads, cfg.head_dim)     # [1, T, KV, hd] keys and values
+    out = np.empty((xn.shape[0], cfg.n_heads * cfg.head_dim), dtype=np.float32)   # [N, H * hd]
     row = 0
     for n in lengths:
-        x = xn[row:row + n]                                               # [n, D]
-        q = apply_rope((x @ Wq.T).reshape(n, H, hd), cos[:n], sin[:n])    # [n, H, hd]
-        k = apply_rope((x @ Wk.T).reshape(n, KV, hd), cos[:n], sin[:n])   # [n, KV, hd]
-        v = (x @ Wv.T).reshape(n, KV, hd)                                 # [n, KV, hd]
-        for b in range(0, n, QUERY_BLOCK):
-            m = min(QUERY_BLOCK, n - b)
-            att = attend(q[b:b + m], k[:b + m], v[:b + m], b)             # [m, H, hd]
-            out[row + b:row + b + m] = att.reshape(m, H * hd)
+        out[row:row + n] = attention(xn[row:row + n], w, cache, 0, [(0, 0, n)], cfg, cos, sin)   # [n, H * hd]
         row += n
     return out
 
@@ -235,7 +178,7 @@ def quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result=None, p
             if on_result:
                 on_result(index, key, r, W)
             if progress:
-                progress.step(key)
+                progress.update(len(results), note=key)
 
     attn_in = rms_norm(x, dense["attn_norm"], cfg.norm_eps)               # [N, D]
     run_stage(("q", "k", "v"), hessian(rows_of(attn_in, lengths)))
@@ -272,45 +215,34 @@ def read_dense_layer(ckpt, cfg, i):
     return dense
 
 
-# -- progress -----------------------------------------------------------------------------------------------
-
-class LayerProgress:
-    """A text progress bar per layer: `layer  3/80 [#####..] down  12.1s`, redrawn in place on a terminal."""
-
-    def __init__(self, n_layers, stream=None, width=7):
-        self.n_layers, self.stream, self.width = n_layers, stream or sys.stderr, width
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def start(self, i):
-        self.i, self.done, self.t0 = i, 0, time.perf_counter()
-        self._draw("reading")
-
-    def step(self, key):
-        self.done += 1
-        self._draw(key)
-
-    def finish(self, worst_error):
-        self._draw(f"done, worst output error {worst_error:.2e}", final=True)
-
-    def _draw(self, what, final=False):
-        if not (self.tty or final):
-            return
-        bar = "#" * self.done + "." * (self.width - self.done)
-        line = (f"layer {self.i + 1:>{len(str(self.n_layers))}}/{self.n_layers} [{bar}] {what:<8} "
-                f"{time.perf_counter() - self.t0:6.1f}s")
-        self.stream.write(("\r" if self.tty else "") + line + ("\n" if final else ""))
-        self.stream.flush()
-
-
 # -- the driver ---------------------------------------------------------------------------------------------
+
+def prepare_out_dir(out_dir, dense_dir):
+    """Create OUT, or accept one that is empty or holds only what an interrupted run left (model.safetensors.
+    partial, hidden .partial-* files): that run starts over, since its calibration state is gone."""
+    if os.path.abspath(out_dir) == os.path.abspath(dense_dir):
+        raise TinyLlamaError("OUT must be a new directory, not the dense checkpoint itself")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TinyLlamaError(f"{out_dir}: exists and is not a directory; choose a new output directory")
+    left = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    others = [n for n in left if n != PARTIAL and not n.startswith(".partial-")]
+    if others:
+        raise TinyLlamaError(f"{out_dir}: directory exists and is not empty (it holds {sorted(others)[0]}); "
+                             "choose a new output directory")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in left:                     # an interrupted run's partial files: this run rewrites them
+        os.remove(os.path.join(out_dir, name))
+    return bool(left)
+
 
 def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128, act_order=True, sym=True,
                         damp_percent=0.01, checkpoint_format="gptq", seq_len=2048, n_samples=128,
-                        on_result=None, progress=None):
+                        on_result=None, quiet=True, progress_stream=None):
     """Write a GPTQ checkpoint of dense_dir into out_dir; returns {layer: {linear: relative output error}}.
 
     calibration: token id sequences (lists of ints). on_result(layer, key, GPTQResult, dense W) is called for
-    every quantized linear (tests use it to check the file against an independent packer).
+    every quantized linear (tests use it to check the file against an independent packer). Unless quiet, a
+    progress line per layer goes to progress_stream (stderr), ending as `layer 3/80 [#######] done, ...`.
     """
     if bits not in (2, 3, 4, 8):
         raise QuantError(f"--bits must be 2, 3, 4 or 8, got {bits}")
@@ -318,6 +250,9 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
         raise QuantError(f"--group-size must be -1 (one group per row) or positive, got {group_size}")
     if not 0 < damp_percent < 1:
         raise QuantError(f"--damp-percent must lie between 0 and 1, got {damp_percent}")
+    qc = QuantConfig(bits=bits, group_size=group_size, desc_act=bool(act_order), sym=bool(sym),
+                     checkpoint_format=checkpoint_format, damp_percent=damp_percent)
+    stored_zeros(0, bits, checkpoint_format)          # refuses an unknown checkpoint_format before any work
     ckpt = Checkpoint(dense_dir)
     if any(n.endswith(".qweight") for n in ckpt.tensors):
         raise QuantError(f"{dense_dir}: this checkpoint is already GPTQ-quantized; quantize a dense one")
@@ -325,30 +260,25 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
     seqs = check_calibration(calibration, cfg, seq_len, n_samples)
     if not seqs:
         raise TinyLlamaError("no calibration sequences")
-    if os.path.abspath(out_dir) == os.path.abspath(dense_dir):
-        raise TinyLlamaError("OUT must be a new directory, not the dense checkpoint itself")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise TinyLlamaError(f"{out_dir}: directory exists and is not empty; choose a new output directory")
-    os.makedirs(out_dir, exist_ok=True)
+    if prepare_out_dir(out_dir, dense_dir) and not quiet:
+        (progress_stream or sys.stderr).write(f"{out_dir}: an interrupted run's {PARTIAL} was removed; "
+                                              "starting over\n")
 
-    quant_block = {"bits": bits, "group_size": group_size, "damp_percent": damp_percent, "desc_act": act_order,
-                   "sym": sym, "true_sequential": True, "static_groups": False, "model_name_or_path": None,
-                   "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": checkpoint_format}
     settings = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp_percent=damp_percent)
-    writer = StreamingSafetensorsWriter(
-        os.path.join(out_dir, "model.safetensors"), output_plan(ckpt, cfg, bits, group_size),
-        metadata={"format": "pt", "quantized_by": "tinyllama-ref quantize", "gptq_bits": bits,
-                  "gptq_group_size": group_size, "gptq_desc_act": act_order})
-    try:
+    metadata = safetensors_metadata(qc, quantized_by="tinyllama-ref quantize")
+    errors = {}
+    with SafetensorsWriter(os.path.join(out_dir, "model.safetensors"), output_plan(ckpt, cfg, bits, group_size),
+                           metadata, order="given", partial=os.path.join(out_dir, PARTIAL),
+                           keep_partial=True) as writer:
         writer.write("model.embed_tokens.weight", as_fp16(ckpt, "model.embed_tokens.weight"))
         lengths = [len(s) for s in seqs]
         embed = ckpt.info("model.embed_tokens.weight")
         x = to_f32(ckpt.raw(embed.name)[np.concatenate(seqs)], embed.dtype)   # [N, D] only the rows used
         cos, sin = rope_tables(max(lengths), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)  # [T, hd]
-        errors = {}
         for i in range(cfg.n_layers):
-            if progress:
-                progress.start(i)
+            progress = Progress(f"layer {i + 1:>{len(str(cfg.n_layers))}}/{cfg.n_layers}", total=len(LINEARS),
+                                enabled=not quiet, unit="linears", stream=progress_stream, width=len(LINEARS))
+            progress.update(0, note="reading")
             dense = read_dense_layer(ckpt, cfg, i)
             x, results, errors[i] = quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result,
                                                    progress, i)
@@ -363,25 +293,19 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
                     writer.write(name + ".scales", r.scales)
                     writer.write(name + ".g_idx", r.g_idx)
             del dense, results
-            if progress:
-                progress.finish(max(errors[i].values()))
+            progress.close(f"done, worst output error {max(errors[i].values()):.2e}")
         writer.write("model.norm.weight", as_fp16(ckpt, "model.norm.weight"))
         if "lm_head.weight" in ckpt:
             writer.write("lm_head.weight", as_fp16(ckpt, "lm_head.weight"))
-    finally:
-        writer.f.close()
-    writer.close()
 
     hf = read_json(os.path.join(dense_dir, "config.json"))
-    hf["quantization_config"] = quant_block
+    hf["quantization_config"] = quantization_block(qc)
     hf["torch_dtype"] = "float16"
     if "dtype" in hf:
         hf["dtype"] = "float16"
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2)
-    with open(os.path.join(out_dir, "quantize_config.json"), "w", encoding="utf-8") as f:
-        json.dump(quant_block, f, indent=2)
+    write_json(os.path.join(out_dir, "config.json"), hf)
+    write_json(os.path.join(out_dir, "quantize_config.json"), quantization_block(qc))
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(dense_dir, name)):
-            shutil.copyfile(os.path.join(dense_dir, name), os.path.join(out_dir, name))
+            copy_file(os.path.join(dense_dir, name), os.path.join(out_dir, name))
     return errors

@@ -11,7 +11,11 @@ tensor receives exactly the bytes its dtype and shape promise.
 
 Nothing is written half-way: the bytes go to `.partial-<name>` beside the target (a hidden name, so the
 checkpoint reader's `*.safetensors` glob never sees it) and are renamed into place only after the last byte
-arrived and was flushed to disk. Any error removes the partial file.
+arrived and was flushed to disk. Any error removes the partial file (or keeps it, for a caller that wants to find
+what a long run left behind, e.g. quantize's `model.safetensors.partial`).
+
+This is the project's one safetensors writer: synth streams random slabs through it in the reference order,
+quantize streams each layer's packed tensors through it as they are produced (order="given").
 
 Layout choices copy the reference writer (the Rust core behind `safetensors.numpy.save_file`) so that our
 files are byte-for-byte what it would write for the same tensors:
@@ -27,14 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checkpoint import DTYPES          # dtype string -> NumPy dtype (BF16 travels as uint16 bit patterns)
 from ..errors import CheckpointError
-
-# dtype string -> NumPy dtype used for the bytes (BF16 travels as uint16 bit patterns).
-DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "U32": np.uint32, "U16": np.uint16, "U64": np.uint64,
-}
+from .files import partial_path
 
 # The order of the Rust `Dtype` enum in safetensors; its writer sorts by this, descending, then by name.
 _RUST_DTYPE_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
@@ -57,8 +56,13 @@ def data_order(specs):
     return sorted(specs, key=lambda s: (-_RUST_DTYPE_ORDER.index(s.dtype), s.name))
 
 
-def build_header(specs, metadata=None):
-    """(header bytes including the 8-byte length prefix, specs in data order) for these tensors."""
+def build_header(specs, metadata=None, order="reference"):
+    """(header bytes including the 8-byte length prefix, specs in data order) for these tensors.
+
+    order="reference": the reference writer's bytes (data_order, `__metadata__` first, compact JSON).
+    order="given": the plainest layout the format description allows, for a writer that produces tensors one
+    after the other and cannot reorder them: data in the specs' order, `__metadata__` last, JSON with the
+    default ", " / ": " spacing (what a writer written from the format description alone produces)."""
     for s in specs:
         if s.dtype not in DTYPES:
             raise CheckpointError(f"tensor {s.name}: dtype {s.dtype!r} cannot be written "
@@ -67,26 +71,29 @@ def build_header(specs, metadata=None):
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise CheckpointError(f"tensor {dup} is listed twice; a safetensors file holds each name once")
-    ordered = data_order(specs)
-    header = {}
+    if order not in ("reference", "given"):
+        raise ValueError(f"order must be 'reference' or 'given', got {order!r}")
+    ordered = data_order(specs) if order == "reference" else list(specs)
     if metadata:
         bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
         if bad:
             raise CheckpointError(f"__metadata__ must map strings to strings, found {bad}")
-        header["__metadata__"] = dict(metadata)
+    header = {"__metadata__": dict(metadata)} if metadata and order == "reference" else {}
     offset = 0
     for s in ordered:
         header[s.name] = {"dtype": s.dtype, "shape": [int(d) for d in s.shape],
                           "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)        # the reference pads so the data starts 8-byte aligned
+    if metadata and order == "given":
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":") if order == "reference" else None).encode("utf-8")
+    text += b" " * (-len(text) % 8)        # padded with spaces so the data starts 8-byte aligned
     return len(text).to_bytes(8, "little") + text, ordered
 
 
-def file_size(specs, metadata=None):
+def file_size(specs, metadata=None, order="reference"):
     """The exact size in bytes of the file these specs make (header plus data)."""
-    header, ordered = build_header(specs, metadata)
+    header, ordered = build_header(specs, metadata, order)
     return len(header) + sum(s.nbytes for s in ordered)
 
 
@@ -100,15 +107,17 @@ class SafetensorsWriter:
                     w.write(spec.name, chunk)
 
     Leaving the block normally checks that every tensor is complete and renames the file into place; leaving
-    it with an exception deletes the partial file and lets the exception through.
+    it with an exception deletes the partial file (keeps it with keep_partial=True) and lets the exception
+    through. order: "reference" (the reference writer's layout) or "given" (the specs' order, see
+    build_header). partial: the path written before the rename (default `.partial-<name>` beside `path`).
     """
 
-    def __init__(self, path, specs, metadata=None):
+    def __init__(self, path, specs, metadata=None, order="reference", partial=None, keep_partial=False):
         self.path = os.path.abspath(path)
-        self.header, self.order = build_header(list(specs), metadata)
+        self.header, self.order = build_header(list(specs), metadata, order)
         self.size = len(self.header) + sum(s.nbytes for s in self.order)
-        directory, base = os.path.split(self.path)
-        self.partial = os.path.join(directory, f".partial-{base}")
+        self.partial = os.path.abspath(partial) if partial else partial_path(self.path)
+        self.keep_partial = keep_partial
         self._names = {s.name for s in self.order}
         self._file = None
         self._index = 0          # the tensor being written, as an index into self.order
@@ -195,12 +204,14 @@ class SafetensorsWriter:
         os.replace(self.partial, self.path)
 
     def abort(self):
-        """Close and delete the partial file; safe to call twice."""
+        """Close and delete the partial file (unless keep_partial); safe to call twice."""
         if self._file is not None:
             try:
                 self._file.close()
             finally:
                 self._file = None
+        if self.keep_partial:
+            return
         try:
             os.remove(self.partial)
         except FileNotFoundError:

@@ -26,7 +26,6 @@ Each tensor has its own random stream seeded by (seed, tensor name), so a tensor
 how many layers or shards were asked for.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -39,9 +38,13 @@ import numpy as np
 
 from ..config import preset as get_preset
 from ..errors import CheckpointError, ConfigError
-from ..quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_zeros
-from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
+from ..memory import human
+from ..progress import Progress
+from ..quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_zeros, stored_zeros
 from ..weights import LINEARS
+from .files import write_json
+from .layout import gptq_linear_specs, quantization_block, safetensors_metadata
+from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
 
 GAIN = 0.8                         # std of a dequantized weight times sqrt(in_features)
 CHUNK_BYTES = 64 * 1024 * 1024     # generate and write tensors in slabs of about this size
@@ -162,24 +165,19 @@ def constant_qzeros_row(n_out, bits, stored_zero):
     return pack_zeros(np.full((1, n_out), stored_zero, dtype=np.int64), bits)
 
 
-def stored_zero(true_zero, bits, checkpoint_format):
-    """AutoGPTQ "v1" ("gptq") stores zero - 1 (wrapped to `bits`); "gptq_v2" stores the zero itself."""
-    return (true_zero - 1) % (1 << bits) if checkpoint_format == "gptq" else true_zero
-
-
 def qzeros_slabs(spec, rng, qc, n_out):
     """Packed stored zeros [G, ceil(out * bits / 32)]: each row one bit stream (FORMATS.md)."""
     half = 1 << (qc.bits - 1)
     if qc.sym:
         # Symmetric GPTQ: every zero point is 2**(bits-1); pack one row and repeat it.
-        row = constant_qzeros_row(n_out, qc.bits, stored_zero(half, qc.bits, qc.checkpoint_format))
+        row = constant_qzeros_row(n_out, qc.bits, int(stored_zeros(half, qc.bits, qc.checkpoint_format)))
         for r0, r1 in row_slabs(spec.shape, 4):
             yield np.repeat(row, r1 - r0, axis=0)
         return
     # Asymmetric: zero points near the middle that differ by group and column, as in real asym files.
     for r0, r1 in row_slabs(spec.shape, 4):
         true_zero = half + rng.integers(-1, 2, size=(r1 - r0, n_out))                    # [groups, out]
-        yield pack_zeros(stored_zero(true_zero, qc.bits, qc.checkpoint_format), qc.bits)
+        yield pack_zeros(stored_zeros(true_zero, qc.bits, qc.checkpoint_format), qc.bits)
 
 
 def scales_slabs(spec, rng, bits, n_in):
@@ -215,12 +213,9 @@ def linear_plan(prefix, n_in, n_out, qc, float_dtype):
     if qc is None:
         spec = TensorSpec(prefix + ".weight", float_dtype, (n_out, n_in))
         return [Planned(spec, lambda rng, s=spec: float_slabs(s, rng, 0.0, GAIN / np.sqrt(n_in)))]
-    bits, G = qc.bits, qc.n_groups(n_in)
-    qweight = TensorSpec(prefix + ".qweight", "I32", (-(-n_in * bits // 32), n_out))
-    qzeros = TensorSpec(prefix + ".qzeros", "I32", (G, -(-n_out * bits // 32)))
-    scales = TensorSpec(prefix + ".scales", "F16", (G, n_out))
-    g_idx = TensorSpec(prefix + ".g_idx", "I32", (n_in,))
-    bias = TensorSpec(prefix + ".bias", "F16", (n_out,))   # AutoGPTQ stores zero biases for every linear
+    bits = qc.bits
+    # AutoGPTQ stores zero biases for every linear
+    qweight, qzeros, scales, g_idx, bias = gptq_linear_specs(prefix, n_in, n_out, bits, qc.group_size, bias=True)
     return [
         Planned(qweight, lambda rng: qweight_slabs(qweight, rng, bits, n_in)),
         Planned(qzeros, lambda rng: qzeros_slabs(qzeros, rng, qc, n_out)),
@@ -271,14 +266,6 @@ def shard_names(n):
 
 # -- the small files -----------------------------------------------------------------------------------------
 
-def quantization_block(qc):
-    """quantize_config.json as AutoGPTQ writes it, with the keys newer writers add."""
-    return {"bits": qc.bits, "group_size": qc.group_size, "damp_percent": qc.damp_percent,
-            "desc_act": qc.desc_act, "static_groups": False, "sym": qc.sym, "true_sequential": True,
-            "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq",
-            "checkpoint_format": qc.checkpoint_format}
-
-
 def config_json(cfg, qc, float_dtype):
     hf = cfg.to_hf()
     hf.update({"torch_dtype": TORCH_DTYPE_NAMES[float_dtype], "pretraining_tp": 1, "use_cache": True,
@@ -292,32 +279,7 @@ GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "d
                      "temperature": 0.6, "top_p": 0.9, "max_length": 4096}
 
 
-def write_json(path, data):
-    """Write JSON via a hidden partial file and a rename, so a reader never sees half a file."""
-    directory, base = os.path.split(path)
-    partial = os.path.join(directory, f".partial-{base}")
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(partial, path)
-
-
-def safetensors_metadata(qc):
-    meta = {"format": "pt"}
-    if qc is not None:
-        meta.update({"gptq_bits": str(qc.bits), "gptq_group_size": str(qc.group_size),
-                     "gptq_desc_act": str(qc.desc_act), "gptq_sym": str(qc.sym)})
-    return meta
-
-
-# -- disk space and progress ---------------------------------------------------------------------------------
-
-def human_bytes(n):
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
-
+# -- disk space ----------------------------------------------------------------------------------------------
 
 def check_free_space(out_dir, needed):
     """Refuse before writing anything when the filesystem that will hold out_dir has too little room."""
@@ -326,35 +288,10 @@ def check_free_space(out_dir, needed):
         where = os.path.dirname(where)
     free = shutil.disk_usage(where).free
     if free < needed:
-        raise CheckpointError(f"{out_dir}: the checkpoint needs {human_bytes(needed)}, only {human_bytes(free)} "
+        raise CheckpointError(f"{out_dir}: the checkpoint needs {human(needed)}, only {human(free)} "
                               f"free on {where}; free some space, choose another directory, or write fewer "
                               "layers with --layers N")
     return free
-
-
-class Progress:
-    """A one-line progress report on stderr, redrawn at most twice a second; silent unless enabled."""
-
-    def __init__(self, total, enabled, stream=None):
-        self.total, self.enabled = total, enabled
-        self.stream = stream or sys.stderr
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done, label):
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.5 and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        self.stream.write(f"\rsynth: {label} {human_bytes(done)} / {human_bytes(self.total)} "
-                          f"({100 * done / max(self.total, 1):.0f}%) {human_bytes(rate)}/s, {eta:.0f} s left   ")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # -- the writer ----------------------------------------------------------------------------------------------
@@ -362,12 +299,12 @@ class Progress:
 def write_shard(path, parts, metadata, seed, progress, done_before):
     """Write one safetensors file, generating each tensor's values slab by slab in header order."""
     by_name = {p.spec.name: p for p in parts}
-    label = os.path.basename(path)
+    progress.label = f"synth: {os.path.basename(path)}"
     with SafetensorsWriter(path, [p.spec for p in parts], metadata) as w:
         for spec in w.order:
             for slab in by_name[spec.name].make(tensor_rng(seed, spec.name)):
                 w.write(spec.name, slab)
-                progress.update(done_before + w.bytes_done, label)
+                progress.update(done_before + w.bytes_done)
     return w.bytes_done
 
 
@@ -422,8 +359,8 @@ def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, s
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    progress = Progress(sum(p.spec.nbytes for p in plan), enabled=not quiet and (progress_stream or sys.stderr).isatty(),
-                        stream=progress_stream)
+    progress = Progress("synth:", sum(p.spec.nbytes for p in plan), enabled=not quiet, unit="B",
+                        stream=progress_stream or sys.stderr, every=0.5)
     try:
         write_json(os.path.join(out_dir, "config.json"), config_json(cfg, qc, float_dtype))
         if qc is not None:
