@@ -29,11 +29,6 @@ class LlamaConfig:
     eos_token_ids: tuple = (2,)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def group(self):
-        """Query heads that share one key/value head."""
-        return self.n_heads // self.n_kv_heads
-
     def to_hf(self):
         """The config.json dict transformers would write for this shape (used by `synth` and tests)."""
         return {

@@ -3,6 +3,7 @@
 import os
 
 from .. import load
+from ..kvcache import KVCache
 from ..memory import human
 
 
@@ -30,7 +31,7 @@ def describe(checkpoint, max_memory=None, measure=True):
         "tensors": f"{len(ckpt.tensors)} in {len(ckpt.files)} file(s)",
         "bytes on disk": human(sum(f.size for f in ckpt.files.values())),
         "decoder weights": f"{human(weight_bytes)} ({human(weight_bytes / c.n_layers)} per layer)",
-        "kv cache": f"{human(2 * c.n_layers * c.n_kv_heads * c.head_dim * 4 * 1024)} per 1024 tokens",
+        "kv cache": f"{human(KVCache.bytes_needed(c.n_layers, 1, 1024, c.n_kv_heads, c.head_dim))} per 1024 tokens",
         "memory plan": src.describe(),
     }
     if os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
