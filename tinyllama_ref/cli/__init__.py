@@ -6,6 +6,7 @@ imports click.
     synth.py     synth: random checkpoints of any Llama-2 shape
     numerics.py  verify (against transformers), quantize (GPTQ)
     bench.py     bench kernels, bench generate
+    serve.py     serve: the HTTP server (extra [serve])
     common.py    the options and helpers the commands share
 """
 
@@ -13,9 +14,10 @@ from .bench import bench
 from .evaluate import perplexity, score
 from .main import Cli, main
 from .numerics import quantize, verify
+from .serve import serve
 from .synth import synth
 
-for _command in (perplexity, score, synth, verify, quantize, bench):
+for _command in (perplexity, score, synth, verify, quantize, bench, serve):
     main.add_command(_command)
 
 __all__ = ["main", "Cli"]

@@ -1,0 +1,275 @@
+"""Continuous batching: one thread owns the model and advances every active sequence in each pass.
+
+The KV cache has --max-batch slots, made (and counted in the memory budget) once at startup. A request's
+sequences wait in a queue until a slot is free; they join the running batch at a pass boundary and leave it
+when they finish, and the slot is reused by setting its cache length back to 0. Each pass is one
+Model.forward over a ragged batch:
+
+    decoding sequences     1 token each (their last sampled token)
+    prefilling sequences   the next piece of their prompt, while the pass has room (--prefill-chunk tokens)
+
+so a long prompt is fed over several passes and the sequences already streaming keep getting a token per
+pass. When the weights stream from disk a pass costs about the same whatever the batch, which is why
+sharing it multiplies what one machine serves.
+
+Every sequence has its own Sampler (its own seeded random generator), so a seed gives the same text
+whatever else is in the batch; the batch never changes which random numbers a sequence draws.
+"""
+
+import random
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import TinyLlamaError
+from ..ops import log_softmax
+from ..sampling import Sampler
+from ..templates import StopStrings
+from .jobs import Failed, Finished, PromptDone, ServeError, Token
+
+
+def top_alternatives(logp, k):
+    """The k most likely (id, logprob) pairs of a log-softmax row [V], most likely first."""
+    if k <= 0:
+        return []
+    ids = np.argpartition(-logp, k - 1)[:k] if k < len(logp) else np.arange(len(logp))
+    ids = ids[np.argsort(-logp[ids], kind="stable")]
+    return [(int(i), float(logp[i])) for i in ids]
+
+
+@dataclass
+class Sequence:
+    """A Job holding a cache slot: where its prompt is, what it has produced, its own sampler and text."""
+    job: object
+    slot: int
+    sampler: Sampler
+    seed: int
+    decoder: object
+    matcher: StopStrings
+    fed: int = 0                   # prompt tokens already in the cache
+    tokens: list = field(default_factory=list)
+    text: str = ""
+    prompt_logprobs: list = None
+    prompt_top: list = None
+    carry: object = None           # log-softmax row that predicts the next prompt token (chunk boundary)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def prefilling(self):
+        return self.fed < len(self.job.prompt_ids)
+
+
+class Scheduler:
+    """Owns the model, the KV cache and the queue. submit() from any thread; run() in its own thread."""
+
+    def __init__(self, model, max_batch=16, max_queue=64, max_context=None, prefill_chunk=128, metrics=None,
+                 log=None):
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_context = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.metrics = metrics
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        # Reserved up front, so serving never grows memory: the cache for every slot, and the activations of
+        # the largest pass (a full prefill chunk plus one token per other slot, every row's logits kept).
+        self.cache = model.new_cache(max_batch, self.max_context)
+        model.layers.reserve("activations", model.workspace_bytes(prefill_chunk + max_batch, self.max_context,
+                                                                  all_logits=True))
+        self.free = list(range(max_batch))
+        self.waiting = deque()
+        self.active = []               # Sequences in the order they joined
+        self.cond = threading.Condition()
+        self.stopping = False          # no new work; active sequences still finish
+        self.aborting = False          # stop now: active sequences are answered with an error
+        self.thread = None
+
+    # -- called from the HTTP side --------------------------------------------------------------------------
+    def submit(self, jobs):
+        """Queue a request's jobs together, or refuse them all when the queue is full."""
+        with self.cond:
+            if self.stopping:
+                raise ServeError("the server is shutting down", "unavailable")
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise ServeError(f"overloaded: {len(self.waiting)} sequences are already waiting "
+                                 f"(--max-queue {self.max_queue}); retry later", "overloaded")
+            self.waiting.extend(jobs)
+            self._gauges()
+            self.cond.notify()
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
+        self.thread.start()
+
+    def begin_shutdown(self):
+        """Refuse new work and answer the waiting jobs; the active ones run to their end."""
+        with self.cond:
+            self.stopping = True
+            while self.waiting:
+                self._emit(self.waiting.popleft(), Failed("the server is shutting down", "unavailable"))
+            self.cond.notify()
+
+    def stop(self, timeout=None):
+        """Stop after the pass under way: sequences still active are answered with an error."""
+        self.begin_shutdown()
+        with self.cond:
+            self.aborting = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self):
+        while True:
+            with self.cond:
+                self._admit()
+                while not self.active and not self.waiting and not self.stopping:
+                    self.cond.wait()
+                    self._admit()
+                if self.stopping and not self.active:
+                    break
+            if self.aborting:
+                for seq in list(self.active):
+                    self._leave(seq, Failed("the server is shutting down", "unavailable"))
+                break
+            if self.active:
+                try:
+                    self.step()
+                except Exception as e:         # an engine bug or a budget error: fail this batch, keep serving
+                    message = str(e) if isinstance(e, TinyLlamaError) else f"{type(e).__name__}: {e}"
+                    self.log(f"error in a pass: {message}")
+                    for seq in list(self.active):
+                        self._leave(seq, Failed(f"generation failed: {message}"))
+        self.cache.close()
+
+    def _admit(self):
+        """Give free slots to waiting jobs, oldest first (the lock is held)."""
+        while self.waiting and self.free:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                continue
+            slot = self.free.pop(0)
+            self.cache.lengths[slot] = 0       # the slot's old positions are never read again
+            params, seed = job.params, job.params.seed
+            if not params.greedy and seed is None:
+                seed = random.randrange(2**63)  # reported back, so the client can reproduce the text
+                params = params.with_seed(seed)
+            self.active.append(Sequence(
+                job=job, slot=slot, sampler=Sampler(params), seed=None if params.greedy else seed,
+                decoder=self.tokenizer.stream_decoder(skip_special_tokens=True, context_ids=job.prompt_ids),
+                matcher=StopStrings(job.stop_strings),
+                prompt_logprobs=[None] if job.prompt_logprobs >= 0 else None,
+                prompt_top=[None] if job.prompt_logprobs >= 0 else None))
+        self._gauges()
+
+    def _plan(self):
+        """(sequence, new token ids) for this pass: every decoding sequence, then prompt pieces that fit."""
+        plan = [(s, np.array([s.tokens[-1]])) for s in self.active if not s.prefilling]
+        room = self.prefill_chunk
+        for s in self.active:
+            if s.prefilling and (room > 0 or not plan):
+                n = min(len(s.job.prompt_ids) - s.fed, max(room, 1))
+                plan.append((s, np.asarray(s.job.prompt_ids[s.fed:s.fed + n])))
+                room -= n
+        return plan
+
+    def step(self):
+        """One pass over the weights for the whole batch, then one sampling step per sequence."""
+        for s in [s for s in self.active if s.job.cancelled]:
+            self._leave(s, None, "cancelled")
+        plan = self._plan()
+        if not plan:
+            return
+        all_logits = any(s.prefilling and s.job.prompt_logprobs >= 0 for s, _ in plan)
+        t = time.perf_counter()
+        logits = self.model.forward([c for _, c in plan], self.cache, [s.slot for s, _ in plan],
+                                    all_logits=all_logits)     # [sum of lengths or B, V]
+        seconds = time.perf_counter() - t
+        ends = np.cumsum([len(c) for _, c in plan])            # [B] one past each sequence's last row
+        for k, (s, chunk) in enumerate(plan):
+            rows = logits[ends[k] - len(chunk):ends[k]] if all_logits else logits[k:k + 1]   # [n or 1, V]
+            if s.prefilling:
+                if s.prompt_logprobs is not None:
+                    self._score_prompt(s, rows, chunk)
+                s.fed += len(chunk)
+                if s.prefilling:
+                    continue
+                if s.job.max_new_tokens == 0:                  # prompt logprobs only (OpenAI echo)
+                    self._leave(s, Finished("length", "", [], len(s.job.prompt_ids), s.seed,
+                                            time.perf_counter() - s.started), "length")
+                    continue
+            self._sample(s, rows[-1])
+        if self.metrics:
+            with self.cond:
+                self.metrics.pass_done(seconds, len(plan), len(self.waiting), len(self.active))
+
+    def _score_prompt(self, s, rows, chunk):
+        """Log p(prompt token | tokens before it) for this chunk, as OpenAI's echo and TGI's prefill show."""
+        logp = log_softmax(rows.astype(np.float64), axis=-1)   # [n, V]: row i predicts prompt[fed + i + 1]
+        pairs = list(zip(logp[:-1], chunk[1:]))
+        if s.fed > 0:                                          # chunk[0] was predicted by the last chunk
+            pairs.insert(0, (s.carry, chunk[0]))
+        for row, target in pairs:
+            s.prompt_logprobs.append(float(row[target]))
+            s.prompt_top.append(top_alternatives(row, s.job.prompt_logprobs))
+        s.carry = logp[-1]
+        if s.fed + len(chunk) == len(s.job.prompt_ids):
+            self._emit(s.job, PromptDone(s.prompt_logprobs, s.prompt_top))
+
+    def _sample(self, s, row):
+        """Draw the next token, turn it into text, and decide whether the sequence is over."""
+        job = s.job
+        token = s.sampler.sample(row, job.prompt_ids + s.tokens)
+        s.tokens.append(token)
+        logp = log_softmax(row.astype(np.float64))              # [V]
+        special = token in job.stop_ids or self._is_special(token)
+        finish = None
+        if token in job.stop_ids:
+            finish = "eos"
+        elif len(s.tokens) >= job.max_new_tokens or len(job.prompt_ids) + len(s.tokens) >= self.max_context:
+            finish = "length"
+        piece = "" if token in job.stop_ids else s.decoder.push(token)
+        if finish:
+            piece += s.decoder.flush()
+        shown, hit = s.matcher.push(piece)
+        if hit:
+            finish = "stop"
+        elif finish:
+            shown += s.matcher.flush()
+        s.text += shown
+        self._emit(job, Token(token, shown, float(logp[token]), bool(special),
+                              top_alternatives(logp, job.top_logprobs) if job.top_logprobs >= 0 else None))
+        if finish:
+            self._leave(s, Finished(finish, s.text, list(s.tokens), len(job.prompt_ids), s.seed,
+                                    time.perf_counter() - s.started), finish)
+
+    def _is_special(self, token):
+        """<s>, </s> and added tokens marked special (TGI's "special" flag)."""
+        tok = self.tokenizer
+        if token in tok.added_by_id:
+            return bool(tok.added_by_id[token].special)
+        return 0 <= token < tok.n_sp and tok.sp.is_control(token)
+
+    def _leave(self, s, event, reason="error"):
+        """The sequence is done: give its slot back, tell its route, write the request's log line."""
+        with self.cond:
+            self.active.remove(s)
+            self.free.append(s.slot)
+            self._gauges()
+        if event is not None:
+            self._emit(s.job, event)
+        if self.metrics and isinstance(event, Finished):
+            self.metrics.sequence_done(event.finish_reason, len(s.job.prompt_ids), len(s.tokens))
+        self.log(f"request {s.job.id}: {len(s.job.prompt_ids)} prompt tokens, {len(s.tokens)} new tokens, "
+                 f"{time.perf_counter() - s.job.submitted:.2f} s, {reason}")
+
+    def _emit(self, job, event):
+        if job.on_event is not None:
+            job.on_event(event)
+
+    def _gauges(self):
+        if self.metrics:
+            self.metrics.set_queue(len(self.waiting), len(self.active))
