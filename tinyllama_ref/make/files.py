@@ -15,10 +15,10 @@ def partial_path(path):
 
 
 def write_json(path, data):
-    """Write `data` as indented JSON (with a final newline) to path, atomically."""
+    """Write `data` as indented UTF-8 JSON (with a final newline) to path, atomically."""
     partial = partial_path(path)
     with open(partial, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
     os.replace(partial, path)
 

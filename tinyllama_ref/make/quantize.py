@@ -35,6 +35,7 @@ from ..kvcache import KVCache
 from ..ops import rms_norm, rope_tables, silu
 from ..progress import Progress
 from ..quant import QuantConfig, pack_columns, pack_zeros, stored_zeros
+from ..tokenizer import Tokenizer
 from ..weights import LINEARS, embedding_info
 from .files import copy_file, write_json
 from .gptq import gptq_quantize, hessian
@@ -51,13 +52,18 @@ STAGES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 # -- calibration data ---------------------------------------------------------------------------------------
 
-def read_calibration_ids(path):
-    """Token id sequences from a file: a JSON list of ints or of lists, or one comma-separated sequence a line."""
+def read_text(path, what):
+    """A whole text file, or a TinyLlamaError naming the file and what it was for."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
-        raise TinyLlamaError(f"{path}: cannot read calibration ids ({e.strerror})") from None
+        raise TinyLlamaError(f"{path}: cannot read {what} ({e.strerror})") from None
+
+
+def read_calibration_ids(path):
+    """Token id sequences from a file: a JSON list of ints or of lists, or one comma-separated sequence a line."""
+    text = read_text(path, "calibration ids")
     try:
         data = json.loads(text)
         seqs = [data] if data and all(isinstance(t, int) for t in data) else data
@@ -77,12 +83,7 @@ def read_calibration_ids(path):
 
 def calibration_from_text(path, checkpoint_dir, seq_len, n_samples):
     """Windows of seq_len tokens from a text file, tokenized with the checkpoint's tokenizer, each after BOS."""
-    from ..tokenizer import Tokenizer
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise TinyLlamaError(f"{path}: cannot read calibration text ({e.strerror})") from None
+    text = read_text(path, "calibration text")
     tok = Tokenizer.from_dir(checkpoint_dir)
     ids = tok.encode(text, add_bos=False)
     if len(ids) < 2:

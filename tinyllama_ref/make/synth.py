@@ -45,6 +45,7 @@ from ..weights import LINEARS
 from .files import write_json
 from .layout import gptq_linear_specs, quantization_block, safetensors_metadata
 from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
+from .tokenizer_files import write_tokenizer_files
 
 GAIN = 0.8                         # std of a dequantized weight times sqrt(in_features)
 CHUNK_BYTES = 64 * 1024 * 1024     # generate and write tensors in slabs of about this size
@@ -408,7 +409,6 @@ def write_tokenizer(out_dir, vocab_size, seed):
     Llama-2's SentencePiece model has 32000 pieces; Meditron's embedding has 32017 rows (Megatron padding),
     and its added_tokens.json puts <|im_start|> and <|im_end|> at 32017 and 32018, i.e. at and past the
     embedding's end. We copy that: pieces = min(rows, 32000), added tokens at rows and rows + 1."""
-    from .tokenizer_files import write_tokenizer_files
     pieces = min(vocab_size, LLAMA_SENTENCEPIECE_VOCAB)
     write_tokenizer_files(out_dir, pieces, added_tokens={"<|im_start|>": vocab_size, "<|im_end|>": vocab_size + 1},
                           seed=seed)

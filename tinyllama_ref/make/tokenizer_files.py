@@ -14,11 +14,11 @@ GPTQ files list <|im_end|> = 32018 for a 32017-row embedding).
 """
 
 import itertools
-import json
 import os
 import random
 
 from ..errors import TokenizerError
+from .files import write_json
 
 # ChatML as Hugging Face chat templates spell it (the Meditron GPTQ card's prompt format).
 CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -177,7 +177,5 @@ def write_tokenizer_files(out_dir, vocab_size, added_tokens=None, seed=0, chat_t
     if added_tokens:
         files["added_tokens.json"] = added_tokens
     for name, data in files.items():
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        write_json(os.path.join(out_dir, name), data)
     return model_path
