@@ -40,3 +40,18 @@ class KVCache:
     @property
     def nbytes(self):
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def copy_slot(self, src, dst, length=None):
+        """Fork a sequence: slot dst gets the first `length` positions of slot src (default: all of them).
+
+        Several continuations of one context (the options of a multiple-choice item) each need the context's
+        keys and values in their own slot, because each writes its own tokens after them; copying the
+        context once per option is far cheaper than running it through the model once per option.
+        """
+        n = int(self.lengths[src]) if length is None else int(length)
+        if not 0 <= n <= int(self.lengths[src]):
+            raise ValueError(f"slot {src} holds {int(self.lengths[src])} positions, cannot copy {n}")
+        for k, v in zip(self.k, self.v):
+            k[dst, :n] = k[src, :n]                                           # [n, KV, hd]
+            v[dst, :n] = v[src, :n]
+        self.lengths[dst] = n

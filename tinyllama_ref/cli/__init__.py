@@ -13,11 +13,12 @@ imports click.
 from .bench import bench
 from .evaluate import perplexity, score
 from .main import Cli, main
+from .lm_eval import lm_eval_command
 from .numerics import quantize, verify
 from .serve import serve
 from .synth import synth
 
-for _command in (perplexity, score, synth, verify, quantize, bench, serve):
+for _command in (perplexity, score, lm_eval_command, synth, verify, quantize, bench, serve):
     main.add_command(_command)
 
 __all__ = ["main", "Cli"]
