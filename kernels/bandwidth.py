@@ -1,4 +1,4 @@
-"""Memory read bandwidth, measured the way TARGETS.md does: a parallel Numba sum over a large array.
+"""Memory read bandwidth, measured the way docs/performance.md describes: a parallel Numba sum over a large array.
 
 Benchmarks report their GB/s next to this figure taken in the same run, because a shared machine's
 bandwidth moves from minute to minute.

@@ -1,6 +1,6 @@
 """Tiny GPTQ Llama checkpoints in TheBloke's exact layout, with the transformers model they stand for.
 
-Each linear gets random integer codes, scales and zeros (tests/gptq_packer.py, written from FORMATS.md);
+Each linear gets random integer codes, scales and zeros (tests/gptq_packer.py, written from docs/formats.md);
 the reference is a transformers LlamaForCausalLM whose Linear weights are the dequantized matrices computed
 here from the codes, not by the code under test.
 """

@@ -1,7 +1,7 @@
-"""A GPTQ writer for tests, written from docs/FORMATS.md alone (not from tinyllama_ref/quant.py).
+"""A GPTQ writer for tests, written from docs/formats.md alone (not from tinyllama_ref/quant.py).
 
-FORMATS.md: "Read each column of qweight (and each row of qzeros) as one little-endian bit stream of 32-bit
-words: value t sits at bit offset bits * t." So this packer literally builds that stream: it spells every
+docs/formats.md, "Packing": each column of qweight (and each row of qzeros) is one little-endian bit stream of
+32-bit words, value t starting at bit bits * t. So this packer literally builds that stream: it spells every
 code out as `bits` binary digits, least significant first, concatenates them, pads with zeros to whole words
 and reads each run of 32 digits back as an unsigned integer. No shifts-into-words arithmetic is shared with
 the code under test.

@@ -207,7 +207,7 @@ def test_written_file_equals_the_independent_packer_byte_for_byte(trained, quant
     expected = {}
     for (i, key), r in results.items():
         p = f"model.layers.{i}.{SUBS[key]}"
-        stored = (r.zeros - 1) % 2 ** bits if fmt == "gptq" else r.zeros     # FORMATS.md: v1 stores zero - 1
+        stored = (r.zeros - 1) % 2 ** bits if fmt == "gptq" else r.zeros     # docs/formats.md: v1 stores zero - 1
         want = {"qweight": pack_stream_columns(r.codes, bits), "qzeros": pack_stream_rows(stored, bits),
                 "scales": r.scales.astype(np.float16), "g_idx": r.g_idx.astype(np.int32)}
         for t, array in want.items():

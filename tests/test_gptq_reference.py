@@ -12,7 +12,7 @@ from tinyllama_ref import quant
 from tinyllama_ref.checkpoint import Checkpoint
 from tinyllama_ref.errors import ConfigError, QuantError
 
-# The six Meditron-70B GPTQ branches (docs/FORMATS.md), all act-order, then the other cases the issue names.
+# The six Meditron-70B GPTQ branches (docs/formats.md), all act-order, then the other cases the issue names.
 MEDITRON = [(4, -1), (4, 128), (4, 32), (3, -1), (3, 128), (3, 32)]
 
 

@@ -1,6 +1,6 @@
 """The synthetic checkpoint writer: streaming safetensors files, the TheBloke GPTQ layout, and the CLI.
 
-Layout facts are checked against docs/FORMATS.md (names, shapes, dtypes, packing), against the `safetensors`
+Layout facts are checked against docs/formats.md (names, shapes, dtypes, packing), against the `safetensors`
 package (header parsing, and byte-for-byte equality with its own writer), and against the published sizes of
 the six Meditron-70B GPTQ branches.
 """
@@ -38,7 +38,7 @@ LINEAR_SHAPES = {   # sub-name: (in, out) for the tiny preset
 
 
 def expected_gptq_tensors(cfg, bits, group_size, n_layers):
-    """FORMATS.md's table, written out independently of synth.py: name -> (shape, dtype)."""
+    """docs/formats.md's table, written out independently of synth.py: name -> (shape, dtype)."""
     V, D = cfg.vocab_size, cfg.dim
     want = {"model.embed_tokens.weight": ((V, D), "F16"), "lm_head.weight": ((V, D), "F16"),
             "model.norm.weight": ((D,), "F16")}
@@ -181,7 +181,7 @@ def check_gptq_layout(path, bits, group_size, n_layers):
 
 
 def check_gptq_values(path, bits, group_size):
-    """Decode every linear with quant.py, then re-encode with the test-side packer from FORMATS.md: the
+    """Decode every linear with quant.py, then re-encode with the test-side packer from docs/formats.md: the
     words must come back identical (including zeroed padding bits in a partly used last word)."""
     ckpt = Checkpoint(path)
     half = 1 << (bits - 1)
@@ -261,7 +261,7 @@ def test_no_groups_and_gptq_v2(tmp_path):
 
 
 def test_meditron_branch_sizes_match_the_published_files():
-    """The six Meditron-70B GPTQ branches (docs/FORMATS.md table, sizes in GB as the Hub shows them)."""
+    """The six Meditron-70B GPTQ branches (docs/formats.md table, sizes in GB as the Hub shows them)."""
     cfg = preset("llama2-70b")
     for bits, group, published in [(4, -1, 35.3), (4, 128, 36.7), (4, 32, 40.7),
                                    (3, -1, 26.8), (3, 128, 28.0), (3, 32, 31.8)]:

@@ -1,7 +1,7 @@
 """GPTQ weights: the quantization settings, and a plain NumPy reading of the packed tensors.
 
 This file is the reference: every function here can be followed line by line. The fast path computes the same
-thing in kernels/gptq.py, and tests/ checks the two against a packer written from docs/FORMATS.md.
+thing in kernels/gptq.py, and tests/ checks the two against a packer written from docs/formats.md.
 
 A GPTQ linear layer stores, for W laid out [in, out] so that y = x @ W (AutoGPTQ's qlinear convention):
 

@@ -2,7 +2,7 @@
 
 Why: the real Meditron-70B GPTQ download is 35-41 GB per branch. To test the loader, the kernels and the
 memory streamer at full 70B shape we write files with the same names, shapes, dtypes, packing and JSON files
-(docs/FORMATS.md), filled with seeded random values: the full 70B 4-bit file took under 5 minutes here,
+(docs/formats.md), filled with seeded random values: the full 70B 4-bit file took under 5 minutes here,
 limited by the disk, instead of a day of downloading.
 
 How the file is written: the list of tensors (name, dtype, shape) is computed first, which fixes every byte
@@ -139,7 +139,7 @@ def fix_zero_codes(blocks, bits):
 
 
 def qweight_slabs(spec, rng, bits, n_in, chunk_bytes=CHUNK_BYTES):
-    """Packed random codes [ceil(n_in * bits / 32), out] int32, column bit streams as in FORMATS.md.
+    """Packed random codes [ceil(n_in * bits / 32), out] int32, column bit streams as in docs/formats.md.
 
     Uniform random 32-bit words ARE uniform codes for any bit width (straddling fields included), so the
     words are drawn directly and only code 0 is fixed up (fix_zero_codes): no unpacking or packing, a few
@@ -167,7 +167,7 @@ def constant_qzeros_row(n_out, bits, stored_zero):
 
 
 def qzeros_slabs(spec, rng, qc, n_out):
-    """Packed stored zeros [G, ceil(out * bits / 32)]: each row one bit stream (FORMATS.md)."""
+    """Packed stored zeros [G, ceil(out * bits / 32)]: each row one bit stream (docs/formats.md)."""
     half = 1 << (qc.bits - 1)
     if qc.sym:
         # Symmetric GPTQ: every zero point is 2**(bits-1); pack one row and repeat it.
