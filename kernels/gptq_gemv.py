@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .gptq_passes import (_pass_b2_w1, _pass_b2_w2, _pass_b3_w3, _pass_b4_w1, _pass_b4_w4, _pass_b8_w1,
-                          _pass_b8_w4)
+                          _pass_b8_w4, unit_shape)
 from .half import f16_to_f32
 
 
@@ -119,7 +119,7 @@ def gemv(qw, xp, seg_start, seg_group, scales, qzeros, bits, zero_add, const_zer
     """
     n_rows = xp.shape[0]
     n_out = qw.shape[1]
-    unit_codes = 32 if bits == 3 else 32 // bits
+    unit_codes = unit_shape(bits)[1]
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
         j0 = b * block

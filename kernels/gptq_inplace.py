@@ -20,9 +20,12 @@ _inplace_pass_source() prints each pass; tests/test_kernels_gptq_inplace.py chec
 import numpy as np
 from numba import njit, prange
 
+from .dequantize import dequantize_code_rows
 from .gptq_gemv import _zero_code
-from .gptq_passes import PASS_MATH, masked_f32, prefetch_row
+from .gptq_passes import PASS_MATH, masked_f32, prefetch_row, unit_shape
 from .half import f16_to_f32
+
+STRIP = 256     # slab columns decoded together (dequantize_slab_inplace; kernels/dequantize.py says why)
 
 
 def _inplace_pass_source(bits, nwords):
@@ -477,8 +480,7 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
     n_rows = xg.shape[0]
     n_out = qw.shape[1]
     n_groups = scales.shape[0]
-    unit_words = 3 if bits == 3 else 1
-    unit_codes = 32 if bits == 3 else 32 // bits
+    unit_words, unit_codes = unit_shape(bits)
     n_full = min(qw.shape[0] // unit_words, n_in // unit_codes)   # units whose words and inputs all exist
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
@@ -549,31 +551,16 @@ def dequantize_slab_inplace(qw, gi, scales, qzeros, bits, zero_add, n_in, j0, j1
     """tile[i, j] = W[i, j0 + j] for every input i in the ORIGINAL row order (qw as in gemv_inplace), on the
     calling thread only, GIL released (kernels/slabs.py runs one per thread).
 
-    Per 64-column strip the scales and zeros of every group are widened once into sc / zc [G, 64]; then each
-    code row is decoded with the column loop innermost, looking up its group's rows through g_idx, each code
-    read as 64 bits starting at its word so 3-bit straddlers need no branch.
+    Per STRIP-column strip the scales and zeros of every group are widened once into sc / zc [G, STRIP]; then each
+    code row is decoded by kernels/dequantize.py with the column loop innermost, looking up its group's rows
+    through g_idx.
     """
-    mask = (1 << bits) - 1
-    last = qw.shape[0] - 1
     n_groups = scales.shape[0]
     width = j1 - j0
-    sc = np.empty((n_groups, 64), dtype=np.float32)
-    zc = np.empty((n_groups, 64), dtype=np.float32)
-    for lo in range(0, width, 64):
-        cw = min(width, lo + 64) - lo
+    sc = np.empty((n_groups, STRIP), dtype=np.float32)
+    zc = np.empty((n_groups, STRIP), dtype=np.float32)
+    for lo in range(0, width, STRIP):
+        cw = min(width, lo + STRIP) - lo
         c0 = j0 + lo
         _widen_group_rows(scales, qzeros, bits, zero_add, -1, c0, cw, sc[:, :cw], zc[:, :cw])
-        for t in range(n_in):
-            pos = t * bits
-            w = pos >> 5
-            shift = pos & 31
-            row0 = qw[w, c0:c0 + cw]
-            row1 = qw[min(w + 1, last), c0:c0 + cw]
-            g = gi[t]
-            s_row = sc[g]
-            z_row = zc[g]
-            dst = tile[t, lo:lo + cw]
-            for j in range(np.uint64(cw)):
-                both = np.int64(row0[j]) | (np.int64(row1[j]) << 32)
-                q = (both >> shift) & mask
-                dst[j] = s_row[j] * (np.float32(q) - z_row[j])
+        dequantize_code_rows(qw, 0, n_in, bits, c0, cw, sc, zc, gi, tile, 0, lo)

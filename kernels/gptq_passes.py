@@ -111,8 +111,10 @@ def prefetch_row(typingctx, arr, row, col):
     return types.void(arr, row, col), codegen
 
 
+@njit(cache=True)
 def unit_shape(bits):
-    """(words, codes) of the smallest run of packed words that holds whole codes."""
+    """(words, codes) of the smallest run of packed words that holds whole codes: the one formula for it,
+    callable from Python and from the kernels (a 3-word unit holds 32 3-bit codes; one word 32 // bits)."""
     return (3, 32) if bits == 3 else (1, 32 // bits)
 
 

@@ -8,8 +8,12 @@ each thread dequantizes its own slab into its own scratch and multiplies it with
 import numpy as np
 from numba import njit, prange
 
+from .dequantize import dequantize_code_rows
 from .gptq_gemv import _zero_code
+from .gptq_passes import unit_shape
 from .half import f16_to_f32
+
+STRIP = 256     # columns decoded together: wide enough to amortize the per-row work of dequantize_code_rows
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
@@ -17,16 +21,15 @@ def _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, 
     """tile[t, lo + j] = W_sorted[u0 * codes_per_unit + t, c0 + j] for one strip of cw columns.
 
     The strip's scales and zeros are widened once per segment into small buffers, then every code row of
-    the segment is decoded with the column loop innermost, each code read as 64 bits starting at its word
-    so 3-bit straddlers need no branch.
+    the segment is decoded by kernels/dequantize.py with the column loop innermost.
     """
-    unit_codes = 32 if bits == 3 else 32 // bits
+    unit_codes = unit_shape(bits)[1]
     mask = (1 << bits) - 1
-    n_words = qw.shape[0]
     n_zero_words = qzeros.shape[1]
     t0 = u0 * unit_codes
-    s_buf = np.empty(cw, dtype=np.float32)
-    z_buf = np.empty(cw, dtype=np.float32)
+    s_buf = np.empty((1, cw), dtype=np.float32)
+    z_buf = np.empty((1, cw), dtype=np.float32)
+    one_group = np.empty(0, dtype=np.int64)
     for s in range(seg_group.shape[0]):
         ua, ub = max(u0, seg_start[s]), min(u1, seg_start[s + 1])
         if ua >= ub:
@@ -35,32 +38,23 @@ def _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, 
         sc = scales[g, c0:c0 + cw]
         zrow = qzeros[g]
         for j in range(cw):
-            s_buf[j] = f16_to_f32(sc[j])
-            z_buf[j] = np.float32((_zero_code(zrow, c0 + j, bits, n_zero_words) + zero_add) & mask)
-        for t in range(ua * unit_codes, ub * unit_codes):
-            pos = t * bits
-            w = pos >> 5
-            shift = pos & 31
-            row0 = qw[w, c0:c0 + cw]
-            row1 = qw[min(w + 1, n_words - 1), c0:c0 + cw]
-            dst = tile[t - t0, lo:lo + cw]
-            for j in range(np.uint64(cw)):
-                both = np.int64(row0[j]) | (np.int64(row1[j]) << 32)
-                q = (both >> shift) & mask
-                dst[j] = s_buf[j] * (np.float32(q) - z_buf[j])
+            s_buf[0, j] = f16_to_f32(sc[j])
+            z_buf[0, j] = np.float32((_zero_code(zrow, c0 + j, bits, n_zero_words) + zero_add) & mask)
+        dequantize_code_rows(qw, ua * unit_codes, ub * unit_codes, bits, c0, cw, s_buf, z_buf, one_group, tile,
+                             ua * unit_codes - t0, lo)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def dequantize_tile(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, j0, j1, tile):
     """tile[t, j] = W_sorted[u0 * codes_per_unit + t, j0 + j] in float32, for units u0..u1, columns j0..j1.
 
-    Same layout as gemv(). prange over 64-column strips (both cores), each strip decoded by
+    Same layout as gemv(). prange over STRIP-column strips (both cores), each strip decoded by
     _dequantize_strip.
     """
     width = j1 - j0
-    for c in prange((width + 63) // 64):
-        lo = c * 64
-        cw = min(width, lo + 64) - lo
+    for c in prange((width + STRIP - 1) // STRIP):
+        lo = c * STRIP
+        cw = min(width, lo + STRIP) - lo
         _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0, u1, j0 + lo, cw,
                           tile, lo)
 
@@ -71,7 +65,7 @@ def dequantize_slab(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, j0
     one per thread)."""
     n_units = seg_start[seg_start.shape[0] - 1]
     width = j1 - j0
-    for lo in range(0, width, 64):
-        cw = min(width, lo + 64) - lo
+    for lo in range(0, width, STRIP):
+        cw = min(width, lo + STRIP) - lo
         _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, 0, n_units, j0 + lo, cw,
                           tile, lo)

@@ -98,3 +98,13 @@ def run_slabs(n_out, columns, work):
         futures = [_executor(threads).submit(lane, w) for w in range(threads)]
         for fut in futures:
             fut.result()
+
+
+def run_row_blocks(n_rows, work, tasks_per_thread=4):
+    """Call work(r0, r1) for blocks of rows [r0, r1) spread over the threads, a few blocks per thread so a
+    thread the OS delays simply takes fewer (NumPy releases the GIL inside its element-wise loops, so NumPy
+    code on disjoint rows runs on both cores). For the element-wise steps between the matmuls: RMSNorm, RoPE,
+    SiLU (tinyllama_ref/ops.py) and attention heads (tinyllama_ref/attention.py)."""
+    threads = max(1, numba.get_num_threads())
+    block = max(1, -(-n_rows // (threads * tasks_per_thread)))
+    run_slabs(n_rows, block, lambda r0, r1, worker: work(r0, r1))

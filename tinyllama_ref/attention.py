@@ -3,6 +3,13 @@
 The rows of `x` may belong to several sequences (a ragged batch packed together, so every weight matrix is
 read once for all of them). `seqs` says which rows are which: a list of (slot, start_pos, n_rows).
 The projections run on all rows at once; the attention itself runs per sequence against its own cache slot.
+
+Two ways to attend, same math: attend() is the reference (all heads in one batched NumPy expression);
+backend="numba" uses attend_by_heads() for prompts: one kv head per task, tasks spread over the threads with
+single-threaded BLAS (kernels/slabs.py), because NumPy's batched matmul over strided heads ran at about 7
+GFLOP/s on the 7B shape (a 512-token prefill spent 10-20 s of 45 in attention). Either way queries go in
+blocks of QUERY_BLOCK, so the score matrix is [heads, QUERY_BLOCK, keys]: linear in the context, not
+quadratic.
 """
 
 import numpy as np
@@ -10,6 +17,7 @@ import numpy as np
 from .ops import apply_rope, softmax
 
 QUERY_BLOCK = 256     # queries attended at once: bounds the [heads, queries, keys] score matrix of a long prompt
+HEADS_MIN_QUERIES = 8  # numba backend: from this many queries per block attend head by head on all threads
 
 
 def attend(q, k, v, start):
@@ -31,7 +39,29 @@ def attend(q, k, v, start):
     return out.transpose(2, 0, 1, 3).reshape(T, H, hd)                # [T, H, hd]
 
 
-def attention(x, w, cache, layer_index, seqs, cfg, cos, sin):
+def _attend_head(q, k, v, start, out, h, G):
+    """attend() for the G query heads of kv head h, written into out [T, H, hd]."""
+    T, _, hd = q.shape
+    S = k.shape[0]
+    qh = q[:, h * G:(h + 1) * G].transpose(1, 0, 2).reshape(G * T, hd)   # [G * T, hd] (a copy when G > 1)
+    scores = (qh @ k[:, h].T) * np.float32(hd ** -0.5)                   # [G * T, S]
+    query_pos = start + np.tile(np.arange(T), G)[:, None]                # [G * T, 1]
+    scores = np.where(np.arange(S)[None, :] <= query_pos, scores, -np.inf)   # causal mask
+    probs = softmax(scores, axis=-1)                                     # [G * T, S]
+    out[:, h * G:(h + 1) * G] = (probs @ v[:, h]).reshape(G, T, hd).transpose(1, 0, 2)   # [T, G, hd]
+
+
+def attend_by_heads(q, k, v, start):
+    """attend() computed one kv head per task on all threads (shapes as in attend())."""
+    from .kernels.slabs import run_slabs
+    T, H, hd = q.shape
+    KV = k.shape[1]
+    out = np.empty((T, H, hd), dtype=np.float32)                         # [T, H, hd]
+    run_slabs(KV, 1, lambda h, _h1, _worker: _attend_head(q, k, v, start, out, h, H // KV))
+    return out
+
+
+def attention(x, w, cache, layer_index, seqs, cfg, cos, sin, backend="numpy"):
     """Self-attention of one layer for the rows x [N, D]; writes the new keys/values into the cache."""
     N = x.shape[0]
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -43,12 +73,14 @@ def attention(x, w, cache, layer_index, seqs, cfg, cos, sin):
     row = 0
     for slot, start, n in seqs:
         rows, pos = slice(row, row + n), slice(start, start + n)
-        q_s = apply_rope(q[rows], cos[pos], sin[pos])                 # [n, H, hd]
-        k_cache[slot, pos] = apply_rope(k[rows], cos[pos], sin[pos])  # [n, KV, hd]
+        q_s = apply_rope(q[rows], cos[pos], sin[pos], backend)        # [n, H, hd]
+        k_cache[slot, pos] = apply_rope(k[rows], cos[pos], sin[pos], backend)   # [n, KV, hd]
         v_cache[slot, pos] = v[rows]
         for b in range(0, n, QUERY_BLOCK):                            # long prompts: blocks of queries
             m = min(QUERY_BLOCK, n - b)
             end = start + b + m                                       # keys visible to this block
-            out[row + b:row + b + m] = attend(q_s[b:b + m], k_cache[slot, :end], v_cache[slot, :end], start + b)
+            attend_block = attend_by_heads if backend == "numba" and m >= HEADS_MIN_QUERIES else attend
+            out[row + b:row + b + m] = attend_block(q_s[b:b + m], k_cache[slot, :end], v_cache[slot, :end],
+                                                    start + b)
         row += n
     return w.o(out.reshape(N, H * hd))                                # [N, D]

@@ -22,21 +22,23 @@ from .errors import GenerationError
 from .generate import generate_ids
 from .kvcache import KVCache
 from .linear import BACKENDS
-from .ops import rms_norm, rope_tables, silu
+from .ops import rms_norm, rope_tables, swiglu
 from .quant import check_gptq_mode, read_quant_config
 from .streaming import LayerSource
 from .weights import embedding_info, load_head
 
 
-def mlp(x, w):
+def mlp(x, w, backend="numpy"):
     """SwiGLU feed-forward: x [N, D] -> [N, D]."""
-    return w.down(silu(w.gate(x)) * w.up(x))                    # [N, F] inside, [N, D] out
+    return w.down(swiglu(w.gate(x), w.up(x), backend))          # [N, F] inside, [N, D] out
 
 
-def block(x, w, cache, seqs, cfg, cos, sin):
-    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
-    h = x + attention(rms_norm(x, w.attn_norm, cfg.norm_eps), w, cache, w.index, seqs, cfg, cos, sin)
-    return h + mlp(rms_norm(h, w.ffn_norm, cfg.norm_eps), w)    # [N, D]
+def block(x, w, cache, seqs, cfg, cos, sin, backend="numpy"):
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection. backend
+    "numba" spreads the element-wise steps and attention heads over the threads (ops.py, attention.py)."""
+    h = x + attention(rms_norm(x, w.attn_norm, cfg.norm_eps, backend), w, cache, w.index, seqs, cfg, cos, sin,
+                      backend)
+    return h + mlp(rms_norm(h, w.ffn_norm, cfg.norm_eps, backend), w, backend)    # [N, D]
 
 
 def read_quant_config_if_any(path):
@@ -133,7 +135,7 @@ class Model:
                                                self.workspace_bytes(len(ids), longest, all_logits)))
         x = self.embed(ids)                                          # [N, D]
         for w in self.layers:
-            x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin)   # [N, D]
+            x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin, self.backend)   # [N, D]
         for slot, start, n in seqs:
             cache.lengths[slot] = start + n
         if not all_logits:

