@@ -111,7 +111,7 @@ def run(options, log=None):
             self._captured_signals.clear()   # a clean shutdown exits with 0, not by re-raising the signal
 
     config = uvicorn.Config(create_app(state), host=options.host, port=options.port, log_level="warning",
-                            timeout_graceful_shutdown=options.shutdown_timeout, lifespan="on")
+                            timeout_graceful_shutdown=options.shutdown_timeout + 5, lifespan="on")
     server = Server(config)
 
     def failed():

@@ -85,6 +85,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False          # no new work; active sequences still finish
         self.aborting = False          # stop now: active sequences are answered with an error
+        self.deadline = None           # time.monotonic() after which a shutdown stops waiting for them
         self.thread = None
 
     # -- called from the HTTP side --------------------------------------------------------------------------
@@ -104,10 +105,13 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
         self.thread.start()
 
-    def begin_shutdown(self):
-        """Refuse new work and answer the waiting jobs; the active ones run to their end."""
+    def begin_shutdown(self, grace=None):
+        """Refuse new work and answer the waiting jobs; the active ones may run for grace more seconds
+        (None: to their end), then get an error."""
         with self.cond:
             self.stopping = True
+            if grace is not None and self.deadline is None:
+                self.deadline = time.monotonic() + grace
             while self.waiting:
                 self._emit(self.waiting.popleft(), Failed("the server is shutting down", "unavailable"))
             self.cond.notify()
@@ -131,7 +135,7 @@ class Scheduler:
                     self._admit()
                 if self.stopping and not self.active:
                     break
-            if self.aborting:
+            if self.aborting or (self.deadline is not None and time.monotonic() > self.deadline):
                 for seq in list(self.active):
                     self._leave(seq, Failed("the server is shutting down", "unavailable"))
                 break

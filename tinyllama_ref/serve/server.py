@@ -83,10 +83,12 @@ class ServerState:
         scheduler.run()
 
     def begin_shutdown(self):
+        """Ctrl-C / SIGTERM: refuse new requests, answer the waiting ones, give the running ones
+        --shutdown-timeout seconds to finish before they are answered with an error."""
         if self.status in ("loading", "ready"):
             self.status = "stopped"
         if self.scheduler is not None:
-            self.scheduler.begin_shutdown()
+            self.scheduler.begin_shutdown(self.options.shutdown_timeout)
 
     def stop(self, timeout=30):
         self.begin_shutdown()
