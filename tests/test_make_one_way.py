@@ -79,16 +79,43 @@ def test_writer_in_given_order_is_read_back_by_safetensors(tmp_path):
     assert starts == sorted(starts)                                        # data in the given order too
 
 
-def test_writer_can_keep_its_partial_file_for_the_caller(tmp_path):
-    partial = tmp_path / "x.safetensors.partial"
-    with pytest.raises(CheckpointError):
-        with SafetensorsWriter(str(tmp_path / "x.safetensors"), [TensorSpec("a", "I32", (4,))], order="given",
-                               partial=str(partial), keep_partial=True) as w:
-            w.write("a", np.zeros(3, np.int32))
+def test_writer_keeps_its_partial_file_and_resumes_it_only_for_the_same_header(tmp_path):
+    specs = [TensorSpec("a", "I32", (4,)), TensorSpec("b", "F16", (2, 3)), TensorSpec("c", "I32", (5,))]
+    a, b, c = np.arange(4, dtype=np.int32), np.ones((2, 3), np.float16), np.arange(5, dtype=np.int32) * 7
+    out, partial = tmp_path / "x.safetensors", tmp_path / "x.safetensors.partial"
+
+    def writer(meta):
+        return SafetensorsWriter(str(out), specs, meta, order="given", partial=str(partial), keep_partial=True,
+                                 resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        with writer({"run": "1"}) as w:
+            w.write("a", a)
+            w.write("b", b[:1])                                          # half of b reached the disk
+            raise KeyboardInterrupt
     assert os.listdir(tmp_path) == [partial.name]
+    with writer({"run": "1"}) as w:
+        assert w.resumed == ["a"]
+        np.testing.assert_array_equal(w.read_back("a"), a)
+        w.write("b", b)
+        w.write("c", c)
+    with safe_open(str(out), framework="numpy") as f:
+        for name, array in zip("abc", (a, b, c)):
+            np.testing.assert_array_equal(f.get_tensor(name), array)
+    with pytest.raises(KeyboardInterrupt):
+        with writer({"run": "1"}) as w:
+            w.write("a", a)
+            raise KeyboardInterrupt
+    with writer({"run": "2"}) as w:                                      # another header: written afresh
+        assert w.resumed == []
+        w.write("a", a + 1)
+        w.write("b", b)
+        w.write("c", c)
+    with safe_open(str(out), framework="numpy") as f:
+        assert f.metadata() == {"run": "2"}
+        np.testing.assert_array_equal(f.get_tensor("a"), a + 1)
 
 
-# -- quantize: starting over in an interrupted run's directory -------------------------------------------------
+# -- quantize: resuming in an interrupted run's directory ------------------------------------------------------
 
 CALIBRATION = [pattern_corpus(seed=s, n_tokens=96) for s in range(4)]
 
@@ -98,31 +125,61 @@ def dense(tmp_path_factory):
     return make_trained_llama(str(tmp_path_factory.mktemp("dense") / "dense"), steps=20)
 
 
-def test_quantize_starts_over_where_an_interrupted_run_left_its_partial_file(dense, tmp_path, monkeypatch):
+def interrupt_at(monkeypatch, call):
+    """Make the n-th GPTQ call of the driver raise KeyboardInterrupt, as Ctrl-C would; returns the undo."""
     import tinyllama_ref.make.quantize as driver
-    clean = tmp_path / "clean"
-    quantize_checkpoint(dense, str(clean), CALIBRATION, bits=4, group_size=32)
     real, calls = driver.gptq_quantize, []
 
     def failing(W, H, **kw):
         calls.append(1)
-        if len(calls) == 9:                                   # the second layer's k_proj
+        if len(calls) == call:
             raise KeyboardInterrupt
         return real(W, H, **kw)
     monkeypatch.setattr(driver, "gptq_quantize", failing)
+    return lambda: monkeypatch.setattr(driver, "gptq_quantize", real)
+
+
+def same_files(a, b):
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in os.listdir(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def clean_run(dense, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "gptq"
+    quantize_checkpoint(dense, str(out), CALIBRATION, bits=4, group_size=32)
+    return out
+
+
+def test_quantize_resumes_an_interrupted_run_and_writes_the_same_bytes(dense, clean_run, tmp_path, monkeypatch):
+    undo = interrupt_at(monkeypatch, 9)                      # the second layer's k_proj
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(dense, str(out), CALIBRATION, bits=4, group_size=32)
     assert os.listdir(out) == [PARTIAL]
-    monkeypatch.setattr(driver, "gptq_quantize", real)
+    undo()
+    log = io.StringIO()
+    errors = quantize_checkpoint(dense, str(out), CALIBRATION, bits=4, group_size=32, quiet=False,
+                                 progress_stream=log)
+    same_files(out, clean_run)
+    assert list(errors) == [1]                               # only layer 2 was quantized again
+    lines = log.getvalue().splitlines()                      # not a terminal: only the permanent lines
+    assert "resuming" in lines[0] and f"{PARTIAL} holds layers 1-1 of 2" in lines[0]
+    assert lines[1].startswith(f"layer 1/2 [#######] read back from {PARTIAL}")
+    assert lines[2].startswith("layer 2/2 [#######] done, worst output error ") and len(lines) == 3
+
+
+def test_a_partial_file_of_other_calibration_is_not_resumed(dense, clean_run, tmp_path, monkeypatch):
+    undo = interrupt_at(monkeypatch, 9)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(dense, str(out), CALIBRATION[::-1], bits=4, group_size=32)
+    undo()
     log = io.StringIO()
     quantize_checkpoint(dense, str(out), CALIBRATION, bits=4, group_size=32, quiet=False, progress_stream=log)
-    assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
-    for name in os.listdir(clean):
-        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
-    lines = log.getvalue().splitlines()                      # not a terminal: only the permanent lines
-    assert "interrupted run" in lines[0] and PARTIAL in lines[0]
-    assert lines[1].startswith("layer 1/2 [#######] done, worst output error ") and len(lines) == 3
+    same_files(out, clean_run)
+    assert "starting over" in log.getvalue().splitlines()[0]
 
 
 def test_quantize_refuses_a_directory_with_anything_else_in_it(dense, tmp_path):

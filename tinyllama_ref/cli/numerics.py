@@ -86,7 +86,7 @@ def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_perce
     Layer by layer: the calibration activations pass through one dense layer at a time, each linear is
     quantized with Cholesky-based error feedback on the inputs it will really see (true sequential), and the
     packed tensors are appended to OUT/model.safetensors before the next layer is read. OUT must be new or
-    empty, or hold only the model.safetensors.partial of an interrupted run (which then starts over).
+    empty, or hold only the model.safetensors.partial of an interrupted run, which the same command resumes.
 
     \b
     Example:
@@ -106,10 +106,10 @@ def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_perce
                                  act_order=act_order, sym=sym, damp_percent=damp_percent,
                                  checkpoint_format=checkpoint_format, seq_len=seq_len, n_samples=n_samples,
                                  quiet=quiet)
-    worst = max(max(e.values()) for e in errors.values())
+    worst = max((max(e.values()) for e in errors.values()), default=None)     # None: every layer was resumed
     click.echo(f"wrote {out} ({bits}-bit, group size {group_size}, act-order {'on' if act_order else 'off'}, "
                f"{'sym' if sym else 'asym'}); worst relative output error of a linear on the calibration "
-               f"inputs: {worst:.3e}")
+               + (f"inputs: {worst:.3e}" if worst is not None else "inputs: see the interrupted run's log"))
 
 
 __all__ = ["verify", "quantize"]

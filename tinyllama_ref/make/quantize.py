@@ -16,10 +16,14 @@ layer's weights, and one Hessian (in x in float64: 6.6 GB for a 70B down_proj).
 
 The output file is written as a stream: every tensor's name, dtype and shape is known from config.json before
 anything is quantized, so the safetensors header goes first and each tensor is appended as soon as it exists
-(make/safetensors_writer.py, in production order). An interrupted run leaves only OUT/model.safetensors.partial;
-running the same command again into that OUT starts over cleanly.
+(make/safetensors_writer.py, in production order). An interrupted run leaves only OUT/model.safetensors.partial.
+Running the same command again into that OUT resumes: the layers the file already holds are not quantized
+again, their stored weights are read back and only carry the calibration activations forward, so the result
+is byte for byte what an uninterrupted run writes. The header's `calibration_sha256` (settings, calibration
+ids, the dense files) tells whether a partial file belongs to this run; one that does not is overwritten.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -34,7 +38,7 @@ from ..errors import CheckpointError, QuantError, TinyLlamaError
 from ..kvcache import KVCache
 from ..ops import rms_norm, rope_tables, silu
 from ..progress import Progress
-from ..quant import QuantConfig, pack_columns, pack_zeros, stored_zeros
+from ..quant import QuantConfig, dequantize, pack_columns, pack_zeros, stored_zeros
 from ..tokenizer import Tokenizer
 from ..weights import LINEARS, embedding_info
 from .files import copy_file, write_json
@@ -164,12 +168,21 @@ def output_error(W, Wq, H):
     return float(np.sum((D @ H) * D) / max(np.sum((W @ H) * W), 1e-30))
 
 
-def quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result=None, progress=None, index=0):
+def quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result=None, progress=None, index=0,
+                   stored=None):
     """GPTQ for one decoder layer in true-sequential order. x [N, D] is the layer input computed with the
-    quantized layers before; returns (layer output [N, D], {key: GPTQResult}, {key: relative output error})."""
+    quantized layers before; returns (layer output [N, D], {key: GPTQResult}, {key: relative output error}).
+
+    stored: {key: quantized weight [out, in] float32} read back from a resumed file. Then nothing is quantized
+    (no Hessian either): the layer's output is computed with those weights, and only the norms of `dense` are
+    used."""
     results, errors, quantized = {}, {}, {}
 
-    def run_stage(keys, H):
+    def run_stage(keys, rows):
+        if stored is not None:
+            quantized.update({key: stored[key] for key in keys})
+            return
+        H = hessian(rows)
         for key in keys:
             W = dense[key]                                                # [out, in] float32
             r = gptq_quantize(W, H, **settings)
@@ -182,22 +195,34 @@ def quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result=None, p
                 progress.update(len(results), note=key)
 
     attn_in = rms_norm(x, dense["attn_norm"], cfg.norm_eps)               # [N, D]
-    run_stage(("q", "k", "v"), hessian(rows_of(attn_in, lengths)))
+    run_stage(("q", "k", "v"), rows_of(attn_in, lengths))
     heads = attention_heads(attn_in, quantized["q"], quantized["k"], quantized["v"], cfg, cos, sin,
                             lengths)                                      # [N, H * hd]
     del attn_in
-    run_stage(("o",), hessian(rows_of(heads, lengths)))
+    run_stage(("o",), rows_of(heads, lengths))
     h = x + heads @ quantized["o"].T                                      # [N, D]
     del heads
     mlp_in = rms_norm(h, dense["ffn_norm"], cfg.norm_eps)                 # [N, D]
-    run_stage(("gate", "up"), hessian(rows_of(mlp_in, lengths)))
+    run_stage(("gate", "up"), rows_of(mlp_in, lengths))
 
     def swiglu(rows):                                                     # [n, D] -> [n, F]
         return silu(rows @ quantized["gate"].T) * (rows @ quantized["up"].T)
-    run_stage(("down",), hessian(swiglu(r) for r in rows_of(mlp_in, lengths)))
+    run_stage(("down",), (swiglu(r) for r in rows_of(mlp_in, lengths)))
     out = np.concatenate([h_s + swiglu(m_s) @ quantized["down"].T
                           for h_s, m_s in zip(rows_of(h, lengths), rows_of(mlp_in, lengths))])   # [N, D]
     return out, results, errors
+
+
+def read_stored_layer(writer, cfg, i, bits, checkpoint_format):
+    """Layer i's quantized linears as float32 [out, in], dequantized from the tensors a resumed file holds
+    (the same values GPTQResult.dequantize gave when they were written: fp16 scale x small integer is exact)."""
+    p = f"model.layers.{i}."
+    stored = {}
+    for key, (sub, fin, fout) in LINEARS.items():
+        t = {name: writer.read_back(f"{p}{sub}.{name}") for name in ("qweight", "qzeros", "scales", "g_idx")}
+        W = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, checkpoint_format)   # [in, out]
+        stored[key] = W.T                                                 # [out, in], like the quantized path
+    return stored
 
 
 def read_dense_layer(ckpt, cfg, i):
@@ -220,7 +245,7 @@ def read_dense_layer(ckpt, cfg, i):
 
 def prepare_out_dir(out_dir, dense_dir):
     """Create OUT, or accept one that is empty or holds only what an interrupted run left (model.safetensors.
-    partial, hidden .partial-* files): that run starts over, since its calibration state is gone."""
+    partial, which the writer resumes or overwrites, and hidden .partial-* files, which are removed)."""
     if os.path.abspath(out_dir) == os.path.abspath(dense_dir):
         raise TinyLlamaError("OUT must be a new directory, not the dense checkpoint itself")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -231,15 +256,38 @@ def prepare_out_dir(out_dir, dense_dir):
         raise TinyLlamaError(f"{out_dir}: directory exists and is not empty (it holds {sorted(others)[0]}); "
                              "choose a new output directory")
     os.makedirs(out_dir, exist_ok=True)
-    for name in left:                     # an interrupted run's partial files: this run rewrites them
-        os.remove(os.path.join(out_dir, name))
-    return bool(left)
+    for name in left:
+        if name != PARTIAL:
+            os.remove(os.path.join(out_dir, name))
+    return PARTIAL in left
+
+
+def run_fingerprint(ckpt, seqs, settings, checkpoint_format):
+    """A hash of everything the output depends on: the settings, the calibration ids, and the dense files
+    (every tensor's place, each file's size and modification time; not their 140 GB of contents)."""
+    dense = [[name, i.dtype, list(i.shape), os.path.basename(i.file), i.start, i.end]
+             for name, i in sorted(ckpt.tensors.items())]
+    files = [[os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(ckpt.files)]
+    text = json.dumps({"settings": dict(settings, checkpoint_format=checkpoint_format),
+                       "calibration": [[int(t) for t in s] for s in seqs], "dense": dense, "files": files})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def layers_held(plan, resumed, n_layers):
+    """How many leading decoder layers a resumed file holds completely, and the index in the plan where
+    writing must go on (the first tensor of the next layer; the start when no layer is complete)."""
+    index = {spec.name: k for k, spec in enumerate(plan)}
+    ends = [index[f"model.layers.{i + 1}.input_layernorm.weight"] for i in range(n_layers - 1)]
+    ends.append(index["model.norm.weight"])
+    held = sum(1 for end in ends if end <= len(resumed))
+    return held, (ends[held - 1] if held else 0)
 
 
 def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128, act_order=True, sym=True,
                         damp_percent=0.01, checkpoint_format="gptq", seq_len=2048, n_samples=128,
                         on_result=None, quiet=True, progress_stream=None):
-    """Write a GPTQ checkpoint of dense_dir into out_dir; returns {layer: {linear: relative output error}}.
+    """Write a GPTQ checkpoint of dense_dir into out_dir; returns {layer: {linear: relative output error}} for
+    the layers quantized by this call (a resumed run reads the others back).
 
     calibration: token id sequences (lists of ints). on_result(layer, key, GPTQResult, dense W) is called for
     every quantized linear (tests use it to check the file against an independent packer). Unless quiet, a
@@ -261,17 +309,26 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
     seqs = check_calibration(calibration, cfg, seq_len, n_samples)
     if not seqs:
         raise TinyLlamaError("no calibration sequences")
-    if prepare_out_dir(out_dir, dense_dir) and not quiet:
-        (progress_stream or sys.stderr).write(f"{out_dir}: an interrupted run's {PARTIAL} was removed; "
-                                              "starting over\n")
+    interrupted = prepare_out_dir(out_dir, dense_dir)
+    log = (lambda text: None) if quiet else (lambda text: (progress_stream or sys.stderr).write(text + "\n"))
 
     settings = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp_percent=damp_percent)
-    metadata = safetensors_metadata(qc, quantized_by="tinyllama-ref quantize")
+    metadata = safetensors_metadata(qc, quantized_by="tinyllama-ref quantize",
+                                    calibration_sha256=run_fingerprint(ckpt, seqs, settings, checkpoint_format))
+    plan = output_plan(ckpt, cfg, bits, group_size)
     errors = {}
-    with SafetensorsWriter(os.path.join(out_dir, "model.safetensors"), output_plan(ckpt, cfg, bits, group_size),
-                           metadata, order="given", partial=os.path.join(out_dir, PARTIAL),
-                           keep_partial=True) as writer:
-        writer.write("model.embed_tokens.weight", as_fp16(ckpt, "model.embed_tokens.weight"))
+    with SafetensorsWriter(os.path.join(out_dir, "model.safetensors"), plan, metadata, order="given",
+                           partial=os.path.join(out_dir, PARTIAL), keep_partial=True, resume=True) as writer:
+        held, resume_at = layers_held(plan, writer.resumed, cfg.n_layers)
+        writer.rewind(resume_at)
+        if held:
+            log(f"{out_dir}: resuming an interrupted run: {PARTIAL} holds layers 1-{held} of {cfg.n_layers}, "
+                "which are read back, not quantized again")
+        elif interrupted:
+            log(f"{out_dir}: {PARTIAL} holds no complete layer of this run (or another run's settings or "
+                "calibration); starting over")
+        if not held:
+            writer.write("model.embed_tokens.weight", as_fp16(ckpt, "model.embed_tokens.weight"))
         lengths = [len(s) for s in seqs]
         embed = ckpt.info("model.embed_tokens.weight")
         x = to_f32(ckpt.raw(embed.name)[np.concatenate(seqs)], embed.dtype)   # [N, D] only the rows used
@@ -279,6 +336,15 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
         for i in range(cfg.n_layers):
             progress = Progress(f"layer {i + 1:>{len(str(cfg.n_layers))}}/{cfg.n_layers}", total=len(LINEARS),
                                 enabled=not quiet, unit="linears", stream=progress_stream, width=len(LINEARS))
+            if i < held:
+                p = f"model.layers.{i}."
+                norms = {"attn_norm": ckpt.f32(p + "input_layernorm.weight"),
+                         "ffn_norm": ckpt.f32(p + "post_attention_layernorm.weight")}
+                x, _, _ = quantize_layer(x, lengths, norms, cfg, cos, sin, settings,
+                                         stored=read_stored_layer(writer, cfg, i, bits, checkpoint_format))
+                progress.done = len(LINEARS)
+                progress.close(f"read back from {PARTIAL}")
+                continue
             progress.update(0, note="reading")
             dense = read_dense_layer(ckpt, cfg, i)
             x, results, errors[i] = quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result,

@@ -110,14 +110,22 @@ class SafetensorsWriter:
     it with an exception deletes the partial file (keeps it with keep_partial=True) and lets the exception
     through. order: "reference" (the reference writer's layout) or "given" (the specs' order, see
     build_header). partial: the path written before the rename (default `.partial-<name>` beside `path`).
+
+    resume=True continues a partial file left with keep_partial, if it starts with exactly this header (same
+    tensors, same metadata): `resumed` then lists the leading tensors whose bytes are all there, read_back()
+    returns them, rewind(n) keeps only the first n, and writing goes on after them. Any other partial file is
+    overwritten.
     """
 
-    def __init__(self, path, specs, metadata=None, order="reference", partial=None, keep_partial=False):
+    def __init__(self, path, specs, metadata=None, order="reference", partial=None, keep_partial=False,
+                 resume=False):
         self.path = os.path.abspath(path)
         self.header, self.order = build_header(list(specs), metadata, order)
         self.size = len(self.header) + sum(s.nbytes for s in self.order)
         self.partial = os.path.abspath(partial) if partial else partial_path(self.path)
         self.keep_partial = keep_partial
+        self.resume = resume
+        self.resumed = []        # names of the leading tensors a resumed partial file already holds
         self._names = {s.name for s in self.order}
         self._file = None
         self._index = 0          # the tensor being written, as an index into self.order
@@ -126,6 +134,11 @@ class SafetensorsWriter:
 
     # -- the context manager ------------------------------------------------------------------------------
     def __enter__(self):
+        if self.resume and self._partial_has_this_header():
+            self._file = open(self.partial, "r+b")
+            self.resumed = self._complete_tensors()
+            self.rewind(len(self.resumed))
+            return self
         self._file = open(self.partial, "wb")
         try:
             self._file.write(self.header)
@@ -145,6 +158,52 @@ class SafetensorsWriter:
             self.abort()
             raise
         return False
+
+    # -- resuming -----------------------------------------------------------------------------------------
+    def _partial_has_this_header(self):
+        try:
+            with open(self.partial, "rb") as f:
+                return f.read(len(self.header)) == self.header
+        except OSError:
+            return False
+
+    def _complete_tensors(self):
+        room = os.fstat(self._file.fileno()).st_size - len(self.header)      # data bytes on disk
+        names = []
+        for spec in self.order:
+            if spec.nbytes > room:
+                break
+            room -= spec.nbytes
+            names.append(spec.name)
+        return names
+
+    def _start(self, index):
+        """Absolute file offset of tensor order[index]."""
+        return len(self.header) + sum(s.nbytes for s in self.order[:index])
+
+    def rewind(self, n):
+        """Keep only the first n tensors of a resumed file; the next write is tensor order[n]."""
+        if not 0 <= n <= len(self.resumed):
+            raise ValueError(f"rewind({n}): the partial file holds {len(self.resumed)} complete tensors")
+        self.resumed = self.resumed[:n]
+        self._index, self._written = n, 0
+        end = self._start(n)
+        self.bytes_done = end - len(self.header)
+        self._file.truncate(end)
+        self._file.seek(end)
+        self._skip_empty()
+
+    def read_back(self, name):
+        """A tensor of a resumed file (one of `resumed`), read from disk."""
+        if name not in self.resumed:
+            raise CheckpointError(f"{self.partial}: tensor {name} is not among the complete tensors of the "
+                                  "resumed file")
+        index = next(i for i, s in enumerate(self.order) if s.name == name)
+        spec = self.order[index]
+        data = os.pread(self._file.fileno(), spec.nbytes, self._start(index))
+        if len(data) != spec.nbytes:
+            raise CheckpointError(f"{self.partial}: tensor {name} could be read only in part")
+        return np.frombuffer(data, dtype=np.dtype(DTYPES[spec.dtype]).newbyteorder("<")).reshape(spec.shape)
 
     # -- writing ------------------------------------------------------------------------------------------
     @property
