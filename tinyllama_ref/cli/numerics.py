@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from .gptq_flags import gptq_settings
 
 
 def prompt_token_ids(checkpoint, prompt, prompt_ids):
@@ -61,12 +62,7 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
 @click.command("quantize")
 @click.argument("dense_checkpoint", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True,
-              help="Inputs per scale/zero group; -1 means one group per output row.")
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="Quantize inputs by decreasing Hessian diagonal (desc_act).")
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid (fixed zero) or min-max.")
+@gptq_settings
 @click.option("--damp-percent", type=float, default=0.01, show_default=True,
               help="Dampening added to the Hessian's diagonal, as a fraction of its mean.")
 @click.option("--calibration", "calibration_text", type=click.Path(), default=None,
@@ -75,12 +71,9 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
               help="Calibration token ids: a JSON list (of lists) or one comma-separated sequence per line.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences used.")
-@click.option("--checkpoint-format", type=click.Choice(["gptq", "gptq_v2"]), default="gptq", show_default=True,
-              help="gptq: AutoGPTQ v1 (stored zero = zero - 1), what most files use; gptq_v2: GPTQModel "
-                   "(stored zero = zero).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-layer progress on stderr.")
-def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, damp_percent, calibration_text,
-             calibration_ids, seq_len, n_samples, checkpoint_format, quiet):
+def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, checkpoint_format, damp_percent,
+             calibration_text, calibration_ids, seq_len, n_samples, quiet):
     """Quantize a dense checkpoint with GPTQ (NumPy) into an AutoGPTQ-layout checkpoint directory.
 
     Layer by layer: the calibration activations pass through one dense layer at a time, each linear is

@@ -10,6 +10,7 @@ import click
 
 from ..config import PRESETS
 from ..errors import TinyLlamaError
+from .gptq_flags import gptq_settings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,16 +19,7 @@ from ..errors import TinyLlamaError
               help="Model shape (Llama-2 sizes; llama2-70b has Meditron-70B's 32017-row embedding).")
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Override the preset's number of layers (e.g. a 1-layer 70B for tests and benchmarks).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
-              help="GPTQ bits per weight.")
-@click.option("--group-size", type=int, default=128, show_default=True,
-              help="Inputs per quantization group; -1 means one group over all inputs.")
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="desc_act: g_idx is a shuffled (non-monotonic) group map, as in TheBloke's act-order files.")
-@click.option("--sym/--asym", default=True, show_default=True,
-              help="Symmetric grid (every zero point 2**(bits-1)) or asymmetric (zeros vary by group and column).")
-@click.option("--checkpoint-format", type=click.Choice(["gptq", "gptq_v2"]), default="gptq", show_default=True,
-              help="gptq: AutoGPTQ v1 (stored zero = zero - 1); gptq_v2: GPTQModel (stored zero = zero).")
+@gptq_settings
 @click.option("--dense", type=click.Choice(["fp16", "bf16"]), default=None,
               help="Write a plain (unquantized) Hugging Face checkpoint in this dtype instead of GPTQ.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
