@@ -38,7 +38,7 @@ from ..errors import CheckpointError, QuantError, TinyLlamaError
 from ..kvcache import KVCache
 from ..ops import rms_norm, rope_tables, silu
 from ..progress import Progress
-from ..quant import QuantConfig, dequantize, pack_columns, pack_zeros, stored_zeros
+from ..quant import SUPPORTED_BITS, QuantConfig, dequantize, pack_columns, pack_zeros, stored_zeros
 from ..tokenizer import Tokenizer
 from ..weights import LINEARS, embedding_info
 from .files import copy_file, write_json
@@ -293,8 +293,8 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
     every quantized linear (tests use it to check the file against an independent packer). Unless quiet, a
     progress line per layer goes to progress_stream (stderr), ending as `layer 3/80 [#######] done, ...`.
     """
-    if bits not in (2, 3, 4, 8):
-        raise QuantError(f"--bits must be 2, 3, 4 or 8, got {bits}")
+    if bits not in SUPPORTED_BITS:
+        raise QuantError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
     if group_size != -1 and group_size <= 0:
         raise QuantError(f"--group-size must be -1 (one group per row) or positive, got {group_size}")
     if not 0 < damp_percent < 1:
