@@ -20,7 +20,7 @@ from gptq_packer import make_layer
 from quantize_helpers import make_trained_llama, pattern_corpus
 from tinyllama_ref import quant
 from tinyllama_ref.cli import main
-from tinyllama_ref.errors import CheckpointError, QuantError, TinyLlamaError
+from tinyllama_ref.errors import QuantError, TinyLlamaError
 from tinyllama_ref.make.quantize import PARTIAL, quantize_checkpoint
 from tinyllama_ref.make.safetensors_writer import SafetensorsWriter, TensorSpec
 from tinyllama_ref.memory import human, parse_size
