@@ -137,7 +137,7 @@ class Scheduler:
                     break
             if self.aborting or (self.deadline is not None and time.monotonic() > self.deadline):
                 for seq in list(self.active):
-                    self._leave(seq, Failed("the server is shutting down", "unavailable"))
+                    self._leave(seq, Failed("the server is shutting down", "unavailable"), "shutdown")
                 break
             if self.active:
                 try:
@@ -146,7 +146,7 @@ class Scheduler:
                     message = str(e) if isinstance(e, TinyLlamaError) else f"{type(e).__name__}: {e}"
                     self.log(f"error in a pass: {message}")
                     for seq in list(self.active):
-                        self._leave(seq, Failed(f"generation failed: {message}"))
+                        self._leave(seq, Failed(f"generation failed: {message}"), "failed")
         self.cache.close()
 
     def _admit(self):
@@ -172,9 +172,9 @@ class Scheduler:
     def _plan(self):
         """(sequence, new token ids) for this pass: every decoding sequence, then prompt pieces that fit."""
         plan = [(s, np.array([s.tokens[-1]])) for s in self.active if not s.prefilling]
-        room = self.prefill_chunk
+        room = self.prefill_chunk - len(plan)          # a pass holds at most prefill_chunk tokens ...
         for s in self.active:
-            if s.prefilling and (room > 0 or not plan):
+            if s.prefilling and (room > 0 or not plan):  # ... unless that leaves no room for any prompt
                 n = min(len(s.job.prompt_ids) - s.fed, max(room, 1))
                 plan.append((s, np.asarray(s.job.prompt_ids[s.fed:s.fed + n])))
                 room -= n
