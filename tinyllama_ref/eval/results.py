@@ -86,9 +86,10 @@ def _mismatch(old, new):
         return (f"its input file {old.get('input', {}).get('path')} had other contents than "
                 f"{new.get('input', {}).get('path')} has now")
     old_s, new_s = old.get("settings", {}), new["settings"]
-    for key in sorted(set(old_s) | set(new_s)):
-        if old_s.get(key) != new_s.get(key):
-            return f"it was made with {key}={old_s.get(key)!r}, this run has {key}={new_s.get(key)!r}"
+    differ = [key for key in sorted(set(old_s) | set(new_s)) if old_s.get(key) != new_s.get(key)]
+    if differ:
+        return (f"it was made with {', '.join(f'{k}={old_s.get(k)!r}' for k in differ)}; this run has "
+                f"{', '.join(f'{k}={new_s.get(k)!r}' for k in differ)}")
     return None
 
 
