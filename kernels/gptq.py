@@ -30,6 +30,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .compile_note import announce_if_cold
 from .gptq_gemv import gemv
 from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
 from .gptq_passes import unit_shape
@@ -141,6 +142,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     """
+    announce_if_cold([gemv, dequantize_slab, repack_rows, gemv_inplace, dequantize_slab_inplace], "GPTQ kernels")
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
     zero_add = 1 if checkpoint_format == "gptq" else 0

@@ -157,7 +157,9 @@ def widen_rows(weight, is_bf16, out):
 
 def half_linear(x, weight, dtype):
     """x [N, in] float32, weight [out, in] F16/BF16 (uint16-viewable) -> x @ W.T as float32 [N, out]."""
+    from .compile_note import announce_if_cold
     from .slabs import run_slabs
+    announce_if_cold([_fused_rows, widen_rows], "fp16/bf16 kernels")
     bits = half_bits(weight, dtype)                                          # [out, in] uint16
     x = np.ascontiguousarray(x, dtype=np.float32)                            # [N, in]
     n_out, n_in = bits.shape
