@@ -74,8 +74,8 @@ def test_prompts_file_batch_writes_jsonl(ckpt, tmp_path):
     r = invoke("generate", ckpt, "--prompts-file", prompts, "-o", out, "-n", "5", "--backend", "numpy",
                "--ignore-eos", "--greedy")
     assert r.exit_code == 0, r.output
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(recs) == 3
+    header, *recs = [json.loads(line) for line in out.read_text().splitlines()]   # -o: a header line first
+    assert header["command"] == "generate" and len(recs) == 3
     model = tinyllama_ref.load(ckpt, backend="numpy")
     for rec in recs:                     # the batch gives what each prompt gives alone
         assert rec["token_ids"] == model.generate(rec["prompt_ids"], max_new_tokens=5, stop_ids=[])

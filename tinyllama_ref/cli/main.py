@@ -12,7 +12,7 @@ import sys
 import click
 
 from .common import (completion_record, model_options, notice, open_model, parse_ids, read_prompts_file,
-                         resolve_template, sampling_kwargs, sampling_options, write_atomically)
+                         resolve_template, sampling_kwargs, sampling_options)
 from ..errors import GenerationError, TinyLlamaError
 
 
@@ -48,14 +48,41 @@ def main():
 
 
 # -- generate ------------------------------------------------------------------------------------------------
+def prompt_source(prompt, prompt_file, prompt_ids, prompts_file):
+    """The one prompt source given, read and checked before any model loads: ("text", str),
+    ("ids", [int]) or ("file", [records]); stdin when none is given and it is not a terminal."""
+    given = [x is not None for x in (prompt, prompt_file, prompt_ids, prompts_file)]
+    if sum(given) > 1:
+        raise GenerationError("give only one of --prompt, --prompt-file, --prompt-ids, --prompts-file")
+    if prompts_file is not None:
+        return "file", read_prompts_file(prompts_file)
+    if prompt_ids is not None:
+        return "ids", parse_ids(prompt_ids)
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                return "text", f.read()
+        except (FileNotFoundError, UnicodeDecodeError) as e:
+            raise GenerationError(f"{prompt_file}: cannot read the prompt ({e.__class__.__name__})") from None
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise GenerationError("no prompt: use --prompt TEXT, --prompt-file, --prompt-ids or pipe text in")
+        prompt = sys.stdin.read()
+    return "text", prompt
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", "-p", default=None, help="Prompt text (or use --prompt-file, or pipe it on stdin).")
 @click.option("--prompt-file", type=click.Path(), default=None, help="Read the prompt text from a file.")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids (no tokenizer needed).")
 @click.option("--prompts-file", type=click.Path(), default=None,
-              help="JSONL of prompts run together as one batch; writes JSONL records.")
-@click.option("--output", "-o", type=click.Path(), default=None, help="With --prompts-file: write JSONL here.")
+              help="JSONL of prompts, run in batches; writes one JSONL record per prompt, in order.")
+@click.option("--output", "-o", type=click.Path(), default=None,
+              help="With --prompts-file: write the records here, a batch at a time.")
+@click.option("--resume", is_flag=True, help="With -o: continue the file a killed run left.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+              help="With --prompts-file: prompt tokens per batch (default: from the memory budget).")
 @click.option("--template", type=click.Choice(["auto", "chatml", "llama2", "none"]), default="none",
               show_default=True, help="Wrap the prompt as a chat turn (auto: from the tokenizer files).")
 @click.option("--system", default=None, help="System message for chat templates.")
@@ -65,8 +92,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of streaming text.")
 @sampling_options
 @model_options
-def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, template, system,
-             max_new_tokens, stop, ignore_eos, as_json, greedy, temperature, top_k, top_p, min_p,
+def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, resume, batch_tokens, template,
+             system, max_new_tokens, stop, ignore_eos, as_json, greedy, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, backend, max_memory, quiet, gptq_mode):
     """Continue a prompt, streaming the text as it is produced.
 
@@ -76,75 +103,62 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
       tinyllama-ref generate ./ckpt --prompt "What causes gout?" --template chatml --temperature 0.7 --seed 1
       echo "Once upon a time" | tinyllama-ref generate ./ckpt --json
       tinyllama-ref generate ./ckpt --prompt-ids 1,306,4658 -n 8          # prints new token ids
-      tinyllama-ref generate ./ckpt --prompts-file prompts.jsonl -o out.jsonl
+      tinyllama-ref generate ./ckpt --prompts-file prompts.jsonl -o out.jsonl [--resume]
     """
-    from ..generate import generate_text, run
-    from ..sampling import Sampler, SamplingParams
+    from ..sampling import SamplingParams
     from ..templates import stop_conditions
-    sources = [x is not None for x in (prompt, prompt_file, prompt_ids, prompts_file)]
-    if sum(sources) > 1:
-        raise GenerationError("give only one of --prompt, --prompt-file, --prompt-ids, --prompts-file")
-    if sum(sources) == 0:
-        if sys.stdin.isatty():
-            raise GenerationError("no prompt: use --prompt TEXT, --prompt-file, --prompt-ids or pipe text in")
-        prompt = sys.stdin.read()
-    if prompt_file is not None:
-        try:
-            prompt = open(prompt_file, encoding="utf-8").read()
-        except (FileNotFoundError, UnicodeDecodeError) as e:
-            raise GenerationError(f"{prompt_file}: cannot read the prompt ({e.__class__.__name__})") from None
-    ids = parse_ids(prompt_ids) if prompt_ids is not None else None
-    params_kw = sampling_kwargs(greedy, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    if output and not prompts_file:
-        raise GenerationError("--output goes with --prompts-file")
+    from .evaluate import prepare_output
+    kind, source = prompt_source(prompt, prompt_file, prompt_ids, prompts_file)
+    if (output or resume or batch_tokens) and kind != "file":
+        raise GenerationError("--output, --resume and --batch-tokens go with --prompts-file")
     if max_new_tokens < 0:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if kind == "text" and not source.strip():
+        raise GenerationError("empty prompt: give some text")
+    old = prepare_output(output, resume)            # -o must be writable before anything runs
+    params_kw = sampling_kwargs(greedy, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
     params = SamplingParams.from_generation_config(checkpoint, **params_kw)
-    stop_ids = set() if ignore_eos else None
-
-    if ids is not None and not os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
-        # Token ids in, token ids out: works without any tokenizer files.
-        outs = run(model, [ids], max_new_tokens, Sampler(params),
-                   set() if ignore_eos else set(model.cfg.eos_token_ids))
-        if as_json:
-            click.echo(json.dumps(completion_record(model, outs[0])))
-        else:
-            click.echo(",".join(str(i) for i in outs[0].token_ids))
+    if kind == "ids" and not os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
+        generate_ids_only(model, source, max_new_tokens, params, ignore_eos, as_json)
         return
-
     tok = model.tokenizer
     template = resolve_template(model, template)
     template_stops, template_stop_ids = stop_conditions(template, tok)
     stops = list(stop) + template_stops
     stop_ids = set() if ignore_eos else template_stop_ids
-    if prompts_file:
-        items = read_prompts_file(prompts_file)
-        batch = [it["prompt_ids"] if "prompt_ids" in it else
-                 model.encode_prompt(it["prompt"], template, it.get("system", system)) for it in items]
-        for b in batch:
-            tok.check_ids(b)
-        outs = generate_text(model, tok, batch, max_new_tokens, params, stops, stop_ids=stop_ids)
-        lines = "".join(json.dumps(completion_record(model, c, it.get("prompt"))) + "\n"
-                        for c, it in zip(outs, items))
-        if output:
-            write_atomically(output, lines)
-            notice(quiet, f"wrote {len(outs)} records to {output}")
-        else:
-            click.echo(lines, nl=False)
+    if kind == "file":
+        settings = {"backend": backend, "gptq_mode": gptq_mode, "template": template, "system": system,
+                    "max_new_tokens": max_new_tokens, "stop": stops, "ignore_eos": ignore_eos,
+                    "sampling": {k: getattr(params, k) for k in vars(params)}}
+        generate_prompts_file(model, source, prompts_file, output, resume, old, batch_tokens, settings,
+                              max_new_tokens, params, stops, stop_ids, quiet)
         return
+    ids = source if kind == "ids" else model.encode_prompt(source, template, system)
+    tok.check_ids(ids)
+    generate_one(model, ids, source if kind == "text" else None, max_new_tokens, params, stops, stop_ids, as_json,
+                 quiet)
 
-    if ids is None:
-        if not prompt or not prompt.strip():
-            raise GenerationError("empty prompt: give some text")
-        ids = model.encode_prompt(prompt, template, system)
+
+def generate_ids_only(model, ids, max_new_tokens, params, ignore_eos, as_json):
+    """Token ids in, token ids out: works without any tokenizer files."""
+    from ..generate import run
+    from ..sampling import Sampler
+    outs = run(model, [ids], max_new_tokens, Sampler(params), set() if ignore_eos else set(model.cfg.eos_token_ids))
+    if as_json:
+        click.echo(json.dumps(completion_record(model, outs[0])))
     else:
-        tok.check_ids(ids)
+        click.echo(",".join(str(i) for i in outs[0].token_ids))
+
+
+def generate_one(model, ids, prompt, max_new_tokens, params, stops, stop_ids, as_json, quiet):
+    """One prompt, its text streamed to stdout as it becomes printable (or one JSON record at the end)."""
+    from ..generate import generate_text
 
     def stream(_, text):
         click.echo(text, nl=False)
         sys.stdout.flush()
-    c = generate_text(model, tok, [ids], max_new_tokens, params, stops, stop_ids=stop_ids,
+    c = generate_text(model, model.tokenizer, [ids], max_new_tokens, params, stops, stop_ids=stop_ids,
                       on_text=None if as_json else stream)[0]
     if as_json:
         click.echo(json.dumps(completion_record(model, c, prompt)))
@@ -153,6 +167,45 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
         if c.token_seconds:
             notice(quiet, f"[{len(c.token_ids)} tokens, prefill {c.prefill_seconds:.2f} s, "
                           f"{len(c.token_seconds) / sum(c.token_seconds):.2f} tokens/s, stop: {c.finish_reason}]")
+
+
+def generate_prompts_file(model, items, prompts_file, output, resume, old, batch_tokens, settings, max_new_tokens,
+                          params, stops, stop_ids, quiet):
+    """Every prompt of the file, a batch at a time; each batch's records go to -o (fsync'ed) or stdout at once."""
+    from ..eval.prompts import batch_starts, iter_generate
+    from ..eval.results import ResultsWriter, make_header
+    from ..progress import Progress
+    from .evaluate import batch_tokens_for
+    tok = model.tokenizer
+    prompts = [it["prompt_ids"] if "prompt_ids" in it else
+               model.encode_prompt(it["prompt"], settings["template"], it.get("system", settings["system"]))
+               for it in items]
+    for p in prompts:
+        tok.check_ids(p)
+    batch_tokens = batch_tokens_for(model, batch_tokens, old)
+    settings = {**settings, "batch_tokens": batch_tokens}
+
+    def record(i, c):
+        return {"item": i + 1, **completion_record(model, c, items[i].get("prompt"))}
+    bar = Progress("generating", len(items), enabled=not quiet, unit="prompts")
+    batches = lambda skip: iter_generate(model, tok, prompts, max_new_tokens, params, stops, stop_ids,  # noqa: E731
+                                         batch_tokens, skip=skip, make_record=record)
+    if output:
+        with ResultsWriter.open(output, make_header("generate", model.path, settings, prompts_file), resume,
+                                boundaries=batch_starts(prompts, max_new_tokens, batch_tokens)) as writer:
+            skipped = writer.n_done
+            for records in batches(skipped):
+                writer.append(records)
+                bar.update(writer.n_done)
+        bar.close()
+        notice(quiet, f"wrote {writer.n_done} records to {output}" +
+               (f" ({skipped} were already there)" if skipped else ""))
+        return
+    for records in batches(0):
+        click.echo("".join(json.dumps(r) + "\n" for r in records), nl=False)
+        sys.stdout.flush()
+        bar.update(records[-1]["item"])
+    bar.close()
 
 
 # -- chat ----------------------------------------------------------------------------------------------------
