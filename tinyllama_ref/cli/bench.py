@@ -33,3 +33,11 @@ def generate(ctx):
     """Load, prefill, decode at batch 1/8/32 with disk traffic, peak RSS and the I/O bound."""
     from ..measure.bench_generate import main
     main(ctx.args)
+
+
+@bench.command("eval", context_settings=PASS_THROUGH, add_help_option=False)
+@click.pass_context
+def eval_(ctx):
+    """Multiple-choice scoring items/s: one at a time, shared prefix, packed, both (eval/bench.py)."""
+    from ..eval.bench import main
+    main(ctx.args)
