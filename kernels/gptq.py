@@ -26,6 +26,8 @@ Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepa
 
 # How the OpenMP workers behind prange wait between kernels is set in tinyllama_ref/__init__.py.
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -93,16 +95,50 @@ def repack_rows(qw, perm, bits, new_qw):
                     dst1[j] |= np.uint32(placed >> 32)
 
 
-class Plan:
-    """What prepare() decided for one layer; gptq_matmul() reads it."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+@dataclass(repr=False)
+class SegmentsPlan:
+    """The "segments" layout (module docstring): runs of whole units of packed rows that share one group."""
+    bits: int
+    qw: np.ndarray              # [R, out] uint32: the checkpoint's qweight (zero-copy) or a repacked copy
+    n_in: int                   # real inputs
+    n_padded: int               # inputs in the plan's row order, padding included (whole units)
+    seg_start: np.ndarray       # [S + 1] int64: first unit of each segment
+    seg_group: np.ndarray       # [S] int64: group of each segment
+    scales: np.ndarray          # [G, out] uint16 (fp16 bits)
+    qzeros: np.ndarray          # [G, Z] uint32
+    zero_add: int               # 1 for the "gptq" format (stored zero + 1), 0 for "gptq_v2"
+    const_zero: int             # the one true zero of the layer, or -1
+    repacked: bool              # qw is a copy sorted by group (its checkpoint pages are not needed)
+    prepare_note: str
+    perm: np.ndarray = None     # repacked: [padded] int64 original input of each sorted row, -1 for padding
+    gather: np.ndarray = None   # repacked: perm with padding pointing at an extra zero column (permute_x)
+    layout = "segments"
 
     def __repr__(self):
-        segments = "none (in place)" if self.seg_group is None else len(self.seg_group)
-        return (f"Plan(bits={self.bits}, segments={segments}, repacked={self.repacked}, "
+        return (f"SegmentsPlan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}, "
                 f"prepare={self.prepare_note})")
+
+
+@dataclass(repr=False)
+class InplacePlan:
+    """The "inplace" layout (module docstring): qweight as mapped, read through g_idx (streamed layers)."""
+    bits: int
+    qw: np.ndarray              # [R, out] uint32: the checkpoint's qweight, never copied
+    n_in: int
+    n_padded: int               # inputs padded to whole units (padding reads group 0 with x = 0)
+    g_idx: np.ndarray           # [padded] int64
+    n_groups: int
+    scales: np.ndarray          # [G, out] uint16 (fp16 bits)
+    qzeros: np.ndarray          # [G, Z] uint32
+    zero_add: int
+    const_zero: int
+    prepare_note: str = "in place (act-order read through g_idx)"
+    layout = "inplace"
+    repacked = False
+    perm = None
+
+    def __repr__(self):
+        return f"InplacePlan(bits={self.bits}, groups={self.n_groups}, prepare={self.prepare_note})"
 
 
 def _segments(unit_groups):
@@ -158,11 +194,10 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     if uniform and qw.shape[0] == n_units * unit_words:
         seg_start, seg_group = _segments(first)
         if len(seg_group) <= 2 * n_groups:
-            return Plan(bits=bits, qw=qw, perm=None, n_in=n_in, n_padded=n_units * unit_codes,
-                        seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
-                        qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                        zero_add=zero_add, const_zero=const_zero, repacked=False, layout="segments",
-                        prepare_note="zero-copy")
+            return SegmentsPlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_units * unit_codes,
+                                seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
+                                qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
+                                zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy")
     if not repack:
         return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero)
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
@@ -185,11 +220,12 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     new_qw = np.zeros((int(units.sum()) * unit_words, n_out), dtype=np.uint32)   # [R2, out]
     repack_rows(qw, perm, bits, new_qw)
     gather = np.where(perm >= 0, perm, n_in)                                 # [padded] see permute_x
-    return Plan(bits=bits, qw=new_qw, perm=perm, gather=gather, n_in=n_in, n_padded=len(perm),
-                seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
-                qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                zero_add=zero_add, const_zero=const_zero, repacked=True, layout="segments",
-                prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group")
+    return SegmentsPlan(bits=bits, qw=new_qw, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
+                        seg_group=seg_group, scales=scales.view(np.uint16),
+                        qzeros=np.ascontiguousarray(qzeros).view(np.uint32), zero_add=zero_add,
+                        const_zero=const_zero, repacked=True,
+                        prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group", perm=perm,
+                        gather=gather)
 
 
 def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
@@ -200,10 +236,9 @@ def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
     n_padded = -(-n_in // unit_codes) * unit_codes
     gi = np.zeros(n_padded, dtype=np.int64)                                   # [padded]
     gi[:n_in] = g
-    return Plan(bits=bits, qw=qw, perm=None, n_in=n_in, n_padded=n_padded, seg_start=None, seg_group=None,
-                g_idx=gi, n_groups=scales.shape[0], scales=scales.view(np.uint16),
-                qzeros=np.ascontiguousarray(qzeros).view(np.uint32), zero_add=zero_add, const_zero=const_zero,
-                repacked=False, layout="inplace", prepare_note="in place (act-order read through g_idx)")
+    return InplacePlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_padded, g_idx=gi, n_groups=scales.shape[0],
+                       scales=scales.view(np.uint16), qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
+                       zero_add=zero_add, const_zero=const_zero)
 
 
 def inplace_block(n_out, n_groups):

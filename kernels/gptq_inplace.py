@@ -26,6 +26,7 @@ from .gptq_passes import PASS_MATH, masked_f32, prefetch_row, unit_shape
 from .half import f16_to_f32
 
 STRIP = 256     # slab columns decoded together (dequantize_slab_inplace; kernels/dequantize.py says why)
+INPLACE_PASSES = [(4, 4), (4, 1), (3, 3), (2, 1), (8, 1)]   # (bits, words per pass) written out below
 
 
 def _inplace_pass_source(bits, nwords):
@@ -444,21 +445,26 @@ def _ipass_tail(qw, t0, t1, bits, x, gi, sc, acc, j0, width):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-def _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, sc, zc):
-    """sc[g, j] = scale of group g, column j0 + j as float32; zc[g, j] its true zero (unless const_zero >= 0,
-    when zc is not used)."""
+def _widen_zero_rows(qzeros, bits, zero_add, j0, width, zc):
+    """zc[g, j] = true zero of group g, column j0 + j, as float32."""
     n_zero_words = qzeros.shape[1]
     mask = (1 << bits) - 1
+    for g in range(zc.shape[0]):
+        zrow = qzeros[g]
+        zdst = zc[g]
+        for j in range(width):
+            zdst[j] = np.float32((_zero_code(zrow, j0 + j, bits, n_zero_words) + zero_add) & mask)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _widen_group_rows(scales, qzeros, bits, zero_add, j0, width, sc, zc):
+    """sc[g, j] = scale of group g, column j0 + j as float32; zc[g, j] its true zero."""
     for g in range(sc.shape[0]):
         srow = scales[g, j0:j0 + width]
         dst = sc[g]
         for j in range(np.uint64(width)):
             dst[j] = f16_to_f32(srow[j])
-        if const_zero < 0:
-            zrow = qzeros[g]
-            zdst = zc[g]
-            for j in range(width):
-                zdst[j] = np.float32((_zero_code(zrow, j0 + j, bits, n_zero_words) + zero_add) & mask)
+    _widen_zero_rows(qzeros, bits, zero_add, j0, width, zc)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
@@ -491,8 +497,7 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
             sc[g] = scales[g, j0:j0 + width]
         zc = np.empty((n_groups if const_zero < 0 else 1, width), dtype=np.float32)
         if const_zero < 0:
-            spare = np.empty((n_groups, width), dtype=np.float32)        # its float32 scales: unused here
-            _widen_group_rows(scales, qzeros, bits, zero_add, const_zero, j0, width, spare, zc)
+            _widen_zero_rows(qzeros, bits, zero_add, j0, width, zc)
         accs = np.zeros((n_rows, width), dtype=np.float32)
         # Packed rows in chunks of about INPLACE_CHUNK_BYTES (a whole number of passes): every activation row
         # runs over one chunk before the next is read, so the chunk is read from memory once, from L2 after.
@@ -562,5 +567,5 @@ def dequantize_slab_inplace(qw, gi, scales, qzeros, bits, zero_add, n_in, j0, j1
     for lo in range(0, width, STRIP):
         cw = min(width, lo + STRIP) - lo
         c0 = j0 + lo
-        _widen_group_rows(scales, qzeros, bits, zero_add, -1, c0, cw, sc[:, :cw], zc[:, :cw])
+        _widen_group_rows(scales, qzeros, bits, zero_add, c0, cw, sc[:, :cw], zc[:, :cw])
         dequantize_code_rows(qw, 0, n_in, bits, c0, cw, sc, zc, gi, tile, 0, lo)

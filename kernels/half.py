@@ -20,25 +20,6 @@ FUSED_MAX_ROWS = 8         # up to this many activation rows the fused kernel be
 TILE_ROWS = 512            # weight rows widened per BLAS call in the many-rows path (16 MB at in = 8192)
 
 
-def _as_i32(builder, value):
-    if value.type.width > 32:
-        return builder.trunc(value, ir.IntType(32))
-    if value.type.width < 32:
-        return builder.zext(value, ir.IntType(32))
-    return value
-
-
-@intrinsic
-def f32_from_bits(typingctx, bits):
-    """Reinterpret the low 32 bits of an integer as a float32 (what C does with memcpy / a union)."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(_as_i32(builder, args[0]), ir.FloatType())
-    return types.float32(bits), codegen
-
-
 @intrinsic
 def f16_to_f32(typingctx, bits):
     """IEEE half bits (the low 16 bits of an integer) -> float32, exact for every value including subnormals,

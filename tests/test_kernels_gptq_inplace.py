@@ -135,6 +135,6 @@ def test_int8_mode_leaves_inplace_plans_exact():
 
 
 def test_inplace_passes_match_their_generator():
-    for bits, words in [(4, 4), (4, 1), (3, 3), (2, 1), (8, 1)]:
+    for bits, words in gptq_inplace.INPLACE_PASSES:
         written = inspect.getsource(getattr(gptq_inplace, f"_ipass_b{bits}_w{words}").py_func)
         assert written == gptq_inplace._inplace_pass_source(bits, words), (bits, words)

@@ -7,8 +7,6 @@ and two backends: "numpy" (the readable reference) and "numba" (kernels/, same r
 The model never looks inside; it only calls.
 """
 
-import numpy as np
-
 from .checkpoint import to_f32
 from .errors import CheckpointError
 
@@ -60,8 +58,3 @@ def make_linear(ckpt, prefix, quant_config, backend, in_features, out_features, 
     if info.dtype not in ("F32", "F16", "BF16"):
         raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected F32, F16 or BF16")
     return DenseLinear(ckpt.raw(name), info.dtype, name, backend)
-
-
-def as_f32_rows(x):
-    """Activations as a C-contiguous float32 matrix (kernels assume it)."""
-    return np.ascontiguousarray(x, dtype=np.float32)
