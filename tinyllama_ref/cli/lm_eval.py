@@ -43,8 +43,10 @@ def lm_eval_command(checkpoint, tasks, include_path, num_fewshot, limit, seed, m
         from lm_eval.utils import handle_non_serializable, make_table
     except ImportError:
         raise GenerationError("lm-eval needs lm-evaluation-harness: pip install 'tinyllama-ref[eval]'") from None
+    from ..eval.batching import describe
     from ..eval.harness import TinyLlamaLM
     from ..eval.results import check_writable
+    from ..progress import Progress
     if resume and not output:
         raise GenerationError("--resume needs -o: its OUTPUT.requests.jsonl holds the answers to reuse")
     if output:
@@ -62,6 +64,17 @@ def lm_eval_command(checkpoint, tasks, include_path, num_fewshot, limit, seed, m
                      log_path=f"{output}.requests.jsonl" if output else None, resume=resume, quiet=quiet)
     if lm.log and lm.log.values:
         notice(quiet, f"resuming: {len(lm.log.values)} answers already in {lm.log.path}")
+    notice(quiet, describe(lm.tl_model, lm.batch_tokens))
+    bars, done = {}, {}
+
+    def progress(kind, n, total):
+        bar = bars.setdefault(kind, Progress(kind, total, enabled=not quiet, unit="requests"))
+        done[kind] = done.get(kind, 0) + n
+        bar.update(done[kind], total)
+        if done[kind] >= total:
+            bar.close()
+            del bars[kind], done[kind]
+    lm.on_progress = progress
     results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False, random_seed=seed,
                                       fewshot_random_seed=seed)

@@ -57,7 +57,8 @@ def default_batch_tokens(model):
     budget (the cache then pushes a few more layers out to disk, which many items per pass repay).
     """
     layers = model.layers
-    free = layers.budget - layers._fixed() - layers.resident_bytes()
+    fixed = getattr(layers, "_fixed", None)            # baseline, head and reservations (streaming.py)
+    free = layers.budget - (fixed() if fixed else 0) - layers.resident_bytes()
     if layers.n_resident < layers.n_layers:
         free = max(free - 2 * max(layers.file_bytes), layers.budget // 4)
     rows = int(0.8 * free) // bytes_per_row(model.cfg)
@@ -65,5 +66,7 @@ def default_batch_tokens(model):
 
 
 def describe(model, batch_tokens):
-    return (f"batches of up to {batch_tokens} token rows "
-            f"(KV cache up to {human(KV_FACTOR * batch_tokens * KVCache.bytes_needed(model.cfg.n_layers, 1, 1, model.cfg.n_kv_heads, model.cfg.head_dim))})")
+    """One line for a person: the batch size and the KV cache it may take."""
+    c = model.cfg
+    kv = KV_FACTOR * batch_tokens * KVCache.bytes_needed(c.n_layers, 1, 1, c.n_kv_heads, c.head_dim)
+    return f"batches of up to {batch_tokens} token rows (KV cache up to {human(kv)})"

@@ -63,7 +63,7 @@ class TinyLlamaLM(TemplateLM):
         self._max_length = int(max_length) if max_length else model.cfg.max_seq_len
         self._max_gen_toks = int(max_gen_toks)
         self.batch_tokens = int(batch_tokens) if batch_tokens else default_batch_tokens(model)
-        self.on_progress = None                 # on_progress(kind, done, total): the CLI's progress bar
+        self.on_progress = None                 # on_progress(kind, n_done_now, n_to_do): a progress bar
         self.log = None
         if log_path:
             settings = {"backend": model.backend, "gptq_mode": gptq_mode, "max_length": self._max_length,
@@ -174,6 +174,7 @@ class TinyLlamaLM(TemplateLM):
             ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
             plans.setdefault(json.dumps([max_gen, kwargs], sort_keys=True, default=str), []).append(
                 (r, ids, until, key))
+        n_todo = sum(len(todo) for todo in plans.values())
         for spec, todo in plans.items():
             max_gen, kwargs = json.loads(spec)
             params = SamplingParams(temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample")
@@ -200,7 +201,7 @@ class TinyLlamaLM(TemplateLM):
                 if self.log:
                     self.log.append(done)
                 if self.on_progress:
-                    self.on_progress("generate_until", len(done), len(requests))
+                    self.on_progress("generate_until", len(done), n_todo)
                 start = end
         return results
 
