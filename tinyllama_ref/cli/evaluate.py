@@ -6,6 +6,7 @@ With -o both write their per-item results as they go (a JSONL file, one batch at
 
 import json
 import os
+import sys
 import time
 
 import click
@@ -139,6 +140,15 @@ def score_prompts(parsed, num_fewshot, fewshot_file, seed):
     return fewshot_prompts(parsed, train, num_fewshot, seed), settings
 
 
+def show_record(r, as_json):
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        mark = "ok " if r["choice"] == r["answer"] else "no "
+        click.echo(f"{mark}item {r['item']}: chose {r['choice']} (norm {r['choice_norm']}), answer {r['answer']}")
+    sys.stdout.flush()
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.argument("items", type=click.Path())
@@ -201,10 +211,12 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, show_prom
                                       on_batch=on_batch):
                 writer.append(records)
             records = writer.records
-    else:
-        skipped = 0
-        records = [r for rs in iter_score(model, tok, parsed, batch_tokens, prompts, shared, on_batch=on_batch)
-                   for r in rs]
+    else:                                        # to stdout, a batch at a time
+        skipped, records = 0, []
+        for batch in iter_score(model, tok, parsed, batch_tokens, prompts, shared, on_batch=on_batch):
+            records += batch
+            for r in batch:
+                show_record(r, as_json)
     bar.close()
     seconds = time.perf_counter() - t0
     run_now = len(records) - skipped
@@ -214,14 +226,6 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, show_prom
     if output:
         notice(quiet, f"wrote {len(records)} item records to {output}"
                       + (f" ({skipped} were already there)" if skipped else ""))
-    else:
-        for r in records:
-            if as_json:
-                click.echo(json.dumps(r))
-            else:
-                mark = "ok " if r["choice"] == r["answer"] else "no "
-                click.echo(f"{mark}item {r['item']}: chose {r['choice']} (norm {r['choice_norm']}), "
-                           f"answer {r['answer']}")
     click.echo(json.dumps(summary) if as_json else
                f"accuracy {summary['accuracy']:.4f}, length-normalised {summary['accuracy_norm']:.4f} "
                f"over {summary['n_items']} items ({summary['items_per_second']} items/s)")

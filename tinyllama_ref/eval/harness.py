@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..errors import GenerationError
 from .batching import KV_FACTOR, default_batch_tokens, pack_longest_first
 from .prefix import Group
 from .results import KeyedLog, make_header
@@ -61,6 +62,9 @@ class TinyLlamaLM(TemplateLM):
         self.tokenizer = model.tokenizer
         self.add_bos_token = add_bos_token if isinstance(add_bos_token, bool) else str(add_bos_token) == "True"
         self._max_length = int(max_length) if max_length else model.cfg.max_seq_len
+        if not 2 <= self._max_length <= model.cfg.max_seq_len:
+            raise GenerationError(f"max_length must be between 2 and the model's context of "
+                                  f"{model.cfg.max_seq_len} tokens, got {self._max_length}")
         self._max_gen_toks = int(max_gen_toks)
         self.batch_tokens = int(batch_tokens) if batch_tokens else default_batch_tokens(model)
         self.on_progress = None                 # on_progress(kind, n_done_now, n_to_do): a progress bar

@@ -47,8 +47,11 @@ def item_groups(tokenizer, items, prompts=None, shared_prefix=True):
     Group per option (the same sequences, each run whole: for comparisons)."""
     prompts = prompts or [item_prompt(it) for it in items]
     groups = []
-    for item, prompt in zip(items, prompts):
-        ctx, conts = item_requests(tokenizer, item, prompt)
+    for n, (item, prompt) in enumerate(zip(items, prompts), 1):
+        try:
+            ctx, conts = item_requests(tokenizer, item, prompt)
+        except GenerationError as e:
+            raise GenerationError(f"item {n}: {e}") from None
         groups.append(Group(ctx, conts))
     if shared_prefix:
         return groups, [[i] for i in range(len(groups))]
