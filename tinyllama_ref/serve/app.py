@@ -11,7 +11,7 @@ Errors come out in the shape of the API that was called: {"error": {"message", "
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
@@ -49,6 +49,25 @@ def describe_validation(exc):
     return "; ".join(dict.fromkeys(parts)) or "invalid request"
 
 
+class CountResponses:
+    """Pure ASGI middleware counting responses by route and status. (Starlette's BaseHTTPMiddleware would
+    hide client disconnects from the routes, which need them to free a slot.)"""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                self.metrics.response(getattr(route, "path", "other"), message["status"])
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(state):
     @asynccontextmanager
     async def lifespan(app):
@@ -77,12 +96,7 @@ def create_app(state):
         response.status_code = exc.status_code
         return response
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.response(getattr(route, "path", "other"), response.status_code)
-        return response
+    app.add_middleware(CountResponses, metrics=state.metrics)
 
     @app.get("/health")
     async def health():

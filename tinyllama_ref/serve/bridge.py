@@ -7,11 +7,20 @@ the jobs are cancelled and the scheduler frees their slots at its next pass.
 """
 
 import asyncio
+import time
 from dataclasses import dataclass, field
+
+from starlette.responses import Response
 
 from .jobs import Failed, Finished, PromptDone, ServeError, Token
 
 DISCONNECT_POLL_SECONDS = 0.5
+
+
+def client_gone():
+    """The answer to a client that hung up: nobody reads it; its status (nginx's "client closed request")
+    shows in /metrics."""
+    return Response(status_code=499)
 
 
 @dataclass
@@ -47,13 +56,16 @@ class Events:
     async def stream(self, request=None):
         """Yield (job index, event) until every job has finished; raise ServeError when one fails."""
         open_jobs = len(self.jobs)
+        checked = time.monotonic()
         try:
             while open_jobs:
+                if request is not None and time.monotonic() - checked > DISCONNECT_POLL_SECONDS:
+                    checked = time.monotonic()           # tokens may arrive faster than the poll: look anyway
+                    if await request.is_disconnected():
+                        return
                 try:
                     k, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
                     continue
                 if isinstance(event, Failed):
                     raise ServeError(event.message, event.kind)

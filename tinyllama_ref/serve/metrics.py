@@ -73,7 +73,8 @@ class Metrics:
                     "# TYPE tinyllama_sequences_total counter"]
             out += [f'tinyllama_sequences_total{{finish_reason="{k}"}} {n}' for k, n in sorted(self.finished.items())]
             out += ["# HELP tinyllama_prompt_tokens_total Prompt tokens of finished sequences.",
-                    "# TYPE tinyllama_prompt_tokens_total counter", f"tinyllama_prompt_tokens_total {self.prompt_tokens}",
+                    "# TYPE tinyllama_prompt_tokens_total counter",
+                    f"tinyllama_prompt_tokens_total {self.prompt_tokens}",
                     "# HELP tinyllama_generated_tokens_total New tokens of finished sequences.",
                     "# TYPE tinyllama_generated_tokens_total counter",
                     f"tinyllama_generated_tokens_total {self.generated_tokens}",

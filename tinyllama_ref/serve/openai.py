@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import TinyLlamaError
 from ..sampling import SamplingParams
 from ..templates import encode_chat, stop_conditions
-from .bridge import Events
-from .jobs import Finished, Job, PromptDone, ServeError, Token
+from .bridge import Events, client_gone
+from .jobs import Finished, Job, ServeError, Token
 from .server import token_pieces, token_text
 
 DEFAULT_MAX_TOKENS = 16               # the legacy completions API's default
@@ -211,7 +211,7 @@ async def completions(body: CompletionRequest, request: Request):
         return StreamingResponse(lines(), media_type="text/event-stream")
     results = await events.collect(request)
     if results is None:
-        return None
+        return client_gone()
     choices = [completion_choice(state, j, r, i, body.echo, k) for i, (j, r) in enumerate(zip(jobs, results))]
     return {**head, "choices": choices, "usage": usage(jobs, results)}
 
@@ -279,7 +279,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         return StreamingResponse(lines(), media_type="text/event-stream")
     results = await events.collect(request)
     if results is None:
-        return None
+        return client_gone()
     choices = [{"index": i, "message": {"role": "assistant", "content": r.finished.text}, "logprobs": None,
                 "finish_reason": FINISH[r.finished.finish_reason]} for i, r in enumerate(results)]
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage(jobs, results)}

@@ -13,13 +13,13 @@ import json
 from typing import List, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..errors import TinyLlamaError
 from ..sampling import SamplingParams
-from .bridge import Events
+from .bridge import Events, client_gone
 from .jobs import Finished, Job, PromptDone, ServeError, Token
 from .server import token_pieces
 
@@ -128,7 +128,7 @@ async def generate_answer(state, body, request):
     scheduler.submit([job])
     results = await events.collect(request)
     if results is None:
-        return None
+        return client_gone()
     r = results[0]
     out = {"generated_text": full_text(body, r.finished.text)}
     if body.parameters.details:
@@ -178,6 +178,7 @@ async def generate(body: GenerateRequest, request: Request):
     return await generate_answer(state_of(request), body, request)
 
 
+
 @router.post("/generate_stream")
 async def generate_stream(body: GenerateRequest, request: Request):
     return await stream_answer(state_of(request), body, request)
@@ -189,7 +190,7 @@ async def compat_generate(body: GenerateRequest, request: Request):
     if body.stream:
         return await stream_answer(state, body, request)
     out = await generate_answer(state, body, request)
-    return JSONResponse([out])
+    return out if isinstance(out, Response) else JSONResponse([out])
 
 
 @router.get("/info")
