@@ -150,3 +150,25 @@ def test_packers_respect_the_limits_and_orders():
     # Hand-counted: group 0 computes 29 context rows + 3 + 4 option rows; its longest sequence is 29 + 4.
     assert (groups[0].rows(), groups[0].longest()) == (36, 33)
     assert groups[1].rows() == 4 + 1 and not groups[1].shared
+
+
+@pytest.fixture(scope="module")
+def gptq_model(tmp_path_factory):
+    from tinyllama_ref.make.synth import synthesize
+    out = str(tmp_path_factory.mktemp("eval_prefix_gptq") / "tiny")
+    synthesize(out, preset="tiny", bits=4, group_size=32, act_order=True, quiet=True)
+    return tinyllama_ref.load(out, backend="numba")
+
+
+def test_gptq_numba_packed_and_shared_equal_one_sequence_at_a_time(gptq_model):
+    """The GPTQ kernels take other paths for few rows (GEMV) and many (prefill slabs): the batch shapes
+    must not change the answers beyond float32 rounding."""
+    from tinyllama_ref.evaluate import score_item
+    tok = gptq_model.tokenizer
+    want = [score_item(gptq_model, tok, item) for item in ITEMS]
+    for batch_tokens in (1, 100000):
+        for shared in (True, False):
+            got = score_items(gptq_model, tok, ITEMS, batch_tokens=batch_tokens, shared_prefix=shared)
+            for w, g in zip(want, got):
+                np.testing.assert_allclose(g["loglik"], w["loglik"], rtol=1e-5)
+                assert g["is_greedy"] == w["is_greedy"] and g["choice"] == w["choice"]
