@@ -66,9 +66,9 @@ def item_groups(tokenizer, items, prompts=None, shared_prefix=True):
 def plan_items(model, tokenizer, items, batch_tokens=None, prompts=None, shared_prefix=True):
     """(groups, owners, batches of item indices): consecutive items per batch, so records come out in order."""
     groups, owners = item_groups(tokenizer, items, prompts, shared_prefix)
-    check_fits(model, groups, "item")
-    batch_tokens = batch_tokens or default_batch_tokens(model)
-    batches = pack_in_order([_ItemCost([groups[g] for g in own]) for own in owners], batch_tokens)
+    costs = [_ItemCost([groups[g] for g in own]) for own in owners]
+    check_fits(model, costs, "item")
+    batches = pack_in_order(costs, batch_tokens or default_batch_tokens(model))
     return groups, owners, batches
 
 
