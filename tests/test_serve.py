@@ -165,6 +165,22 @@ def test_seeded_sampling_reproduces_and_reports_seed(server, tgi):
     assert again.generated_text == unseeded.generated_text
 
 
+def test_stop_sequences_cut_the_text(server, tgi, greedy_texts):
+    prompt = PROMPTS[5]
+    free = greedy_texts[prompt]
+    if len(free) < 6:
+        pytest.skip("the random model's text is too short to cut")
+    stop = free[3:5]
+    cut = free[:free.find(stop)]
+    out = tgi.text_generation(prompt, max_new_tokens=NEW, stop=[stop], details=True)
+    assert out.generated_text == cut and out.details.finish_reason == "stop_sequence"
+    streamed = list(tgi.text_generation(prompt, max_new_tokens=NEW, stop=[stop], stream=True))
+    assert "".join(streamed) == cut
+    choice = oai(server).completions.create(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0,
+                                            stop=stop).choices[0]
+    assert choice.text == cut and choice.finish_reason == "stop"
+
+
 def test_endpoint_info_and_health(server, tgi):
     from huggingface_hub import InferenceClient
     client = InferenceClient(server, provider="hf-inference")   # huggingface_hub 1.x+ asks for the provider here

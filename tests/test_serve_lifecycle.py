@@ -165,3 +165,19 @@ def test_long_prefill_is_interleaved_with_decoding(ckpt):
         assert done.token_ids == model.generate(j.prompt_ids, max_new_tokens=j.max_new_tokens, stop_ids=[])
     assert sch.free and sorted(sch.free) == [0, 1]
     sch.cache.close()
+
+
+def test_kv_cache_for_every_slot_is_reserved_in_the_budget(ckpt):
+    from tinyllama_ref.errors import MemoryBudgetError
+    from tinyllama_ref.kvcache import KVCache
+    from tinyllama_ref.memory import current_rss
+    from tinyllama_ref.serve.scheduler import Scheduler
+    model = tinyllama_ref.load(ckpt, backend="numpy", max_memory=str(current_rss() + 150 * 10**6))
+    c = model.cfg
+    per_slot = KVCache.bytes_needed(c.n_layers, 1, c.max_seq_len, c.n_kv_heads, c.head_dim)   # 1 MB here
+    with pytest.raises(MemoryBudgetError):
+        Scheduler(model, max_batch=int(200 * 10**6 // per_slot))       # 200 MB of cache cannot fit
+    sch = Scheduler(model, max_batch=4)                                # a small one can
+    assert sch.cache.nbytes >= 4 * per_slot
+    assert sum(v for k, v in model.layers.reserved.items() if k.startswith("KV cache")) >= sch.cache.nbytes
+    sch.cache.close()
