@@ -195,7 +195,7 @@ class TinyLlamaLM(TemplateLM):
                 stopper = TextStopper(self.tokenizer, len(batch), sorted({u for _, _, until, _ in batch
                                                                          for u in until if u}))
                 outs = run(self.tl_model, [ids for _, ids, _, _ in batch], max_gen, Sampler(params),
-                           {self.eot_token_id}, on_step=stopper)
+                           set(self.tokenizer.eos_ids), on_step=stopper)
                 done = []
                 for (r, ids, until, key), c in zip(batch, outs):
                     text = postprocess_generated_text(self.tok_decode(c.token_ids), until, None)
