@@ -213,6 +213,21 @@ def quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result=None, p
     return out, results, errors
 
 
+def write_layer(writer, ckpt, i, results, bits, checkpoint_format):
+    """Append layer i to the output: its two norms (fp16, from the dense file), then each linear's packed
+    tensors in the order output_plan announced."""
+    p = f"model.layers.{i}."
+    for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        writer.write(p + norm, as_fp16(ckpt, p + norm))
+    for stage in STAGES:
+        for key in stage:
+            r, name = results[key], p + LINEARS[key][0]
+            writer.write(name + ".qweight", pack_columns(r.codes, bits))
+            writer.write(name + ".qzeros", pack_zeros(stored_zeros(r.zeros, bits, checkpoint_format), bits))
+            writer.write(name + ".scales", r.scales)
+            writer.write(name + ".g_idx", r.g_idx)
+
+
 def read_stored_layer(writer, cfg, i, bits, checkpoint_format):
     """Layer i's quantized linears as float32 [out, in], dequantized from the tensors a resumed file holds
     (the same values GPTQResult.dequantize gave when they were written: fp16 scale x small integer is exact)."""
@@ -349,16 +364,7 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
             dense = read_dense_layer(ckpt, cfg, i)
             x, results, errors[i] = quantize_layer(x, lengths, dense, cfg, cos, sin, settings, on_result,
                                                    progress, i)
-            p = f"model.layers.{i}."
-            writer.write(p + "input_layernorm.weight", as_fp16(ckpt, p + "input_layernorm.weight"))
-            writer.write(p + "post_attention_layernorm.weight", as_fp16(ckpt, p + "post_attention_layernorm.weight"))
-            for stage in STAGES:
-                for key in stage:
-                    r, name = results[key], p + LINEARS[key][0]
-                    writer.write(name + ".qweight", pack_columns(r.codes, bits))
-                    writer.write(name + ".qzeros", pack_zeros(stored_zeros(r.zeros, bits, checkpoint_format), bits))
-                    writer.write(name + ".scales", r.scales)
-                    writer.write(name + ".g_idx", r.g_idx)
+            write_layer(writer, ckpt, i, results, bits, checkpoint_format)
             del dense, results
             progress.close(f"done, worst output error {max(errors[i].values()):.2e}")
         writer.write("model.norm.weight", as_fp16(ckpt, "model.norm.weight"))
