@@ -84,3 +84,16 @@ def test_fewshot_scores_equal_transformers_one_option_at_a_time(tmp_path_factory
                 - logits.max(-1, keepdims=True)
             want = sum(logp[t - 1, whole[t]] for t in range(len(ctx), len(whole)))
             assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_same_demonstrations_for_every_item_skip_the_test_questions():
+    items = [TRAIN[0], Item("Is aspirin an NSAID?", ["yes", "no"], 0)]
+    prompts = fewshot_prompts(items, TRAIN[:3], 2, seed=1, same=True)      # TRAIN[0] is a test question
+    head = "A short passage.\nQuestion: Cough is a symptom of?\nAnswer: flu\n\n" \
+           "Question: Which organ filters blood?\nAnswer: kidney\n\n"
+    other_order = "Question: Which organ filters blood?\nAnswer: kidney\n\n" \
+                  "A short passage.\nQuestion: Cough is a symptom of?\nAnswer: flu\n\n"
+    assert prompts[0][:len(head)] in (head, other_order)
+    assert [p[:len(head)] for p in prompts] == [prompts[0][:len(head)]] * 2
+    assert prompts[1].endswith("\n\nQuestion: Is aspirin an NSAID?\nAnswer:")
+    assert prompts[0].endswith("\n\nQuestion: What treats a bacterial fever?\nAnswer:")

@@ -172,3 +172,35 @@ def test_gptq_numba_packed_and_shared_equal_one_sequence_at_a_time(gptq_model):
             for w, g in zip(want, got):
                 np.testing.assert_allclose(g["loglik"], w["loglik"], rtol=1e-5)
                 assert g["is_greedy"] == w["is_greedy"] and g["choice"] == w["choice"]
+
+
+def test_common_prefix_hand_cases():
+    from tinyllama_ref.eval.prefix import common_prefix
+    assert common_prefix([Group([1, 2, 3, 4], [[5]]), Group([1, 2, 3, 9, 9], [[5]])]) == 3
+    assert common_prefix([Group([1, 2, 3], [[5]]), Group([1, 2, 3, 4, 5], [[5]])]) == 2   # keeps a last token
+    assert common_prefix([Group([1, 2], [[5]])]) == 0                                     # one group: none
+    assert common_prefix([Group([7, 2], [[5]]), Group([1, 2], [[5]])]) == 0
+
+
+def test_common_prefix_of_a_batch_runs_once_and_changes_nothing(model, reference, monkeypatch):
+    """Few-shot prompts with the same demonstrations: the shared start runs once (pass 0), then each group
+    continues from a fork of it; one group's context is exactly the common prefix plus one token, another
+    has a single continuation. Scores equal transformers on the whole sequences."""
+    from tinyllama_ref.eval.prefix import MIN_COMMON
+    tok = model.tokenizer
+    demos = tok.encode("Question: What treats a bacterial fever?\nAnswer: antibiotics\n\n" * 3, add_bos=True)
+    assert len(demos) > MIN_COMMON
+    groups = [Group(demos + tok.encode("Question: Is aspirin an NSAID?\nAnswer:", add_bos=False),
+                    [tok.encode(" yes", add_bos=False), tok.encode(" no, it is not", add_bos=False)]),
+              Group(demos + [42], [[7, 8], [9]]),
+              Group(demos + tok.encode("Question: Renal?", add_bos=False), [[11, 12, 13]])]
+    calls = []
+    forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda chunks, *a, **k: calls.append(
+        [len(c) for c in chunks]) or forward(chunks, *a, **k))
+    got = score_groups(model, groups)
+    assert calls[0] == [len(demos)] and len(calls) == 3                 # pass 0: the demonstrations, once
+    for group, scores in zip(groups, got):
+        for cont, (loglik, greedy) in zip(group.continuations, scores):
+            want = reference(group.context, cont)
+            assert loglik == pytest.approx(want[0], rel=1e-5, abs=1e-5) and greedy == want[1]

@@ -124,7 +124,7 @@ def perplexity(checkpoint, file, context, stride, as_json, output, resume, batch
                    f"({result['tokens_per_second']:.1f} tokens/s)")
 
 
-def score_prompts(parsed, num_fewshot, fewshot_file, seed):
+def score_prompts(parsed, num_fewshot, fewshot_file, seed, same=False):
     """Each item's prompt (few-shot demonstrations first), and the settings that made them."""
     from ..eval.fewshot import fewshot_prompts
     from ..eval.results import file_sha256
@@ -136,8 +136,8 @@ def score_prompts(parsed, num_fewshot, fewshot_file, seed):
     train = read_items(fewshot_file) if num_fewshot else []
     settings = {"num_fewshot": num_fewshot}
     if num_fewshot:
-        settings.update(fewshot_sha256=file_sha256(fewshot_file), seed=seed)
-    return fewshot_prompts(parsed, train, num_fewshot, seed), settings
+        settings.update(fewshot_sha256=file_sha256(fewshot_file), seed=seed, same_demonstrations=same)
+    return fewshot_prompts(parsed, train, num_fewshot, seed, same), settings
 
 
 def show_record(r, as_json):
@@ -157,12 +157,14 @@ def show_record(r, as_json):
               help="Solved examples from --fewshot-file shown before each question.")
 @click.option("--fewshot-file", type=click.Path(), default=None, help="JSONL items the demonstrations come from.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which demonstrations each item gets.")
+@click.option("--same-demonstrations", is_flag=True,
+              help="The same demonstrations for every item (their tokens then run once per batch).")
 @click.option("--show-prompt", is_flag=True, help="Print the first item's prompt and options as scored, then stop.")
 @click.option("--no-shared-prefix", is_flag=True, help="Run every option's whole sequence (for comparisons).")
 @resumable_options
 @model_options
-def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, show_prompt, no_shared_prefix, output,
-          resume, batch_tokens, backend, max_memory, quiet, gptq_mode):
+def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demonstrations, show_prompt,
+          no_shared_prefix, output, resume, batch_tokens, backend, max_memory, quiet, gptq_mode):
     """Multiple-choice accuracy: each option scored by its log-likelihood after the question.
 
     ITEMS is JSONL, one {"question", "options", "answer"} per line (answer: the right option's index, text
@@ -184,7 +186,7 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, show_prom
     from ..eval.runner import batch_starts, iter_score
     from ..evaluate import accuracy_summary, read_items
     parsed = read_items(items)
-    prompts, prompt_settings = score_prompts(parsed, num_fewshot, fewshot_file, seed)
+    prompts, prompt_settings = score_prompts(parsed, num_fewshot, fewshot_file, seed, same_demonstrations)
     if show_prompt:
         click.echo(prompts[0], nl=False)
         click.echo("\n--- scored continuations (each after the text above, leading space included):")
