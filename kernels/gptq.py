@@ -35,7 +35,7 @@ from numba import njit, prange
 from .compile_note import announce_if_cold
 from .gptq_gemv import gemv
 from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
-from .gptq_passes import unit_shape
+from .gptq_passes import or_code_u32, unit_shape
 from .gptq_prefill import dequantize_slab
 from .slabs import run_slabs
 
@@ -93,6 +93,33 @@ def repack_rows(qw, perm, bits, new_qw):
                 dst0[j] |= np.uint32(placed & 0xFFFFFFFF)
                 if spill:
                     dst1[j] |= np.uint32(placed >> 32)
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def repack_words(qw, perm, bits, new_qw):
+    """repack_rows for 2, 4 and 8 bits, where every code lies inside one word: each new word is assembled
+    from its 32 // bits source codes in a row buffer (32-bit lanes, 16 columns per instruction) and written
+    once. Measured on the 7B shapes: about 10x faster than repack_rows, which matters because every resident
+    act-order layer is repacked when a process first uses it (7B: 224 matrices)."""
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    n_out = qw.shape[1]
+    strip = 256                          # the strip's source rows (in x 1 KB / per_word) stay in L2
+    for c in prange((n_out + strip - 1) // strip):
+        c0 = c * strip
+        cw = min(n_out, c0 + strip) - c0
+        buf = np.empty(cw, dtype=np.uint32)
+        for dw in range(new_qw.shape[0]):
+            buf[:] = 0
+            for k in range(per_word):
+                src = perm[dw * per_word + k]
+                if src < 0:
+                    continue
+                pos = src * bits
+                row = qw[pos >> 5, c0:c0 + cw]
+                for j in range(np.uint64(cw)):
+                    buf[j] = or_code_u32(buf[j], row[j], pos & 31, mask, k * bits)
+            new_qw[dw, c0:c0 + cw] = buf
 
 
 @dataclass(repr=False)
@@ -178,7 +205,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     """
-    announce_if_cold([gemv, dequantize_slab, repack_rows, gemv_inplace, dequantize_slab_inplace], "GPTQ kernels")
+    announce_if_cold([gemv, dequantize_slab, repack_words, gemv_inplace, dequantize_slab_inplace], "GPTQ kernels")
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
     zero_add = 1 if checkpoint_format == "gptq" else 0
@@ -218,7 +245,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     seg_group = np.flatnonzero(keep).astype(np.int64)                        # [S] non-empty groups
     seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
     new_qw = np.zeros((int(units.sum()) * unit_words, n_out), dtype=np.uint32)   # [R2, out]
-    repack_rows(qw, perm, bits, new_qw)
+    (repack_rows if bits == 3 else repack_words)(qw, perm, bits, new_qw)   # 3 bits: codes straddle words
     gather = np.where(perm >= 0, perm, n_in)                                 # [padded] see permute_x
     return SegmentsPlan(bits=bits, qw=new_qw, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
                         seg_group=seg_group, scales=scales.view(np.uint16),

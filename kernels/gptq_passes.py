@@ -101,6 +101,19 @@ def shift_right_u32(typingctx, word, shift):
 
 
 @intrinsic
+def or_code_u32(typingctx, acc, word, shift, mask, to):
+    """acc | (((word >> shift) & mask) << to) on 32-bit unsigned lanes: move one packed code to another bit
+    offset (kernels/gptq.py's repack), without Numba's widening to 64 bits."""
+    if not all(isinstance(a, types.Integer) for a in (acc, word, shift, mask, to)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a, w, s, m, t = (_i32(builder, v) for v in args)
+        return builder.or_(a, builder.shl(builder.and_(builder.lshr(w, s), m), t))
+    return types.uint32(acc, word, shift, mask, to), codegen
+
+
+@intrinsic
 def prefetch_row(typingctx, arr, row, col):
     """Hint the CPU to load the cache line holding arr[row, col] of a 2-D array (llvm.prefetch: read, keep in
     all cache levels, data). A hint only: never faults, so the caller need not stop exactly at the end."""

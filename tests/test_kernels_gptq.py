@@ -196,3 +196,19 @@ def test_blas_thread_count_is_restored():
     with slabs.single_threaded_blas() as ok:
         assert ok and api[0]() == 1
     assert api[0]() == before
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_repack_moves_every_code_to_its_sorted_row(bits):
+    """The load-time repack (repack_words for 2/4/8 bits, repack_rows for 3) against NumPy: unpack the codes,
+    take rows in perm's order (a zero code for padding), pack again."""
+    rng = np.random.default_rng(bits)
+    n_in, n_out = 96, 300                                    # 300 columns: one whole 256-column strip and a part
+    codes = rng.integers(0, 1 << bits, size=(n_in, n_out))
+    qw = quant.pack_columns(codes, bits).view(np.uint32)
+    perm = np.concatenate([rng.permutation(n_in), np.full(32, -1)]).astype(np.int64)   # 128 rows, 32 padding
+    rng.shuffle(perm)
+    expected = np.where(perm[:, None] >= 0, codes[np.maximum(perm, 0)], 0)             # [128, out]
+    new_qw = np.zeros((128 * bits // 32, n_out), dtype=np.uint32)
+    (gptq.repack_rows if bits == 3 else gptq.repack_words)(qw, perm, bits, new_qw)
+    np.testing.assert_array_equal(new_qw, quant.pack_columns(expected, bits).view(np.uint32))
