@@ -45,12 +45,15 @@ def lm_eval_command(checkpoint, tasks, include_path, num_fewshot, limit, seed, m
         raise GenerationError("lm-eval needs lm-evaluation-harness: pip install 'tinyllama-ref[eval]'") from None
     from ..eval.batching import describe
     from ..eval.harness import TinyLlamaLM
-    from ..eval.results import check_writable
+    from ..eval.results import ResumeError, check_writable
     from ..progress import Progress
     if resume and not output:
         raise GenerationError("--resume needs -o: its OUTPUT.requests.jsonl holds the answers to reuse")
     if output:
         check_writable(output)
+        if os.path.exists(f"{output}.requests.jsonl") and not resume:       # before the slow task index
+            raise ResumeError(f"{output}.requests.jsonl already exists: add --resume to continue it, or remove "
+                              "it to start over")
     if include_path and not os.path.isdir(include_path):
         raise GenerationError(f"--include-path {include_path}: not a directory")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
