@@ -1,0 +1,58 @@
+"""Joining a Ray cluster: the one started with `ray start` (docs/distributed.md), or a local one.
+
+Ray is an optional extra (`pip install 'tinyllama-ref[distributed]'`); nothing else in the package imports it.
+"""
+
+from ..errors import TinyLlamaError
+
+
+class DistributedError(TinyLlamaError):
+    """Ray is missing or unreachable, or a worker or stage failed in a way a retry cannot fix."""
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise DistributedError("Ray is not installed: pip install 'tinyllama-ref[distributed]' (on every "
+                               "node of the cluster)") from None
+    return ray
+
+
+def connect(address="auto"):
+    """Join the cluster at `address` ("HOST:6379", "ray://HOST:10001"), or with "auto" the cluster this
+    machine belongs to (`ray start`), else start a private one on 127.0.0.1 for this process. Idempotent."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    if address in (None, "", "auto"):
+        try:
+            ray.init(address="auto", log_to_driver=False)
+        except ConnectionError:
+            # No cluster here: a local one bound to the loopback interface, gone when this process ends.
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        return ray
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise DistributedError(f"cannot join the Ray cluster at {address!r} ({e}); start it with "
+                               "`ray start --head` (see docs/distributed.md) or use --ray auto") from None
+    return ray
+
+
+def use_cpus(cpus):
+    """Run this actor's kernels on the cores Ray reserved for it. Ray sets OMP_NUM_THREADS (BLAS) to the
+    actor's num_cpus; Numba's pool is sized to the machine, so it is capped here. (Results depend on the
+    thread count in the last bits: a worker with C cores matches one process running with C threads.)
+    Numba's count is per calling thread, so this is called at the start of every method that computes."""
+    try:
+        import numba
+    except ImportError:                                  # numpy backend on a node without numba
+        return
+    numba.set_num_threads(max(1, min(int(cpus), numba.config.NUMBA_NUM_THREADS)))
+
+
+def remote_error(error):
+    """The TinyLlamaError inside a Ray task error (so the CLI prints its one line), else the error itself."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, TinyLlamaError) else error

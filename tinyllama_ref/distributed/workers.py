@@ -1,0 +1,56 @@
+"""A data-parallel worker: a Ray actor that loads the checkpoint once and runs units of work on it.
+
+Every node reads the checkpoint from the same path (a shared filesystem, or a copy at the same place on
+each machine) and keeps its own memory budget: one worker is one `tinyllama_ref.load(...)` on its node.
+
+A unit of work is a plain function `work(model, items, start) -> one result per item` (start: where the items
+begin in the whole input), picklable: defined at module level, or a functools.partial of one: see tasks.py for the ones the commands use.
+"""
+
+import os
+import socket
+
+from ..errors import TinyLlamaError
+from .cluster import use_cpus
+
+
+class Worker:
+    """The actor's class (wrapped with ray.remote by start_worker). A load error is kept, not raised, so the
+    actor stays up to report it: a constructor that raises would only show as a dead actor."""
+
+    def __init__(self, path, backend, max_memory, gptq_mode, cpus=1):
+        import tinyllama_ref
+        self.error, self.cpus = None, cpus
+        use_cpus(cpus)
+        try:
+            self.model = tinyllama_ref.load(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode)
+        except TinyLlamaError as e:
+            self.error = type(e)(f"worker on {socket.gethostname()}: {e}")
+
+    def ready(self):
+        """Where this worker runs (host, pid), once its model is loaded; raises its load error."""
+        if self.error is not None:
+            raise self.error
+        return socket.gethostname(), os.getpid()
+
+    def run(self, work, items, start):
+        """work(model, items, start): the results of items[start:start + len(items)] of the whole input."""
+        if self.error is not None:
+            raise self.error
+        use_cpus(self.cpus)
+        return list(work(self.model, items, start))
+
+    def call(self, fn):
+        """fn(model) on this worker's model: a question about it (its default batch size, its budget)."""
+        if self.error is not None:
+            raise self.error
+        return fn(self.model)
+
+
+def start_worker(path, backend="numba", max_memory=None, gptq_mode="exact", cpus=1):
+    """A new Worker actor (it loads in the background). SPREAD puts workers on different nodes first, so
+    each uses its own machine's cores and memory; Ray never restarts it: the runner starts a replacement."""
+    import ray
+    actor = ray.remote(Worker).options(num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD")
+    return actor.remote(path, backend, max_memory, gptq_mode, cpus)
+
