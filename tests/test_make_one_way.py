@@ -20,7 +20,7 @@ from gptq_packer import make_layer
 from quantize_helpers import make_trained_llama, pattern_corpus
 from tinyllama_ref import quant
 from tinyllama_ref.cli import main
-from tinyllama_ref.errors import QuantError, TinyLlamaError
+from tinyllama_ref.errors import CheckpointError, QuantError, TinyLlamaError
 from tinyllama_ref.make.quantize import PARTIAL, quantize_checkpoint
 from tinyllama_ref.make.safetensors_writer import SafetensorsWriter, TensorSpec
 from tinyllama_ref.memory import human, parse_size
@@ -190,6 +190,16 @@ def test_quantize_refuses_a_directory_with_anything_else_in_it(dense, tmp_path):
     with pytest.raises(TinyLlamaError, match="not empty .*notes.txt"):
         quantize_checkpoint(dense, str(out), CALIBRATION, bits=4, group_size=32)
     assert sorted(os.listdir(out)) == sorted([PARTIAL, "notes.txt"])      # nothing was touched
+
+
+def test_quantize_checks_the_disk_before_it_starts(dense, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**5, 10**5))
+    with pytest.raises(CheckpointError, match=r"needs \d+\.\d MB, only 100\.0 kB free on "):
+        quantize_checkpoint(dense, str(tmp_path / "out"), CALIBRATION, bits=4, group_size=32)
+    assert os.listdir(tmp_path) == []                                      # not even OUT was created
 
 
 # -- one progress line, one byte formatter ---------------------------------------------------------------------

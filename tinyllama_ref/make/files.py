@@ -8,6 +8,11 @@ import json
 import os
 import shutil
 
+from ..errors import CheckpointError
+from ..memory import human
+
+SMALL_FILES_ALLOWANCE = 8 * 1024 * 1024   # tokenizer.model and the JSON files (about 0.5 MB in practice)
+
 
 def partial_path(path):
     directory, base = os.path.split(path)
@@ -21,6 +26,19 @@ def write_json(path, data):
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
     os.replace(partial, path)
+
+
+def check_free_space(out_dir, needed, hint):
+    """Refuse before writing anything when the filesystem that will hold out_dir has fewer than `needed`
+    bytes free; `hint` says what else the user can do."""
+    where = os.path.abspath(out_dir)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise CheckpointError(f"{out_dir}: the checkpoint needs {human(needed)}, only {human(free)} free on "
+                              f"{where}; free some space, choose another directory, or {hint}")
+    return free
 
 
 def copy_file(source, path):

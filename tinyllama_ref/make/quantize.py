@@ -41,10 +41,10 @@ from ..progress import Progress
 from ..quant import SUPPORTED_BITS, QuantConfig, dequantize, pack_columns, pack_zeros, stored_zeros
 from ..tokenizer import Tokenizer
 from ..weights import LINEARS, embedding_info
-from .files import copy_file, write_json
+from .files import SMALL_FILES_ALLOWANCE, check_free_space, copy_file, write_json
 from .gptq import gptq_quantize, hessian
 from .layout import gptq_linear_specs, quantization_block, safetensors_metadata
-from .safetensors_writer import SafetensorsWriter, TensorSpec
+from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
 
 PARTIAL = "model.safetensors.partial"     # what an interrupted run leaves in OUT (and nothing else)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -258,9 +258,10 @@ def read_dense_layer(ckpt, cfg, i):
 
 # -- the driver ---------------------------------------------------------------------------------------------
 
-def prepare_out_dir(out_dir, dense_dir):
+def prepare_out_dir(out_dir, dense_dir, nbytes):
     """Create OUT, or accept one that is empty or holds only what an interrupted run left (model.safetensors.
-    partial, which the writer resumes or overwrites, and hidden .partial-* files, which are removed)."""
+    partial, which the writer resumes or overwrites, and hidden .partial-* files, which are removed). First
+    refuse when the disk lacks room for the nbytes of model.safetensors and the small files."""
     if os.path.abspath(out_dir) == os.path.abspath(dense_dir):
         raise TinyLlamaError("OUT must be a new directory, not the dense checkpoint itself")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -270,6 +271,8 @@ def prepare_out_dir(out_dir, dense_dir):
     if others:
         raise TinyLlamaError(f"{out_dir}: directory exists and is not empty (it holds {sorted(others)[0]}); "
                              "choose a new output directory")
+    reused = os.path.getsize(os.path.join(out_dir, PARTIAL)) if PARTIAL in left else 0   # overwritten in place
+    check_free_space(out_dir, nbytes + SMALL_FILES_ALLOWANCE - reused, "use fewer bits or a larger group size")
     os.makedirs(out_dir, exist_ok=True)
     for name in left:
         if name != PARTIAL:
@@ -324,16 +327,16 @@ def quantize_checkpoint(dense_dir, out_dir, calibration, bits=4, group_size=128,
     seqs = check_calibration(calibration, cfg, seq_len, n_samples)
     if not seqs:
         raise TinyLlamaError("no calibration sequences")
-    interrupted = prepare_out_dir(out_dir, dense_dir)
-    log = (lambda text: None) if quiet else (lambda text: (progress_stream or sys.stderr).write(text + "\n"))
-
     settings = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp_percent=damp_percent)
     metadata = safetensors_metadata(qc, quantized_by="tinyllama-ref quantize",
                                     calibration_sha256=run_fingerprint(ckpt, seqs, settings, checkpoint_format))
     plan = output_plan(ckpt, cfg, bits, group_size)
+    partial = os.path.join(out_dir, PARTIAL)
+    interrupted = prepare_out_dir(out_dir, dense_dir, file_size(plan, metadata, order="given"))
+    log = (lambda text: None) if quiet else (lambda text: (progress_stream or sys.stderr).write(text + "\n"))
     errors = {}
     with SafetensorsWriter(os.path.join(out_dir, "model.safetensors"), plan, metadata, order="given",
-                           partial=os.path.join(out_dir, PARTIAL), keep_partial=True, resume=True) as writer:
+                           partial=partial, keep_partial=True, resume=True) as writer:
         held, resume_at = layers_held(plan, writer.resumed, cfg.n_layers)
         writer.rewind(resume_at)
         if held:

@@ -38,18 +38,16 @@ import numpy as np
 
 from ..config import preset as get_preset
 from ..errors import CheckpointError, ConfigError
-from ..memory import human
 from ..progress import Progress
 from ..quant import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantConfig, pack_zeros, stored_zeros
 from ..weights import LINEARS
-from .files import write_json
+from .files import SMALL_FILES_ALLOWANCE, check_free_space, write_json
 from .layout import gptq_linear_specs, quantization_block, safetensors_metadata
 from .safetensors_writer import SafetensorsWriter, TensorSpec, file_size
 from .tokenizer_files import write_tokenizer_files
 
 GAIN = 0.8                         # std of a dequantized weight times sqrt(in_features)
 CHUNK_BYTES = 64 * 1024 * 1024     # generate and write tensors in slabs of about this size
-SMALL_FILES_ALLOWANCE = 8 * 1024 * 1024   # tokenizer.model and the JSON files (about 0.5 MB in practice)
 DENSE_DTYPES = {"fp16": "F16", "bf16": "BF16"}
 TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16"}
 LLAMA_SENTENCEPIECE_VOCAB = 32000  # Llama-2's tokenizer.model; Meditron's extra embedding rows have no piece
@@ -276,24 +274,13 @@ def config_json(cfg, qc, float_dtype):
     return hf
 
 
-GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True,
-                     "temperature": 0.6, "top_p": 0.9, "max_length": 4096}
+# Greedy by default (do_sample false), so the README's first command prints the same text every run;
+# --temperature / --seed turn sampling on.
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False,
+                     "max_length": 4096}
 
 
 # -- disk space ----------------------------------------------------------------------------------------------
-
-def check_free_space(out_dir, needed):
-    """Refuse before writing anything when the filesystem that will hold out_dir has too little room."""
-    where = os.path.abspath(out_dir)
-    while not os.path.exists(where):
-        where = os.path.dirname(where)
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise CheckpointError(f"{out_dir}: the checkpoint needs {human(needed)}, only {human(free)} "
-                              f"free on {where}; free some space, choose another directory, or write fewer "
-                              "layers with --layers N")
-    return free
-
 
 # -- the writer ----------------------------------------------------------------------------------------------
 
@@ -351,7 +338,7 @@ def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, s
     names = shard_names(shards)
     metadata = safetensors_metadata(qc)
     sizes = [file_size([p.spec for p in part], metadata) for part in parts]
-    check_free_space(out_dir, sum(sizes) + SMALL_FILES_ALLOWANCE)
+    check_free_space(out_dir, sum(sizes) + SMALL_FILES_ALLOWANCE, "write fewer layers with --layers N")
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"{out_dir}: directory is not empty; synth writes into a new or empty directory "
