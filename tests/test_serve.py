@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -33,17 +34,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def die_with_parent():
+    """Linux: the server gets SIGTERM if the test process dies, so no server outlives its test run."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def start_server(ckpt, *args, backend="numba", timeout=180):
-    """Start `tinyllama-ref serve` on a free localhost port and wait for /health; (process, base url)."""
+    """Start `tinyllama-ref serve` on a free localhost port and wait for /health; (process, base url).
+    Its stderr goes to a file (a pipe nobody reads could fill up and stall it): stop_server returns it."""
     port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "tinyllama_ref", "serve", ckpt, "--port", str(port),
                              "--backend", backend, *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=die_with_parent)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {read_log(proc)}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
@@ -54,16 +67,22 @@ def start_server(ckpt, *args, backend="numba", timeout=180):
     raise RuntimeError("server did not become healthy in time")
 
 
+def read_log(proc):
+    proc.log.seek(0)
+    return proc.log.read()
+
+
 def stop_server(proc, timeout=60):
-    """SIGTERM, then wait; returns (exit code, stderr)."""
-    proc.send_signal(signal.SIGTERM)
+    """SIGTERM, then wait; returns (exit code, stderr). Safe to call again on a stopped server."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
-        _, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"the server did not stop within {timeout} s after SIGTERM: {err}")
-    return proc.returncode, err
+        proc.wait()
+        raise AssertionError(f"the server did not stop within {timeout} s after SIGTERM: {read_log(proc)}")
+    return proc.returncode, read_log(proc)
 
 
 def make_checkpoint(path):
@@ -86,8 +105,10 @@ def model(ckpt):
 def server(ckpt):
     proc, url = start_server(ckpt, "--max-batch", MAX_BATCH, "--prefill-chunk", PREFILL_CHUNK,
                              "--template", "llama2", "--model-name", "tiny")
-    yield url
-    code, err = stop_server(proc)
+    try:
+        yield url
+    finally:
+        code, err = stop_server(proc)
     assert code == 0, err
 
 

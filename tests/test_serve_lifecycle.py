@@ -42,53 +42,56 @@ def test_disconnects_full_queue_and_sigterm(ckpt):
     # The numpy reference backend is slow (400 tokens take half a minute here): a request that is still
     # running a few seconds later is one the server did not give up on.
     proc, url = start_server(ckpt, "--max-batch", 1, "--max-queue", 1, "--shutdown-timeout", 3, backend="numpy")
-    long_request = {"inputs": "The patient", "parameters": {"max_new_tokens": 400}}
+    try:
+        long_request = {"inputs": "The patient", "parameters": {"max_new_tokens": 400}}
 
-    # A client that hangs up frees its slot at the next pass, streaming or not.
-    with httpx.stream("POST", url + "/generate_stream", json=long_request) as r:
-        next(r.iter_lines())                           # one token arrived; now hang up
-    wait_for(lambda: metric(url, "tinyllama_active_sequences") == 0, 10)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/generate", json=long_request, timeout=1.5)
-    wait_for(lambda: metric(url, "tinyllama_active_sequences") == 0, 10)
-    assert 'tinyllama_requests_total{route="/generate",status="499"} 1' in httpx.get(url + "/metrics").text
+        # A client that hangs up frees its slot at the next pass, streaming or not.
+        with httpx.stream("POST", url + "/generate_stream", json=long_request) as r:
+            next(r.iter_lines())                           # one token arrived; now hang up
+        wait_for(lambda: metric(url, "tinyllama_active_sequences") == 0, 10)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/generate", json=long_request, timeout=1.5)
+        wait_for(lambda: metric(url, "tinyllama_active_sequences") == 0, 10)
+        assert 'tinyllama_requests_total{route="/generate",status="499"} 1' in httpx.get(url + "/metrics").text
 
-    stream_events, waiting = [], {}
+        stream_events, waiting = [], {}
 
-    def long_stream():                     # holds the only slot: greedy runs 400 tokens here without EOS
-        with httpx.stream("POST", url + "/generate_stream", timeout=120, json=long_request) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    stream_events.append(json.loads(line[5:]))
+        def long_stream():                     # holds the only slot: greedy runs 400 tokens here without EOS
+            with httpx.stream("POST", url + "/generate_stream", timeout=120, json=long_request) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        stream_events.append(json.loads(line[5:]))
 
-    def queued():
-        waiting["response"] = httpx.post(url + "/generate", timeout=120,
-                                         json={"inputs": "Fever", "parameters": {"max_new_tokens": 5}})
-    a = threading.Thread(target=long_stream)
-    a.start()
-    wait_for(lambda: len(stream_events) > 0)
-    b = threading.Thread(target=queued)
-    b.start()
-    wait_for(lambda: metric(url, "tinyllama_queue_depth") == 1)
+        def queued():
+            waiting["response"] = httpx.post(url + "/generate", timeout=120,
+                                             json={"inputs": "Fever", "parameters": {"max_new_tokens": 5}})
+        a = threading.Thread(target=long_stream)
+        a.start()
+        wait_for(lambda: len(stream_events) > 0)
+        b = threading.Thread(target=queued)
+        b.start()
+        wait_for(lambda: metric(url, "tinyllama_queue_depth") == 1)
 
-    r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
-    assert r.status_code == 503 and r.json()["error_type"] == "overloaded" and "overloaded" in r.json()["error"]
-    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
-    assert r.status_code == 503 and "overloaded" in r.json()["error"]["message"]
+        r = httpx.post(url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 503 and r.json()["error_type"] == "overloaded" and "overloaded" in r.json()["error"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "overloaded" in r.json()["error"]["message"]
 
-    t = time.time()
-    code, err = stop_server(proc, timeout=30)
-    a.join(30)
-    b.join(30)
-    assert code == 0, err
-    assert time.time() - t < 20
-    assert waiting["response"].status_code == 503 and "shutting down" in waiting["response"].json()["error"]
-    last = stream_events[-1]                 # the running stream got its 3 s of grace, then an error event
-    assert last.get("error_type") == "unavailable" and "shutting down" in last["error"], last
-    assert all("token" in e for e in stream_events[:-1]) and len(stream_events) > 1
-    assert "Traceback" not in err
-    assert re.search(r"request \d+: 4 prompt tokens, \d+ new tokens, [0-9.]+ s, shutdown", err), err
-    assert "serving tiny-gptq at http://127.0.0.1:" in err and "KV cache 1 sequences x 512 positions" in err
+        t = time.time()
+        code, err = stop_server(proc, timeout=30)
+        a.join(30)
+        b.join(30)
+        assert code == 0, err
+        assert time.time() - t < 20
+        assert waiting["response"].status_code == 503 and "shutting down" in waiting["response"].json()["error"]
+        last = stream_events[-1]                 # the running stream got its 3 s of grace, then an error event
+        assert last.get("error_type") == "unavailable" and "shutting down" in last["error"], last
+        assert all("token" in e for e in stream_events[:-1]) and len(stream_events) > 1
+        assert "Traceback" not in err
+        assert re.search(r"request \d+: 4 prompt tokens, \d+ new tokens, [0-9.]+ s, shutdown", err), err
+        assert "serving tiny-gptq at http://127.0.0.1:" in err and "KV cache 1 sequences x 512 positions" in err
+    finally:
+        stop_server(proc, timeout=30)            # a no-op when the test got that far
 
 
 def test_health_is_503_while_loading(ckpt):
