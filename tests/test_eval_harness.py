@@ -202,3 +202,18 @@ def test_registered_and_cli_writes_the_results_dict(runs, setup, tmp_path):
     assert resumed.exit_code == 0, resumed.output[-2000:]
     assert len(log.read_text().splitlines()) == n_lines                         # nothing recomputed
     assert json.loads(out.read_text())["results"]["tl_mc"] == got["results"]["tl_mc"]
+
+
+def test_score_choices_are_the_harness_acc_and_acc_norm(runs, setup):
+    """`score`'s choice and choice_norm, on the task's own prompts, are what the harness counts as acc and
+    acc_norm for each document (acc_norm: log-likelihood per character of the choice)."""
+    from tinyllama_ref.eval.runner import score_items
+    from tinyllama_ref.evaluate import Item
+    ours = runs["lms"][0]
+    samples = runs["hf"]["samples"]["tl_mc"]
+    items = [Item(s["doc"]["question"], s["doc"]["choices"], s["doc"]["answer"]) for s in samples]
+    prompts = [f"Question: {s['doc']['question']}\nAnswer:" for s in samples]      # the YAML's doc_to_text
+    records = score_items(ours.tl_model, ours.tokenizer, items, prompts=prompts)
+    assert [float(r["choice"] == r["answer"]) for r in records] == [s["acc"] for s in samples]
+    assert [float(r["choice_norm"] == r["answer"]) for r in records] == [s["acc_norm"] for s in samples]
+    assert len({s["acc"] for s in samples} | {s["acc_norm"] for s in samples}) == 2     # both outcomes occur

@@ -168,8 +168,9 @@ def item_requests(tokenizer, item, prompt=None):
 def item_result(item, scores, n_tokens):
     """The record of one item from its options' (loglik, is_greedy): results only, no timings."""
     sums = [s for s, _ in scores]
-    # Length normalisation by the option's UTF-8 bytes, as lm-evaluation-harness's acc_norm does.
-    norm = [s / len((" " + o).encode("utf-8")) for s, o in zip(sums, item.options)]
+    # Length normalisation as lm-evaluation-harness's acc_norm (api/task.py): by the option's characters,
+    # without the space that separates it from the prompt.
+    norm = [s / len(o) for s, o in zip(sums, item.options)]
     return {"loglik": sums, "loglik_norm": norm, "is_greedy": [g for _, g in scores],
             "choice": int(np.argmax(sums)), "choice_norm": int(np.argmax(norm)), "answer": item.answer,
             "n_tokens": list(n_tokens)}

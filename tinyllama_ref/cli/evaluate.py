@@ -169,7 +169,8 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demo
 
     ITEMS is JSONL, one {"question", "options", "answer"} per line (answer: the right option's index, text
     or letter; optional "context" for PubMedQA-style passages). Prints each item's choice by total
-    log-likelihood (acc) and by log-likelihood per UTF-8 byte (acc_norm), then the accuracies.
+    log-likelihood (acc) and by log-likelihood per character of the option (acc_norm, as the harness), then
+    the accuracies.
     Options of one item share one run of the question; many items share each pass over the weights.
 
     With -o, one JSONL record per item, in input order, results only (timings go to the summary printed

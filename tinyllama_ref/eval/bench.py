@@ -79,7 +79,8 @@ def main(argv=None):
         seconds, computed, passes = run_mode(model, items[:n], mode, batch_tokens)
         rows.append({"mode": mode, "items": n, "seconds": round(seconds, 3), "items_per_s": round(n / seconds, 4),
                      "rows_per_item": round(computed / n, 1), "passes_per_item": round(passes / n, 3),
-                     "batch_tokens": batch_tokens, "resident_layers": f"{model.layers.n_resident}/{model.layers.n_layers}"})
+                     "batch_tokens": batch_tokens,
+                     "resident_layers": f"{model.layers.n_resident}/{model.layers.n_layers}"})
     if args.json:
         print(json.dumps(rows))
         return
