@@ -3,9 +3,9 @@ huggingface_hub.InferenceClient, openai.OpenAI, lm-evaluation-harness's local-co
 httpx. Every answer is checked against the same checkpoint run in-process."""
 
 import json
+import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +28,6 @@ PROMPTS = ["The patient presented with fever", "Cough and", "Antibiotics were", 
 
 
 # -- a server in a subprocess ---------------------------------------------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def die_with_parent():
     """Linux: the server gets SIGTERM if the test process dies, so no server outlives its test run."""
     try:
@@ -44,21 +38,23 @@ def die_with_parent():
 
 
 def start_server(ckpt, *args, backend="numba", timeout=180):
-    """Start `tinyllama-ref serve` on a free localhost port and wait for /health; (process, base url).
+    """Start `tinyllama-ref serve --port 0` (a free port) and wait for /health; (process, base url).
     Its stderr goes to a file (a pipe nobody reads could fill up and stall it): stop_server returns it."""
-    port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-m", "tinyllama_ref", "serve", ckpt, "--port", str(port),
-                             "--backend", backend, *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=die_with_parent)
-    proc.log = log
-    url = f"http://127.0.0.1:{port}"
+    fd, path = tempfile.mkstemp(prefix="serve-", suffix=".log")
+    with os.fdopen(fd, "a") as log:                   # append mode: our reads never move its writes
+        proc = subprocess.Popen([sys.executable, "-m", "tinyllama_ref", "serve", ckpt, "--port", "0",
+                                 "--backend", backend, *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=log, preexec_fn=die_with_parent)
+    proc.log_path = path
+    url = None
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {read_log(proc)}")
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/health", read_log(proc))   # --port 0: the port it got
+        url = url or (found and found.group(1))
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if url and httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             pass
@@ -68,8 +64,10 @@ def start_server(ckpt, *args, backend="numba", timeout=180):
 
 
 def read_log(proc):
-    proc.log.seek(0)
-    return proc.log.read()
+    if not os.path.exists(proc.log_path):           # stop_server already read and removed it
+        return ""
+    with open(proc.log_path, encoding="utf-8") as f:
+        return f.read()
 
 
 def stop_server(proc, timeout=60):
@@ -82,7 +80,10 @@ def stop_server(proc, timeout=60):
         proc.kill()
         proc.wait()
         raise AssertionError(f"the server did not stop within {timeout} s after SIGTERM: {read_log(proc)}")
-    return proc.returncode, read_log(proc)
+    log = read_log(proc)
+    if os.path.exists(proc.log_path):
+        os.remove(proc.log_path)
+    return proc.returncode, log
 
 
 def make_checkpoint(path):

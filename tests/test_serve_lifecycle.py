@@ -4,6 +4,7 @@ a checkpoint that does not load; and the scheduler's interleaving of a long pref
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -120,6 +121,16 @@ def test_missing_extra_is_one_line():
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["error: serve needs FastAPI and uvicorn: pip install "
                                              "'tinyllama-ref[serve]'"]
+
+
+def test_busy_port_is_one_line(ckpt):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run_cli("serve", ckpt, "--port", str(busy.getsockname()[1]))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cannot listen on 127.0.0.1:"), r.stderr
+    assert "Traceback" not in r.stderr and "serving" not in r.stderr       # refused before loading
 
 
 def test_checkpoint_that_does_not_load_exits_1(tmp_path):

@@ -9,6 +9,7 @@ Errors come out in the shape of the API that was called: {"error": {"message", "
 /v1/... (OpenAI) and {"error", "error_type"} elsewhere (TGI).
 """
 
+import socket
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -124,6 +125,8 @@ def run(options, log=None):
             super().handle_exit(sig, frame)
             self._captured_signals.clear()   # a clean shutdown exits with 0, not by re-raising the signal
 
+    sock = listen(options.host, options.port)      # before loading: a busy port is a one-line error at once
+    options.port = sock.getsockname()[1]            # --port 0: the port the system chose
     config = uvicorn.Config(create_app(state), host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=options.shutdown_timeout + 5, lifespan="on")
     server = Server(config)
@@ -134,8 +137,21 @@ def run(options, log=None):
     state.log(f"loading {options.checkpoint}; http://{options.host}:{options.port}/health answers 503 until "
               f"it is ready")
     state.start()
-    server.run()
+    server.run(sockets=[sock])
     return state.status != "failed"
+
+
+def listen(host, port):
+    """A bound TCP socket for uvicorn, or ServeError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or --port")
+    return sock
 
 
 __all__ = ["create_app", "run", "Options"]
