@@ -1,7 +1,34 @@
-"""Test-only units of work for the data-parallel runner (shipped to Ray workers by value, see the tests)."""
+"""Shared by the distributed tests: the Ray fixture, the reference's thread count, a unit of work with a gate."""
 
 import os
 import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance (2 CPUs, loopback only) for every distributed test module of the session."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        except Exception as e:                                # depends on the machine
+            pytest.skip(f"Ray cannot start a local instance here: {e}")
+        # The test-only work functions below live in tests/, which workers cannot import: send them by value.
+        import distributed_helpers
+        ray.cloudpickle.register_pickle_by_value(distributed_helpers)
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def blas_threads():
+    """The BLAS threads of this (the reference's) process: actors started with as many compute the same bits
+    (float sums split over another number of threads differ in the last bits; see workers.actor_options)."""
+    import numpy  # noqa: F401  (loads OpenBLAS)
+    from threadpoolctl import threadpool_info
+    return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
 
 
 class GatedWork:

@@ -1,17 +1,17 @@
 """Data-parallel runs on a local Ray cluster: the same records as one process, a killed worker survived.
 
-One Ray instance (2 CPUs, loopback only) serves every test of the distributed files (conftest-free: the
-fixture below is session-scoped and shuts Ray down at the end). The reference is always the single-process
+One Ray instance (2 CPUs, loopback only) serves every test of the distributed files (distributed_helpers's
+session fixture, shut down at the end). The reference is always the single-process
 code path on the same checkpoint: eval.runner's scoring and perplexity, Model.generate.
 """
 
-import contextlib
 import threading
 
 import numpy as np
 import pytest
 
 import distributed_helpers
+from distributed_helpers import blas_threads, ray_cluster  # noqa: F401 (a fixture)
 import tinyllama_ref
 from tinyllama_ref.distributed.shard import chunk_ranges, contiguous_split
 from tinyllama_ref.errors import CheckpointError, GenerationError
@@ -19,33 +19,6 @@ from tinyllama_ref.errors import CheckpointError, GenerationError
 ray = pytest.importorskip("ray")
 
 BATCH_TOKENS = 96          # small, so the test items make many batches (and chunks) for two workers
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The single-process reference with the thread count of a worker that Ray gave one CPU (BLAS and Numba:
-    float sums split over threads differ in the last bits)."""
-    import numba
-    from threadpoolctl import threadpool_limits
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        numba.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    except Exception as e:                                # pragma: no cover - depends on the machine
-        pytest.skip(f"Ray cannot start a local instance here: {e}")
-    # The test-only work functions live in tests/, which the workers cannot import: ship them by value.
-    ray.cloudpickle.register_pickle_by_value(distributed_helpers)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +37,7 @@ def local(gptq_ckpt):
 @pytest.fixture(scope="module")
 def pool(ray_cluster, gptq_ckpt):
     from tinyllama_ref.distributed.runner import DataParallel
-    with DataParallel(gptq_ckpt, workers=2, backend="numpy", address="auto") as p:
+    with DataParallel(gptq_ckpt, workers=2, backend="numpy", address="auto", threads=blas_threads()) as p:
         yield p
 
 
@@ -119,8 +92,7 @@ def test_chunks_start_only_at_boundaries():
 # -- data parallel -------------------------------------------------------------------------------------------
 def reference_records(local, items, skip=0):
     from tinyllama_ref.eval.runner import iter_score
-    with one_thread():
-        return [r for rs in iter_score(local, local.tokenizer, items, BATCH_TOKENS, skip=skip) for r in rs]
+    return [r for rs in iter_score(local, local.tokenizer, items, BATCH_TOKENS, skip=skip) for r in rs]
 
 
 def test_score_on_two_workers_equals_one_process(pool, local, items):
@@ -146,8 +118,7 @@ def test_perplexity_on_two_workers_equals_one_process(pool, local, text_ids):
     from tinyllama_ref.distributed.tasks import iter_perplexity_records
     from tinyllama_ref.eval.runner import iter_perplexity, perplexity_from_records
     from tinyllama_ref.evaluate import perplexity
-    with one_thread():
-        expected = [r for rs in iter_perplexity(local, text_ids, 64, 40, BATCH_TOKENS) for r in rs]
+    expected = [r for rs in iter_perplexity(local, text_ids, 64, 40, BATCH_TOKENS) for r in rs]
     got = list(iter_perplexity_records(pool, local.cfg, text_ids, 64, 40, BATCH_TOKENS))
     assert len(expected) > 8 and got == expected
     summary = perplexity_from_records(got, len(text_ids))
@@ -158,8 +129,7 @@ def test_perplexity_on_two_workers_equals_one_process(pool, local, text_ids):
 def test_generate_on_two_workers_equals_one_process(pool, local, text_ids):
     from tinyllama_ref.distributed.tasks import generate
     prompts = [text_ids[i:i + 3 + i % 4] for i in range(0, 40, 5)]
-    with one_thread():
-        expected = local.generate(prompts, max_new_tokens=5)
+    expected = local.generate(prompts, max_new_tokens=5)
     assert generate(pool, prompts, max_new_tokens=5) == expected
 
 

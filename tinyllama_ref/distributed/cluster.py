@@ -40,18 +40,6 @@ def connect(address="auto"):
     return ray
 
 
-def use_cpus(cpus):
-    """Run this actor's kernels on the cores Ray reserved for it. Ray sets OMP_NUM_THREADS (BLAS) to the
-    actor's num_cpus; Numba's pool is sized to the machine, so it is capped here. (Results depend on the
-    thread count in the last bits: a worker with C cores matches one process running with C threads.)
-    Numba's count is per calling thread, so this is called at the start of every method that computes."""
-    try:
-        import numba
-    except ImportError:                                  # numpy backend on a node without numba
-        return
-    numba.set_num_threads(max(1, min(int(cpus), numba.config.NUMBA_NUM_THREADS)))
-
-
 def remote_error(error):
     """The TinyLlamaError inside a Ray task error (so the CLI prints its one line), else the error itself."""
     cause = getattr(error, "cause", None)

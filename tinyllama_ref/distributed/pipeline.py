@@ -94,8 +94,9 @@ class PipelineModel:
     """The checkpoint at `path` split into `stages` contiguous ranges of layers of about equal bytes.
 
     Every node reads the checkpoint at the same path and uses its own max_memory. address: as for
-    cluster.connect. cpus_per_stage: cores Ray reserves per stage. micro_batches: groups a pass is cut into
-    (default: one per stage).
+    cluster.connect. cpus_per_stage: cores Ray reserves per stage; threads: its BLAS/OpenMP threads (default
+    cpus_per_stage, see workers.actor_options). micro_batches: groups a pass is cut into (default: one per
+    stage).
     """
 
     # The pieces that only use cfg, new_cache and forward are the single-process model's own code.
@@ -105,7 +106,7 @@ class PipelineModel:
     workspace_bytes = Model.workspace_bytes
 
     def __init__(self, path, stages=2, backend="numba", max_memory=None, gptq_mode="exact", address="auto",
-                 cpus_per_stage=1, micro_batches=None):
+                 cpus_per_stage=1, threads=None, micro_batches=None):
         self.path, self.backend, self.gptq_mode = path, backend, gptq_mode
         ckpt = Checkpoint(path)
         cfg = load_config(path)
@@ -117,9 +118,13 @@ class PipelineModel:
         ranges = contiguous_split(file_bytes, stages)                        # [(first, stop)] per stage
         self.micro_batches = micro_batches or stages
         self.ray = connect(address)
-        self.stages = [start_stage(path, backend, max_memory, gptq_mode, a, b, cpus=cpus_per_stage)
+        self.stages = [start_stage(path, backend, max_memory, gptq_mode, a, b, cpus=cpus_per_stage, threads=threads)
                        for a, b in ranges]
-        ready = self._get([s.ready.remote() for s in self.stages], "loading")
+        try:
+            ready = self._get([s.ready.remote() for s in self.stages], "loading")
+        except BaseException:
+            self.close()
+            raise
         self.layers = PipelineLayers(self.cfg, ranges, [f"{h} (pid {p})" for h, p, _ in ready],
                                      file_bytes)
 

@@ -24,16 +24,17 @@ class DataParallel:
     """A pool of `workers` actors, each with the checkpoint at `path` loaded under its own max_memory.
 
     address: the Ray cluster ("auto": the one this machine joined with `ray start`, else a local one).
-    cpus_per_worker: the cores Ray reserves for each worker (give a node's core count for one per node).
+    cpus_per_worker: the cores Ray reserves for each worker (give a node's core count for one per node);
+    threads: each worker's BLAS/OpenMP threads (default: cpus_per_worker; see workers.actor_options).
     """
 
     def __init__(self, path, workers=2, backend="numba", max_memory=None, gptq_mode="exact", address="auto",
-                 cpus_per_worker=1, max_attempts=MAX_ATTEMPTS):
+                 cpus_per_worker=1, threads=None, max_attempts=MAX_ATTEMPTS):
         if not isinstance(workers, int) or workers < 1:
             raise DistributedError(f"--workers must be a whole number >= 1, got {workers!r}")
         self.ray = connect(address)
         self.spec = dict(path=path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode,
-                         cpus=cpus_per_worker)
+                         cpus=cpus_per_worker, threads=threads)
         self.max_attempts = max_attempts
         self.replaced = 0                  # workers started to replace dead ones, over the pool's life
         self.actors = [start_worker(**self.spec) for _ in range(workers)]

@@ -25,7 +25,6 @@ from ..model import block, read_quant_config_if_any, reference_scratch_bytes
 from ..ops import rms_norm, rope_tables
 from ..streaming import JIT_RESERVE, SAFETY, SAFETY_FRACTION
 from ..weights import LINEARS, embedding_info, layer_tensor_names, load_head, load_layer
-from .cluster import use_cpus
 
 
 def stage_bytes(ckpt, cfg, first, stop):
@@ -43,16 +42,15 @@ class Stage:
     A load error is kept and raised by ready(), so the driver can print it (a constructor that raises only
     shows up as a dead actor)."""
 
-    def __init__(self, path, backend, max_memory, gptq_mode, first, stop, cpus=1):
-        self.error, self.cpus = None, cpus
-        use_cpus(cpus)
+    def __init__(self, path, backend, max_memory, gptq_mode, first, stop):
+        self.error = None
         try:
             self._load(path, backend, max_memory, gptq_mode, first, stop)
         except TinyLlamaError as e:
             self.error = type(e)(f"pipeline stage with layers {first}-{stop - 1} on {socket.gethostname()}: {e}")
 
     def _load(self, path, backend, max_memory, gptq_mode, first, stop):
-        self.first, self.stop = first, stop
+        self.first, self.stop, self.backend = first, stop, backend
         ckpt = self.ckpt = Checkpoint(path)
         cfg = load_config(path)
         embed = embedding_info(ckpt, cfg.dim)
@@ -118,26 +116,26 @@ class Stage:
 
         Returns activations [N, D] for the next stage, or on the last stage the logits (model.Model.forward).
         """
-        use_cpus(self.cpus)
         cache = self.caches[cid]
         if self.is_first:
             x = to_f32(self.embed_weight[x], self.embed_dtype)              # [N, D]
         elif not x.flags.writeable:
             x = np.array(x)                     # Ray hands over a read-only view of its object store
         for w in self.layers:
-            x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin)       # [N, D]
+            x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin, self.backend)   # [N, D]
         for slot, start, n in seqs:
             cache.lengths[slot] = start + n
         if not self.is_last:
             return x                                                          # [N, D] to the next stage
         if not all_logits:
             x = x[np.cumsum([n for _, _, n in seqs]) - 1]                    # [B, D] last row of each sequence
-        x = rms_norm(x, self.final_norm, self.cfg.norm_eps)                  # [., D]
+        x = rms_norm(x, self.final_norm, self.cfg.norm_eps, self.backend)    # [., D]
         return self.lm_head(x)                                               # [., V]
 
 
-def start_stage(path, backend, max_memory, gptq_mode, first, stop, cpus=1):
-    """A Stage actor (it loads in the background); SPREAD puts stages on different nodes first."""
+def start_stage(path, backend, max_memory, gptq_mode, first, stop, cpus=1, threads=None):
+    """A Stage actor; it loads in the background (ready() says when). Options: workers.actor_options."""
     import ray
-    actor = ray.remote(Stage).options(num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD")
-    return actor.remote(path, backend, max_memory, gptq_mode, first, stop, cpus)
+    from .workers import actor_options
+    return ray.remote(Stage).options(**actor_options(cpus, threads)).remote(path, backend, max_memory, gptq_mode,
+                                                                           first, stop)

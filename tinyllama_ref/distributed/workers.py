@@ -11,17 +11,15 @@ import os
 import socket
 
 from ..errors import TinyLlamaError
-from .cluster import use_cpus
 
 
 class Worker:
     """The actor's class (wrapped with ray.remote by start_worker). A load error is kept, not raised, so the
     actor stays up to report it: a constructor that raises would only show as a dead actor."""
 
-    def __init__(self, path, backend, max_memory, gptq_mode, cpus=1):
+    def __init__(self, path, backend, max_memory, gptq_mode):
         import tinyllama_ref
-        self.error, self.cpus = None, cpus
-        use_cpus(cpus)
+        self.error = None
         try:
             self.model = tinyllama_ref.load(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode)
         except TinyLlamaError as e:
@@ -37,7 +35,6 @@ class Worker:
         """work(model, items, start): the results of items[start:start + len(items)] of the whole input."""
         if self.error is not None:
             raise self.error
-        use_cpus(self.cpus)
         return list(work(self.model, items, start))
 
     def call(self, fn):
@@ -47,10 +44,22 @@ class Worker:
         return fn(self.model)
 
 
-def start_worker(path, backend="numba", max_memory=None, gptq_mode="exact", cpus=1):
-    """A new Worker actor (it loads in the background). SPREAD puts workers on different nodes first, so
-    each uses its own machine's cores and memory; Ray never restarts it: the runner starts a replacement."""
+def actor_options(cpus, threads):
+    """Ray options of a worker or stage. cpus: the cores Ray reserves for it; threads: its BLAS/OpenMP
+    threads (default: Ray's, OMP_NUM_THREADS = cpus). SPREAD puts actors on different nodes first, so each
+    uses its own machine's cores and memory. Ray never restarts them: the runner starts replacements.
+
+    The thread count is fixed when the process starts (OpenBLAS reads it once) and float sums split over
+    a different number of threads differ in the last bits: an actor with T threads gives the bits of one
+    process running with T threads."""
+    opts = dict(num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD")
+    if threads:
+        opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(int(threads))}}
+    return opts
+
+
+def start_worker(path, backend="numba", max_memory=None, gptq_mode="exact", cpus=1, threads=None):
+    """A new Worker actor; it loads in the background (ready() says when)."""
     import ray
-    actor = ray.remote(Worker).options(num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD")
-    return actor.remote(path, backend, max_memory, gptq_mode, cpus)
+    return ray.remote(Worker).options(**actor_options(cpus, threads)).remote(path, backend, max_memory, gptq_mode)
 
