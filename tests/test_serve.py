@@ -208,6 +208,7 @@ def test_endpoint_info_and_health(server, tgi):
     client = InferenceClient(server, provider="hf-inference")   # huggingface_hub 1.x+ asks for the provider here
     info = client.get_endpoint_info()
     assert info["model_id"] == "tiny" and info["max_total_tokens"] == 512 and info["max_batch_size"] == MAX_BATCH
+    assert info["model_dtype"] == "gptq-4bit"                      # make_checkpoint's bits=4
     assert client.health_check(server)
 
 

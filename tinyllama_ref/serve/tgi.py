@@ -198,7 +198,9 @@ async def info(request: Request):
     state = state_of(request)
     o = state.options
     ctx = state.max_context if state.scheduler is not None else None
-    return {"model_id": state.name, "model_sha": None, "model_dtype": "gptq/float32", "model_device_type": "cpu",
+    qc = getattr(state.model, "quant_config", None) if state.model is not None else None
+    dtype = None if state.model is None else f"gptq-{qc.bits}bit" if qc else str(state.model.embed_dtype)
+    return {"model_id": state.name, "model_sha": None, "model_dtype": dtype, "model_device_type": "cpu",
             "model_pipeline_tag": "text-generation", "max_concurrent_requests": o.max_batch + o.max_queue,
             "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
             "max_input_tokens": None if ctx is None else ctx - 1, "max_total_tokens": ctx,
