@@ -91,6 +91,7 @@ def test_disconnects_full_queue_and_sigterm(ckpt):
         assert "Traceback" not in err
         assert re.search(r"request \d+: 4 prompt tokens, \d+ new tokens, [0-9.]+ s, shutdown", err), err
         assert "serving tiny-gptq at http://127.0.0.1:" in err and "KV cache 1 sequences x 512 positions" in err
+        assert err.rstrip().endswith("stopped")
     finally:
         stop_server(proc, timeout=30)            # a no-op when the test got that far
 

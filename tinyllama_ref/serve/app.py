@@ -74,6 +74,7 @@ def create_app(state):
     async def lifespan(app):
         yield
         state.stop()                         # after uvicorn's graceful wait: answer what is left, then stop
+        state.log("stopped")
 
     app = FastAPI(title="tinyllama-ref", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
