@@ -190,7 +190,7 @@ def test_kv_cache_for_every_slot_is_reserved_in_the_budget(ckpt):
     model = tinyllama_ref.load(ckpt, backend="numpy", max_memory=str(current_rss() + 150 * 10**6))
     c = model.cfg
     per_slot = KVCache.bytes_needed(c.n_layers, 1, c.max_seq_len, c.n_kv_heads, c.head_dim)   # 1 MB here
-    with pytest.raises(MemoryBudgetError):
+    with pytest.raises(MemoryBudgetError, match="lower either"):
         Scheduler(model, max_batch=int(200 * 10**6 // per_slot))       # 200 MB of cache cannot fit
     sch = Scheduler(model, max_batch=4)                                # a small one can
     assert sch.cache.nbytes >= 4 * per_slot

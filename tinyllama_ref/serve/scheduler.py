@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import TinyLlamaError
+from ..errors import MemoryBudgetError, TinyLlamaError
+from ..kvcache import KVCache
+from ..memory import human
 from ..ops import log_softmax
 from ..sampling import Sampler
 from ..templates import StopStrings
@@ -76,9 +78,16 @@ class Scheduler:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         # Reserved up front, so serving never grows memory: the cache for every slot, and the activations of
         # the largest pass (a full prefill chunk plus one token per other slot, every row's logits kept).
-        self.cache = model.new_cache(max_batch, self.max_context)
-        model.layers.reserve("activations", model.workspace_bytes(prefill_chunk + max_batch, self.max_context,
-                                                                  all_logits=True))
+        try:
+            self.cache = model.new_cache(max_batch, self.max_context)
+            model.layers.reserve("activations", model.workspace_bytes(prefill_chunk + max_batch,
+                                                                      self.max_context, all_logits=True))
+        except MemoryBudgetError as e:
+            c = model.cfg
+            need = KVCache.bytes_needed(c.n_layers, max_batch, self.max_context, c.n_kv_heads, c.head_dim)
+            raise MemoryBudgetError(f"{e} (the KV cache for --max-batch {max_batch} sequences of "
+                                    f"--max-context {self.max_context} positions is {human(need)}: lower "
+                                    f"either, or raise --max-memory)") from None
         self.free = list(range(max_batch))
         self.waiting = deque()
         self.active = []               # Sequences in the order they joined
