@@ -4,8 +4,6 @@ dense checkpoint, offline: local task YAMLs (`dataset_path: json`, local `data_f
 import json
 import os
 import random
-import sys
-import types
 
 import pytest
 
@@ -19,19 +17,7 @@ TASKS = ["tl_mc", "tl_ppl", "tl_gen"]
 
 
 def hf_backend_class():
-    """lm_eval.models.huggingface.HFLM. Its module imports `accelerate` (multi-GPU launching) at the top;
-    when that is not installed, a stand-in module satisfies the import: HFLM never calls it when given an
-    already-loaded model, as here."""
-    import transformers  # noqa: F401  (transformers checks for accelerate when first imported)
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        stub, utils = types.ModuleType("accelerate"), types.ModuleType("accelerate.utils")
-        stub.Accelerator = stub.InitProcessGroupKwargs = stub.find_executable_batch_size = None
-        utils.get_max_memory = None
-        stub.utils = utils
-        sys.modules.setdefault("accelerate", stub)
-        sys.modules.setdefault("accelerate.utils", utils)
+    """lm_eval.models.huggingface.HFLM, the harness's own transformers backend: the peer of these tests."""
     from lm_eval.models.huggingface import HFLM
     return HFLM
 
