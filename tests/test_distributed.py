@@ -179,3 +179,10 @@ def test_a_checkpoint_no_worker_can_read_is_one_error(ray_cluster, tmp_path):
     with pytest.raises(CheckpointError, match="worker on"):
         # cpus_per_worker=0: the pool above holds both CPUs of the test cluster
         DataParallel(str(tmp_path / "missing"), workers=1, backend="numpy", cpus_per_worker=0)
+
+
+def test_more_workers_than_the_cluster_has_cores_is_refused_up_front(ray_cluster, gptq_ckpt):
+    from tinyllama_ref.distributed.cluster import DistributedError
+    from tinyllama_ref.distributed.runner import DataParallel
+    with pytest.raises(DistributedError, match="3 workers x 1 CPUs do not fit the Ray cluster's 2 CPUs"):
+        DataParallel(gptq_ckpt, workers=3, backend="numpy")

@@ -20,10 +20,14 @@ def import_ray():
 
 
 def connect(address="auto"):
-    """Join the cluster at `address` ("HOST:6379", "ray://HOST:10001"), or with "auto" the cluster this
-    machine belongs to (`ray start`), else start a private one on 127.0.0.1 for this process. Idempotent."""
+    """Join the cluster at `address` ("HOST:6379", "ray://HOST:10001"); with "auto" the cluster this machine
+    belongs to (`ray start`), else a private one; with "local" always a private one: on 127.0.0.1, this
+    process's only, gone when it ends. Idempotent: an initialised Ray is used as it is."""
     ray = import_ray()
     if ray.is_initialized():
+        return ray
+    if address == "local":
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
         return ray
     if address in (None, "", "auto"):
         try:
@@ -38,6 +42,14 @@ def connect(address="auto"):
         raise DistributedError(f"cannot join the Ray cluster at {address!r} ({e}); start it with "
                                "`ray start --head` (see docs/distributed.md) or use --ray auto") from None
     return ray
+
+
+def check_fits(ray, n_actors, cpus, what):
+    """Refuse up front what the cluster can never place (Ray would wait for the cores forever)."""
+    total = ray.cluster_resources().get("CPU", 0)
+    if n_actors * cpus > total:
+        raise DistributedError(f"{n_actors} {what} x {cpus} CPUs do not fit the Ray cluster's {total:g} CPUs: "
+                               f"use fewer, fewer CPUs each, or add nodes (`ray start --address HEAD:6379`)")
 
 
 def remote_error(error):

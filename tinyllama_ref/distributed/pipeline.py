@@ -24,7 +24,7 @@ from ..errors import GenerationError
 from ..model import Model
 from ..streaming import Reservation
 from ..weights import embedding_info, layer_tensor_names
-from .cluster import DistributedError, connect, remote_error
+from .cluster import DistributedError, check_fits, connect, remote_error
 from .shard import contiguous_split
 from .stage import start_stage
 
@@ -118,6 +118,7 @@ class PipelineModel:
         ranges = contiguous_split(file_bytes, stages)                        # [(first, stop)] per stage
         self.micro_batches = micro_batches or stages
         self.ray = connect(address)
+        check_fits(self.ray, stages, cpus_per_stage, "stages")
         self.stages = [start_stage(path, backend, max_memory, gptq_mode, a, b, cpus=cpus_per_stage, threads=threads)
                        for a, b in ranges]
         try:

@@ -13,7 +13,7 @@ error in the work itself (a prompt too long for the context) is not retried: it 
 
 from collections import deque
 
-from .cluster import DistributedError, connect, remote_error
+from .cluster import DistributedError, check_fits, connect, remote_error
 from .shard import chunk_ranges
 from .workers import start_worker
 
@@ -23,7 +23,7 @@ MAX_ATTEMPTS = 3      # runs of one chunk on workers that died before it finishe
 class DataParallel:
     """A pool of `workers` actors, each with the checkpoint at `path` loaded under its own max_memory.
 
-    address: the Ray cluster ("auto": the one this machine joined with `ray start`, else a local one).
+    address: the Ray cluster (cluster.connect: "auto", "local" or the head's HOST:6379).
     cpus_per_worker: the cores Ray reserves for each worker (give a node's core count for one per node);
     threads: each worker's BLAS/OpenMP threads (default: cpus_per_worker; see workers.actor_options).
     """
@@ -36,6 +36,7 @@ class DataParallel:
         self.spec = dict(path=path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode,
                          cpus=cpus_per_worker, threads=threads)
         self.max_attempts = max_attempts
+        check_fits(self.ray, workers, cpus_per_worker, "workers")
         self.replaced = 0                  # workers started to replace dead ones, over the pool's life
         self.actors = [start_worker(**self.spec) for _ in range(workers)]
         self.hosts = self._wait_ready(self.actors)
@@ -112,6 +113,13 @@ class DataParallel:
         finally:
             for ref in in_flight:          # an early exit (error, consumer stopped): drop the pending work
                 ray.cancel(ref, force=False)
+
+    def call(self, fn):
+        """fn(model) on every worker: their answers (e.g. each one's default batch size under its budget)."""
+        try:
+            return self.ray.get([a.call.remote(fn) for a in self.actors])
+        except self.ray.exceptions.RayTaskError as e:
+            raise remote_error(e) from None
 
     def _replace(self, dead):
         """Start a worker in place of a dead one (Ray places it on any node with room)."""

@@ -13,6 +13,7 @@ never streams from disk, the point of a pipeline is that each range fits where i
 import dataclasses
 import os
 import socket
+import time
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class Stage:
         self.overhead = (JIT_RESERVE if backend == "numba" else 0) + reference_scratch_bytes(cfg, backend)
         self.baseline = current_rss()
         self.caches = {}                                   # cache id -> KVCache of this stage's layers
+        self.passes, self.compute_seconds = 0, 0.0         # forward calls and the time inside them (bench)
         self._check_budget("its layers")
         if self.is_first:
             self.embed_weight, self.embed_dtype = ckpt.raw(embed.name), embed.dtype   # [V, D] mapped view
@@ -116,6 +118,7 @@ class Stage:
 
         Returns activations [N, D] for the next stage, or on the last stage the logits (model.Model.forward).
         """
+        t = time.perf_counter()
         cache = self.caches[cid]
         if self.is_first:
             x = to_f32(self.embed_weight[x], self.embed_dtype)              # [N, D]
@@ -125,12 +128,20 @@ class Stage:
             x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin, self.backend)   # [N, D]
         for slot, start, n in seqs:
             cache.lengths[slot] = start + n
-        if not self.is_last:
-            return x                                                          # [N, D] to the next stage
-        if not all_logits:
-            x = x[np.cumsum([n for _, _, n in seqs]) - 1]                    # [B, D] last row of each sequence
-        x = rms_norm(x, self.final_norm, self.cfg.norm_eps, self.backend)    # [., D]
-        return self.lm_head(x)                                               # [., V]
+        if self.is_last:
+            if not all_logits:
+                x = x[np.cumsum([n for _, _, n in seqs]) - 1]                # [B, D] last row of each sequence
+            x = rms_norm(x, self.final_norm, self.cfg.norm_eps, self.backend)   # [., D]
+            x = self.lm_head(x)                                              # [., V]
+        self.passes += 1
+        self.compute_seconds += time.perf_counter() - t
+        return x                                   # [N, D] activations for the next stage, or the logits
+
+    def stats(self):
+        """(forward calls, seconds spent computing them) since the last stats(): what a pass costs here."""
+        out = (self.passes, self.compute_seconds)
+        self.passes, self.compute_seconds = 0, 0.0
+        return out
 
 
 def start_stage(path, backend, max_memory, gptq_mode, first, stop, cpus=1, threads=None):

@@ -87,14 +87,54 @@ class _Offset:
 
 
 # -- generation -------------------------------------------------------------------------------------------
-def generate_chunk(model, prompts, start, max_new_tokens=16, **sampling):
-    """Worker side: token ids after each prompt (a list of ids), the chunk's prompts in one batch."""
-    return model.generate([list(p) for p in prompts], max_new_tokens=max_new_tokens, **sampling)
+def generate_chunk(model, prompts, start, upto, max_new_tokens, params, stop_strings, stop_ids, batch_tokens):
+    """Worker side: the Completions of prompts[start:start + len(prompts)], by eval.prompts.iter_generate.
+
+    upto: every prompt before this chunk's end (their lengths plan the same batches, and a seeded run seeds
+    each batch by its first prompt's index in the whole file, as one process does).
+    """
+    from ..eval.prompts import iter_generate
+    return [c for outs in iter_generate(model, model.tokenizer, upto, max_new_tokens, params, stop_strings, stop_ids,
+                                        batch_tokens, skip=start, make_record=lambda i, c: c) for c in outs]
+
+
+def iter_generate_completions(pool, prompts, max_new_tokens, params, stop_strings, stop_ids, batch_tokens, skip=0,
+                              progress=None):
+    """(index, Completion) for each prompt from `skip` on, in input order: eval.prompts.iter_generate on the pool."""
+    from ..eval.prompts import batch_starts
+    prompts = [list(p) for p in prompts]
+    starts = batch_starts(prompts, max_new_tokens, batch_tokens)
+    if skip not in starts:
+        raise ValueError(f"skip={skip} is not a batch boundary")
+    work = _Generate(prompts, max_new_tokens, params, stop_strings, stop_ids, batch_tokens, skip)
+    costs = [len(p) + max_new_tokens for p in prompts[skip:]]
+    for i, c in pool.map(work, prompts[skip:], costs=costs, progress=progress,
+                         boundaries=[s - skip for s in starts if s >= skip]):
+        yield skip + i, c
+
+
+class _Generate:
+    """generate_chunk for the chunk at `start` of prompts[skip:]. It carries every prompt of the file (small
+    next to a model) and hands generate_chunk those up to the chunk's end."""
+
+    def __init__(self, prompts, max_new_tokens, params, stop_strings, stop_ids, batch_tokens, skip):
+        self.prompts, self.skip = prompts, skip
+        self.kw = dict(max_new_tokens=max_new_tokens, params=params, stop_strings=list(stop_strings),
+                       stop_ids=set(stop_ids), batch_tokens=batch_tokens)
+
+    def __call__(self, model, prompts, start):
+        begin = self.skip + start
+        return generate_chunk(model, prompts, begin, self.prompts[:begin + len(prompts)], **self.kw)
 
 
 def generate(pool, prompts, max_new_tokens=16, progress=None, **sampling):
-    """New token ids for each prompt, in input order (Model.generate over the pool; greedy gives what one
-    process gives, sampling draws from each chunk's own generator)."""
-    work = functools.partial(generate_chunk, max_new_tokens=max_new_tokens, **sampling)
+    """New token ids for each prompt, in input order (Model.generate over the pool, one batch per chunk;
+    greedy gives what one process gives when it runs the same batches)."""
+    work = functools.partial(generate_ids_chunk, max_new_tokens=max_new_tokens, **sampling)
     costs = [len(p) + max_new_tokens for p in prompts]
     return [r for _, r in pool.map(work, [list(p) for p in prompts], costs=costs, progress=progress)]
+
+
+def generate_ids_chunk(model, prompts, start, max_new_tokens=16, **sampling):
+    """Worker side: Model.generate on the chunk's prompts in one batch."""
+    return model.generate([list(p) for p in prompts], max_new_tokens=max_new_tokens, **sampling)
