@@ -56,19 +56,72 @@ def open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, 
 
 
 def pool_model_view(checkpoint, pool):
-    """What the commands read of a model when the pool's workers hold the weights: the config, the
-    tokenizer, the path, and the batch size every worker's budget allows (the smallest of their defaults)."""
+    """What the commands read of a model when the pool's workers hold the weights: a TextModel (tokenizer,
+    encode_prompt) over the config and path only, with `pool` and the batch size every worker's budget
+    allows (the smallest of their defaults)."""
+    from .. import TextModel
     from ..checkpoint import Checkpoint
     from ..config import load_config, with_vocab
     from ..eval.batching import default_batch_tokens
-    from ..tokenizer import Tokenizer
     from ..weights import embedding_info
     cfg = load_config(checkpoint)
     cfg = with_vocab(cfg, embedding_info(Checkpoint(checkpoint), cfg.dim).shape[0])
-    view = SimpleNamespace(cfg=cfg, path=checkpoint, load_seconds=0.0,
-                           default_batch_tokens=min(pool.call(default_batch_tokens)))
-    view.tokenizer = Tokenizer.from_dir(checkpoint, vocab_size=cfg.vocab_size)
-    return view
+    return TextModel(SimpleNamespace(cfg=cfg, path=checkpoint, load_seconds=0.0, pool=pool,
+                                     default_batch_tokens=min(pool.call(default_batch_tokens))))
+
+
+def in_batches(records, starts, skip, on_batch, total, rows=None):
+    """Records one at a time -> the lists a single process yields, one per batch (boundaries `starts`);
+    on_batch(done, total, token rows per second) after each, as eval.runner calls it."""
+    t0, done_rows = time.perf_counter(), 0
+    bounds = [s for s in starts if s >= skip]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        batch = [next(records) for _ in range(b - a)]
+        done_rows += sum(rows[a:b]) if rows else b - a
+        if on_batch:
+            on_batch(b, total, done_rows / max(time.perf_counter() - t0, 1e-9))
+        yield batch
+
+
+def pooled_iter_score(pool):
+    """eval.runner.iter_score, run on the pool (same arguments, same per-batch lists of records)."""
+    def iter_score(model, tokenizer, items, batch_tokens, prompts=None, shared_prefix=True, skip=0, on_batch=None):
+        from ..distributed.tasks import iter_score as pool_score
+        from ..eval.runner import batch_starts, plan_items
+        starts = batch_starts(model, tokenizer, items, batch_tokens, prompts, shared_prefix)
+        groups, owners, _ = plan_items(model, tokenizer, items, batch_tokens, prompts, shared_prefix)
+        rows = [sum(groups[g].rows() for g in own) for own in owners]
+        records = pool_score(pool, model.cfg, tokenizer, items, batch_tokens, prompts, shared_prefix, skip=skip)
+        return in_batches(records, starts, skip, on_batch, len(items), rows)
+    return iter_score
+
+
+def pooled_iter_perplexity(pool):
+    """eval.runner.iter_perplexity, run on the pool."""
+    def iter_perplexity(model, ids, context=None, stride=None, batch_tokens=None, skip=0, on_batch=None):
+        from ..distributed.tasks import iter_perplexity_records
+        from ..eval.runner import perplexity_batch_starts
+        from ..evaluate import check_perplexity_args, perplexity_windows
+        starts = perplexity_batch_starts(model, ids, context, stride, batch_tokens)
+        rows = [e - b for b, _, e in perplexity_windows(len(ids), *check_perplexity_args(model, len(ids), context,
+                                                                                          stride))]
+        records = iter_perplexity_records(pool, model.cfg, ids, context, stride, batch_tokens, skip=skip)
+        return in_batches(records, starts, skip, on_batch, starts[-1], rows)
+    return iter_perplexity
+
+
+def pooled_iter_generate(pool):
+    """eval.prompts.iter_generate, run on the pool (the Completions come back; records are made here)."""
+    def iter_generate(model, tokenizer, prompts, max_new_tokens, params, stop_strings, stop_ids, batch_tokens,
+                      skip=0, make_record=None):
+        from ..distributed.tasks import iter_generate_completions
+        from ..eval.prompts import batch_starts
+        starts = batch_starts(prompts, max_new_tokens, batch_tokens)
+        done = iter_generate_completions(pool, prompts, max_new_tokens, params, stop_strings, stop_ids,
+                                         batch_tokens, skip=skip)
+        records = (make_record(i, c) for i, c in done)
+        return in_batches(records, starts, skip, None, len(prompts))
+    return iter_generate
 
 
 def open_model_or_pipeline(checkpoint, pipeline_address, stages, backend, max_memory, gptq_mode, cpus_per_stage,

@@ -12,6 +12,7 @@ import time
 import click
 
 from .common import model_options, notice, open_model
+from .distributed import open_pool, pool_model_view, pooled_iter_perplexity, pooled_iter_score, ray_options
 from ..errors import GenerationError
 from ..progress import Progress
 
@@ -51,7 +52,7 @@ def batch_tokens_for(model, given, old_header):
         return given
     if old_header and isinstance(old_header.get("settings", {}).get("batch_tokens"), int):
         return old_header["settings"]["batch_tokens"]
-    return default_batch_tokens(model)
+    return getattr(model, "default_batch_tokens", None) or default_batch_tokens(model)   # a --ray pool's view
 
 
 def read_text(path):
@@ -71,9 +72,10 @@ def read_text(path):
 @click.option("--stride", type=int, default=None, help="Tokens between window starts (default: --context).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record.")
 @resumable_options
+@ray_options
 @model_options
 def perplexity(checkpoint, file, context, stride, as_json, output, resume, batch_tokens, backend, max_memory,
-               quiet, gptq_mode):
+               quiet, gptq_mode, ray_address=None, workers=None, cpus_per_worker=1):
     """Perplexity of a text file, with a sliding window; windows are packed several to a pass.
 
     With -o, one JSONL record per window ({"window", "begin", "end", "n_scored", "nll"}) is written as
@@ -88,7 +90,10 @@ def perplexity(checkpoint, file, context, stride, as_json, output, resume, batch
     from ..eval.runner import iter_perplexity, perplexity_batch_starts, perplexity_from_records
     text = read_text(file)
     old = prepare_output(output, resume)
-    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
+    pool = open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, cpus_per_worker, quiet)
+    model = pool_model_view(checkpoint, pool) if pool else open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
+    if pool:                                     # the same batches, on the workers (distributed/tasks.py)
+        iter_perplexity = pooled_iter_perplexity(pool)
     ids = model.tokenizer.encode(text, add_bos=True)
     batch_tokens = batch_tokens_for(model, batch_tokens, old)
     t0 = time.perf_counter()
@@ -162,9 +167,11 @@ def show_record(r, as_json):
 @click.option("--show-prompt", is_flag=True, help="Print the first item's prompt and options as scored, then stop.")
 @click.option("--no-shared-prefix", is_flag=True, help="Run every option's whole sequence (for comparisons).")
 @resumable_options
+@ray_options
 @model_options
 def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demonstrations, show_prompt,
-          no_shared_prefix, output, resume, batch_tokens, backend, max_memory, quiet, gptq_mode):
+          no_shared_prefix, output, resume, batch_tokens, backend, max_memory, quiet, gptq_mode, ray_address=None,
+          workers=None, cpus_per_worker=1):
     """Multiple-choice accuracy: each option scored by its log-likelihood after the question.
 
     ITEMS is JSONL, one {"question", "options", "answer"} per line (answer: the right option's index, text
@@ -196,7 +203,10 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demo
             click.echo(f"{mark} {json.dumps(' ' + option, ensure_ascii=False)}")
         return
     old = prepare_output(output, resume)
-    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
+    pool = open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, cpus_per_worker, quiet)
+    model = pool_model_view(checkpoint, pool) if pool else open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
+    if pool:                                     # the same batches, on the workers (distributed/tasks.py)
+        iter_score = pooled_iter_score(pool)
     tok = model.tokenizer
     batch_tokens = batch_tokens_for(model, batch_tokens, old)
     shared = not no_shared_prefix

@@ -13,6 +13,8 @@ import click
 
 from .common import (completion_record, model_options, notice, open_model, parse_ids, read_prompts_file,
                          resolve_template, sampling_kwargs, sampling_options)
+from .distributed import (open_model_or_pipeline, open_pool, pipeline_options, pool_model_view,
+                          pooled_iter_generate, ray_options)
 from ..errors import GenerationError, TinyLlamaError
 
 
@@ -91,10 +93,13 @@ def prompt_source(prompt, prompt_file, prompt_ids, prompts_file):
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of streaming text.")
 @sampling_options
+@ray_options
+@pipeline_options
 @model_options
 def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, resume, batch_tokens, template,
              system, max_new_tokens, stop, ignore_eos, as_json, greedy, temperature, top_k, top_p, min_p,
-             repetition_penalty, seed, backend, max_memory, quiet, gptq_mode):
+             repetition_penalty, seed, backend, max_memory, quiet, gptq_mode, ray_address=None, workers=None,
+             cpus_per_worker=1, pipeline_address=None, stages=2, cpus_per_stage=1):
     """Continue a prompt, streaming the text as it is produced.
 
     \b
@@ -104,6 +109,8 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
       echo "Once upon a time" | tinyllama-ref generate ./ckpt --json
       tinyllama-ref generate ./ckpt --prompt-ids 1,306,4658 -n 8          # prints new token ids
       tinyllama-ref generate ./ckpt --prompts-file prompts.jsonl -o out.jsonl [--resume]
+      tinyllama-ref generate ./ckpt --prompts-file prompts.jsonl -o out.jsonl --ray auto --workers 4
+      tinyllama-ref generate ./ckpt --prompt "Gout is" --pipeline auto --stages 2
     """
     from ..sampling import SamplingParams
     from ..templates import stop_conditions
@@ -117,7 +124,11 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
         raise GenerationError("empty prompt: give some text")
     old = prepare_output(output, resume)            # -o must be writable before anything runs
     params_kw = sampling_kwargs(greedy, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    model = open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
+    if ray_address and (kind != "file" or pipeline_address):
+        raise GenerationError("--ray goes with --prompts-file (and not with --pipeline)")
+    pool = open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, cpus_per_worker, quiet)
+    model = pool_model_view(checkpoint, pool) if pool else open_model_or_pipeline(
+        checkpoint, pipeline_address, stages, backend, max_memory, gptq_mode, cpus_per_stage, quiet)
     params = SamplingParams.from_generation_config(checkpoint, **params_kw)
     if kind == "ids" and not os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
         generate_ids_only(model, source, max_new_tokens, params, ignore_eos, as_json)
@@ -173,6 +184,8 @@ def generate_prompts_file(model, items, prompts_file, output, resume, old, batch
                           params, stops, stop_ids, quiet):
     """Every prompt of the file, a batch at a time; each batch's records go to -o (fsync'ed) or stdout at once."""
     from ..eval.prompts import batch_starts, iter_generate
+    if getattr(model, "pool", None):              # --ray: the same batches, on the workers
+        iter_generate = pooled_iter_generate(model.pool)
     from ..eval.results import ResultsWriter, make_header
     from ..progress import Progress
     from .evaluate import batch_tokens_for

@@ -3,7 +3,11 @@
 Ray is an optional extra (`pip install 'tinyllama-ref[distributed]'`); nothing else in the package imports it.
 """
 
+import logging
+
 from ..errors import TinyLlamaError
+
+QUIET = logging.WARNING          # Ray's own INFO lines ("Started a local Ray instance") would clutter stderr
 
 
 class DistributedError(TinyLlamaError):
@@ -27,17 +31,17 @@ def connect(address="auto"):
     if ray.is_initialized():
         return ray
     if address == "local":
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, logging_level=QUIET)
         return ray
     if address in (None, "", "auto"):
         try:
-            ray.init(address="auto", log_to_driver=False)
+            ray.init(address="auto", log_to_driver=False, logging_level=QUIET)
         except ConnectionError:
             # No cluster here: a local one bound to the loopback interface, gone when this process ends.
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, logging_level=QUIET)
         return ray
     try:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=QUIET)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise DistributedError(f"cannot join the Ray cluster at {address!r} ({e}); start it with "
                                "`ray start --head` (see docs/distributed.md) or use --ray auto") from None

@@ -11,6 +11,7 @@ every chunk's results come from exactly one complete run: nothing is lost, nothi
 error in the work itself (a prompt too long for the context) is not retried: it is raised at once.
 """
 
+import os
 from collections import deque
 
 from .cluster import DistributedError, check_fits, connect, remote_error
@@ -33,7 +34,7 @@ class DataParallel:
         if not isinstance(workers, int) or workers < 1:
             raise DistributedError(f"--workers must be a whole number >= 1, got {workers!r}")
         self.ray = connect(address)
-        self.spec = dict(path=path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode,
+        self.spec = dict(path=os.path.abspath(path), backend=backend, max_memory=max_memory, gptq_mode=gptq_mode,
                          cpus=cpus_per_worker, threads=threads)
         self.max_attempts = max_attempts
         check_fits(self.ray, workers, cpus_per_worker, "workers")
