@@ -50,6 +50,7 @@ def open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, 
     t = time.perf_counter()
     pool = DataParallel(checkpoint, workers=workers or 2, backend=backend, max_memory=max_memory,
                         gptq_mode=gptq_mode, address=ray_address, cpus_per_worker=cpus_per_worker)
+    click.get_current_context().call_on_close(pool.close)         # the workers' memory back when the command ends
     hosts = sorted({h for h, _ in pool.hosts})
     notice(quiet, f"{len(pool.actors)} Ray workers ready on {', '.join(hosts)} ({time.perf_counter() - t:.1f} s)")
     return pool
@@ -134,6 +135,7 @@ def open_model_or_pipeline(checkpoint, pipeline_address, stages, backend, max_me
     t = time.perf_counter()
     model = TextModel(PipelineModel(checkpoint, stages=stages, backend=backend, max_memory=max_memory,
                                     gptq_mode=gptq_mode, address=pipeline_address, cpus_per_stage=cpus_per_stage))
+    click.get_current_context().call_on_close(model.model.close)
     model.model.load_seconds = time.perf_counter() - t
     notice(quiet, model.layers.describe())
     return model
