@@ -93,3 +93,24 @@ def test_a_stage_over_its_budget_is_one_error(pair):
     pipe, _ = pair
     with pytest.raises(MemoryBudgetError, match=r"layers [02]-[13] of 4 .*--stages"):
         PipelineModel(pipe.path, stages=2, max_memory="20MB", cpus_per_stage=0)   # the pair holds the CPUs
+
+
+def test_the_servers_scheduler_runs_on_it_unchanged(pair):
+    """serve/scheduler.py's continuous batching (chunked prefill, slots, one pass per step) on the pipeline:
+    every greedy sequence ends with the tokens the single-process model generates for it alone."""
+    from tinyllama_ref.sampling import SamplingParams
+    from tinyllama_ref.serve.jobs import Finished, Job
+    from tinyllama_ref.serve.scheduler import Scheduler
+    pipe, local = pair
+    prompts = [prompt(local, n, seed=10 + n) for n in (5, 19, 9)]
+    events = [[] for _ in prompts]
+    sch = Scheduler(pipe, max_batch=2, max_queue=4, prefill_chunk=8)
+    sch.submit([Job(prompt_ids=p, max_new_tokens=6, params=SamplingParams(temperature=0.0), stop_ids=frozenset(),
+                    on_event=ev.append) for p, ev in zip(prompts, events)])
+    while any(not ev or not isinstance(ev[-1], Finished) for ev in events):
+        with sch.cond:
+            sch._admit()
+        sch.step()
+    sch.cache.close()
+    for p, ev in zip(prompts, events):
+        assert ev[-1].token_ids == local.generate(p, max_new_tokens=6, stop_ids=[])
