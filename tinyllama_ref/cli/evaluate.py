@@ -12,7 +12,8 @@ import time
 import click
 
 from .common import model_options, notice, open_model
-from .distributed import open_pool, pool_model_view, pooled_iter_perplexity, pooled_iter_score, ray_options
+from .distributed import (open_model_or_pipeline, open_pool, pipeline_options, pool_model_view, pooled_iter_perplexity,
+                          pooled_iter_score, ray_options)
 from ..errors import GenerationError
 from ..progress import Progress
 
@@ -168,10 +169,11 @@ def show_record(r, as_json):
 @click.option("--no-shared-prefix", is_flag=True, help="Run every option's whole sequence (for comparisons).")
 @resumable_options
 @ray_options
+@pipeline_options
 @model_options
 def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demonstrations, show_prompt,
           no_shared_prefix, output, resume, batch_tokens, backend, max_memory, quiet, gptq_mode, ray_address=None,
-          workers=None, cpus_per_worker=1):
+          workers=None, cpus_per_worker=1, pipeline_address=None, stages=2, cpus_per_stage=1):
     """Multiple-choice accuracy: each option scored by its log-likelihood after the question.
 
     ITEMS is JSONL, one {"question", "options", "answer"} per line (answer: the right option's index, text
@@ -203,8 +205,11 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demo
             click.echo(f"{mark} {json.dumps(' ' + option, ensure_ascii=False)}")
         return
     old = prepare_output(output, resume)
+    if ray_address and pipeline_address:
+        raise GenerationError("--ray and --pipeline do not go together: one spreads items, the other layers")
     pool = open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, cpus_per_worker, quiet)
-    model = pool_model_view(checkpoint, pool) if pool else open_model(checkpoint, backend, max_memory, quiet, gptq_mode)
+    model = pool_model_view(checkpoint, pool) if pool else open_model_or_pipeline(
+        checkpoint, pipeline_address, stages, backend, max_memory, gptq_mode, cpus_per_stage, quiet)
     if pool:                                     # the same batches, on the workers (distributed/tasks.py)
         iter_score = pooled_iter_score(pool)
     tok = model.tokenizer

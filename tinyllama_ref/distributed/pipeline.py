@@ -130,6 +130,14 @@ class PipelineModel:
         self.layers = PipelineLayers(self.cfg, ranges, [f"{h} (pid {p})" for h, p, _ in ready],
                                      file_bytes)
 
+    @property
+    def default_batch_tokens(self):
+        """Token rows per scoring pass that every stage's remaining budget allows (eval/batching.py's rule,
+        counted as if a stage held every layer's cache: on the safe side)."""
+        from ..eval.batching import MAX_DEFAULT, MIN_DEFAULT, bytes_per_row
+        free = min(self._get([s.free_bytes.remote() for s in self.stages], "asking for its budget"))
+        return max(MIN_DEFAULT, min(MAX_DEFAULT, int(0.8 * free) // bytes_per_row(self.cfg)))
+
     def _get(self, refs, doing):
         """ray.get, with a stage's own error (budget, checkpoint) as the one line a person reads."""
         ray = self.ray

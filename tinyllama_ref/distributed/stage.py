@@ -81,14 +81,18 @@ class Stage:
     def _check_budget(self, what, extra=0):
         c = self.cfg
         kv = sum(cache.nbytes for cache in self.caches.values())
-        need = self.baseline + self.weight_bytes + kv + extra + self.overhead + SAFETY + \
-            int(SAFETY_FRACTION * self.budget)
-        if need > self.budget:
+        if extra > self.free_bytes():
             raise MemoryBudgetError(
                 f"memory budget {human(self.budget)} cannot hold {what}: layers {self.first}-{self.stop - 1} of "
                 f"{c.n_layers} ({human(self.weight_bytes)}{', with the head' if self.is_last else ''}), KV caches "
                 f"{human(kv + extra)}, this process {human(self.baseline)}; give more --max-memory or more "
                 f"--stages")
+
+    def free_bytes(self):
+        """Budget this stage has left for KV caches and activations."""
+        kv = sum(cache.nbytes for cache in self.caches.values())
+        return self.budget - (self.baseline + self.weight_bytes + kv + self.overhead + SAFETY +
+                              int(SAFETY_FRACTION * self.budget))
 
     def ready(self):
         """(host, pid, weight bytes) once loaded; raises the load error if there was one."""
