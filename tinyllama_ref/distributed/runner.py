@@ -113,7 +113,10 @@ class DataParallel:
                     next_out += 1
         finally:
             for ref in in_flight:          # an early exit (error, consumer stopped): drop the pending work
-                ray.cancel(ref, force=False)
+                try:
+                    ray.cancel(ref, force=False)
+                except Exception:              # finished or its worker gone meanwhile: nothing to drop
+                    pass
 
     def call(self, fn):
         """fn(model) on every worker: their answers (e.g. each one's default batch size under its budget)."""
