@@ -11,7 +11,8 @@ Projected, for the same architecture with more layers over K machines (e.g. 70B:
 one pass visits every stage in turn, so s/token at batch 1 = layers x (measured compute per layer)
 + head + K x (measured overhead per hop). The per-layer time is measured here with resident layers; on
 K real machines each stage reads its own memory, so the figure holds if each node has this one's memory
-bandwidth; the head's time is spread over the layers (a slight over-estimate). Micro-batches (batch >= K) overlap the stages, which raises tokens/s, not s/token.
+bandwidth; the head's time is spread over the layers (a slight over-estimate). Micro-batches (batch >= K)
+overlap the stages, which raises tokens/s, not s/token.
 """
 
 import argparse

@@ -120,7 +120,8 @@ class PipelineModel:
         self.micro_batches = micro_batches or stages
         self.ray = connect(address)
         check_fits(self.ray, stages, cpus_per_stage, "stages")
-        self.stages = [start_stage(os.path.abspath(path), backend, max_memory, gptq_mode, a, b, cpus=cpus_per_stage, threads=threads)
+        self.stages = [start_stage(os.path.abspath(path), backend, max_memory, gptq_mode, a, b, cpus=cpus_per_stage,
+                                   threads=threads)
                        for a, b in ranges]
         try:
             ready = self._get([s.ready.remote() for s in self.stages], "loading")

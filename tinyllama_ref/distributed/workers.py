@@ -4,7 +4,8 @@ Every node reads the checkpoint from the same path (a shared filesystem, or a co
 each machine) and keeps its own memory budget: one worker is one `tinyllama_ref.load(...)` on its node.
 
 A unit of work is a plain function `work(model, items, start) -> one result per item` (start: where the items
-begin in the whole input), picklable: defined at module level, or a functools.partial of one: see tasks.py for the ones the commands use.
+begin in the whole input), picklable: defined at module level, or a functools.partial of one: see tasks.py
+for the ones the commands use.
 """
 
 import os
