@@ -410,38 +410,7 @@ ITEMS = [
 ]
 
 
-def tenacity_stand_in():
-    """lm-eval's API models import tenacity (the lm-eval[api] extra) only to retry failed requests. When it is
-    missing, a stand-in that tries once keeps lm-eval's own request and scoring code under test."""
-    import asyncio
-    import functools
-    import importlib.machinery
-    import types
-    module = types.ModuleType("tenacity")
-    module.__spec__ = importlib.machinery.ModuleSpec("tenacity", None)    # lm-eval checks find_spec()
-
-    class RetryError(Exception):
-        pass
-
-    def retry(**_):
-        def wrap(fn):
-            if asyncio.iscoroutinefunction(fn):
-                @functools.wraps(fn)
-                async def once_async(*a, **k):
-                    return await fn(*a, **k)
-                return once_async
-            return fn
-        return wrap
-    module.RetryError, module.retry = RetryError, retry
-    module.stop_after_attempt = module.wait_exponential = lambda *a, **k: None
-    return module
-
-
 def test_lm_eval_local_completions_scores_like_the_project(server, ckpt, model, tmp_path, monkeypatch):
-    try:
-        import tenacity  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "tenacity", tenacity_stand_in())
     import lm_eval
     from lm_eval.tasks import TaskManager
     data = tmp_path / "items.jsonl"
