@@ -10,13 +10,14 @@ disk until the model touches it, and the OS can drop the pages again (see stream
 """
 
 import glob
-import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from .config import check_regular_file, json_type, parse_json, read_json
 from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the reference implementation caps the header at 100 MB too
@@ -61,18 +62,28 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = path
+        # A directory, FIFO or device in place of the file is refused before open(): opening a FIFO for
+        # reading waits for a writer that never comes.
+        check_regular_file(path, CheckpointError, "safetensors file")
         try:
             self._fd = open(path, "rb")
         except FileNotFoundError:
             raise CheckpointError(f"{path}: file not found") from None
         except OSError as e:
             raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            self._read_header()
+        except BaseException:
+            self._fd.close()
+            raise
+
+    def _read_header(self):
+        path = self.path
         size = os.fstat(self._fd.fileno()).st_size
         self.size = size
         if size < 8:
             raise CheckpointError(f"{path}: only {size} bytes, too short to be a safetensors file")
-        (n,) = np.frombuffer(self._fd.read(8), dtype="<u8")
-        n = int(n)
+        n = int.from_bytes(self._fd.read(8), "little")
         if n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: header length {n} bytes is larger than the {MAX_HEADER_BYTES} "
                                   "byte limit (not a safetensors file, or corrupt)")
@@ -80,15 +91,27 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file "
                                   "(truncated download?)")
         raw = self._fd.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        if len(raw) != n:
+            raise CheckpointError(f"{path}: could read only {len(raw)} of the {n} header bytes")
+        header = parse_json(raw, f"{path}: header", CheckpointError)
         if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: header must be a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._mmap = mmap.mmap(self._fd.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            raise CheckpointError(f"{path}: header must be a JSON object, found {json_type(header)}")
+        self.metadata = self._check_metadata(header.pop("__metadata__", None))
+        self._mmap = mmap.mmap(self._fd.fileno(), 0, access=mmap.ACCESS_READ)
         self.tensors = self._validate(header, data_start=8 + n)
+
+    def _check_metadata(self, meta):
+        """__metadata__ is a string-to-string map (or absent / null), as the safetensors format defines it."""
+        if meta is None:
+            return {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.path}: __metadata__ must be an object of strings, found "
+                                  f"{json_type(meta)}")
+        for key, value in meta.items():
+            if not isinstance(value, str):
+                raise CheckpointError(f"{self.path}: __metadata__ entry {key!r} must be a string, found "
+                                      f"{json_type(value)} {value!r}")
+        return meta
 
     def _validate(self, header, data_start):
         path, data_size = self.path, self.size - data_start
@@ -98,7 +121,7 @@ class SafetensorsFile:
             if not isinstance(entry, dict):
                 raise CheckpointError(f"{where}: header entry is not an object")
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise CheckpointError(f"{where}: unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
             if (not isinstance(shape, list)
                     or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -110,7 +133,8 @@ class SafetensorsFile:
             if not 0 <= begin <= end <= data_size:
                 raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] fall outside the "
                                       f"{data_size} bytes of data (truncated or corrupt file)")
-            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+            # Python integers: a shape like [2**62 + 64, 4] must not wrap around to a small byte count.
+            expected = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
             if end - begin != expected:
                 raise CheckpointError(f"{where}: {end - begin} bytes on disk but dtype {dtype} with shape "
                                       f"{shape} needs {expected}")
@@ -157,11 +181,15 @@ class Checkpoint:
     """All tensors of a checkpoint directory (one file, or shards listed in model.safetensors.index.json)."""
 
     def __init__(self, directory):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise CheckpointError(f"checkpoint path must be a string or os.PathLike, got {directory!r}")
+        directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise CheckpointError(f"{directory}: no such checkpoint directory")
         self.directory = os.path.abspath(directory)
         index = os.path.join(self.directory, "model.safetensors.index.json")
-        if os.path.exists(index):
+        self._weight_map = None
+        if os.path.lexists(index):
             shard_names = self._shards_from_index(index)
         else:
             shard_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.directory,
@@ -180,29 +208,36 @@ class Checkpoint:
                 if name in self.tensors:
                     raise CheckpointError(f"{f.path}: tensor {name} also appears in {self.tensors[name].file}")
                 self.tensors[name] = info
-        if os.path.exists(index):
-            missing = [n for n, shard in self._weight_map.items() if n not in self.tensors]
-            if missing:
-                raise CheckpointError(f"{index}: lists {len(missing)} tensors that are in no shard, "
-                                      f"e.g. {missing[0]}")
+        if self._weight_map is not None:
+            self._check_index(index)
 
     def _shards_from_index(self, index):
-        try:
-            with open(index, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not valid JSON ({e})") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        data = read_json(index, CheckpointError)
+        weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no 'weight_map' object")
         for name, shard in weight_map.items():
             # A shard name is a plain file name in this directory; anything else could read files elsewhere.
             if (not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", "..")
-                    or os.path.isabs(shard)):
+                    or os.path.isabs(shard) or "\0" in shard):
                 raise CheckpointError(f"{index}: tensor {name} points to shard {shard!r}, which is not a "
                                       "plain file name inside the checkpoint directory")
         self._weight_map = weight_map
         return sorted(set(weight_map.values()))
+
+    def _check_index(self, index):
+        """The index and the shards' headers must tell the same story, tensor by tensor."""
+        missing = [n for n in self._weight_map if n not in self.tensors]
+        if missing:
+            raise CheckpointError(f"{index}: lists {len(missing)} tensors that are in no shard, "
+                                  f"e.g. {missing[0]}")
+        for name, info in self.tensors.items():
+            listed = self._weight_map.get(name)
+            if listed is None:
+                raise CheckpointError(f"{info.file}: tensor {name} is not listed in {index}")
+            if os.path.join(self.directory, listed) != info.file:
+                raise CheckpointError(f"{index}: lists tensor {name} in {listed}, but it is in "
+                                      f"{os.path.basename(info.file)}")
 
     # -- access ------------------------------------------------------------------------------------------
     def __contains__(self, name):

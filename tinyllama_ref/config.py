@@ -5,7 +5,9 @@ says 32000-something while its embedding has 32017 rows, so the loader fills `vo
 """
 
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
@@ -75,88 +77,258 @@ def preset(name):
     return PRESETS[name]
 
 
-def _require(hf, key, path):
-    if key not in hf:
-        raise ConfigError(f"{path}: missing field {key!r} (is this a Llama config.json?)")
-    value = hf[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{path}: {key} must be a positive integer, found {value!r}")
+# -- reading files: the one JSON reader ---------------------------------------------------------------------
+
+MAX_JSON_BYTES = 100 * 1024 * 1024     # config and tokenizer JSON files are kilobytes; an index a few MB
+
+
+def check_regular_file(path, error=ConfigError, what="file"):
+    """os.stat the path (never open it) and refuse anything but a regular file: a directory, a FIFO (whose
+    open() would wait for a writer forever), a device or a socket. Returns the stat result."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise error(f"{path}: file not found") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise error(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else \
+            "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else \
+            "socket" if stat.S_ISSOCK(st.st_mode) else "special file"
+        raise error(f"{path}: is a {kind}, not a regular file; expected a {what}")
+    return st
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(raw, where, error=ConfigError):
+    """JSON text (str or UTF-8 bytes) -> value; refuses duplicate keys (a second "hidden_size" must not
+    silently win) and reports any problem as `error` naming `where`."""
+    try:
+        if isinstance(raw, (bytes, bytearray)):
+            raw = bytes(raw).decode("utf-8")
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise error(f"{where}: key {e.args[0]!r} appears twice in one JSON object") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:     # 5000-digit numbers, nesting deeper than Python's stack
+        raise error(f"{where}: not valid JSON ({str(e) or type(e).__name__})") from None
+
+
+def read_json(path, error=ConfigError, optional=False):
+    """A JSON file holding one object, as a dict, with errors (of class `error`) that name the file.
+
+    optional: a missing file gives None instead of an error. A directory, FIFO or other non-regular file in
+    its place is refused without being opened.
+    """
+    if optional and not os.path.lexists(path):
+        return None
+    st = check_regular_file(path, error, "JSON file")
+    if st.st_size > MAX_JSON_BYTES:
+        raise error(f"{path}: {st.st_size} bytes is too large for a JSON settings file "
+                    f"(limit {MAX_JSON_BYTES})")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    data = parse_json(raw.removeprefix(b"\xef\xbb\xbf"), path, error)
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object at the top level, found {json_type(data)}")
+    return data
+
+
+def json_type(value):
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# -- typed values ------------------------------------------------------------------------------------------
+
+MAX_INT = 2**31 - 1      # no dimension, count or position of a real model comes near this
+_MISSING = object()
+
+
+def _show(value):
+    return f"{value!r} ({json_type(value)})" if isinstance(value, (str, bool, list, dict)) or value is None \
+        else repr(value)
+
+
+def config_int(d, key, path, default=_MISSING, minimum=1, error=ConfigError):
+    """d[key] as an int in [minimum, MAX_INT]: a JSON integer, not a bool, a string or 256.0.
+    null counts as absent (the default applies); absent with no default is an error."""
+    value = d.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise error(f"{path}: missing field {key!r} (is this a Llama config.json?)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{path}: {key} must be an integer, found {_show(value)}")
+    if not minimum <= value <= MAX_INT:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise error(f"{path}: {key} must be {what} (at most {MAX_INT}), found {value}")
     return value
 
 
-def _rope_params(hf):
-    """transformers < 5 writes rope_theta + rope_scaling; 5.x writes one rope_parameters dict."""
-    params = hf.get("rope_parameters") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta), (params if params else hf.get("rope_scaling"))
+def config_float(d, key, path, default, positive=True, error=ConfigError):
+    """d[key] as a finite float (> 0 when positive); JSON integers are fine, bools and strings are not."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{path}: {key} must be a number, found {_show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise error(f"{path}: {key} must be a finite number, found {value}")
+    if positive and value <= 0:
+        raise error(f"{path}: {key} must be greater than 0, found {value}")
+    return value
 
 
-def _rope_factor(scaling, path):
-    if not scaling:
-        return 1.0
-    kind = scaling.get("rope_type", scaling.get("type"))
+def config_bool(d, key, path, default, error=ConfigError):
+    """d[key] as a real JSON boolean (true/false; null is the default), never the truthiness of "false"."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise error(f"{path}: {key} must be true or false, found {_show(value)}")
+    return value
+
+
+def config_str(d, key, path, default, error=ConfigError):
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise error(f"{path}: {key} must be a string, found {_show(value)}")
+    return value
+
+
+def config_ids(d, key, path, error=ConfigError):
+    """A token id field (bos_token_id, eos_token_id): an integer >= 0, a list of them, or null -> a tuple."""
+    value = d.get(key)
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_INT:
+            raise error(f"{path}: {key} must be a token id (an integer >= 0) or a list of them, found "
+                        f"{_show(value)}")
+    return tuple(values)
+
+
+def _rope(hf, path):
+    """(theta, linear factor). transformers < 5 writes rope_theta + rope_scaling; 5.x one rope_parameters."""
+    params = hf.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{path}: rope_parameters must be an object, found {_show(params)}")
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{path}: rope_scaling must be an object or null, found {_show(scaling)}")
+    theta = config_float(hf, "rope_theta", path, 10000.0)
+    if params:
+        theta = config_float(params, "rope_theta", f"{path} (rope_parameters)", theta)
+    block, where = (params, f"{path} (rope_parameters)") if params else (scaling, f"{path} (rope_scaling)")
+    if not block:
+        return theta, 1.0
+    kind = block.get("rope_type", block.get("type"))
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{where}: rope_type must be a string, found {_show(kind)}")
     if kind in (None, "default"):
-        return 1.0
+        return theta, 1.0
     if kind != "linear":
-        raise ConfigError(f"{path}: rope_scaling type {kind!r} is not supported (only 'linear')")
-    factor = float(scaling.get("factor", 1.0))
-    if factor <= 0:
-        raise ConfigError(f"{path}: rope_scaling factor must be positive, found {factor}")
-    return factor
+        raise ConfigError(f"{where}: rope_type {kind!r} is not supported (only 'linear')")
+    if block.get("factor") is None:
+        raise ConfigError(f"{where}: linear rope scaling needs a numeric factor")
+    return theta, config_float(block, "factor", where, 1.0)
 
 
 def config_from_hf(hf, path="config.json", vocab_size=None):
-    """LlamaConfig from the dict in a Hugging Face config.json."""
-    if hf.get("model_type", "llama") not in ("llama", "mistral"):
-        raise ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a Llama model")
-    act = hf.get("hidden_act", "silu")
+    """LlamaConfig from the dict in a Hugging Face config.json; every value it uses is type- and range-checked
+    here (ints are ints, floats finite, booleans real booleans, shapes consistent)."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level, found {json_type(hf)}")
+    arch = hf.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise ConfigError(f"{path}: architectures must be a list of class names, found {_show(arch)}")
+    model_type = config_str(hf, "model_type", path, "llama")
+    if model_type not in ("llama", "mistral"):
+        raise ConfigError(f"{path}: model_type {model_type!r} is not a Llama model")
+    act = config_str(hf, "hidden_act", path, "silu")
     if act != "silu":
         raise ConfigError(f"{path}: hidden_act {act!r} is not supported (Llama uses 'silu')")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError(f"{path}: attention_bias / mlp_bias are not supported (Llama-2 has none)")
-    dim = _require(hf, "hidden_size", path)
-    n_heads = _require(hf, "num_attention_heads", path)
-    n_kv = hf.get("num_key_value_heads") or n_heads
-    if n_heads % n_kv:
+    for key in ("attention_bias", "mlp_bias"):
+        if config_bool(hf, key, path, False):
+            raise ConfigError(f"{path}: {key} is true, which is not supported (Llama-2 has no biases)")
+    dim = config_int(hf, "hidden_size", path)
+    hidden_dim = config_int(hf, "intermediate_size", path)
+    n_layers = config_int(hf, "num_hidden_layers", path)
+    n_heads = config_int(hf, "num_attention_heads", path)
+    n_kv = config_int(hf, "num_key_value_heads", path, default=n_heads)
+    if n_kv > n_heads or n_heads % n_kv:
         raise ConfigError(f"{path}: num_attention_heads {n_heads} is not a multiple of "
                           f"num_key_value_heads {n_kv}")
-    head_dim = hf.get("head_dim") or dim // n_heads
+    if hf.get("head_dim") is None and dim % n_heads:
+        raise ConfigError(f"{path}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} and "
+                          "there is no head_dim field")
+    head_dim = config_int(hf, "head_dim", path, default=dim // n_heads)
     if head_dim % 2:
         raise ConfigError(f"{path}: head_dim {head_dim} must be even for rotary embeddings")
-    theta, scaling = _rope_params(hf)
-    eos = hf.get("eos_token_id", 2)
-    eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    theta, factor = _rope(hf, path)
+    config_vocab = config_int(hf, "vocab_size", path, default=32000)   # not trusted (see above), but typed
+    eps = config_float(hf, "rms_norm_eps", path, 1e-5)
+    if eps >= 1:
+        raise ConfigError(f"{path}: rms_norm_eps must be a small positive number below 1 (Llama uses 1e-5 or "
+                          f"1e-6), found {eps}")
+    bos = config_ids(hf, "bos_token_id", path)
+    if len(bos) > 1 or isinstance(hf.get("bos_token_id"), list):
+        raise ConfigError(f"{path}: bos_token_id must be one token id, found {_show(hf.get('bos_token_id'))}")
     return LlamaConfig(
         dim=dim,
-        hidden_dim=_require(hf, "intermediate_size", path),
-        n_layers=_require(hf, "num_hidden_layers", path),
+        hidden_dim=hidden_dim,
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
-        vocab_size=vocab_size or hf.get("vocab_size", 32000),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        vocab_size=vocab_size or config_vocab,
+        norm_eps=eps,
         rope_theta=theta,
-        rope_scaling_factor=_rope_factor(scaling, path),
-        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
-        eos_token_ids=eos,
+        rope_scaling_factor=factor,
+        max_seq_len=config_int(hf, "max_position_embeddings", path, default=4096),
+        tie_word_embeddings=config_bool(hf, "tie_word_embeddings", path, False),
+        bos_token_id=bos[0] if bos else 1,
+        eos_token_ids=config_ids(hf, "eos_token_id", path) if "eos_token_id" in hf else (2,),
         extra=hf,
     )
-
-
-def read_json(path):
-    """A JSON file as a dict, with errors that name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def load_config(checkpoint_dir, vocab_size=None):

@@ -30,3 +30,28 @@ class GenerationError(TinyLlamaError):
 
 class MemoryBudgetError(TinyLlamaError):
     """The memory budget cannot hold what the model needs."""
+
+
+# -- errors of two kinds at once -----------------------------------------------------------------------------
+# When two files disagree, or a file belongs to two parts of the system, the error is both kinds: callers can
+# catch whichever they think of first (a config value that contradicts a tensor is a ConfigError and a
+# CheckpointError).
+
+class ConfigMismatchError(ConfigError, CheckpointError):
+    """config.json (or quantize_config.json) and the checkpoint's tensors disagree."""
+
+
+class GPTQTensorError(QuantError, CheckpointError):
+    """A GPTQ-packed tensor in the checkpoint is missing, or has the wrong dtype."""
+
+
+class GPTQMismatchError(QuantError, ConfigMismatchError):
+    """A GPTQ-packed tensor's shape disagrees with config.json or quantize_config.json."""
+
+
+class TokenizerConfigError(TokenizerError, ConfigError):
+    """tokenizer_config.json, added_tokens.json or special_tokens_map.json holds a value of the wrong type."""
+
+
+class GenerationConfigError(ConfigError, GenerationError):
+    """generation_config.json holds a value of the wrong type or range."""

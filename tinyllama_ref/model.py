@@ -25,6 +25,7 @@ from .linear import BACKENDS
 from .ops import rms_norm, rope_tables, swiglu
 from .quant import check_gptq_mode, read_quant_config
 from .streaming import LayerSource
+from .validate import validate_checkpoint
 from .weights import embedding_info, load_head
 
 
@@ -62,9 +63,10 @@ class Model:
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.
         cfg = load_config(path)
+        self.quant_config = read_quant_config_if_any(path)
+        validate_checkpoint(path, self.ckpt, cfg, self.quant_config)   # everything, before anything is built
         embed = embedding_info(self.ckpt, cfg.dim)
         self.cfg = with_vocab(cfg, embed.shape[0])
-        self.quant_config = read_quant_config_if_any(path)
         self.embed_weight = self.ckpt.raw(embed.name)              # [V, D] view, stored dtype
         self.embed_dtype = embed.dtype
         self.final_norm, self.lm_head = load_head(self.ckpt, self.cfg, backend)
@@ -79,7 +81,10 @@ class Model:
 
     # -- the pieces ---------------------------------------------------------------------------------------
     def check_ids(self, ids):
-        ids = np.asarray(ids)
+        try:
+            ids = np.asarray(ids)
+        except (ValueError, TypeError):                       # ragged lists, objects numpy cannot hold
+            raise GenerationError("token ids must be a flat list of integers") from None
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise GenerationError("token ids must be a flat list of integers")
         bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
@@ -156,6 +161,9 @@ class Model:
 
     def generate(self, token_ids, max_new_tokens=16, temperature=0.0, **sampling):
         """New token ids after the prompt (a list of ints), or one list per prompt for a batch of prompts."""
+        if isinstance(token_ids, (str, bytes, dict)) or not hasattr(token_ids, "__len__"):
+            raise GenerationError(f"token ids must be a list of integers (or one list per prompt), got "
+                                  f"{type(token_ids).__name__}")
         batch = len(token_ids) > 0 and not np.isscalar(token_ids[0])
         prompts = [list(p) for p in token_ids] if batch else [list(token_ids)]
         outs = generate_ids(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, **sampling)

@@ -10,14 +10,50 @@ softmax gives it probability 0.
 Temperature 0 means greedy: the argmax of the (repetition-penalised) logits, no randomness.
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .errors import GenerationError
+from .config import config_bool, config_float, config_ids, config_int, read_json
+from .errors import GenerationConfigError, GenerationError
+
+
+GENERATION_FIELDS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                     "repetition_penalty": float, "do_sample": bool}
+
+
+def read_generation_config(checkpoint_dir):
+    """generation_config.json's sampling fields and token ids, type- and range-checked ({} without the file).
+
+    Returns only the fields present and not null: the sampling values of GENERATION_FIELDS, and bos_token_id /
+    eos_token_id as tuples of ids. A wrong type or a nonsense value is a GenerationConfigError (a ConfigError
+    and a GenerationError) naming the file and the key.
+    """
+    path = os.path.join(checkpoint_dir, "generation_config.json")
+    raw = read_json(path, GenerationConfigError, optional=True) or {}
+    out = {}
+    for key, kind in GENERATION_FIELDS.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        if kind is bool:
+            out[key] = config_bool(raw, key, path, None, error=GenerationConfigError)
+        elif kind is int:
+            out[key] = config_int(raw, key, path, minimum=0, error=GenerationConfigError)
+        else:
+            out[key] = config_float(raw, key, path, None, positive=False, error=GenerationConfigError)
+    sampling = {k: v for k, v in out.items() if k != "do_sample"}
+    try:
+        SamplingParams(**sampling)                  # the ranges, by the same rules as any caller's values
+    except GenerationError as e:
+        raise GenerationConfigError(f"{path}: {e}") from None
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = config_ids(raw, key, path, error=GenerationConfigError)
+        if ids:
+            out[key] = ids
+    return out
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,16 @@ class SamplingParams:
             raise GenerationError(f"seed must be a whole number >= 0, got {self.seed!r}")
         return self
 
+    @classmethod
+    def from_options(cls, **options):
+        """SamplingParams from a caller's keyword arguments: an unknown name is a GenerationError, not a
+        TypeError (None values are left out, so defaults apply)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise GenerationError(f"unknown sampling option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
     @property
     def greedy(self):
         return self.temperature == 0
@@ -71,22 +117,13 @@ class SamplingParams:
         leaves out take transformers' defaults (GenerationConfig._get_default_generation_params): note
         top_k 50, not 0. Overrides that are None are ignored, so a CLI can pass every option through.
         """
-        path = os.path.join(checkpoint_dir, "generation_config.json")
-        file = {}
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    file = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise GenerationError(f"{path}: not valid JSON ({e})") from None
+        file = read_generation_config(checkpoint_dir)
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:
             raise GenerationError(f"unknown sampling option(s) {sorted(unknown)}; known: {sorted(known)}")
         values = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
-        for name in values:
-            if file.get(name) is not None:
-                values[name] = file[name]
+        values.update({k: file[k] for k in values if k in file})
         if not file.get("do_sample", False):
             values["temperature"] = 0.0
         values.update({k: v for k, v in overrides.items() if v is not None})

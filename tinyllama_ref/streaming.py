@@ -101,7 +101,7 @@ class LayerSource:
                 + (f", reference temporaries {human(self.scratch)}" if self.scratch else "")
                 + (f", {what}" if what else "")
                 + f", and streaming needs room for two layers ({human(window)}); give at least "
-                f"{human(self._fixed() + window)} with --max-memory")
+                f"{human(self._fixed() + window, round_up=True)} with --max-memory")
         free -= window
         k = 0
         while k < self.n_layers and self.file_bytes[k] <= free:

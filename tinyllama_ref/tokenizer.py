@@ -18,12 +18,15 @@ not part of a valid character (as SentencePiece does). The stream decoder does t
 holds back the bytes of a character that is not complete yet, so a terminal never shows half a character.
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass
 
-from .errors import TokenizerError
+import numpy as np
+
+from .config import check_regular_file, config_ids, json_type, read_json
+from .errors import TokenizerConfigError, TokenizerError
+from .sampling import read_generation_config
 
 
 @dataclass(frozen=True)
@@ -36,28 +39,107 @@ class AddedToken:
     rstrip: bool = False      # swallow whitespace on its right when matching
 
 
-def _read_json(path):
-    """A JSON file's contents, or None when the file is absent."""
-    if not os.path.exists(path):
+TOKENIZER_FILES = ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """The tokenizer's JSON files, read and type-checked (every field here has the type its reader expects)."""
+    decoder: dict            # tokenizer_config.json added_tokens_decoder: id -> AddedToken
+    added: dict              # added_tokens.json: text -> id
+    special_texts: list      # token texts named by special_tokens_map.json and tokenizer_config.json
+    bos_text: str = None     # tokenizer_config.json bos_token / eos_token (text)
+    eos_text: str = None
+    legacy: bool = True
+    chat_template: object = None    # a Jinja string, or a list of {"name", "template"} entries
+
+
+def _token_text(value, path, key):
+    """A token spelled as a string or as {"content": ...} (null: none); anything else is an error."""
+    if value is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-
-
-def _token_text(value):
-    """special_tokens_map.json / tokenizer_config.json spell a token as a string or as {"content": ...}."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
+        if not isinstance(value, str):
+            raise TokenizerConfigError(f"{path}: {key} is an object without a 'content' string")
+    if not isinstance(value, str):
+        raise TokenizerConfigError(f"{path}: {key} must be a token string or an object with 'content', found "
+                                   f"{json_type(value)} {value!r}")
     return value
 
 
-def _as_id_list(value):
+def _flag(entry, key, default, path, where):
+    value = entry.get(key)
     if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+        return default
+    if not isinstance(value, bool):
+        raise TokenizerConfigError(f"{path}: {where} {key} must be true or false, found {value!r}")
+    return value
+
+
+def read_tokenizer_files(checkpoint_dir):
+    """TokenizerFiles from tokenizer_config.json, added_tokens.json and special_tokens_map.json (each optional).
+
+    Wrong JSON types, ids that are not integers >= 0 and entries without a content string are
+    TokenizerConfigError (a TokenizerError and a ConfigError) naming the file and the key.
+    """
+    paths = {name: os.path.join(checkpoint_dir, name) for name in TOKENIZER_FILES}
+    config, added_json, special_map = (read_json(paths[n], TokenizerConfigError, optional=True) or {}
+                                       for n in TOKENIZER_FILES)
+    cpath, apath, spath = (paths[n] for n in TOKENIZER_FILES)
+
+    decoder_raw = config.get("added_tokens_decoder")
+    if decoder_raw is None:
+        decoder_raw = {}
+    if not isinstance(decoder_raw, dict):
+        raise TokenizerConfigError(f"{cpath}: added_tokens_decoder must be an object of id -> token, found "
+                                   f"{json_type(decoder_raw)}")
+    decoder = {}
+    for key, entry in decoder_raw.items():
+        where = f"added_tokens_decoder[{key!r}]"
+        if not (key.isascii() and key.isdigit()):
+            raise TokenizerConfigError(f"{cpath}: {where}: the key must be a token id (an integer >= 0)")
+        if not isinstance(entry, dict):
+            raise TokenizerConfigError(f"{cpath}: {where} must be an object with 'content', found "
+                                       f"{json_type(entry)}")
+        text = entry.get("content")
+        if not isinstance(text, str) or not text:
+            raise TokenizerConfigError(f"{cpath}: {where} has no 'content' string (found {text!r})")
+        decoder[int(key)] = AddedToken(text, int(key), special=_flag(entry, "special", True, cpath, where),
+                                       lstrip=_flag(entry, "lstrip", False, cpath, where),
+                                       rstrip=_flag(entry, "rstrip", False, cpath, where))
+
+    added = {}
+    for text, i in added_json.items():
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise TokenizerConfigError(f"{apath}: {text!r} must map to a token id (an integer >= 0), found "
+                                       f"{json_type(i)} {i!r}")
+        if not text:
+            raise TokenizerConfigError(f"{apath}: an empty string cannot be an added token")
+        added[text] = i
+
+    special = [_token_text(special_map.get(k), spath, k) for k in ("bos_token", "eos_token", "unk_token",
+                                                                    "pad_token")]
+    special += [_token_text(config.get(k), cpath, k) for k in ("bos_token", "eos_token", "unk_token")]
+    extra = special_map.get("additional_special_tokens")
+    if extra is not None and not isinstance(extra, list):
+        raise TokenizerConfigError(f"{spath}: additional_special_tokens must be a list of tokens, found "
+                                   f"{json_type(extra)}")
+    special += [_token_text(v, spath, f"additional_special_tokens[{k}]") for k, v in enumerate(extra or [])]
+
+    legacy = config.get("legacy")
+    if legacy is not None and not isinstance(legacy, bool):
+        raise TokenizerConfigError(f"{cpath}: legacy must be true, false or null, found {legacy!r}")
+    template = config.get("chat_template")
+    if not (template is None or isinstance(template, str) or (
+            isinstance(template, list) and all(isinstance(e, dict) and isinstance(e.get("template"), str)
+                                               for e in template))):
+        raise TokenizerConfigError(f"{cpath}: chat_template must be a Jinja string or a list of "
+                                   "{\"name\", \"template\"} objects")
+    return TokenizerFiles(decoder=decoder, added=added, special_texts=[t for t in special if t],
+                          bos_text=_token_text(config.get("bos_token"), cpath, "bos_token"),
+                          eos_text=_token_text(config.get("eos_token"), cpath, "eos_token"),
+                          legacy=legacy is not False, chat_template=template)
 
 
 def _load_sentencepiece(path):
@@ -66,6 +148,7 @@ def _load_sentencepiece(path):
     if not os.path.exists(path):
         raise TokenizerError(f"{path}: file not found; a Llama checkpoint needs its SentencePiece "
                              f"tokenizer.model next to config.json")
+    check_regular_file(path, TokenizerError, "SentencePiece tokenizer.model")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(path)
@@ -75,7 +158,7 @@ def _load_sentencepiece(path):
     return sp
 
 
-def read_added_tokens(checkpoint_dir, sp):
+def read_added_tokens(checkpoint_dir, sp, files=None):
     """The added tokens named by the checkpoint's JSON files, as {text: AddedToken}.
 
     Sources, later ones filling gaps: tokenizer_config.json's added_tokens_decoder (ids with flags),
@@ -83,9 +166,7 @@ def read_added_tokens(checkpoint_dir, sp):
     from a SentencePiece piece of the same text). bos/eos/unk are added tokens too, as in transformers, so a
     literal "<s>" in the text becomes id 1.
     """
-    config = _read_json(os.path.join(checkpoint_dir, "tokenizer_config.json")) or {}
-    added_json = _read_json(os.path.join(checkpoint_dir, "added_tokens.json")) or {}
-    special_map = _read_json(os.path.join(checkpoint_dir, "special_tokens_map.json")) or {}
+    files = files or read_tokenizer_files(checkpoint_dir)
     tokens = {}
 
     def add(text, i, where, **flags):
@@ -95,18 +176,13 @@ def read_added_tokens(checkpoint_dir, sp):
         if text not in tokens:
             tokens[text] = AddedToken(text, i, **flags)
 
-    for key, entry in (config.get("added_tokens_decoder") or {}).items():
-        add(entry["content"], int(key), "tokenizer_config.json added_tokens_decoder",
-            special=bool(entry.get("special", True)), lstrip=bool(entry.get("lstrip", False)),
-            rstrip=bool(entry.get("rstrip", False)))
-    for text, i in added_json.items():
-        add(text, int(i), "added_tokens.json")
-    named = [special_map.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
-    named += [config.get(k) for k in ("bos_token", "eos_token", "unk_token")]
-    named += list(special_map.get("additional_special_tokens") or [])
-    for value in named:
-        text = _token_text(value)
-        if not text or text in tokens:
+    for i, t in files.decoder.items():
+        add(t.text, i, "tokenizer_config.json added_tokens_decoder", special=t.special, lstrip=t.lstrip,
+            rstrip=t.rstrip)
+    for text, i in files.added.items():
+        add(text, i, "added_tokens.json")
+    for text in files.special_texts:
+        if text in tokens:
             continue
         i = sp.piece_to_id(text)
         if i != sp.unk_id() or text == sp.id_to_piece(sp.unk_id()):
@@ -144,24 +220,25 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, checkpoint_dir, vocab_size=None):
         """Read tokenizer.model and the JSON files beside it; vocab_size is the embedding's row count."""
+        files = read_tokenizer_files(checkpoint_dir)
+        gen = read_generation_config(checkpoint_dir)
         sp = _load_sentencepiece(os.path.join(checkpoint_dir, "tokenizer.model"))
-        added = read_added_tokens(checkpoint_dir, sp)
-        config = _read_json(os.path.join(checkpoint_dir, "tokenizer_config.json")) or {}
-        gen = _read_json(os.path.join(checkpoint_dir, "generation_config.json")) or {}
-        model_config = _read_json(os.path.join(checkpoint_dir, "config.json")) or {}
+        added = read_added_tokens(checkpoint_dir, sp, files)
+        config_path = os.path.join(checkpoint_dir, "config.json")
+        model_config = read_json(config_path, optional=True) or {}
         # BOS / EOS: generation_config.json first (what generate() uses), then config.json, then the
         # tokenizer's own bos_token / eos_token strings, then SentencePiece's ids.
-        bos_id = gen.get("bos_token_id", model_config.get("bos_token_id"))
-        eos_ids = set(_as_id_list(gen.get("eos_token_id", model_config.get("eos_token_id"))))
-        eos_text = _token_text(config.get("eos_token"))
-        if eos_text in added:
-            eos_ids.add(added[eos_text].id)
-        if bos_id is None:
-            bos_text = _token_text(config.get("bos_token"))
-            bos_id = added[bos_text].id if bos_text in added else sp.bos_id()
+        bos = gen.get("bos_token_id") or config_ids(model_config, "bos_token_id", config_path)
+        eos_ids = set(gen.get("eos_token_id") or config_ids(model_config, "eos_token_id", config_path))
+        if files.eos_text in added:
+            eos_ids.add(added[files.eos_text].id)
+        if bos:
+            bos_id = bos[0]
+        else:
+            bos_id = added[files.bos_text].id if files.bos_text in added else sp.bos_id()
         return cls(sp, list(added.values()), bos_id=int(bos_id), eos_ids=eos_ids or {sp.eos_id()},
-                   vocab_size=vocab_size, legacy=config.get("legacy") is not False,   # absent/null: legacy
-                   chat_template=config.get("chat_template"), path=checkpoint_dir)
+                   vocab_size=vocab_size, legacy=files.legacy,   # absent/null: legacy
+                   chat_template=files.chat_template, path=checkpoint_dir)
 
     # ---- sizes and names ----
 
@@ -191,7 +268,7 @@ class Tokenizer:
         limit = self.vocab_size
         if limit is None:                        # model size unknown: every id the tokenizer names is fine
             limit = max(self.n_sp, max(self.added_by_id, default=0) + 1)
-        for i in ids:
+        for i in as_token_ids(ids):
             if 0 <= i < limit:
                 continue
             try:
@@ -248,6 +325,8 @@ class Tokenizer:
         llama2 chat template writes): a doubled BOS is never what a caller wants. (transformers would
         double it; llama.cpp warns about it.)
         """
+        if not isinstance(text, str):
+            raise TokenizerError(f"text to encode must be a string, got {type(text).__name__}")
         parts = self.split_added(text)
         starts_with_bos = bool(parts) and isinstance(parts[0], AddedToken) and parts[0].id == self.bos_id
         ids = [self.bos_id] if add_bos and not starts_with_bos else []
@@ -275,8 +354,21 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=False):
         """Text for ids. Control tokens (<s>, </s>) give no text; other added tokens give their own text
         unless skip_special_tokens drops the special ones; ids that name no token give no text."""
+        ids = as_token_ids(ids)
         stream = self.stream_decoder(skip_special_tokens)
         return "".join(stream.push(i) for i in ids) + stream.flush()
+
+
+def as_token_ids(ids):
+    """A flat sequence of integer token ids as a list of Python ints; anything else is a TokenizerError."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TokenizerError(f"token ids must be a flat list of integers, got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TokenizerError(f"token ids must be a flat list of integers, found {i!r}")
+        out.append(int(i))
+    return out
 
 
 def _utf8_length(lead):

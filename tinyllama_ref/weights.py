@@ -21,6 +21,9 @@ LINEARS = {
     "up": ("mlp.up_proj", lambda c: c.dim, lambda c: c.hidden_dim),
     "down": ("mlp.down_proj", lambda c: c.hidden_dim, lambda c: c.dim),
 }
+NORMS = {"attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight"}   # [D] each
+EMBEDDING, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+FLOAT_DTYPES = ("F32", "F16", "BF16")          # what norms, the embedding, lm_head and dense linears may be
 
 
 @dataclass
@@ -47,6 +50,8 @@ def norm_weight(ckpt, name, dim):
     info = ckpt.info(name)
     if info.shape != (dim,):
         raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected [{dim}]")
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected F32, F16 or BF16")
     return np.array(ckpt.f32(name), dtype=np.float32)     # tiny: copied so it does not pin a page
 
 
@@ -64,8 +69,8 @@ def load_layer(ckpt, cfg, quant_config, backend, i, streamed=False, gptq_mode="e
                                           repack=not streamed, gptq_mode=gptq_mode)
     return LayerWeights(
         index=i,
-        attn_norm=norm_weight(ckpt, prefix + "input_layernorm.weight", cfg.dim),
-        ffn_norm=norm_weight(ckpt, prefix + "post_attention_layernorm.weight", cfg.dim),
+        attn_norm=norm_weight(ckpt, prefix + NORMS["attn_norm"], cfg.dim),
+        ffn_norm=norm_weight(ckpt, prefix + NORMS["ffn_norm"], cfg.dim),
         tensor_names=layer_tensor_names(ckpt, i),
         **linears,
     )
@@ -74,22 +79,24 @@ def load_layer(ckpt, cfg, quant_config, backend, i, streamed=False, gptq_mode="e
 def load_head(ckpt, cfg, backend):
     """The final norm and lm_head (the embedding itself when the checkpoint ties them)."""
     from .linear import DenseLinear
-    final_norm = norm_weight(ckpt, "model.norm.weight", cfg.dim)
-    name = "model.embed_tokens.weight" if (cfg.tie_word_embeddings or "lm_head.weight" not in ckpt) \
-        else "lm_head.weight"
+    final_norm = norm_weight(ckpt, FINAL_NORM, cfg.dim)
+    # An untied model without lm_head.weight is an error (validate.py), not a silent reuse of the embedding.
+    name = EMBEDDING if cfg.tie_word_embeddings else LM_HEAD
     info = ckpt.info(name)
     if info.shape != (cfg.vocab_size, cfg.dim):
         raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected "
                               f"[{cfg.vocab_size}, {cfg.dim}] (vocab from the embedding, dim from config.json)")
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected F32, F16 or BF16")
     return final_norm, DenseLinear(ckpt.raw(name), info.dtype, name, backend)
 
 
 def embedding_info(ckpt, cfg_dim):
-    name = "model.embed_tokens.weight"
+    name = EMBEDDING
     info = ckpt.info(name)
     if len(info.shape) != 2 or info.shape[1] != cfg_dim:
         raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected "
                               f"[vocab, {cfg_dim}] (hidden_size from config.json)")
-    if info.dtype not in ("F32", "F16", "BF16"):
+    if info.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected F32, F16 or BF16")
     return info

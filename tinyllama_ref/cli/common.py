@@ -1,5 +1,6 @@
 """Pieces every CLI command shares: model and sampling options, opening a model, prompt files, records."""
 
+import json
 import os
 import sys
 import time
@@ -93,13 +94,28 @@ def write_atomically(path, text):
 
 
 def read_prompts_file(path):
-    """JSONL: each line {"prompt": text} or {"prompt_ids": [ids]} (optionally "system"), or a bare string."""
+    """JSONL: each line {"prompt": text} or {"prompt_ids": [ids]} (optionally "system"), or a bare string.
+
+    Each record is checked here, naming the file and line: "prompt" a string, "prompt_ids" a non-empty flat
+    list of integers >= 0 (it wins when both are given, as in this command's own output records), "system" a
+    string or null.
+    """
     out = []
     for where, obj in read_jsonl(path, "prompts"):
         if isinstance(obj, str):
             obj = {"prompt": obj}
         if not isinstance(obj, dict) or not ({"prompt", "prompt_ids"} & set(obj)):
             raise GenerationError(f"{where}: expected an object with \"prompt\" or \"prompt_ids\"")
+        ids = obj.get("prompt_ids")
+        if ids is not None:
+            if (not isinstance(ids, list) or not ids
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+                raise GenerationError(f"{where}: \"prompt_ids\" must be a non-empty flat list of token ids "
+                                      f"(integers >= 0), found {json.dumps(ids)[:60]}")
+        elif not isinstance(obj.get("prompt"), str):
+            raise GenerationError(f"{where}: \"prompt\" must be a string, found {json.dumps(obj.get('prompt'))[:60]}")
+        if obj.get("system") is not None and not isinstance(obj["system"], str):
+            raise GenerationError(f"{where}: \"system\" must be a string, found {json.dumps(obj['system'])[:60]}")
         out.append(obj)
     return out
 

@@ -15,6 +15,7 @@ from .common import model_options, notice, open_model
 from .distributed import (open_model_or_pipeline, open_pool, pipeline_options, pool_model_view, pooled_iter_perplexity,
                           pooled_iter_score, ray_options)
 from ..errors import GenerationError
+from ..jsonl import read_text
 from ..progress import Progress
 
 
@@ -56,16 +57,6 @@ def batch_tokens_for(model, given, old_header):
     return getattr(model, "default_batch_tokens", None) or default_batch_tokens(model)   # a --ray pool's view
 
 
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise GenerationError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise GenerationError(f"{path}: not UTF-8 text") from None
-
-
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.argument("file", type=click.Path())
@@ -89,7 +80,7 @@ def perplexity(checkpoint, file, context, stride, as_json, output, resume, batch
     """
     from ..eval.results import ResultsWriter, make_header
     from ..eval.runner import iter_perplexity, perplexity_batch_starts, perplexity_from_records
-    text = read_text(file)
+    text = read_text(file, "text")
     old = prepare_output(output, resume)
     pool = open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, cpus_per_worker, quiet)
     model = pool_model_view(checkpoint, pool) if pool else open_model(checkpoint, backend, max_memory, quiet, gptq_mode)

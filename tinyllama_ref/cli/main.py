@@ -16,6 +16,7 @@ from .common import (completion_record, model_options, notice, open_model, parse
 from .distributed import (open_model_or_pipeline, open_pool, pipeline_options, pool_model_view,
                           pooled_iter_generate, ray_options)
 from ..errors import GenerationError, TinyLlamaError
+from ..jsonl import read_text
 
 
 class Cli(click.Group):
@@ -61,11 +62,7 @@ def prompt_source(prompt, prompt_file, prompt_ids, prompts_file):
     if prompt_ids is not None:
         return "ids", parse_ids(prompt_ids)
     if prompt_file is not None:
-        try:
-            with open(prompt_file, encoding="utf-8") as f:
-                return "text", f.read()
-        except (FileNotFoundError, UnicodeDecodeError) as e:
-            raise GenerationError(f"{prompt_file}: cannot read the prompt ({e.__class__.__name__})") from None
+        return "text", read_text(prompt_file, "prompt")
     if prompt is None:
         if sys.stdin.isatty():
             raise GenerationError("no prompt: use --prompt TEXT, --prompt-file, --prompt-ids or pipe text in")
@@ -265,26 +262,34 @@ def chat(checkpoint, template, system, max_new_tokens, greedy, temperature, top_
             continue
         if not text.strip():
             continue
-        turns.append({"role": "user", "content": text})
-        while True:
-            ids = encode_chat(tok, head + turns, template)
-            if len(ids) + min(max_new_tokens, 16) <= model.cfg.max_seq_len or len(turns) <= 1:
-                break
-            turns = turns[2:] if len(turns) > 2 else turns[-1:]
-            notice(False, "(history trimmed: the oldest exchange was dropped to fit the context)")
-        if len(ids) >= model.cfg.max_seq_len:
-            raise GenerationError(f"this message alone is {len(ids)} tokens; the context is "
-                                  f"{model.cfg.max_seq_len}")
-        tok.check_ids(ids)
+        # A message that cannot fit the context even alone is refused with one line, and the session goes on
+        # with its history as it was; so does any other bad turn (an unreadable token, too little memory).
+        message = {"role": "user", "content": text}
+        try:
+            alone = encode_chat(tok, head + [message], template)
+            if len(alone) >= model.cfg.max_seq_len:
+                raise GenerationError(f"this message alone is {len(alone)} tokens; the context is "
+                                      f"{model.cfg.max_seq_len}. Send a shorter one (the history is kept)")
+            candidate = turns + [message]
+            while True:
+                ids = encode_chat(tok, head + candidate, template)
+                if len(ids) + min(max_new_tokens, 16) <= model.cfg.max_seq_len or len(candidate) <= 1:
+                    break
+                candidate = candidate[2:] if len(candidate) > 2 else candidate[-1:]
+                notice(False, "(history trimmed: the oldest exchange was dropped to fit the context)")
+            tok.check_ids(ids)
 
-        def stream(_, piece):
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-        strings, stop_ids = stop_conditions(template, tok)
-        c = generate_text(model, tok, [ids], max_new_tokens, params, strings, stop_ids=stop_ids,
-                          on_text=stream)[0]
+            def stream(_, piece):
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            strings, stop_ids = stop_conditions(template, tok)
+            c = generate_text(model, tok, [ids], max_new_tokens, params, strings, stop_ids=stop_ids,
+                              on_text=stream)[0]
+        except TinyLlamaError as e:
+            click.echo(f"error: {e}", err=True)
+            continue
         click.echo("")
-        turns.append({"role": "assistant", "content": c.text.strip()})
+        turns = candidate + [{"role": "assistant", "content": c.text.strip()}]
 
 
 # -- inspect -------------------------------------------------------------------------------------------------

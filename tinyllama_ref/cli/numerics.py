@@ -4,11 +4,15 @@ Both are plain click.Command objects; cli.py attaches them to the `tinyllama-ref
 turns any TinyLlamaError into one line on stderr and exit code 1.
 """
 
+import math
+import os
 import sys
 
 import click
 
 from .gptq_flags import gptq_settings
+from ..errors import TinyLlamaError
+
 
 
 def prompt_token_ids(checkpoint, prompt, prompt_ids):
@@ -20,6 +24,19 @@ def prompt_token_ids(checkpoint, prompt, prompt_ids):
         return parse_ids(prompt_ids)
     from ..tokenizer import Tokenizer
     return Tokenizer.from_dir(checkpoint).encode(prompt, add_bos=True)
+
+
+def check_output_dir(out):
+    """OUT must be a directory to be (or an empty one): refuse a file there, or under a file, at once."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TinyLlamaError(f"{out}: exists and is not a directory; choose a new output directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TinyLlamaError(f"{out}: cannot be created, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TinyLlamaError(f"{out}: cannot be created, {parent} is not writable")
 
 
 @click.command("verify")
@@ -46,6 +63,9 @@ def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
       tinyllama-ref verify ./Meditron-70B-GPTQ --prompt "The patient presents with" --max-memory 20GB
     """
     from ..measure.verify import Tolerance, compare, format_report
+    if rtol is not None and not (math.isfinite(rtol) and rtol >= 0):
+        raise TinyLlamaError(f"--rtol must be a finite number >= 0 (a relative tolerance such as 1e-4), "
+                             f"got {rtol}")
     ids = prompt_token_ids(checkpoint, prompt, prompt_ids)
     tol = Tolerance() if rtol is None else Tolerance(hidden_rel=rtol, logits_rel=rtol)
 
@@ -91,6 +111,7 @@ def quantize(dense_checkpoint, out, bits, group_size, act_order, sym, checkpoint
         raise click.UsageError("give exactly one of --calibration TEXT_FILE or --calibration-ids IDS_FILE")
     if seq_len < 2 or n_samples < 1:
         raise click.BadParameter("--seq-len must be >= 2 and --n-samples >= 1")
+    check_output_dir(out)                    # before calibration, which may take a while
     if calibration_ids is not None:
         seqs = read_calibration_ids(calibration_ids)
     else:

@@ -5,6 +5,7 @@ import os
 from .. import load
 from ..kvcache import KVCache
 from ..memory import human
+from ..validate import check_gptq_indices
 
 
 def describe(checkpoint, max_memory=None, measure=True):
@@ -13,8 +14,9 @@ def describe(checkpoint, max_memory=None, measure=True):
     The estimate is the streaming bound: resident weight bytes / memory bandwidth + streamed bytes / disk
     bandwidth, both measured now; real decoding adds compute, so treat it as a floor.
     """
-    model = load(checkpoint, backend="numba", max_memory=max_memory)
+    model = load(checkpoint, backend="numba", max_memory=max_memory)    # validate.py's pass: exit 1 on failure
     c, ckpt, src = model.cfg, model.ckpt, model.layers
+    check_gptq_indices(ckpt, c, model.quant_config)                    # and the g_idx values, which load leaves
     q = model.quant_config
     quant = "none (dense " + ckpt.info("model.layers.0.self_attn.q_proj.weight").dtype + ")" if q is None else \
         (f"GPTQ {q.bits}-bit, group size {q.group_size}, act-order {'yes' if q.desc_act else 'no'}, "
