@@ -49,6 +49,9 @@ def perplexity_windows(n_tokens, context, stride):
 
 def check_perplexity_args(model, n_tokens, context, stride):
     """The context and stride to use (defaults filled in), or a GenerationError saying what is wrong."""
+    for name, value in (("context", context), ("stride", stride)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise GenerationError(f"{name} must be a whole number of tokens, got {value!r}")
     context = context or model.cfg.max_seq_len
     stride = stride or context
     if not 2 <= context <= model.cfg.max_seq_len:

@@ -91,7 +91,7 @@ def _decode(model, prompts, outs, cache, max_new_tokens, max_len, sampler, stop_
 
 def generate_ids(model, prompts, max_new_tokens=16, temperature=0.0, seed=None, stop_ids=None, **sampling):
     """New token ids for each prompt (the API behind Model.generate)."""
-    params = SamplingParams(temperature=temperature, seed=seed, **sampling)
+    params = SamplingParams.from_options(temperature=temperature, seed=seed, **sampling)
     stop_ids = set(model.cfg.eos_token_ids if stop_ids is None else stop_ids)
     return [c.token_ids for c in run(model, prompts, max_new_tokens, Sampler(params), stop_ids)]
 

@@ -7,6 +7,7 @@
 The tokenizer is read on first use, so a checkpoint without tokenizer files still runs on token ids.
 """
 
+from .errors import GenerationError
 from .evaluate import parse_item, perplexity, score
 from .generate import generate_text
 from .sampling import SamplingParams
@@ -55,7 +56,15 @@ class TextModel:
         Sampling settings not given come from the checkpoint's generation_config.json.
         """
         batch = not isinstance(prompt, str)
-        prompts = list(prompt) if batch else [prompt]
+        prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise GenerationError("prompt must be a string or a non-empty list of strings (token ids go to "
+                                  "generate())")
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise GenerationError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+        if on_text is not None and not callable(on_text):
+            raise GenerationError(f"on_text must be a function (index, text) or None, got {on_text!r}")
         ids = [self.encode_prompt(p, template, system) for p in prompts]
         params = SamplingParams.from_generation_config(self.model.path, **sampling)
         stop_strings, stop_ids = stop_conditions(template, self.tokenizer)
@@ -70,5 +79,8 @@ class TextModel:
 
     def score(self, items):
         """Multiple-choice items (dicts with question, options, answer): per-item choice and accuracy."""
+        if not isinstance(items, (list, tuple)):
+            raise GenerationError(f"items must be a list of dicts with question, options and answer, got "
+                                  f"{type(items).__name__}")
         parsed = [parse_item(it, f"item {i + 1}") for i, it in enumerate(items)]
         return score(self.model, self.tokenizer, parsed)
