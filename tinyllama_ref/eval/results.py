@@ -117,6 +117,44 @@ def read_partial(path):
     return header, records, ends
 
 
+def _previous_records(path, header, resume):
+    """(records, line ends) of an existing file made with the same header, or None for a new file.
+
+    Without resume an existing file is an error (it might be hours of work); a header that differs is one too.
+    """
+    exists = os.path.exists(path)
+    if exists and not resume:
+        raise ResumeError(f"{path} already exists: add --resume to continue it, or remove it to start over")
+    if not exists:
+        return None
+    old, records, ends = read_partial(path)
+    if old is None:                                  # not even a whole header line: start again
+        return None
+    why = _mismatch(old, header)
+    if why:
+        raise ResumeError(f"cannot resume {path}: {why}. Remove it, or write to another -o")
+    return records, ends
+
+
+def _open_for_append(path, header, keep_bytes):
+    """The file opened for appending: a new one holding the header (keep_bytes None), or the old one cut back
+    to keep_bytes (whole batches only). Both are synced before the first batch."""
+    try:
+        if keep_bytes is None:
+            f = open(path, "wb")
+            f.write((json.dumps(header) + "\n").encode())
+            _sync(f)
+            _sync_dir(path)
+        else:
+            f = open(path, "r+b")
+            f.truncate(keep_bytes)
+            f.seek(keep_bytes)
+            _sync(f)
+    except OSError as e:
+        raise ResumeError(f"{path}: cannot write ({e.strerror})") from None
+    return f
+
+
 class ResultsWriter:
     """Append-only JSONL results with a header; use `ResultsWriter.open(...)`, then `append` per batch."""
 
@@ -131,39 +169,20 @@ class ResultsWriter:
         was cut short are dropped, so it is run again whole. Without resume an existing file is an error:
         it might be hours of work.
         """
-        header_line = json.dumps(header) + "\n"
-        exists = os.path.exists(path)
-        if exists and not resume:
-            raise ResumeError(f"{path} already exists: add --resume to continue it, or remove it to start over")
         records, keep_bytes = [], None
-        if exists:
-            old, records, ends = read_partial(path)
-            if old is not None:
-                why = _mismatch(old, header)
-                if why:
-                    raise ResumeError(f"cannot resume {path}: {why}. Remove it, or write to another -o")
-                for k, r in enumerate(records):
-                    if not isinstance(r, dict) or r.get(number_key) != start_number + k:
-                        raise ResumeError(f"{path}: line {k + 2} is not record {start_number + k}; the file "
-                                          "was edited or mixed, remove it to start over")
-                n = len(records)
-                if boundaries is not None:
-                    n = max(b for b in boundaries if b <= len(records))
-                records = records[:n]
-                keep_bytes = ends[n]             # ends[0] is the end of the header line
-        try:
-            if keep_bytes is None:                               # a new file, or one with no whole header
-                f = open(path, "wb")
-                f.write(header_line.encode())
-                _sync(f)
-                _sync_dir(path)
-            else:
-                f = open(path, "r+b")
-                f.truncate(keep_bytes)
-                f.seek(keep_bytes)
-                _sync(f)
-        except OSError as e:
-            raise ResumeError(f"{path}: cannot write ({e.strerror})") from None
+        previous = _previous_records(path, header, resume)
+        if previous is not None:
+            records, ends = previous
+            for k, r in enumerate(records):
+                if not isinstance(r, dict) or r.get(number_key) != start_number + k:
+                    raise ResumeError(f"{path}: line {k + 2} is not record {start_number + k}; the file "
+                                      "was edited or mixed, remove it to start over")
+            n = len(records)
+            if boundaries is not None:
+                n = max(b for b in boundaries if b <= len(records))
+            records = records[:n]
+            keep_bytes = ends[n]             # ends[0] is the end of the header line
+        f = _open_for_append(path, header, keep_bytes)
         return cls(path, header, records, f)
 
     @property
@@ -225,31 +244,13 @@ class KeyedLog:
 
     def __init__(self, path, header, resume=False):
         self.path = path
-        self.values = {}
-        exists = os.path.exists(path)
-        if exists and not resume:
-            raise ResumeError(f"{path} already exists: add --resume to continue it, or remove it to start over")
-        keep = None
-        if exists:
-            old, records, ends = read_partial(path)
-            if old is not None:
-                why = _mismatch(old, header)
-                if why:
-                    raise ResumeError(f"cannot resume {path}: {why}. Remove it, or write to another -o")
-                self.values = {r["key"]: r["value"] for r in records}
-                keep = ends[-1]
-        try:
-            if keep is None:
-                self._f = open(path, "wb")
-                self._f.write((json.dumps(header) + "\n").encode())
-                _sync(self._f)
-                _sync_dir(path)
-            else:
-                self._f = open(path, "r+b")
-                self._f.truncate(keep)
-                self._f.seek(keep)
-        except OSError as e:
-            raise ResumeError(f"{path}: cannot write ({e.strerror})") from None
+        self.values, keep = {}, None
+        previous = _previous_records(path, header, resume)
+        if previous is not None:
+            records, ends = previous
+            self.values = {r["key"]: r["value"] for r in records}
+            keep = ends[-1]
+        self._f = _open_for_append(path, header, keep)
 
     @staticmethod
     def key(*parts):
