@@ -9,6 +9,7 @@ building a float copy of the whole weight matrix. The files, one idea each:
   gptq_prefill.py  prefill: slabs of columns dequantized to float32, multiplied with BLAS (slabs.py)
   gptq_inplace.py  the same two for act-order layers read in the checkpoint's own row order
   int8.py          the opt-in int8-activation decode (approximate; never the default)
+  int8_gemm.py     its prefill: int8 activations against the packed codes, VNNI register tiles
 
 Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepare_seconds):
   "segments"  qw [R, out] uint32: the checkpoint's qweight viewed as unsigned (zero-copy) or, for act-order
@@ -42,7 +43,10 @@ from .slabs import run_slabs
 GEMV_MAX_ROWS = 32         # up to this many activation rows: fused GEMV (weights read once for all rows);
                            # beyond: tile + BLAS. Measured on the 7B and 70B shapes, 4-bit: fused 1.5-3x faster
                            # at 16-32 rows, even at 64
-INT8_MAX_ROWS = 16         # int8 mode (opt-in) runs its GEMV once per row, so only this many
+INT8_GEMV_MAX_ROWS = 8     # int8 mode (opt-in): up to this many rows the int8 GEMV (once per row, long
+                           # column blocks that stream); beyond, the int8 GEMM's register tiles (int8_gemm.py).
+                           # Measured on 4096 x 11008, 4-bit: GEMV 0.8 vs GEMM 2.3 ms at 1 row, 2.8 vs 3.1 at
+                           # 8 rows, 5.4 vs 3.1 at 16
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
                            # prefetchers follow long runs of each packed row; measured 1.2-1.3x over two)
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
@@ -344,15 +348,18 @@ def gemv_block(n_out):
 def gptq_matmul(plan, x, mode="exact"):
     """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias).
 
-    mode "int8" (opt-in, approximate, 4-bit only) quantizes the activations of decode rows and uses
-    kernels/int8.py; layers it cannot serve, and prefill rows, stay exact (as do "inplace" plans)."""
+    mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 and uses kernels/int8.py
+    (decode rows, 4-bit) or kernels/int8_gemm.py (more rows, 4- and 3-bit); layers they cannot serve
+    ("inplace" plans, 2 and 8 bits, 3-bit decode rows) stay exact."""
     if plan.layout == "inplace":
         return _gptq_matmul_inplace(plan, x)
     xp = permute_x(plan, x)                                                  # [N, padded]
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    if mode == "int8" and n_rows <= INT8_MAX_ROWS:
-        from . import int8
-        if int8.supports(plan):
+    if mode == "int8":
+        from . import int8, int8_gemm
+        if n_rows > INT8_GEMV_MAX_ROWS and int8_gemm.supports(plan):
+            return int8_gemm.gptq_matmul_int8_gemm(plan, xp)
+        if n_rows <= INT8_GEMV_MAX_ROWS and int8.supports(plan):
             y = np.empty((n_rows, n_out), dtype=np.float32)                  # [N, out]
             return int8.gptq_matmul_int8(plan, xp, y, gemv_block(n_out))
     if n_rows <= GEMV_MAX_ROWS:

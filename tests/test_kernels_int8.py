@@ -80,9 +80,13 @@ def test_int8_mode_through_the_layer_and_its_limits():
     assert not np.array_equal(approx4, exact4)                              # int8 really ran
     np.testing.assert_allclose(approx4, _x_hat_in_input_order(lin4._plan, x) @ four["W"], rtol=1e-5,
                                atol=1e-5 * np.abs(approx4).max())
-    # 3-bit layers and prefill rows stay exact.
+    # 3-bit decode rows stay exact; prefill rows of both widths take the int8 GEMM (test_kernels_int8_gemm.py).
     np.testing.assert_allclose(lin3(x), x @ three["W"], rtol=1e-4, atol=1e-4 * np.abs(x @ three["W"]).max())
-    xs = rng.normal(size=(gptq.INT8_MAX_ROWS + 1, 128)).astype(np.float32)   # past the int8 rows: exact
-    np.testing.assert_allclose(lin4(xs), xs @ four["W"], rtol=1e-4, atol=1e-4 * np.abs(xs @ four["W"]).max())
+    xs = rng.normal(size=(gptq.INT8_GEMV_MAX_ROWS + 1, 128)).astype(np.float32)   # past the GEMV's rows
+    for lin, w in ((lin4, four["W"]), (lin3, three["W"])):
+        approx = lin(xs)
+        np.testing.assert_allclose(approx, _x_hat_in_input_order(lin._plan, xs) @ w, rtol=1e-5,
+                                   atol=1e-5 * np.abs(approx).max())
+        assert not np.allclose(approx, xs @ w, rtol=1e-6, atol=1e-6 * np.abs(approx).max())   # int8 really ran
     with pytest.raises(ConfigError, match="must be one of exact, int8"):
         quant.check_gptq_mode("int4")

@@ -1,0 +1,280 @@
+"""Opt-in, NOT exact: the int8-activation GEMM for prefill, reading the packed 4- and 3-bit GPTQ codes.
+
+The many-row counterpart of kernels/int8.py (same rounding of the activations, same "segments" plans). The
+exact prefill (gptq_prefill.py) widens every weight to float32 and multiplies with BLAS: one FMA per weight
+per row. Here the weights stay 4-bit and the activations are int8, so AVX512-VNNI's vpdpbusd does 64
+multiply-adds per instruction (16 columns x 4 bytes) where an FMA does 16: the same idea as llama.cpp's Q8_0
+activations against Q4_0 weights, but on GPTQ's own packing (no conversion at load).
+
+The arithmetic, which tests/test_kernels_int8_gemm.py repeats in NumPy and compares for EQUALITY:
+    xq[n, i], d[n, b]     int8 activations and their scale per row and block b of 32 inputs (int8.py)
+    tot[n, b, j]          = sum_{i in b} xq[n, i] * q[i, j]          an exact int32 (|tot| <= 32*127*15)
+    acc[n, j]             = sum over the blocks b of a segment, in order, of float32(tot) * d[n, b]
+                            (float32 multiply, then float32 add, starting from 0; never a fused multiply-add)
+    sumx[n, s]            = the same sum with tot replaced by sum_{i in b} xq[n, i]
+    y[n, j]              += s[g, j] * (acc[n, j] - z[g, j] * sumx[n, s])   per segment s of group g, in order
+All float steps are single IEEE float32 operations in a fixed order (no fastmath here), so a NumPy reference
+that takes the same steps reproduces every bit.
+
+Register tile: ROWS activation rows x 16 columns. Per block of 32 inputs the 4 packed words of the 16 columns
+are loaded once and split into 8 vectors of nibbles (`w & 0x0F0F0F0F`: inputs 0, 2, 4, 6 of each word;
+`(w >> 4) & 0x0F0F0F0F`: inputs 1, 3, 5, 7), then every row adds its 8 vpdpbusd (its int8 activations
+broadcast from memory, packed in that order by quantize_rows) into an int32 vector, converts it and adds it
+with its scale. The ROWS accumulators stay in registers for a whole segment; the fold is vector code too.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .gptq_gemv import _unpack_zero_row
+from .half import f16_to_f32
+
+BLOCK = 32          # inputs per activation scale: 4 packed words of 4-bit codes
+LANES = 16          # float32 / int32 lanes of a 512-bit vector: columns per register tile
+ROWS = 8            # activation rows per register tile: 8 int32 + 8 float32 accumulators + 8 nibble vectors
+STRIP = 256          # columns per parallel task: 4 tiles, the rows' int8 activations reused from L1
+
+
+def _make_tile(rows):
+    """An intrinsic that computes one register tile (`rows` rows x 16 columns) over one segment and folds it
+    into y. Written in LLVM IR because Numba has no vector types; `rows` is fixed when the IR is built."""
+
+    @intrinsic
+    def tile(typingctx, y_addr, y_row_bytes, w_addr, w_row_bytes, x_addr, x_row_bytes, d_addr, d_row_bytes,
+             n_blocks, s_addr, z_addr, sx_addr, sx_row_bytes):
+        """y[r, 0:16] += s * (acc_r - z * sumx[r]) for r < rows, acc_r as in the module docstring.
+
+        y_addr: float32 y[row 0, column 0 of the tile]; w_addr: the segment's first packed word of the tile's
+        16 columns (the next packed row w_row_bytes further); x_addr: row 0's first packed int8 word of the
+        segment (rows x_row_bytes apart); d_addr: row 0's scale of the segment's first block; s_addr, z_addr:
+        16 float32 scales and zeros of the tile's columns; sx_addr: row 0's sumx of the segment.
+        """
+        def codegen(context, builder, signature, args):
+            (y_a, y_stride, w_a, w_stride, x_a, x_stride, d_a, d_stride, nb, s_a, z_a, sx_a, sx_stride) = args
+            i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+            v16i, v16f = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            module = builder.module
+            name = "llvm.x86.avx512.vpdpbusd.512"
+            dpbusd = module.globals.get(name) or ir.Function(module, ir.FunctionType(v16i, [v16i] * 3), name)
+            zeros16 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+            def splat(value, vty):
+                one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, i32(0))
+                return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros16)
+
+            def load(addr, ty):
+                return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=4)
+
+            def store(value, addr):
+                builder.store(value, builder.inttoptr(addr, value.type.as_pointer()), align=4)
+
+            mask = ir.Constant(v16i, [0x0F0F0F0F] * LANES)
+            four = ir.Constant(v16i, [4] * LANES)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * LANES)) for _ in range(rows)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index                                            # block of the segment
+                w_b = builder.add(w_a, builder.mul(b, builder.mul(w_stride, i64(4))))
+                nibbles = []
+                for k in range(4):                                        # the block's 4 packed words
+                    w = load(builder.add(w_b, builder.mul(w_stride, i64(k))), v16i)
+                    nibbles.append(builder.and_(w, mask))                 # inputs 8k + 0, 2, 4, 6
+                    nibbles.append(builder.and_(builder.lshr(w, four), mask))   # inputs 8k + 1, 3, 5, 7
+                for r in range(rows):
+                    x_rb = builder.add(builder.add(x_a, builder.mul(x_stride, i64(r))), builder.mul(b, i64(BLOCK)))
+                    total = ir.Constant(v16i, [0] * LANES)
+                    for k in range(8):                                    # 4 words x (even, odd) inputs
+                        xk = load(builder.add(x_rb, i64(4 * k)), i32)
+                        total = builder.call(dpbusd, [total, nibbles[k], splat(xk, v16i)])
+                    d = load(builder.add(builder.add(d_a, builder.mul(d_stride, i64(r))), builder.mul(b, i64(4))),
+                             f32)
+                    part = builder.fmul(builder.sitofp(total, v16f), splat(d, v16f))
+                    builder.store(builder.fadd(builder.load(accs[r]), part), accs[r])
+            s = load(s_a, v16f)
+            z = load(z_a, v16f)
+            for r in range(rows):
+                y_r = builder.add(y_a, builder.mul(y_stride, i64(r)))
+                sx = load(builder.add(sx_a, builder.mul(sx_stride, i64(r))), f32)
+                folded = builder.fmul(s, builder.fsub(builder.load(accs[r]), builder.fmul(z, splat(sx, v16f))))
+                store(builder.fadd(load(y_r, v16f), folded), y_r)
+            return context.get_dummy_value()
+
+        sig = types.void(*([types.intp] * 13))
+        return sig, codegen
+
+    return tile
+
+
+_tile_rows = _make_tile(ROWS)
+_tile_one = _make_tile(1)
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def quantize_rows(xp, seg_blocks, xw, xscale, sumx):
+    """The int8 activations of xp [N, padded] (plan order), as int8.quantize_activations rounds them:
+    xw [N, padded / 4] int32 (each 8-input word's int8 codes as inputs 0,2,4,6 | 1,3,5,7), xscale [N, padded / 32]
+    float32 (max|x| / 127, 1 for an all-zero block), sumx [N, S] float32 (see the module docstring) for the
+    segments starting at blocks seg_blocks [S + 1].
+    prange over rows; no fastmath, so the rounding is NumPy's (round half to even)."""
+    n_rows, n_in = xp.shape
+    codes = xw.view(np.int8)                                              # [N, padded] bytes
+    for n in prange(n_rows):
+        for b in range(n_in // BLOCK):
+            top = np.float32(0.0)
+            for i in range(b * BLOCK, b * BLOCK + BLOCK):
+                top = max(top, abs(xp[n, i]))
+            d = top / np.float32(127.0)
+            if not d > 0:
+                d = np.float32(1.0)
+            xscale[n, b] = d
+            for i in range(b * BLOCK, b * BLOCK + BLOCK):
+                q = min(max(np.rint(xp[n, i] / d), np.float32(-127.0)), np.float32(127.0))
+                t = i % 8
+                slot = (t // 2) if t % 2 == 0 else 4 + t // 2             # even inputs first, then odd
+                codes[n, i - t + slot] = np.int8(q)
+        for s in range(seg_blocks.shape[0] - 1):
+            total = np.float32(0.0)
+            for b in range(seg_blocks[s], seg_blocks[s + 1]):
+                isum = 0
+                for i in range(b * BLOCK, b * BLOCK + BLOCK):
+                    isum += np.int64(codes[n, i])
+                total = total + np.float32(isum) * xscale[n, b]
+            sumx[n, s] = total
+
+
+@njit(inline="always")
+def _transcode_3bit(qw, j0, width, words):
+    """words[4u + k, j] = the 4-bit packing (nibble e = code 8k + e) of the 32 codes that 3-bit unit u of
+    column j0 + j holds in qw[3u:3u + 3] (one 96-bit stream: code t at bit 3t, codes 10 and 21 straddle two
+    words). So one tile kernel serves both widths; the copy is one strip's codes, never the layer."""
+    for u in range(qw.shape[0] // 3):
+        for j in range(np.uint64(width)):
+            lo = np.uint64(qw[3 * u, j0 + j]) | (np.uint64(qw[3 * u + 1, j0 + j]) << np.uint64(32))
+            hi = np.uint64(qw[3 * u + 2, j0 + j])
+            for k in range(4):
+                word = np.uint64(0)
+                for e in range(8):
+                    t = 8 * k + e
+                    if 3 * t + 3 <= 64:
+                        code = lo >> np.uint64(3 * t)
+                    elif 3 * t >= 64:
+                        code = hi >> np.uint64(3 * t - 64)
+                    else:
+                        code = (lo >> np.uint64(3 * t)) | (hi << np.uint64(64 - 3 * t))
+                    word |= (code & np.uint64(7)) << np.uint64(4 * e)
+                words[4 * u + k, j] = np.uint32(word)
+
+
+@njit(error_model="numpy", cache=True, boundscheck=False)
+def _scalar_columns(words, c0, c1, col, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j_lo, y, y_col):
+    """Columns c0..c1 of words (4-bit packing; its column c is output column y_col + c - col) the slow way,
+    with the same steps as the tiles: for the last width % 16 columns of a layer."""
+    for c in range(c0, c1):
+        j = y_col + c - col
+        for n in range(y.shape[0]):
+            acc = np.float32(0.0)
+            for b in range(b0, b0 + nb):
+                total = 0
+                for k in range(4):
+                    word = np.int64(words[b * 4 + k, c])
+                    for e in range(8):
+                        slot = (e // 2) if e % 2 == 0 else 4 + e // 2
+                        total += ((word >> (4 * e)) & 15) * np.int64(codes[n, (b * 4 + k) * 8 + slot])
+                acc = acc + np.float32(total) * xscale[n, b]
+            y[n, j] = y[n, j] + s_buf[j - j_lo] * (acc - z_buf[j - j_lo] * sumx[n, s])
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, y):
+    """y [N, out] = the module docstring's sum, for a 4- or 3-bit "segments" plan (seg_blocks [S + 1]: the
+    first block of 32 inputs of each segment).
+
+    prange over strips of STRIP columns; in each, register tiles of ROWS rows (then single rows) x 16 columns
+    run segment by segment. 3-bit strips are first transcoded to the 4-bit packing (_transcode_3bit) in a
+    scratch of blocks x 4 x STRIP words. Columns past the last multiple of 16 take _scalar_columns.
+    """
+    n_rows = xw.shape[0]
+    n_out = qw.shape[1]
+    n_blocks = seg_blocks[seg_blocks.shape[0] - 1]
+    x_row_bytes = xw.shape[1] * 4
+    d_row_bytes = xscale.shape[1] * 4
+    sx_row_bytes = sumx.shape[1] * 4
+    y_row_bytes = n_out * 4
+    base_x = np.int64(xw.ctypes.data)
+    base_d, base_sx, base_y = np.int64(xscale.ctypes.data), np.int64(sumx.ctypes.data), np.int64(y.ctypes.data)
+    codes = xw.view(np.int8)                                              # [N, padded]
+    for t in prange((n_out + STRIP - 1) // STRIP):
+        j0 = t * STRIP
+        width = min(n_out, j0 + STRIP) - j0
+        vec = width // LANES * LANES
+        s_buf = np.empty(STRIP, dtype=np.float32)
+        z_buf = np.empty(STRIP, dtype=np.float32)
+        s_addr, z_addr = np.int64(s_buf.ctypes.data), np.int64(z_buf.ctypes.data)
+        words = np.empty((n_blocks * 4 if bits == 3 else 0, STRIP), dtype=np.uint32)   # [blocks * 4, STRIP]
+        if bits == 3:
+            _transcode_3bit(qw, j0, width, words)
+            base_w, w_row_bytes, col = np.int64(words.ctypes.data), STRIP * 4, 0
+        else:
+            base_w, w_row_bytes, col = np.int64(qw.ctypes.data), n_out * 4, j0
+        for n in range(n_rows):
+            for j in range(width):
+                y[n, j0 + j] = 0.0
+        for s in range(seg_group.shape[0]):
+            g = seg_group[s]
+            b0, nb = seg_blocks[s], seg_blocks[s + 1] - seg_blocks[s]
+            for j in range(width):
+                s_buf[j] = f16_to_f32(scales[g, j0 + j])
+            if const_zero >= 0:
+                z_buf[:width] = np.float32(const_zero)
+            else:
+                _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
+            for c in range(0, vec, LANES):
+                w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
+                r0 = 0
+                while r0 < n_rows:
+                    rows = ROWS if r0 + ROWS <= n_rows else 1
+                    args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
+                            base_x + r0 * x_row_bytes + b0 * BLOCK, x_row_bytes,
+                            base_d + r0 * d_row_bytes + b0 * 4, d_row_bytes, nb,
+                            s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
+                    if rows == ROWS:
+                        _tile_rows(*args)
+                    else:
+                        _tile_one(*args)
+                    r0 += rows
+            if vec < width:
+                if bits == 3:
+                    _scalar_columns(words, vec, width, 0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j0, y, j0)
+                else:
+                    _scalar_columns(qw, j0 + vec, j0 + width, j0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s,
+                                    j0, y, j0)
+
+
+def segment_blocks(plan):
+    """[S + 1] first block of 32 inputs of each segment: 4 packed words per block at 4 bits, one unit (3 words,
+    32 codes) at 3 bits."""
+    return plan.seg_start // 4 if plan.bits == 4 else plan.seg_start
+
+
+def supports(plan):
+    """A "segments" plan of 4-bit codes whose segments hold whole blocks of 32 inputs, or of 3-bit codes
+    (whose units are such blocks)."""
+    if plan.layout != "segments":
+        return False
+    return plan.bits == 3 or (plan.bits == 4 and bool(np.all(plan.seg_start % 4 == 0)))
+
+
+def gptq_matmul_int8_gemm(plan, xp):
+    """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block."""
+    n_rows, n_padded = xp.shape
+    xw = np.empty((n_rows, n_padded // 4), dtype=np.int32)                # [N, padded / 4]
+    xscale = np.empty((n_rows, n_padded // BLOCK), dtype=np.float32)     # [N, blocks]
+    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
+    blocks = segment_blocks(plan)                                        # [S + 1]
+    quantize_rows(xp, blocks, xw, xscale, sumx)
+    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
+              plan.zero_add, plan.const_zero, y)
+    return y
