@@ -18,6 +18,7 @@ def bench():
       tinyllama-ref bench generate ./ckpt                      # pp64, pp512, tg16 (see --help)
       tinyllama-ref bench generate ./ckpt --gptq-mode int8 --fresh --cold --json
       tinyllama-ref bench generate ./ckpt --batch 1,8,32 --max-memory 20GB --json
+      tinyllama-ref bench int8-accuracy ./ckpt --tokens 64,512 --json
     """
 
 
@@ -42,4 +43,12 @@ def generate(ctx):
 def eval_(ctx):
     """Multiple-choice scoring items/s: one at a time, shared prefix, packed, both (eval/bench.py)."""
     from ..eval.bench import main
+    main(ctx.args)
+
+
+@bench.command("int8-accuracy", context_settings=PASS_THROUGH, add_help_option=False)
+@click.pass_context
+def int8_accuracy(ctx):
+    """What --gptq-mode int8 costs: per-layer error, KL, top-1, perplexity (measure/int8_accuracy.py)."""
+    from ..measure.int8_accuracy import main
     main(ctx.args)
