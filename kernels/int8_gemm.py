@@ -35,7 +35,10 @@ from .half import f16_to_f32
 BLOCK = 32          # inputs per activation scale: 4 packed words of 4-bit codes
 LANES = 16          # float32 / int32 lanes of a 512-bit vector: columns per register tile
 ROWS = 8            # activation rows per register tile: 8 int32 + 8 float32 accumulators + 8 nibble vectors
-STRIP = 256          # columns per parallel task: 4 tiles, the rows' int8 activations reused from L1
+CHAINS = 2          # vpdpbusd dependency chains per row and block (latency ~5 cycles, several per cycle)
+ROW_BLOCK = 64      # rows whose int8 activations of one segment (64 x 128 B at group 128) stay in L1 while
+                    # the strip's 16 tiles of the segment's codes (16 KB) are reused across them
+STRIP = 256         # columns per parallel task (16 tiles); measured: 64 streams poorly at 16 rows
 
 
 def _make_tile(rows):
@@ -84,10 +87,13 @@ def _make_tile(rows):
                     nibbles.append(builder.and_(builder.lshr(w, four), mask))   # inputs 8k + 1, 3, 5, 7
                 for r in range(rows):
                     x_rb = builder.add(builder.add(x_a, builder.mul(x_stride, i64(r))), builder.mul(b, i64(BLOCK)))
-                    total = ir.Constant(v16i, [0] * LANES)
+                    chains = [ir.Constant(v16i, [0] * LANES)] * CHAINS    # independent sums: shorter
                     for k in range(8):                                    # 4 words x (even, odd) inputs
                         xk = load(builder.add(x_rb, i64(4 * k)), i32)
-                        total = builder.call(dpbusd, [total, nibbles[k], splat(xk, v16i)])
+                        chains[k % CHAINS] = builder.call(dpbusd, [chains[k % CHAINS], nibbles[k], splat(xk, v16i)])
+                    total = chains[0]
+                    for other in chains[1:]:                              # integer sums: order is exact
+                        total = builder.add(total, other)
                     d = load(builder.add(builder.add(d_a, builder.mul(d_stride, i64(r))), builder.mul(b, i64(4))),
                              f32)
                     part = builder.fmul(builder.sitofp(total, v16f), splat(d, v16f))
@@ -168,12 +174,12 @@ def _transcode_3bit(qw, j0, width, words):
 
 
 @njit(error_model="numpy", cache=True, boundscheck=False)
-def _scalar_columns(words, c0, c1, col, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j_lo, y, y_col):
-    """Columns c0..c1 of words (4-bit packing; its column c is output column y_col + c - col) the slow way,
-    with the same steps as the tiles: for the last width % 16 columns of a layer."""
+def _scalar_columns(words, c0, c1, col, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j_lo, y, y_col, n0, n1):
+    """Columns c0..c1 of words (4-bit packing; its column c is output column y_col + c - col), rows n0..n1, the
+    slow way with the same steps as the tiles: for the last width % 16 columns of a layer."""
     for c in range(c0, c1):
         j = y_col + c - col
-        for n in range(y.shape[0]):
+        for n in range(n0, n1):
             acc = np.float32(0.0)
             for b in range(b0, b0 + nb):
                 total = 0
@@ -187,7 +193,7 @@ def _scalar_columns(words, c0, c1, col, codes, xscale, sumx, b0, nb, s_buf, z_bu
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
-def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, y):
+def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y):
     """y [N, out] = the module docstring's sum, for a 4- or 3-bit "segments" plan (seg_blocks [S + 1]: the
     first block of 32 inputs of each segment).
 
@@ -221,35 +227,38 @@ def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros,
         for n in range(n_rows):
             for j in range(width):
                 y[n, j0 + j] = 0.0
-        for s in range(seg_group.shape[0]):
-            g = seg_group[s]
-            b0, nb = seg_blocks[s], seg_blocks[s + 1] - seg_blocks[s]
-            for j in range(width):
-                s_buf[j] = f16_to_f32(scales[g, j0 + j])
-            if const_zero >= 0:
-                z_buf[:width] = np.float32(const_zero)
-            else:
-                _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
-            for c in range(0, vec, LANES):
-                w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
-                r0 = 0
-                while r0 < n_rows:
-                    rows = ROWS if r0 + ROWS <= n_rows else 1
-                    args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
-                            base_x + r0 * x_row_bytes + b0 * BLOCK, x_row_bytes,
-                            base_d + r0 * d_row_bytes + b0 * 4, d_row_bytes, nb,
-                            s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
-                    if rows == ROWS:
-                        _tile_rows(*args)
-                    else:
-                        _tile_one(*args)
-                    r0 += rows
-            if vec < width:
-                if bits == 3:
-                    _scalar_columns(words, vec, width, 0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j0, y, j0)
+        for rb in range(0, n_rows, row_block):
+            rb_end = min(n_rows, rb + row_block)
+            for s in range(seg_group.shape[0]):
+                g = seg_group[s]
+                b0, nb = seg_blocks[s], seg_blocks[s + 1] - seg_blocks[s]
+                for j in range(width):
+                    s_buf[j] = f16_to_f32(scales[g, j0 + j])
+                if const_zero >= 0:
+                    z_buf[:width] = np.float32(const_zero)
                 else:
-                    _scalar_columns(qw, j0 + vec, j0 + width, j0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s,
-                                    j0, y, j0)
+                    _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
+                for c in range(0, vec, LANES):
+                    w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
+                    r0 = rb
+                    while r0 < rb_end:
+                        rows = ROWS if r0 + ROWS <= rb_end else 1
+                        args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
+                                base_x + r0 * x_row_bytes + b0 * BLOCK, x_row_bytes,
+                                base_d + r0 * d_row_bytes + b0 * 4, d_row_bytes, nb,
+                                s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
+                        if rows == ROWS:
+                            _tile_rows(*args)
+                        else:
+                            _tile_one(*args)
+                        r0 += rows
+                if vec < width:
+                    if bits == 3:
+                        _scalar_columns(words, vec, width, 0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j0, y,
+                                        j0, rb, rb_end)
+                    else:
+                        _scalar_columns(qw, j0 + vec, j0 + width, j0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s,
+                                        j0, y, j0, rb, rb_end)
 
 
 def segment_blocks(plan):
@@ -276,5 +285,5 @@ def gptq_matmul_int8_gemm(plan, xp):
     quantize_rows(xp, blocks, xw, xscale, sumx)
     y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)           # [N, out]
     gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
-              plan.zero_add, plan.const_zero, y)
+              plan.zero_add, plan.const_zero, ROW_BLOCK, y)
     return y
