@@ -46,17 +46,19 @@ def _make_tile(rows):
     into y. Written in LLVM IR because Numba has no vector types; `rows` is fixed when the IR is built."""
 
     @intrinsic
-    def tile(typingctx, y_addr, y_row_bytes, w_addr, w_row_bytes, x_addr, x_row_bytes, d_addr, d_row_bytes,
-             n_blocks, s_addr, z_addr, sx_addr, sx_row_bytes):
+    def tile(typingctx, y_addr, y_row_bytes, w_addr, w_row_bytes, x_addr, x_row_bytes, x_block_bytes, d_addr,
+             d_row_bytes, d_block_bytes, n_blocks, s_addr, z_addr, sx_addr, sx_row_bytes):
         """y[r, 0:16] += s * (acc_r - z * sumx[r]) for r < rows, acc_r as in the module docstring.
 
         y_addr: float32 y[row 0, column 0 of the tile]; w_addr: the segment's first packed word of the tile's
         16 columns (the next packed row w_row_bytes further); x_addr: row 0's first packed int8 word of the
-        segment (rows x_row_bytes apart); d_addr: row 0's scale of the segment's first block; s_addr, z_addr:
+        segment (rows x_row_bytes, blocks x_block_bytes apart); d_addr: row 0's scale of the segment's first
+        block (rows d_row_bytes, blocks d_block_bytes apart); s_addr, z_addr:
         16 float32 scales and zeros of the tile's columns; sx_addr: row 0's sumx of the segment.
         """
         def codegen(context, builder, signature, args):
-            (y_a, y_stride, w_a, w_stride, x_a, x_stride, d_a, d_stride, nb, s_a, z_a, sx_a, sx_stride) = args
+            (y_a, y_stride, w_a, w_stride, x_a, x_stride, x_block, d_a, d_stride, d_block, nb, s_a, z_a, sx_a,
+             sx_stride) = args
             i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
             v16i, v16f = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
             module = builder.module
@@ -86,7 +88,7 @@ def _make_tile(rows):
                     nibbles.append(builder.and_(w, mask))                 # inputs 8k + 0, 2, 4, 6
                     nibbles.append(builder.and_(builder.lshr(w, four), mask))   # inputs 8k + 1, 3, 5, 7
                 for r in range(rows):
-                    x_rb = builder.add(builder.add(x_a, builder.mul(x_stride, i64(r))), builder.mul(b, i64(BLOCK)))
+                    x_rb = builder.add(builder.add(x_a, builder.mul(x_stride, i64(r))), builder.mul(b, x_block))
                     chains = [ir.Constant(v16i, [0] * LANES)] * CHAINS    # independent sums: shorter
                     for k in range(8):                                    # 4 words x (even, odd) inputs
                         xk = load(builder.add(x_rb, i64(4 * k)), i32)
@@ -94,7 +96,7 @@ def _make_tile(rows):
                     total = chains[0]
                     for other in chains[1:]:                              # integer sums: order is exact
                         total = builder.add(total, other)
-                    d = load(builder.add(builder.add(d_a, builder.mul(d_stride, i64(r))), builder.mul(b, i64(4))),
+                    d = load(builder.add(builder.add(d_a, builder.mul(d_stride, i64(r))), builder.mul(b, d_block)),
                              f32)
                     part = builder.fmul(builder.sitofp(total, v16f), splat(d, v16f))
                     builder.store(builder.fadd(builder.load(accs[r]), part), accs[r])
@@ -107,7 +109,7 @@ def _make_tile(rows):
                 store(builder.fadd(load(y_r, v16f), folded), y_r)
             return context.get_dummy_value()
 
-        sig = types.void(*([types.intp] * 13))
+        sig = types.void(*([types.intp] * 15))
         return sig, codegen
 
     return tile
@@ -119,13 +121,15 @@ _tile_one = _make_tile(1)
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def quantize_rows(xp, seg_blocks, xw, xscale, sumx):
-    """The int8 activations of xp [N, padded] (plan order), as int8.quantize_activations rounds them:
-    xw [N, padded / 4] int32 (each 8-input word's int8 codes as inputs 0,2,4,6 | 1,3,5,7), xscale [N, padded / 32]
-    float32 (max|x| / 127, 1 for an all-zero block), sumx [N, S] float32 (see the module docstring) for the
-    segments starting at blocks seg_blocks [S + 1].
+    """The int8 activations of xp [N, padded] (plan order), as int8.quantize_activations rounds them, stored
+    block-major so that a tile's rows of one block are 8 x 32 contiguous bytes (rows a power-of-two apart would
+    fall into the same few L1 sets):
+        xw [blocks, N, 8] int32: each 8-input word's int8 codes as inputs 0,2,4,6 | 1,3,5,7
+        xscale [blocks, N] float32: max|x| / 127, 1 for an all-zero block
+        sumx [N, S] float32: see the module docstring, for the segments starting at blocks seg_blocks [S + 1].
     prange over rows; no fastmath, so the rounding is NumPy's (round half to even)."""
     n_rows, n_in = xp.shape
-    codes = xw.view(np.int8)                                              # [N, padded] bytes
+    codes = xw.view(np.int8)                                              # [blocks, N, 32] bytes
     for n in prange(n_rows):
         for b in range(n_in // BLOCK):
             top = np.float32(0.0)
@@ -134,19 +138,19 @@ def quantize_rows(xp, seg_blocks, xw, xscale, sumx):
             d = top / np.float32(127.0)
             if not d > 0:
                 d = np.float32(1.0)
-            xscale[n, b] = d
-            for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                q = min(max(np.rint(xp[n, i] / d), np.float32(-127.0)), np.float32(127.0))
+            xscale[b, n] = d
+            for i in range(BLOCK):
+                q = min(max(np.rint(xp[n, b * BLOCK + i] / d), np.float32(-127.0)), np.float32(127.0))
                 t = i % 8
                 slot = (t // 2) if t % 2 == 0 else 4 + t // 2             # even inputs first, then odd
-                codes[n, i - t + slot] = np.int8(q)
+                codes[b, n, i - t + slot] = np.int8(q)
         for s in range(seg_blocks.shape[0] - 1):
             total = np.float32(0.0)
             for b in range(seg_blocks[s], seg_blocks[s + 1]):
                 isum = 0
-                for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                    isum += np.int64(codes[n, i])
-                total = total + np.float32(isum) * xscale[n, b]
+                for i in range(BLOCK):
+                    isum += np.int64(codes[b, n, i])
+                total = total + np.float32(isum) * xscale[b, n]
             sumx[n, s] = total
 
 
@@ -187,8 +191,8 @@ def _scalar_columns(words, c0, c1, col, codes, xscale, sumx, b0, nb, s_buf, z_bu
                     word = np.int64(words[b * 4 + k, c])
                     for e in range(8):
                         slot = (e // 2) if e % 2 == 0 else 4 + e // 2
-                        total += ((word >> (4 * e)) & 15) * np.int64(codes[n, (b * 4 + k) * 8 + slot])
-                acc = acc + np.float32(total) * xscale[n, b]
+                        total += ((word >> (4 * e)) & 15) * np.int64(codes[b, n, k * 8 + slot])
+                acc = acc + np.float32(total) * xscale[b, n]
             y[n, j] = y[n, j] + s_buf[j - j_lo] * (acc - z_buf[j - j_lo] * sumx[n, s])
 
 
@@ -201,16 +205,16 @@ def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros,
     run segment by segment. 3-bit strips are first transcoded to the 4-bit packing (_transcode_3bit) in a
     scratch of blocks x 4 x STRIP words. Columns past the last multiple of 16 take _scalar_columns.
     """
-    n_rows = xw.shape[0]
+    n_rows = xw.shape[1]
     n_out = qw.shape[1]
     n_blocks = seg_blocks[seg_blocks.shape[0] - 1]
-    x_row_bytes = xw.shape[1] * 4
-    d_row_bytes = xscale.shape[1] * 4
+    x_row_bytes, x_block_bytes = 32, n_rows * 32                         # xw [blocks, N, 8] int32
+    d_row_bytes, d_block_bytes = 4, n_rows * 4                            # xscale [blocks, N]
     sx_row_bytes = sumx.shape[1] * 4
     y_row_bytes = n_out * 4
     base_x = np.int64(xw.ctypes.data)
     base_d, base_sx, base_y = np.int64(xscale.ctypes.data), np.int64(sumx.ctypes.data), np.int64(y.ctypes.data)
-    codes = xw.view(np.int8)                                              # [N, padded]
+    codes = xw.view(np.int8)                                              # [blocks, N, 32]
     for t in prange((n_out + STRIP - 1) // STRIP):
         j0 = t * STRIP
         width = min(n_out, j0 + STRIP) - j0
@@ -244,8 +248,8 @@ def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros,
                     while r0 < rb_end:
                         rows = ROWS if r0 + ROWS <= rb_end else 1
                         args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
-                                base_x + r0 * x_row_bytes + b0 * BLOCK, x_row_bytes,
-                                base_d + r0 * d_row_bytes + b0 * 4, d_row_bytes, nb,
+                                base_x + r0 * x_row_bytes + b0 * x_block_bytes, x_row_bytes, x_block_bytes,
+                                base_d + r0 * d_row_bytes + b0 * d_block_bytes, d_row_bytes, d_block_bytes, nb,
                                 s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
                         if rows == ROWS:
                             _tile_rows(*args)
@@ -278,8 +282,8 @@ def supports(plan):
 def gptq_matmul_int8_gemm(plan, xp):
     """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block."""
     n_rows, n_padded = xp.shape
-    xw = np.empty((n_rows, n_padded // 4), dtype=np.int32)                # [N, padded / 4]
-    xscale = np.empty((n_rows, n_padded // BLOCK), dtype=np.float32)     # [N, blocks]
+    xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
+    xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
     blocks = segment_blocks(plan)                                        # [S + 1]
     quantize_rows(xp, blocks, xw, xscale, sumx)

@@ -89,13 +89,13 @@ def test_quantize_rows_matches_the_numpy_rounding():
     xp[4, :32] = 0.5                                                         # d = 1 for this block, so
     xp[4, 0], xp[4, 1:6] = 127.0, [2.5, -3.5, 0.5, -0.5, 126.5]              # these are ties: half to even
     blocks = np.array([0, 2, 8], dtype=np.int64)                            # segments of 2 and 6 blocks
-    xw = np.empty((11, 64), dtype=np.int32)
-    xscale = np.empty((11, 8), dtype=F32)
+    xw = np.empty((8, 11, 8), dtype=np.int32)                               # [blocks, N, 8] block-major
+    xscale = np.empty((8, 11), dtype=F32)                                   # [blocks, N]
     sumx = np.empty((11, 2), dtype=F32)
     int8_gemm.quantize_rows(xp, blocks, xw, xscale, sumx)
     packed, scale, _ = int8.quantize_activations(xp)                        # the decode path's NumPy rounding
-    np.testing.assert_array_equal(xw, packed)
-    np.testing.assert_array_equal(xscale, scale)
+    np.testing.assert_array_equal(xw, packed.reshape(11, 8, 8).transpose(1, 0, 2))
+    np.testing.assert_array_equal(xscale, scale.T)
     xq, d = _round_rows(xp)
     for s in range(2):
         total = np.zeros(11, dtype=F32)
