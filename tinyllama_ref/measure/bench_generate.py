@@ -160,7 +160,7 @@ def llama_bench_rows(model, prompt_sizes=(64, 512), gen_tokens=(16,), repetition
         rows.append({"test": f"pp{n}", "tokens": n, "seconds": round(s, 4), "tokens_per_s": round(n / s, 2),
                      "samples_s": [round(v, 4) for v in samples],
                      "gemm_gflops": round(2.0 * n * linear_weights(cfg) / s / 1e9, 1)})
-    for n in gen_tokens:
+    for n in [g for g in gen_tokens if g > 0]:      # -n 0, as with llama-bench: no decode row
         samples = []
         for _ in range(repetitions):
             with model.new_cache(1, n + 1) as cache:
