@@ -41,3 +41,16 @@ def test_bench_int8_accuracy_on_a_tiny_model():
     for p in rec["prompts"]:
         assert 0 < p["kl"] < 0.01 and 0.5 <= p["top1_agreement"] <= 1   # int8 ran (KL > 0) and stays close
     assert rec["generated"]["tokens"] == 9 and rec["generated"]["perplexity_int8"] > 1
+
+
+def test_bench_int8_accuracy_bad_input_is_one_line_and_exit_1(tmp_path):
+    missing = tmp_path / "nowhere"
+    run = CliRunner().invoke(main, ["bench", "int8-accuracy", str(missing)])
+    assert run.exit_code == 1 and str(missing) in run.output and "Traceback" not in run.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    run = CliRunner().invoke(main, ["bench", "int8-accuracy", str(broken)])
+    assert run.exit_code == 1 and str(broken) in run.output and "Traceback" not in run.output
+    run = CliRunner().invoke(main, ["bench", "int8-accuracy", "--tiny", "--tokens", "1"])
+    assert run.exit_code == 2 and "at least 2 tokens" in run.output
