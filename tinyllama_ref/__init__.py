@@ -28,15 +28,19 @@ from .text import TextModel  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load(path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True):
+def load(path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True, threads=None):
     """Open a checkpoint directory (dense or GPTQ safetensors) as a TextModel: the forward pass plus its
     tokenizer.
 
     backend: "numba" (fast kernels) or "numpy" (the readable reference). max_memory: a budget such as
     "20GB" (default: 85% of available memory); layers that do not fit are streamed from disk.
     gptq_mode: "exact" (float32, the default) or "int8" (opt-in approximate activations, AVX512-VNNI).
+    threads: "auto" (the default, also from $TINYLLAMA_THREADS) picks each decode pass's thread count from
+    how fast recent passes ran (threads.py: one thread beats two when another process holds a core); a
+    number fixes it.
     """
-    return TextModel(Model(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=quiet))
+    return TextModel(Model(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=quiet,
+                           threads=threads))
 
 
 __all__ = ["load", "Model", "TextModel", "TinyLlamaError", "CheckpointError", "ConfigError", "GenerationError", "QuantError",

@@ -291,10 +291,11 @@ class Checkpoint:
             pos += n
         return pos - info.start
 
-    def drop_pages(self, names):
-        """Release the tensors' pages from this process (MADV_DONTNEED) and from the page cache."""
+    def drop_pages(self, names, page_cache=True):
+        """Release the tensors' pages from this process (MADV_DONTNEED) and, with page_cache, from the
+        kernel's page cache too (POSIX_FADV_DONTNEED: the next reader goes to the disk)."""
         self.advise(names, mmap.MADV_DONTNEED)
-        for name in names:
+        for name in names if page_cache else ():
             info = self.tensors[name]
             os.posix_fadvise(self.files[info.file]._fd.fileno(), info.start, info.nbytes,
                              os.POSIX_FADV_DONTNEED)

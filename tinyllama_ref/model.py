@@ -12,6 +12,8 @@ resident or stream them from disk (streaming.py): the forward pass does not care
 
 import os
 import sys
+import time
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -25,8 +27,12 @@ from .linear import BACKENDS
 from .ops import rms_norm, rope_tables, swiglu
 from .quant import check_gptq_mode, read_quant_config
 from .streaming import LayerSource
+from .threads import chooser_for, using_threads
 from .validate import validate_checkpoint
 from .weights import embedding_info, load_head
+
+
+DECODE_ROWS = 32      # passes of up to this many rows are "decode" for the thread chooser (the fused GEMV)
 
 
 def mlp(x, w, backend="numpy"):
@@ -54,11 +60,12 @@ def read_quant_config_if_any(path):
 class Model:
     """A loaded checkpoint's forward pass. `tinyllama_ref.load(path)` wraps it with its tokenizer (text.py)."""
 
-    def __init__(self, path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True):
+    def __init__(self, path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True, threads=None):
         if backend not in BACKENDS:
             raise GenerationError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.path = path
         self.backend = backend
+        self.threads = chooser_for(backend, threads)         # threads per pass (threads.py)
         self.gptq_mode = check_gptq_mode(gptq_mode)
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.
@@ -138,9 +145,18 @@ class Model:
         # The workspace stays reserved after the pass: it is the high-water mark the allocator keeps.
         self.layers.reserve("activations", max(self.layers.reserved.get("activations", 0),
                                                self.workspace_bytes(len(ids), longest, all_logits)))
-        x = self.embed(ids)                                          # [N, D]
-        for w in self.layers:
-            x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin, self.backend)   # [N, D]
+        # Decode passes (a few rows) split each matmul statically over the threads, so a busy core slows them
+        # all; their thread count is chosen from measured passes (threads.py). Prefill shares work
+        # dynamically (kernels/slabs.py) and always uses every thread.
+        kind = ("decode", len(ids)) if len(ids) <= DECODE_ROWS else None
+        n_threads = self.threads.choose(kind)
+        t = time.perf_counter()
+        with using_threads(n_threads) if self.backend == "numba" else nullcontext():
+            x = self.embed(ids)                                      # [N, D]
+            for w in self.layers:
+                x = block(x, w, cache, seqs, self.cfg, self.cos, self.sin, self.backend)   # [N, D]
+        if kind:
+            self.threads.record(kind, n_threads, time.perf_counter() - t)
         for slot, start, n in seqs:
             cache.lengths[slot] = start + n
         if not all_logits:

@@ -13,7 +13,9 @@ memory plus the mapped file pages this process holds) is split like this:
 Layers past the first k are streamed: a background thread reads layer i+1 from disk into the page cache while
 layer i computes (it only does I/O, so Numba's threading layer is never entered from two threads); after a
 streamed layer is used its pages are dropped from this process (madvise MADV_DONTNEED) and from the page cache
-(posix_fadvise DONTNEED), so resident memory does not creep up towards the model size.
+(posix_fadvise DONTNEED), so resident memory does not creep up towards the model size. (A resident layer
+whose kernels repacked it drops its mapped source pages too, but keeps them in the page cache when the whole
+model fits.)
 When everything fits, every layer is resident and nothing streams.
 """
 
@@ -135,9 +137,12 @@ class LayerSource:
                            gptq_mode=self.gptq_mode)
         self.prepare_seconds += time.perf_counter() - t
         # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
-        # now on; the mapped file pages of the original would only double the layer's memory.
+        # now on; the mapped file pages of the original would only double the layer's memory. When the
+        # whole model fits, the file's pages stay in the page cache (not this process's memory): the next
+        # process that loads the model repacks from RAM instead of rereading the disk (measured on the 7B,
+        # fresh process to first token: see docs/performance.md).
         copied = [n for name in LINEARS for n in getattr(getattr(layer, name), "copied_tensors", ())]
-        self.ckpt.drop_pages(copied)
+        self.ckpt.drop_pages(copied, page_cache=self.n_resident < self.n_layers)
         return layer
 
     def __len__(self):

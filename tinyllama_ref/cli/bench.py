@@ -19,6 +19,7 @@ def bench():
       tinyllama-ref bench generate ./ckpt --gptq-mode int8 --fresh --cold --json
       tinyllama-ref bench generate ./ckpt --batch 1,8,32 --max-memory 20GB --json
       tinyllama-ref bench int8-accuracy ./ckpt --tokens 64,512 --json
+      tinyllama-ref bench prefill-profile ./ckpt --tokens 64,512
     """
 
 
@@ -43,6 +44,14 @@ def generate(ctx):
 def eval_(ctx):
     """Multiple-choice scoring items/s: one at a time, shared prefix, packed, both (eval/bench.py)."""
     from ..eval.bench import main
+    main(ctx.args)
+
+
+@bench.command("prefill-profile", context_settings=PASS_THROUGH, add_help_option=False)
+@click.pass_context
+def prefill_profile(ctx):
+    """Where a 64- and 512-token prefill spends its time, step by step (measure/prefill_profile.py)."""
+    from ..measure.prefill_profile import main
     main(ctx.args)
 
 

@@ -22,8 +22,24 @@ def parse_ids(text):
     return ids
 
 
+def _set_threads(ctx, param, value):
+    """--threads goes to every model this process (and its workers) load, through $TINYLLAMA_THREADS."""
+    from ..errors import TinyLlamaError
+    from ..threads import ENV, parse_threads
+    if value is None:
+        return
+    try:
+        parse_threads(value, "--threads")
+    except TinyLlamaError as e:
+        raise click.BadParameter(str(e).replace("--threads must", "must")) from None
+    os.environ[ENV] = str(value)
+
+
 def model_options(f):
     """Options shared by every command that runs a model."""
+    f = click.option("--threads", default=None, metavar="N|auto", expose_value=False, callback=_set_threads,
+                     help="Threads for the kernels. auto (default): all cores, or one thread for decode passes "
+                          "while that is measured faster (another process holding a core).")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress or notices on stderr.")(f)
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Memory budget, e.g. 20GB, 1500MB or bytes (default: 85% of available memory).")(f)

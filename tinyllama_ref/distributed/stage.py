@@ -74,7 +74,8 @@ class Stage:
         for i in range(first, stop):
             w = load_layer(ckpt, cfg, quant_config, backend, i, gptq_mode=gptq_mode)
             # Repacked tensors are the kernels' own copies now; the mapped originals would double the memory.
-            ckpt.drop_pages([n for name in LINEARS for n in getattr(getattr(w, name), "copied_tensors", ())])
+            ckpt.drop_pages([n for name in LINEARS for n in getattr(getattr(w, name), "copied_tensors", ())],
+                            page_cache=False)   # resident: the next load repacks from RAM
             self.layers.append(dataclasses.replace(w, index=i - first))   # index = this stage's cache layer
         self.cos = self.sin = np.zeros((0, cfg.head_dim), dtype=np.float32)   # [P, hd], grown by open_cache
 

@@ -237,7 +237,8 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
             r["fraction_of_memory_bw"] = round(r["weights_gbps"] / mem_gbps, 3)
     weights = sum(model.layers.file_bytes) + model.lm_head.nbytes
     return {"checkpoint": checkpoint, "backend": backend, "gptq_mode": gptq_mode,
-            "threads": numba.get_num_threads(), "weights_bytes": int(weights),
+            "threads": numba.get_num_threads(), "thread_choice": model.threads.describe(),
+            "weights_bytes": int(weights),
             "layers_resident": model.layers.n_resident, "n_layers": model.layers.n_layers,
             "load_s": round(load_s, 3), "first_passes_s": round(warmup_s, 3), "fresh_process": starts,
             "memory_gbps": round(mem_gbps, 2), "blas_gemm_gflops": round(gemm, 1), **blas_info(),
@@ -262,7 +263,7 @@ def format_llama_shaped(rec):
                  f"{rec['blas_gemm_gflops']} GFLOP/s, memory {rec['memory_gbps']} GB/s; load average "
                  f"{rec['loadavg_before'][0]} before, {rec['loadavg_after'][0]} after")
     lines.append(f"load {rec['load_s']} s, first passes {rec['first_passes_s']} s; {rec['layers_resident']}/"
-                 f"{rec['n_layers']} layers resident")
+                 f"{rec['n_layers']} layers resident; decode threads chosen: {rec.get('thread_choice')}")
     for f in rec["fresh_process"]:
         if "error" in f:
             lines.append(f"fresh process, {f['cache']} Numba cache: failed: {f['error']}")
@@ -294,8 +295,18 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=8, help="--batch: tokens per sequence")
     ap.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     ap.add_argument("--max-memory", default=None)
+    ap.add_argument("--threads", default=None, metavar="N|auto",
+                    help="kernel threads (default auto: decode passes pick 1 or all from measured passes)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        from ..errors import TinyLlamaError
+        from ..threads import ENV, parse_threads
+        try:
+            parse_threads(a.threads, "--threads")
+        except TinyLlamaError as e:
+            ap.error(str(e))
+        os.environ[ENV] = a.threads                   # this process and the --fresh children
     if a.batch:
         recs = bench(a.checkpoint, _ints(a.batch), a.prompt_tokens, a.new_tokens, a.backend, a.max_memory,
                      gptq_mode=a.gptq_mode)

@@ -1,0 +1,79 @@
+"""The thread chooser (tinyllama_ref/threads.py) on simulated machines: pass times given by hand per phase."""
+
+from tinyllama_ref.threads import PROBE_MAX, ThreadChooser
+
+
+def drive(chooser, seconds_for, passes, kind=("decode", 1)):
+    """Run `passes` passes; seconds_for(threads) is the machine. Returns the thread count of every pass."""
+    used = []
+    for _ in range(passes):
+        n = chooser.choose(kind)
+        chooser.record(kind, n, seconds_for(n))
+        used.append(n)
+    return used
+
+
+QUIET = {1: 1.6, 2: 1.0}        # two threads faster: both cores free
+BUSY = {1: 1.3, 2: 2.5}         # one core taken by another process: the static split waits for it
+
+
+def test_quiet_machine_keeps_two_threads_and_probes_rarely():
+    c = ThreadChooser(2)
+    used = drive(c, QUIET.get, 1000)
+    assert used[0] == 2
+    probes = used.count(1)
+    # Backoff 4, 8, 16, 32, 64, 64, ...: about 1000 / 64 + 4 probes, never one every few passes.
+    assert 5 <= probes <= 1000 // PROBE_MAX + 6
+    assert used[-50:].count(2) >= 49
+
+
+def test_busy_core_switches_to_one_thread_and_back():
+    c = ThreadChooser(2)
+    drive(c, QUIET.get, 200)
+    used = drive(c, BUSY.get, 40)
+    assert used[-20:].count(1) >= 19          # switched within 20 passes of the change
+    used = drive(c, {1: 1.6, 2: 1.0}.get, 2 * PROBE_MAX + 10)
+    assert used[-PROBE_MAX // 2:].count(2) >= PROBE_MAX // 2 - 1   # a later probe found two threads faster again
+
+
+def test_fixed_count_is_never_changed():
+    c = ThreadChooser(2, fixed=1)
+    assert set(drive(c, QUIET.get, 50)) == {1}
+    assert set(drive(ThreadChooser(1), BUSY.get, 50)) == {1}
+
+
+def test_kinds_are_separate():
+    c = ThreadChooser(2)
+    drive(c, BUSY.get, 40, kind=("decode", 1))
+    assert c.choose(("decode", 8)) == 2        # another batch size starts from all threads
+    assert c.choose(("decode", 1)) == 1
+
+
+def test_bad_thread_counts_are_refused_clearly():
+    import pytest
+    from tinyllama_ref.errors import GenerationError
+    from tinyllama_ref.threads import parse_threads
+    assert parse_threads("auto") is None and parse_threads(None) is None and parse_threads("2") == 2
+    for bad in ("0", "-1", "two", "1.5", True):
+        with pytest.raises(GenerationError, match="positive number of threads"):
+            parse_threads(bad)
+
+
+def test_cli_threads_flag_gives_the_same_tokens_as_transformers(hf_checkpoints):
+    """--threads 1 and --threads 2 on a real subprocess: the same greedy ids as transformers; a bad value is
+    a usage error naming the flag, without a traceback."""
+    import subprocess
+    import sys
+    from hf_models import hf_greedy, hf_model
+    ckpt = hf_checkpoints("f32", dtype="float32")
+    prompt = [1, 17, 250, 3, 99]
+    ref = ",".join(map(str, hf_greedy(hf_model(ckpt), prompt, 6)))
+    for n in ("1", "2"):
+        p = subprocess.run([sys.executable, "-m", "tinyllama_ref", "generate", ckpt, "--prompt-ids",
+                            ",".join(map(str, prompt)), "--max-new-tokens", "6", "--ignore-eos", "--threads", n],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip().splitlines()[-1] == ref
+    p = subprocess.run([sys.executable, "-m", "tinyllama_ref", "generate", ckpt, "--prompt-ids", "1,5",
+                        "--threads", "zero"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "--threads" in p.stderr and "Traceback" not in p.stderr
