@@ -311,7 +311,11 @@ def _slab_matmul(x, n_out, dequantize):
     if n_rows <= SMALL_PREFILL_ROWS:
         columns = SMALL_PREFILL_COLUMNS
     else:
-        columns = max(64, min(-(-n_out // threads), TILE_FLOATS // threads // n_in) // 64 * 64)
+        # As wide as TILE_FLOATS allows, in a multiple of `threads` slabs of equal width (multiples of 32),
+        # so no thread is left with a last slab alone (measured: 7% of the threads' time idle at 512 rows).
+        cap = max(64, TILE_FLOATS // threads // n_in // 32 * 32)
+        count = threads * -(-n_out // (threads * cap))
+        columns = max(64, -(-(-(-n_out // count)) // 32) * 32)
     tiles = {}
 
     def work(j0, j1, worker):
@@ -319,9 +323,20 @@ def _slab_matmul(x, n_out, dequantize):
             tiles[worker] = np.empty(n_in * columns, dtype=np.float32)          # one scratch per thread
         t = tiles[worker][:n_in * (j1 - j0)].reshape(n_in, j1 - j0)             # [in, j1 - j0]
         dequantize(j0, j1, t)
-        y[:, j0:j1] = x @ t                                                   # [N, j1 - j0]
+        np.matmul(x, t, out=y[:, j0:j1])                                      # [N, j1 - j0], BLAS writes y
     run_slabs(n_out, columns, work)
     return y
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def gather_columns(x, gather, xp):
+    """xp[r, t] = x[r, gather[t]], or 0 where gather[t] == x.shape[1] (padding). prange over rows: a 512-row
+    prefill permutes its activations on both cores (np.take ran on one: about 1 s of a 25 s 7B pp512)."""
+    n_in = x.shape[1]
+    for r in prange(x.shape[0]):
+        for t in range(gather.shape[0]):
+            g = gather[t]
+            xp[r, t] = x[r, g] if g < n_in else np.float32(0.0)
 
 
 def permute_x(plan, x):
@@ -330,11 +345,10 @@ def permute_x(plan, x):
         xp = np.zeros((x.shape[0], plan.n_padded), dtype=np.float32)         # [N, padded]
         xp[:, :plan.n_in] = x
         return xp
-    # np.take with an index array is a plain gather (30x faster than boolean-mask assignment); padding
-    # rows point at an extra zero column (plan.gather, made once in prepare()).
-    extended = np.zeros((x.shape[0], plan.n_in + 1), dtype=np.float32)       # [N, in + 1]
-    extended[:, :plan.n_in] = x
-    return np.take(extended, plan.gather, axis=1)                            # [N, padded]
+    # Padding rows point one past the last input (plan.gather, made once in prepare()).
+    xp = np.empty((x.shape[0], plan.n_padded), dtype=np.float32)             # [N, padded]
+    gather_columns(x, plan.gather, xp)
+    return xp
 
 
 def gemv_block(n_out):

