@@ -1,6 +1,6 @@
 """The thread chooser (tinyllama_ref/threads.py) on simulated machines: pass times given by hand per phase."""
 
-from tinyllama_ref.threads import PROBE_MAX, ThreadChooser
+from tinyllama_ref.threads import PROBE_MAX, CpuMeter, ThreadChooser
 
 
 def drive(chooser, seconds_for, passes, kind=("decode", 1)):
@@ -18,7 +18,7 @@ BUSY = {1: 1.3, 2: 2.5}         # one core taken by another process: the static 
 
 
 def test_quiet_machine_keeps_two_threads_and_probes_rarely():
-    c = ThreadChooser(2)
+    c = ThreadChooser(2, meter=False)
     used = drive(c, QUIET.get, 1000)
     assert used[0] == 2
     probes = used.count(1)
@@ -28,7 +28,7 @@ def test_quiet_machine_keeps_two_threads_and_probes_rarely():
 
 
 def test_busy_core_switches_to_one_thread_and_back():
-    c = ThreadChooser(2)
+    c = ThreadChooser(2, meter=False)
     drive(c, QUIET.get, 200)
     used = drive(c, BUSY.get, 40)
     assert used[-20:].count(1) >= 19          # switched within 20 passes of the change
@@ -37,13 +37,13 @@ def test_busy_core_switches_to_one_thread_and_back():
 
 
 def test_fixed_count_is_never_changed():
-    c = ThreadChooser(2, fixed=1)
+    c = ThreadChooser(2, fixed=1, meter=False)
     assert set(drive(c, QUIET.get, 50)) == {1}
-    assert set(drive(ThreadChooser(1), BUSY.get, 50)) == {1}
+    assert set(drive(ThreadChooser(1, meter=False), BUSY.get, 50)) == {1}
 
 
 def test_kinds_are_separate():
-    c = ThreadChooser(2)
+    c = ThreadChooser(2, meter=False)
     drive(c, BUSY.get, 40, kind=("decode", 1))
     assert c.choose(("decode", 8)) == 2        # another batch size starts from all threads
     assert c.choose(("decode", 1)) == 1
@@ -77,3 +77,41 @@ def test_cli_threads_flag_gives_the_same_tokens_as_transformers(hf_checkpoints):
     p = subprocess.run([sys.executable, "-m", "tinyllama_ref", "generate", ckpt, "--prompt-ids", "1,5",
                         "--threads", "zero"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--threads" in p.stderr and "Traceback" not in p.stderr
+
+
+class FakeCounters:
+    """/proc/stat and os.times by hand: the machine's busy seconds, ours, and the wall clock."""
+
+    def __init__(self):
+        self.machine = self.ours = self.wall = 0.0
+
+    def run(self, seconds, our_cores, other_cores):
+        self.wall += seconds
+        self.ours += seconds * our_cores
+        self.machine += seconds * (our_cores + other_cores)
+
+    def __call__(self):
+        return self.machine, self.ours, self.wall
+
+
+def test_meter_leaves_a_core_taken_by_another_process():
+    clock = FakeCounters()
+    c = ThreadChooser(2, meter=CpuMeter(read=clock))
+    kind = ("decode", 1)
+    used = []
+    for step in range(30):
+        other = 1.0 if 10 <= step < 20 else 0.05         # another process holds a core in passes 10-19
+        n = c.choose(kind)
+        used.append(n)
+        clock.run(0.2, our_cores=n, other_cores=other)
+        c.record(kind, n, 0.2)
+    assert used[1:10] == [2] * 9                           # quiet: both cores
+    assert used[12:20] == [1] * 8                          # taken: within two passes, one thread
+    assert used[23:] == [2] * 7                            # free again: both
+    # Our own CPU time is never counted as another process's: two busy threads of ours alone stay at 2.
+    clock2 = FakeCounters()
+    c2 = ThreadChooser(2, meter=CpuMeter(read=clock2))
+    for _ in range(10):
+        n = c2.choose(kind)
+        clock2.run(0.2, our_cores=2.0, other_cores=0.0)
+    assert n == 2

@@ -3,10 +3,13 @@
 A decode pass splits each matmul statically over the threads (kernels/gptq_gemv.py: one long column block
 per thread streams best). On a quiet machine that is right. When another process keeps one of the cores busy,
 the thread that shares it gets about half its time and every matmul waits for it: two threads then decode
-slower than one. Which is better depends on what the rest of the machine does right now, which no file in
-/proc says reliably, so the chooser measures it: it runs passes with the current count, now and then runs
-one pass with another count (a probe), and switches when two probes in a row are clearly faster (one fresh
-sample each: older ones were taken on a machine that may have changed since).
+slower than one (measured on the 7B: 1.7 tokens/s with two, 5.0 with one). So before each decode pass the
+chooser looks at how many cores other processes used lately (CpuMeter: the machine's busy time in /proc/stat
+minus this process's own) and leaves those to them.
+
+Where /proc/stat cannot be read, it measures passes instead: it runs passes with the current count, now and
+then runs one pass with another count (a probe), and switches when two probes in a row are clearly faster
+(one fresh sample each: older ones were taken on a machine that may have changed since).
 
     chooser = ThreadChooser(max_threads=2)
     n = chooser.choose(kind)          # kind: passes that cost the same, e.g. ("decode", rows)
@@ -18,7 +21,9 @@ PROBE_FIRST up to PROBE_MAX), so on a steady machine probing costs a fraction of
 count's passes get clearly slower than they were (the machine changed), probing starts again at once.
 """
 
+import os
 import statistics
+import time
 from collections import deque
 
 PROBE_FIRST = 4          # passes before the first probe of a kind
@@ -26,15 +31,57 @@ PROBE_MAX = 64           # longest interval between probes (a quiet machine pays
 MARGIN = 0.10            # a probe must be this much faster (median of its samples) to switch
 SLOWER = 1.25            # current passes this much slower than their best recent median: probe now
 WINDOW = 5               # samples kept per (kind, thread count)
+TAKEN = 0.4              # a core others use this much of counts as taken (CpuMeter)
+
+
+class CpuMeter:
+    """How many cores other processes kept busy lately: the machine's busy time (/proc/stat) minus this
+    process's own CPU time (os.times), per second of wall time, averaged over at least INTERVAL seconds
+    (the counters tick in 10 ms) and smoothed. None where /proc/stat cannot be read (not Linux)."""
+
+    INTERVAL = 0.1
+    SMOOTH = 0.5
+
+    def __init__(self, read=None):
+        self.read = read or self._read
+        self.last = self.read()
+        self.others = None
+
+    @staticmethod
+    def _read():
+        """(seconds of busy CPU on the whole machine, seconds of CPU of this process, wall seconds) or None."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)            # idle + iowait
+        t = os.times()
+        return (sum(fields[:8]) - idle) / hz, t.user + t.system, time.monotonic()
+
+    def update(self):
+        now = self.read()
+        if now is None or self.last is None:
+            self.last = now
+            return self.others
+        wall = now[2] - self.last[2]
+        if wall >= self.INTERVAL:
+            used = max(0.0, ((now[0] - self.last[0]) - (now[1] - self.last[1])) / wall)   # cores, others
+            self.others = used if self.others is None else self.SMOOTH * used + (1 - self.SMOOTH) * self.others
+            self.last = now
+        return self.others
 
 
 class ThreadChooser:
-    """Thread count per kind of pass (module docstring). fixed=N always answers N (the user chose)."""
+    """Thread count per kind of pass (module docstring). fixed=N always answers N (the user chose).
+    meter: a CpuMeter (made on first use; meter=False: probes only)."""
 
-    def __init__(self, max_threads, fixed=None):
+    def __init__(self, max_threads, fixed=None, meter=None):
         self._max = max_threads          # an int, or a function that says it on first use
         self.fixed = fixed
         self.state = {}
+        self.meter = meter
 
     @property
     def max_threads(self):
@@ -59,6 +106,13 @@ class ThreadChooser:
             return self.fixed
         if kind is None or top == 1:
             return top
+        if self.meter is None:
+            self.meter = CpuMeter()
+        others = self.meter.update() if self.meter else None
+        if others is not None:
+            # Cores other processes hold, measured: leave them those (a core counts as taken from
+            # TAKEN of its time on), the rest of the cores for this pass.
+            return max(1, min(top, int(top - others + (1 - TAKEN))))
         s = self._kind(kind)
         if s["until_probe"] <= 0:
             s["probing"] = next(n for n in self.candidates() if n != s["current"])
