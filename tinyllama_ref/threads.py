@@ -112,7 +112,9 @@ class ThreadChooser:
         if others is not None:
             # Cores other processes hold, measured: leave them those (a core counts as taken from
             # TAKEN of its time on), the rest of the cores for this pass.
-            return max(1, min(top, int(top - others + (1 - TAKEN))))
+            n = max(1, min(top, int(top - others + (1 - TAKEN))))
+            self._kind(kind)["last"] = n
+            return n
         s = self._kind(kind)
         if s["until_probe"] <= 0:
             s["probing"] = next(n for n in self.candidates() if n != s["current"])
@@ -167,7 +169,8 @@ class ThreadChooser:
             return f"{self.fixed} threads (fixed)"
         def name(kind):
             return f"{kind[1]}-row {kind[0]}" if isinstance(kind, tuple) else str(kind)
-        return ", ".join(f"{name(kind)}: {s['current']}" for kind, s in self.state.items()) or "not used yet"
+        return ", ".join(f"{name(kind)}: {s.get('last', s['current'])}" for kind, s in self.state.items()) \
+            or "not used yet"
 
 
 ENV = "TINYLLAMA_THREADS"     # "auto" (the default) or a number; the CLI's --threads sets it
