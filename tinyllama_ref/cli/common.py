@@ -38,8 +38,8 @@ def _set_threads(ctx, param, value):
 def model_options(f):
     """Options shared by every command that runs a model."""
     f = click.option("--threads", default=None, metavar="N|auto", expose_value=False, callback=_set_threads,
-                     help="Threads for the kernels. auto (default): all cores, or one thread for decode passes "
-                          "while that is measured faster (another process holding a core).")(f)
+                     help="Threads for the kernels. auto (default): all cores, but decode passes leave the cores "
+                          "other processes hold (measured from /proc/stat before each pass).")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress or notices on stderr.")(f)
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Memory budget, e.g. 20GB, 1500MB or bytes (default: 85% of available memory).")(f)

@@ -296,7 +296,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     ap.add_argument("--max-memory", default=None)
     ap.add_argument("--threads", default=None, metavar="N|auto",
-                    help="kernel threads (default auto: decode passes pick 1 or all from measured passes)")
+                    help="kernel threads (default auto: decode passes leave the cores other processes hold)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.threads is not None:
