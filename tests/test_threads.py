@@ -115,3 +115,43 @@ def test_meter_leaves_a_core_taken_by_another_process():
         n = c2.choose(kind)
         clock2.run(0.2, our_cores=2.0, other_cores=0.0)
     assert n == 2
+
+
+def test_load_refuses_bad_thread_settings(hf_checkpoints, monkeypatch):
+    import numba
+    import pytest
+    import tinyllama_ref
+    from tinyllama_ref.errors import GenerationError
+    ckpt = hf_checkpoints("f32", dtype="float32")
+    monkeypatch.setenv("TINYLLAMA_THREADS", "lots")
+    with pytest.raises(GenerationError, match=r"\$TINYLLAMA_THREADS must be a positive number"):
+        tinyllama_ref.load(ckpt)
+    monkeypatch.delenv("TINYLLAMA_THREADS")
+    too_many = numba.config.NUMBA_NUM_THREADS + 1
+    m = tinyllama_ref.load(ckpt, threads=too_many)
+    with pytest.raises(GenerationError, match=f"threads={too_many} is more than"):
+        m.logits([1, 5, 6])
+
+
+def test_prefill_profile_bad_input_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    run = [sys.executable, "-m", "tinyllama_ref", "bench", "prefill-profile"]
+    p = subprocess.run(run + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "missing" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(run + [str(tmp_path), "--tokens", "0,x"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--tokens" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_prefill_profile_accounts_for_a_tiny_prefill(hf_checkpoints):
+    """Each step is counted once per layer, and no step is counted twice (what is left over is >= 0)."""
+    import tinyllama_ref
+    from tinyllama_ref.measure.prefill_profile import profile
+    ckpt = hf_checkpoints("f32", dtype="float32")
+    m = tinyllama_ref.load(ckpt, backend="numpy")
+    r = profile(m, tokens=(20,), repetitions=1)[20]
+    cats = r["categories"]
+    assert cats["rms_norm"]["calls"] == 2 * m.cfg.n_layers + 1
+    assert cats["swiglu"]["calls"] == m.cfg.n_layers
+    assert cats["attention"]["calls"] == m.cfg.n_layers
+    assert 0 <= cats["other"]["s"] < r["pass_s"]

@@ -146,7 +146,7 @@ class Model:
         self.layers.reserve("activations", max(self.layers.reserved.get("activations", 0),
                                                self.workspace_bytes(len(ids), longest, all_logits)))
         # Decode passes (a few rows) split each matmul statically over the threads, so a busy core slows them
-        # all; their thread count is chosen from measured passes (threads.py). Prefill shares work
+        # all; their thread count leaves the cores other processes hold (threads.py). Prefill shares work
         # dynamically (kernels/slabs.py) and always uses every thread.
         kind = ("decode", len(ids)) if len(ids) <= DECODE_ROWS else None
         n_threads = self.threads.choose(kind)

@@ -52,7 +52,7 @@ def swiglu(gate, up, backend="numpy"):
 
 def _swiglu_into(gate, up, out):
     """out = silu(gate) * up, the same operations as silu() in the same order (so the same bits), done in
-    place in out instead of through four temporaries of [rows, F] (measured: 0.58 -> 0.25 s of a 7B pp512)."""
+    place in out instead of through four temporaries of [rows, F] (measured: 18 -> 7 ms for one 512 x 11008 call)."""
     np.clip(gate, -88.0, 88.0, out=out)
     np.negative(out, out=out)
     np.exp(out, out=out)

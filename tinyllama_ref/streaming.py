@@ -139,8 +139,7 @@ class LayerSource:
         # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
         # now on; the mapped file pages of the original would only double the layer's memory. When the
         # whole model fits, the file's pages stay in the page cache (not this process's memory): the next
-        # process that loads the model repacks from RAM instead of rereading the disk (measured on the 7B,
-        # fresh process to first token: see docs/performance.md).
+        # process that loads the model repacks from RAM instead of rereading the disk.
         copied = [n for name in LINEARS for n in getattr(getattr(layer, name), "copied_tensors", ())]
         self.ckpt.drop_pages(copied, page_cache=self.n_resident < self.n_layers)
         return layer

@@ -11,7 +11,6 @@ ratio of ours (auto) to llama.cpp's better setting. The busy process is stopped 
     python tools/bench_busy_core.py /tmp/perf7b /tmp/lcb/7b-q4_0.gguf [--rounds 2] [--llama-bench PATH]
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -19,25 +18,16 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from side_by_side import find_llama_bench, run_llama_bench, user_env   # noqa: E402
+from side_by_side import find_llama_bench, parser, run_llama_bench, run_ours   # noqa: E402
 
 
-def run_ours(checkpoint, threads, reps):
-    cmd = [sys.executable, "-m", "tinyllama_ref", "bench", "generate", checkpoint, "-p", "", "-n", "16",
-           "-r", str(reps), "--threads", threads, "--json"]
-    rec = json.loads(subprocess.run(cmd, env=user_env(), capture_output=True, text=True, check=True).stdout)
-    row = next(r for r in rec["rows"] if r["test"] == "tg16")
-    return row["tokens_per_s"], rec.get("thread_choice")
+def tg16(checkpoint, threads, reps):
+    rows, rec = run_ours(checkpoint, "", "16", reps, "exact", ("--threads", threads))
+    return rows["tg16"], rec.get("thread_choice")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint")
-    ap.add_argument("gguf")
-    ap.add_argument("--llama-bench", default=None)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--repetitions", type=int, default=3)
-    a = ap.parse_args()
+    a = parser(__doc__.split("\n")[0]).parse_args()
     binary = a.llama_bench or find_llama_bench()
     core = str(os.cpu_count() - 1)
     busy = subprocess.Popen(["taskset", "-c", core, sys.executable, "-c", "while True: pass"])
@@ -49,7 +39,7 @@ def main():
                 rows = run_llama_bench(binary, a.gguf, t, "0", "16", a.repetitions)
                 results[f"llama.cpp -t {t}"].append(rows["tg16"])
             for t in ("auto", "1", "2"):
-                tps, choice = run_ours(a.checkpoint, t, a.repetitions)
+                tps, choice = tg16(a.checkpoint, t, a.repetitions)
                 results[f"ours {t}"].append(tps)
                 if t == "auto":
                     choices.append(choice)

@@ -46,20 +46,26 @@ def run_llama_bench(binary, gguf, threads, prompts, gen, reps):
     return rows
 
 
-def run_ours(checkpoint, prompts, gen, reps, mode):
+def run_ours(checkpoint, prompts, gen, reps, mode, extra=()):
     cmd = [sys.executable, "-m", "tinyllama_ref", "bench", "generate", checkpoint, "-p", prompts, "-n", gen,
-           "-r", str(reps), "--gptq-mode", mode, "--json"]
+           "-r", str(reps), "--gptq-mode", mode, "--json", *extra]
     rec = json.loads(subprocess.run(cmd, env=user_env(), capture_output=True, text=True, check=True).stdout)
     return {r["test"]: r["tokens_per_s"] for r in rec["rows"]}, rec
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(description):
+    """The arguments every side-by-side tool takes."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("checkpoint")
     ap.add_argument("gguf")
     ap.add_argument("--llama-bench", default=None)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=3)
+    return ap
+
+
+def main():
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gptq-mode", default="exact", help="exact, int8, or both: exact,int8")
     ap.add_argument("-p", default="64,512")

@@ -56,7 +56,7 @@ class Timers:
 def instrumented(model, timers):
     """Wrap the forward pass's steps with timers for the duration (module attributes, restored after)."""
     from .. import attention, model as model_mod, quant
-    from ..kernels import gptq, slabs
+    from ..kernels import gptq
     import numba
     patches = []
 
@@ -108,7 +108,6 @@ def instrumented(model, timers):
         timers.add("  slab work (dequantize + blas)", sum(busy))
         timers.add("  slab idle", max(0.0, threads * wall - sum(busy)))
     patch(gptq, "run_slabs", run_slabs_timed)
-    del slabs
     try:
         yield
     finally:
