@@ -33,6 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import amx
 from .compile_note import announce_if_cold
 from .gptq_gemv import gemv
 from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
@@ -297,6 +298,12 @@ def _gptq_matmul_inplace(plan, x):
                      plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), INPLACE_CHUNK_BYTES,
                      y)
         return y
+    if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
+        def product(xs, j0, j1, tile, bv, y):
+            widened = np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32)   # scales, zeros [G, SLAB]
+            amx.product_inplace(amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits,
+                                plan.zero_add, plan.n_in, j0, j1, widened[0], widened[1], tile, bv, y)
+        return _amx_matmul(x, n_out, product)
     return _slab_matmul(x, n_out, lambda j0, j1, t: dequantize_slab_inplace(
         plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
 
@@ -326,6 +333,24 @@ def _slab_matmul(x, n_out, dequantize):
         np.matmul(x, t, out=y[:, j0:j1])                                      # [N, j1 - j0], BLAS writes y
     run_slabs(n_out, columns, work)
     return y
+
+
+def _amx_matmul(x, n_out, product):
+    """Prefill on AMX (kernels/amx.py): x split once into bfloat16 tiles; product(xs, j0, j1, tile, bv, y)
+    dequantizes and multiplies one slab of columns per call (amx.product_segments / product_inplace) with
+    per-thread scratch tile [KC, SLAB] and bv, spread over the threads like the BLAS slabs. y is padded to whole
+    32-row blocks while it is written."""
+    xs = amx.split_rows(x)                                                   # [3, Np / 16, in / 32, 16, 32]
+    y = np.empty((xs.shape[1] * 16, n_out), dtype=np.float32)                # [Np, out]
+    scratch = {}
+
+    def work(j0, j1, worker):
+        if worker not in scratch:
+            scratch[worker] = (np.empty((amx.KC, amx.SLAB), dtype=np.float32),          # [KC, SLAB]
+                               np.empty((2, amx.KC // 2, amx.SLAB), dtype=np.uint32))   # [2, KC / 2, SLAB]
+        product(xs, j0, j1, *scratch[worker], y)
+    run_slabs(n_out, amx.SLAB, work)
+    return y[:x.shape[0]]
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
@@ -381,5 +406,9 @@ def gptq_matmul(plan, x, mode="exact"):
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
              plan.const_zero, gemv_block(n_out), y)
         return y
+    if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
+        return _amx_matmul(xp, n_out, lambda xs, j0, j1, tile, bv, y: amx.product_segments(
+            amx.CONFIG, xs, plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
+            plan.zero_add, j0, j1, tile, bv, y))
     return _slab_matmul(xp, n_out, lambda j0, j1, t: dequantize_slab(
         plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add, j0, j1, t))

@@ -1,0 +1,122 @@
+"""The AMX prefill (kernels/amx.py) against float64 products, the independent packer and the BLAS path.
+
+AMX adds float32 products in its own order, so results are compared with a float64 product at float32's own
+precision (a few units of 2**-24 of sum |x| |w|), the same check the BLAS path passes; the splits themselves
+are exact, and that is asserted bit for bit. Skipped where the CPU or the kernel offers no AMX.
+"""
+
+import numpy as np
+import pytest
+
+from gptq_packer import make_layer
+from tinyllama_ref.kernels import amx, gptq
+
+pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this machine (or not granted)")
+
+
+def _bf16(bits16):
+    """bfloat16 bit patterns (uint16 or the halves of uint32 lanes) -> float64."""
+    return (np.asarray(bits16, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _float32_close(y, x, w):
+    """|y - x @ w| within 16 float32 rounding units of sum |x| |w|, computed in float64."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    bound = 16 * 2.0 ** -24 * (np.abs(x64) @ np.abs(w64)) + 1e-30
+    err = np.abs(y.astype(np.float64) - x64 @ w64)
+    assert np.all(err <= bound), f"worst {float((err / bound).max()):.2f} of the bound"
+
+
+def test_x_split_is_exact():
+    """hi + mid + lo == x for every float32 (signs, tiny and huge magnitudes, exact powers of two)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((37, 70)) * 10.0 ** rng.integers(-30, 30, size=(37, 70))).astype(np.float32)
+    x[0, :4] = [1.0, -2.0 ** -100, 3.0e38, 0.0]
+    xs = amx.split_rows(x)
+    assert xs.shape == (3, 4, 3, 16, 32)                   # rows padded to 64, inputs to 96
+    rows = xs.transpose(0, 1, 3, 2, 4).reshape(3, 64, 96)  # [part, row tile, row, k tile, k] -> [part, row, k]
+    total = _bf16(rows[0]) + _bf16(rows[1]) + _bf16(rows[2])
+    np.testing.assert_array_equal(total[:37, :70], x.astype(np.float64))
+    assert not rows[:, 37:].any() and not rows[:, :, 70:].any()            # padding is zero
+
+
+def test_w_split_is_exact_for_gptq_weights():
+    """Every s * (q - z) with an fp16 scale and |q - z| <= 15 is hi + lo exactly; pairs sit in one lane."""
+    rng = np.random.default_rng(1)
+    s = rng.uniform(-0.05, 0.05, size=(64, 32)).astype(np.float16).astype(np.float32)
+    w = (s * rng.integers(-15, 16, size=(64, 32))).astype(np.float32)                  # [64, 32]
+    bv = np.zeros((2, 32, 32), dtype=np.uint32)
+    amx.split_w(w, 64, 32, 0, 64, bv)
+    lanes = [(bv[part] & 0xFFFF, bv[part] >> 16) for part in range(2)]               # (row 2p, row 2p + 1)
+    even = _bf16(lanes[0][0]) + _bf16(lanes[1][0])
+    odd = _bf16(lanes[0][1]) + _bf16(lanes[1][1])
+    np.testing.assert_array_equal(even, w[0::2].astype(np.float64))
+    np.testing.assert_array_equal(odd, w[1::2].astype(np.float64))
+
+
+@pytest.mark.parametrize("n_rows,n_in,n_out", [(33, 96, 64), (70, 1100, 160), (1, 64, 32), (512, 256, 128)])
+def test_float_slab_product(n_rows, n_in, n_out):
+    """slab_product on plain float32 slabs: K past one block (1100 > KC), partial row blocks, two slabs."""
+    rng = np.random.default_rng(n_rows + n_in)
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+    s = rng.uniform(0.001, 0.02, size=(1, n_out)).astype(np.float16).astype(np.float32)
+    w = (s * rng.integers(-8, 8, size=(n_in, n_out))).astype(np.float32)
+    xs = amx.split_rows(x)
+    y = np.full((xs.shape[1] * 16, n_out), np.nan, dtype=np.float32)
+    bv = np.empty((2, amx.KC // 2, amx.SLAB), dtype=np.uint32)
+    for j0 in range(0, n_out, amx.SLAB):
+        slab = np.ascontiguousarray(w[:, j0:j0 + amx.SLAB])
+        amx.slab_product(amx.CONFIG, xs, slab, bv, y, j0)
+    _float32_close(y[:n_rows], x, w)
+
+
+CASES = [dict(bits=4, group_size=128, act_order=True), dict(bits=4, group_size=-1),
+         dict(bits=3, group_size=32, act_order=True, sym=False), dict(bits=3, group_size=128),
+         dict(bits=4, group_size=64, checkpoint_format="gptq_v2", sym=False),
+         dict(bits=2, group_size=32, sym=False, act_order=True)]
+
+
+@pytest.mark.parametrize("repack", [True, False], ids=["segments", "inplace"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gptq_prefill_on_tiles(case, repack):
+    """gptq_matmul's many-row path (which takes AMX here) against x @ W from the independent packer, for
+    both plan layouts; 1100 inputs cross a KC block and 160 columns make a full and a partial slab."""
+    rng = np.random.default_rng(7)
+    layer = make_layer(rng, 1100 if case["bits"] != 3 else 1088, 160, **case)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], case["bits"],
+                        case.get("checkpoint_format", "gptq"), repack=repack)
+    for n_rows in (gptq.GEMV_MAX_ROWS + 1, 64):
+        x = rng.standard_normal((n_rows, layer["W"].shape[0])).astype(np.float32)
+        _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
+
+
+def test_odd_inputs_inplace():
+    """An "inplace" layer with an odd number of inputs: the last one is paired with a zero."""
+    rng = np.random.default_rng(8)
+    layer = make_layer(rng, 203, 64, 4, 64, act_order=True, sym=False)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        repack=False)
+    x = rng.standard_normal((40, 203)).astype(np.float32)
+    _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
+
+
+def test_tiles_are_used_and_agree_with_blas(monkeypatch):
+    """The same prefill with AMX and with the BLAS slabs: both within float32 round-off of each other."""
+    rng = np.random.default_rng(9)
+    layer = make_layer(rng, 512, 96, 4, 128, act_order=True)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    x = rng.standard_normal((48, 512)).astype(np.float32)
+    calls = []
+    real = amx.product_segments
+    monkeypatch.setattr(amx, "product_segments", lambda *a: calls.append(1) or real(*a))
+    on_tiles = gptq.gptq_matmul(plan, x)
+    assert calls, "the AMX path was not taken"
+    monkeypatch.setattr(amx, "available", lambda: False)
+    on_blas = gptq.gptq_matmul(plan, x)
+    _float32_close(on_tiles, x, layer["W"])
+    _float32_close(on_blas, x, layer["W"])
+
+
+def test_eight_bit_layers_stay_on_blas():
+    """8-bit weights need 19 significant bits, more than two bfloat16s hold: not served by the tiles."""
+    assert not amx.supports(4096, 8) and amx.supports(4096, 4) and not amx.supports(4100, 4)
