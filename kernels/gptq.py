@@ -8,6 +8,8 @@ building a float copy of the whole weight matrix. The files, one idea each:
   gptq_gemv.py     decode (up to GEMV_MAX_ROWS rows): the fused GEMV with the group-sum factorisation
   gptq_prefill.py  prefill: slabs of columns dequantized to float32, multiplied with BLAS (slabs.py)
   gptq_inplace.py  the same two for act-order layers read in the checkpoint's own row order
+  amx_codes.py     prefill where the CPU has AMX: 4-bit codes straight into bfloat16 tiles (exact products)
+  amx.py           prefill on AMX for the other layouts: dequantized slabs split into two bfloat16s
   int8.py          the opt-in int8-activation decode (approximate; never the default)
   int8_gemm.py     its prefill: int8 activations against the packed codes, VNNI register tiles
 
@@ -33,7 +35,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import amx
+from . import amx, amx_codes
 from .compile_note import announce_if_cold
 from .gptq_gemv import gemv
 from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
@@ -353,6 +355,29 @@ def _amx_matmul(x, n_out, product):
     return y[:x.shape[0]]
 
 
+def _amx_codes_matmul(plan, xp):
+    """Prefill of a 4-bit "segments" plan on AMX with the codes themselves as tiles (kernels/amx_codes.py):
+    xp [N, padded] split once (with the per-segment sums of x), slabs of amx_codes.SLAB columns spread over
+    the threads like the BLAS slabs."""
+    n_rows, n_out = xp.shape[0], plan.qw.shape[1]
+    xs = np.zeros((3, -(-n_rows // 32) * 2, xp.shape[1] // 32, 16, 32), dtype=np.uint16)   # x's parts, tiles
+    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)         # [N, S]
+    amx_codes.split_x_paired(xp, plan.seg_start, xs, sumx)
+    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
+    scratch = {}
+
+    def work(j0, j1, worker):
+        if worker not in scratch:
+            scratch[worker] = (np.empty((32, 32), dtype=np.float32),                  # one 32 x 32 block of C
+                               np.empty((32, amx_codes.SLAB), dtype=np.float32),      # its folded sums
+                               np.empty((2, amx_codes.SLAB), dtype=np.float32))       # scales, zeros
+        amx_codes.product_codes(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, plan.seg_start,
+                                plan.seg_group, plan.scales, plan.qzeros, plan.zero_add, plan.const_zero, j0, j1,
+                                *scratch[worker], y)
+    run_slabs(n_out, amx_codes.SLAB, work)
+    return y
+
+
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gather_columns(x, gather, xp):
     """xp[r, t] = x[r, gather[t]], or 0 where gather[t] == x.shape[1] (padding). prange over rows: a 512-row
@@ -406,6 +431,8 @@ def gptq_matmul(plan, x, mode="exact"):
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
              plan.const_zero, gemv_block(n_out), y)
         return y
+    if amx_codes.supports(plan) and amx.available():         # 4-bit codes straight into AMX tiles
+        return _amx_codes_matmul(plan, xp)
     if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
         return _amx_matmul(xp, n_out, lambda xs, j0, j1, tile, bv, y: amx.product_segments(
             amx.CONFIG, xs, plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,

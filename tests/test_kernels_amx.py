@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer
-from tinyllama_ref.kernels import amx, gptq
+from tinyllama_ref.kernels import amx, amx_codes, gptq
 
 pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this machine (or not granted)")
 
@@ -100,21 +100,52 @@ def test_odd_inputs_inplace():
     _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
 
 
-def test_tiles_are_used_and_agree_with_blas(monkeypatch):
-    """The same prefill with AMX and with the BLAS slabs: both within float32 round-off of each other."""
+@pytest.mark.parametrize("bits,kernel", [(4, "product_codes"), (3, "product_segments")])
+def test_tiles_are_used_and_agree_with_blas(monkeypatch, bits, kernel):
+    """The same prefill with AMX and with the BLAS slabs: both within float32 round-off of x @ W. 4-bit
+    segments take the code tiles (amx_codes.py), 3-bit ones the split dequantized slabs (amx.py)."""
     rng = np.random.default_rng(9)
-    layer = make_layer(rng, 512, 96, 4, 128, act_order=True)
-    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    layer = make_layer(rng, 512, 96, bits, 128, act_order=True)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq")
     x = rng.standard_normal((48, 512)).astype(np.float32)
     calls = []
-    real = amx.product_segments
-    monkeypatch.setattr(amx, "product_segments", lambda *a: calls.append(1) or real(*a))
+    module = amx_codes if kernel == "product_codes" else amx
+    real = getattr(module, kernel)
+    monkeypatch.setattr(module, kernel, lambda *a: calls.append(1) or real(*a))
     on_tiles = gptq.gptq_matmul(plan, x)
-    assert calls, "the AMX path was not taken"
+    assert calls, f"{kernel} was not called"
     monkeypatch.setattr(amx, "available", lambda: False)
     on_blas = gptq.gptq_matmul(plan, x)
     _float32_close(on_tiles, x, layer["W"])
     _float32_close(on_blas, x, layer["W"])
+
+
+@pytest.mark.parametrize("n_rows", [33, 64, 100])
+def test_code_tiles_uneven_groups_asymmetric(n_rows):
+    """amx_codes on a repacked layer whose groups are uneven (padded to 32 inputs, one empty), asymmetric zeros
+    that vary by group and column, and row counts that leave partial 32-row blocks."""
+    rng = np.random.default_rng(n_rows)
+    g_idx = rng.integers(0, 5, size=640).astype(np.int32)
+    g_idx[g_idx == 3] = 4                                   # group 3 holds no input
+    layer = make_layer(rng, 640, 192, 4, 128, sym=False, g_idx=g_idx)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    assert amx_codes.supports(plan) and plan.const_zero < 0
+    x = rng.standard_normal((n_rows, 640)).astype(np.float32)
+    _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
+
+
+def test_code_tile_rows_are_the_codes():
+    """The table lookup turns a packed word into the pairs (q0, q4), (q1, q5), (q2, q6), (q3, q7) as bfloat16:
+    checked on the table itself (entry i is i mod 16) and through the pair order split_x_paired gives x."""
+    assert [float(v) for v in _bf16(amx_codes.TABLE)] == [float(i % 16) for i in range(32)]
+    x = np.arange(64, dtype=np.float32)[None, :] + 1.0                     # x[k] = k + 1: exact in bfloat16
+    xs = np.zeros((3, 2, 2, 16, 32), dtype=np.uint16)
+    sumx = np.empty((1, 1), dtype=np.float32)
+    amx_codes.split_x_paired(x, np.array([0, 8]), xs, sumx)
+    order = _bf16(xs[0, 0, 0, 0]) - 1.0                                     # the input at each tile position
+    pairs = [(8 * (r // 4) + r % 4, 8 * (r // 4) + r % 4 + 4) for r in range(16)]
+    assert [tuple(order[2 * r:2 * r + 2].astype(int)) for r in range(16)] == pairs
+    assert sumx[0, 0] == np.float32(x.sum())
 
 
 def test_eight_bit_layers_stay_on_blas():

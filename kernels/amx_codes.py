@@ -1,0 +1,169 @@
+"""4-bit GPTQ codes straight into AMX tiles: exact prefill with no dequantized copy and three tile products.
+
+kernels/amx.py multiplies a dequantized slab, w = s (q - z) split into two bfloat16s. For 4-bit "segments"
+plans (every layer that is resident, act-order ones after their repack) there is a cheaper route, the same
+group-sum factorisation as the decode GEMV (gptq_gemv.py):
+
+    sum_i x_i s (q_i - z) = s (sum_i x_i q_i  -  z sum_i x)        over the inputs i of one segment (group)
+
+A code q is 0..15, exactly a bfloat16, so the tiles need only x's three parts (x_hi + x_mid + x_lo = x,
+amx.py): three tile products per 32 inputs instead of five, each exact in float32. Scale and zero are applied
+once per segment and column when the accumulator tiles are folded into y.
+
+Codes to tile rows without arithmetic: tdpbf16ps wants, per 32-bit lane (column), a pair of bfloat16s.
+A packed word holds the codes of inputs 0..7 of its column, input k in bits 4k..4k+3. vpermw looks a table
+up by the low 5 bits of each 16-bit half of a lane, so on the raw word it reads code 0 (bits 0..3, plus bit 4
+which the 32-entry table ignores by repeating itself) in the low half and code 4 (bits 16..19) in the high
+half: the pair (q0, q4). The word shifted right by 4, 8 and 12 gives (q1, q5), (q2, q6), (q3, q7). So four
+packed rows (32 inputs) become the 16 rows of a tile with three shifts and four table lookups per word, and
+x's columns are put in the same order once per call: pair r of a 32-input block holds inputs
+8 (r // 4) + r % 4 and that + 4.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .amx import _c_end, _configure, _hi_rest, _bits, _release, ROWS, COLS
+from .gptq_gemv import _unpack_zero_row
+from .half import f16_to_f32
+
+SLAB = 128            # columns per thread task (4 accumulator blocks share each row block's x tiles)
+
+# The bfloat16 of 0..15, twice: vpermw indexes 32 entries with 5 bits and bit 4 belongs to the next code.
+_TABLE = np.tile((np.arange(16, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16), 2)
+TABLE = np.ascontiguousarray(_TABLE)
+
+_I8, _I16, _I32, _I64, _VOID = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.VoidType()
+_I8P = _I8.as_pointer()
+
+
+def _call(builder, name, args, arg_types, ret=_VOID):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, arg_types), name)
+    return builder.call(fn, args)
+
+
+def _ptr(builder, addr):
+    return builder.inttoptr(addr, _I8P)
+
+
+@intrinsic
+def _codes_step(typingctx, qw_addr, qw_row_bytes, table_addr, buf_addr, a_addr, a_part, a_row16):
+    """One step of 32 inputs for a 32 x 32 block: the 4 packed rows of 32 columns (qw_addr, rows qw_row_bytes
+    apart) become two code tiles in buf (2 KB), then C[r, c] += (x_hi + x_mid + x_lo)[r] . codes[c]: 12
+    tdpbf16ps (x's tiles as in amx._k_step: row tile 1 a_row16 bytes on, parts a_part bytes apart)."""
+    def codegen(context, builder, sig, args):
+        q, q_stride, tab, buf, a, ap, ar16 = args
+        v16i = ir.VectorType(_I32, 16)
+        v32s = ir.VectorType(_I16, 32)
+        table = builder.load(builder.inttoptr(tab, v32s.as_pointer()), align=2)
+        for c in range(2):                                    # the two column tiles
+            for i in range(4):                                # packed rows: inputs 8i..8i+7
+                addr = builder.add(builder.add(q, builder.mul(q_stride, _I64(i))), _I64(64 * c))
+                word = builder.load(builder.inttoptr(addr, v16i.as_pointer()), align=4)
+                for s in range(4):                            # pair (8i + s, 8i + 4 + s) -> tile row 4i + s
+                    shifted = builder.lshr(word, ir.Constant(v16i, [4 * s] * 16)) if s else word
+                    pair = _call(builder, "llvm.x86.avx512.permvar.hi.512",
+                                 [table, builder.bitcast(shifted, v32s)], [v32s, v32s], ret=v32s)
+                    out = builder.add(buf, _I64(1024 * c + 64 * (4 * i + s)))
+                    builder.store(pair, builder.inttoptr(out, v32s.as_pointer()), align=64)
+        load_types, dot_types = [_I8, _I8P, _I64], [_I8, _I8, _I8]
+        for c in range(2):
+            _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, builder.add(buf, _I64(1024 * c))),
+                                                    _I64(64)], load_types)
+        for part in range(3):
+            base = builder.add(a, builder.mul(ap, _I64(part)))
+            _call(builder, "llvm.x86.tileloadd64", [_I8(4), _ptr(builder, base), _I64(64)], load_types)
+            _call(builder, "llvm.x86.tileloadd64", [_I8(5), _ptr(builder, builder.add(base, ar16)), _I64(64)],
+                  load_types)
+            for t in range(4):
+                _call(builder, "llvm.x86.tdpbf16ps", [_I8(t), _I8(4 + t // 2), _I8(6 + t % 2)], dot_types)
+        return context.get_dummy_value()
+    return types.void(*([types.intp] * 7)), codegen
+
+
+@intrinsic
+def _c_zero(typingctx):
+    def codegen(context, builder, sig, args):
+        for t in range(4):
+            _call(builder, "llvm.x86.tilezero", [_I8(t)], [_I8])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def split_x_paired(x, seg_start, xs, sumx):
+    """x [N, K] (plan order, K a multiple of 32) -> xs [3, Np / 16, K / 32, 16, 32] uint16, x's three bfloat16
+    parts with each 32-input block's columns in the tiles' pair order (module docstring), and sumx [N, S]
+    float32, the sum of x over each segment's inputs (segments in units of 8 inputs)."""
+    n_seg = seg_start.shape[0] - 1
+    for r in prange(x.shape[0]):
+        rt, rr = r >> 4, r & 15
+        for kt in range(x.shape[1] >> 5):
+            for pos in range(32):
+                pair = pos >> 1
+                k = (kt << 5) + 8 * (pair >> 2) + (pair & 3) + 4 * (pos & 1)
+                h, rest = _hi_rest(x[r, k])
+                m, low = _hi_rest(rest)
+                xs[0, rt, kt, rr, pos] = np.uint16(h >> np.uint32(16))
+                xs[1, rt, kt, rr, pos] = np.uint16(m >> np.uint32(16))
+                xs[2, rt, kt, rr, pos] = np.uint16(_bits(low) >> np.uint32(16))
+        for s in range(n_seg):
+            total = np.float32(0.0)
+            for k in range(seg_start[s] * 8, seg_start[s + 1] * 8):
+                total += x[r, k]
+            sumx[r, s] = total
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
+                  j0, j1, cbuf, acc, sz, y):
+    """y[:n_rows, j0:j1] = x @ W[:, j0:j1] for a 4-bit "segments" plan whose segments hold whole blocks of 32
+    inputs. Per 32-row block and segment: for each 32-column block, zero the accumulators, run the segment's
+    steps, store them to cbuf [32, 32] and fold: acc[r, j] += s_j (C[r, j] - z_j sumx[r, segment]); after the
+    last segment acc is y. cbuf, acc [32, SLAB] and sz [2, SLAB] are the caller's per-thread scratch."""
+    _configure(cfg.ctypes.data)
+    n_row_tiles, n_k_tiles = xs.shape[1], xs.shape[2]
+    a_part = n_row_tiles * n_k_tiles * 1024
+    q_row_bytes = qw.shape[1] * 4
+    cols = j1 - j0
+    buf = np.empty(1024 + 32, dtype=np.uint16)               # two code tiles (2 KB), 64-byte aligned below
+    base = (buf.ctypes.data + 63) // 64 * 64
+    scale, zero = sz[0], sz[1]
+    for rt in range(0, n_row_tiles, 2):
+        r0 = rt * 16
+        acc[:, :cols] = 0.0
+        for s in range(seg_group.shape[0]):
+            g = seg_group[s]
+            for j in range(cols):
+                scale[j] = f16_to_f32(scales[g, j0 + j])
+            if const_zero >= 0:
+                zero[:cols] = np.float32(const_zero)
+            else:
+                _unpack_zero_row(qzeros[g], j0, cols, 4, zero_add, zero)
+            for c0 in range(0, cols, COLS):
+                _c_zero()
+                for u in range(seg_start[s], seg_start[s + 1], 4):       # 4 packed rows = 32 inputs
+                    a = xs.ctypes.data + (rt * n_k_tiles + (u >> 2)) * 1024
+                    q = qw.ctypes.data + u * q_row_bytes + (j0 + c0) * 4
+                    _codes_step(q, q_row_bytes, table.ctypes.data, base, a, a_part, n_k_tiles * 1024)
+                _c_end(cbuf.ctypes.data, 128)
+                for r in range(ROWS):
+                    sx = sumx[min(r0 + r, n_rows - 1), s]
+                    row, out = cbuf[r], acc[r, c0:c0 + COLS]
+                    sc, zc = scale[c0:c0 + COLS], zero[c0:c0 + COLS]
+                    for j in range(COLS):
+                        out[j] += sc[j] * (row[j] - zc[j] * sx)
+        for r in range(min(ROWS, n_rows - r0)):
+            y[r0 + r, j0:j1] = acc[r, :cols]
+    _release()
+
+
+def supports(plan):
+    """A 4-bit "segments" plan whose segments hold whole blocks of 32 inputs (4 packed rows), and whose
+    columns come in whole 32-column blocks."""
+    return (plan.layout == "segments" and plan.bits == 4 and plan.qw.shape[1] % COLS == 0
+            and bool(np.all(plan.seg_start % 4 == 0)))
+
