@@ -26,7 +26,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .amx import _c_end, _configure, _hi_rest, _bits, _release, ROWS, COLS
+from .amx import _bits, _c_end, _configure, _hi_rest, _release, COLS, ROWS
+from .gptq_passes import masked_f32, shift_right_u32
 from .gptq_gemv import _unpack_zero_row
 from .half import f16_to_f32
 
@@ -167,3 +168,110 @@ def supports(plan):
     return (plan.layout == "segments" and plan.bits == 4 and plan.qw.shape[1] % COLS == 0
             and bool(np.all(plan.seg_start % 4 == 0)))
 
+
+
+# -- streamed act-order layers: the codes gathered into group order ------------------------------------------
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _gather_tiles(qw, src, t0, t1, j0, cols, btiles):
+    """Code tiles for sorted inputs t0..t1 (whole steps of 32) and columns j0..j0 + cols of a 4-bit "inplace"
+    layer: btiles[step, c, pair, lane] = bfloat16 codes of inputs src[t], src[t + 1] (the checkpoint's rows;
+    -1 for padding, which gets code 0) of column j0 + 16 c + lane // 2. The words are read where they lie:
+    code i sits at bit 4 (i % 8) of packed row i // 8."""
+    for t in range(t0, t1, 2):
+        step, pair = (t - t0) >> 5, ((t - t0) & 31) >> 1
+        ia, ib = src[t], src[t + 1]
+        ra, rb = qw[max(ia, 0) >> 3, j0:j0 + cols], qw[max(ib, 0) >> 3, j0:j0 + cols]
+        sa, sb = 4 * (max(ia, 0) & 7), 4 * (max(ib, 0) & 7)
+        ma = np.uint32(15 if ia >= 0 else 0)
+        mb = np.uint32(15 if ib >= 0 else 0)
+        for c in range(cols >> 4):
+            out = btiles[step, c, pair]
+            for lane in range(16):
+                j = 16 * c + lane
+                qa = _bits(masked_f32(shift_right_u32(ra[j], sa), ma)) >> np.uint32(16)
+                qb = _bits(masked_f32(shift_right_u32(rb[j], sb), mb)) & np.uint32(0xFFFF0000)
+                out[lane] = qa | qb
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def product_gathered(cfg, xs, sumx, n_rows, qw, src, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
+                     j0, j1, btiles, cbuf, acc, sz, y):
+    """y[:n_rows, j0:j1] = x @ W[:, j0:j1] for a 4-bit "inplace" plan (act-order, streamed): inputs taken in
+    group order (src: original input of each sorted position, segments of whole 32-input steps in seg_start),
+    x split in that order (amx.split_rows). Per segment: gather the codes of all the slab's columns into
+    btiles once (_gather_tiles), then for every 32-row and 32-column block run the segment's steps (three
+    tile products each, as product_codes) and fold s (C - z sumx) into acc [Np, SLAB]; acc is y at the end."""
+    _configure(cfg.ctypes.data)
+    n_row_tiles, n_k_tiles = xs.shape[1], xs.shape[2]
+    a_part = n_row_tiles * n_k_tiles * 1024
+    cols = j1 - j0
+    scale, zero = sz[0], sz[1]
+    acc[:, :cols] = 0.0
+    for s in range(seg_group.shape[0]):
+        k0, k1 = seg_start[s], seg_start[s + 1]              # in steps of 32 sorted inputs
+        _gather_tiles(qw, src, k0 * 32, k1 * 32, j0, cols, btiles)
+        g = seg_group[s]
+        for j in range(cols):
+            scale[j] = f16_to_f32(scales[g, j0 + j])
+        if const_zero >= 0:
+            zero[:cols] = np.float32(const_zero)
+        else:
+            _unpack_zero_row(qzeros[g], j0, cols, 4, zero_add, zero)
+        for rt in range(0, n_row_tiles, 2):
+            for c0 in range(0, cols, COLS):
+                _c_zero()
+                for kt in range(k0, k1):
+                    a = xs.ctypes.data + (rt * n_k_tiles + kt) * 1024
+                    b = btiles.ctypes.data + ((kt - k0) * btiles.shape[1] + (c0 >> 4)) * 1024
+                    _k_step3(a, a_part, n_k_tiles * 1024, b)
+                _c_end(cbuf.ctypes.data, 128)
+                for r in range(ROWS):
+                    row_i = rt * 16 + r
+                    sx = sumx[min(row_i, n_rows - 1), s]
+                    row, out = cbuf[r], acc[row_i, c0:c0 + COLS]
+                    sc, zc = scale[c0:c0 + COLS], zero[c0:c0 + COLS]
+                    for j in range(COLS):
+                        out[j] += sc[j] * (row[j] - zc[j] * sx)
+    for r in range(n_rows):
+        y[r, j0:j1] = acc[r, :cols]
+    _release()
+
+
+@intrinsic
+def _k_step3(typingctx, a_addr, a_part, a_row16, b_addr):
+    """C[r, c] += (x_hi + x_mid + x_lo)[r] . codes[c] from ready code tiles (b_addr, b_addr + 1 KB): 12
+    tdpbf16ps, as _codes_step without the conversion."""
+    def codegen(context, builder, sig, args):
+        a, ap, ar16, b = args
+        load_types, dot_types = [_I8, _I8P, _I64], [_I8, _I8, _I8]
+        for c in range(2):
+            _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, builder.add(b, _I64(1024 * c))),
+                                                    _I64(64)], load_types)
+        for part in range(3):
+            base = builder.add(a, builder.mul(ap, _I64(part)))
+            _call(builder, "llvm.x86.tileloadd64", [_I8(4), _ptr(builder, base), _I64(64)], load_types)
+            _call(builder, "llvm.x86.tileloadd64", [_I8(5), _ptr(builder, builder.add(base, ar16)), _I64(64)],
+                  load_types)
+            for t in range(4):
+                _call(builder, "llvm.x86.tdpbf16ps", [_I8(t), _I8(4 + t // 2), _I8(6 + t % 2)], dot_types)
+        return context.get_dummy_value()
+    return types.void(*([types.intp] * 4)), codegen
+
+
+def group_order(g_idx, n_in, n_groups):
+    """For an "inplace" plan: (src [Kp] int64, seg_start [S + 1] in steps of 32, seg_group [S]): the inputs
+    sorted by group (stably), each group padded to whole steps of 32 with -1. Made per call: O(inputs)."""
+    g = np.asarray(g_idx[:n_in], dtype=np.int64)
+    order = np.argsort(g, kind="stable")                                     # [in]
+    counts = np.bincount(g, minlength=n_groups)                              # [G]
+    steps = -(-counts // 32)                                                 # [G]
+    keep = steps > 0
+    starts = np.concatenate([[0], np.cumsum(steps[keep])]).astype(np.int64)  # [S + 1]
+    src = np.full(int(starts[-1]) * 32, -1, dtype=np.int64)                   # [Kp]
+    taken = 0
+    for s, grp in enumerate(np.flatnonzero(keep)):
+        c = int(counts[grp])
+        src[starts[s] * 32:starts[s] * 32 + c] = order[taken:taken + c]
+        taken += c
+    return src, starts, np.flatnonzero(keep).astype(np.int64)

@@ -300,6 +300,8 @@ def _gptq_matmul_inplace(plan, x):
                      plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), INPLACE_CHUNK_BYTES,
                      y)
         return y
+    if plan.bits == 4 and n_out % 32 == 0 and amx.available():    # the codes, gathered into group order
+        return _amx_gathered_matmul(plan, x)
     if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
         def product(xs, j0, j1, tile, bv, y):
             widened = np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32)   # scales, zeros [G, SLAB]
@@ -353,6 +355,31 @@ def _amx_matmul(x, n_out, product):
         product(xs, j0, j1, *scratch[worker], y)
     run_slabs(n_out, amx.SLAB, work)
     return y[:x.shape[0]]
+
+
+def _amx_gathered_matmul(plan, x):
+    """Prefill of a 4-bit "inplace" plan on AMX (amx_codes.product_gathered): x put in group order once, the
+    codes gathered per segment and slab, slabs of amx_codes.SLAB columns spread over the threads."""
+    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    src, seg_start, seg_group = amx_codes.group_order(plan.g_idx, plan.n_in, plan.n_groups)
+    xg = np.empty((n_rows, len(src)), dtype=np.float32)                      # [N, Kp] x in group order
+    gather_columns(x, np.where(src >= 0, src, plan.n_in), xg)
+    sumx = np.add.reduceat(xg, seg_start[:-1] * 32, axis=1)                 # [N, S] (padding adds 0)
+    xs = amx.split_rows(xg)                                                  # [3, Np / 16, Kp / 32, 16, 32]
+    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
+    longest = int(np.diff(seg_start).max())                                  # steps in the longest segment
+    scratch = {}
+
+    def work(j0, j1, worker):
+        if worker not in scratch:
+            scratch[worker] = (np.empty((longest, amx_codes.SLAB // 16, 16, 16), dtype=np.uint32),  # code tiles
+                               np.empty((32, 32), dtype=np.float32),                            # C block
+                               np.empty((xs.shape[1] * 16, amx_codes.SLAB), dtype=np.float32),  # folded sums
+                               np.empty((2, amx_codes.SLAB), dtype=np.float32))                 # scales, zeros
+        amx_codes.product_gathered(amx.CONFIG, xs, sumx, n_rows, plan.qw, src, seg_start, seg_group, plan.scales,
+                                   plan.qzeros, plan.zero_add, plan.const_zero, j0, j1, *scratch[worker], y)
+    run_slabs(n_out, amx_codes.SLAB, work)
+    return y
 
 
 def _amx_codes_matmul(plan, xp):

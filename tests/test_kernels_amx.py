@@ -100,16 +100,19 @@ def test_odd_inputs_inplace():
     _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
 
 
-@pytest.mark.parametrize("bits,kernel", [(4, "product_codes"), (3, "product_segments")])
-def test_tiles_are_used_and_agree_with_blas(monkeypatch, bits, kernel):
-    """The same prefill with AMX and with the BLAS slabs: both within float32 round-off of x @ W. 4-bit
-    segments take the code tiles (amx_codes.py), 3-bit ones the split dequantized slabs (amx.py)."""
+@pytest.mark.parametrize("bits,repack,kernel", [(4, True, "product_codes"), (3, True, "product_segments"),
+                                                (4, False, "product_gathered"), (3, False, "product_inplace")])
+def test_tiles_are_used_and_agree_with_blas(monkeypatch, bits, repack, kernel):
+    """The same prefill with AMX and with the BLAS slabs: both within float32 round-off of x @ W. 4-bit layers
+    take the code tiles (amx_codes.py: in place or gathered into group order), 3-bit ones the split
+    dequantized slabs (amx.py)."""
     rng = np.random.default_rng(9)
     layer = make_layer(rng, 512, 96, bits, 128, act_order=True)
-    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq")
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq",
+                        repack=repack)
     x = rng.standard_normal((48, 512)).astype(np.float32)
     calls = []
-    module = amx_codes if kernel == "product_codes" else amx
+    module = amx_codes if kernel in ("product_codes", "product_gathered") else amx
     real = getattr(module, kernel)
     monkeypatch.setattr(module, kernel, lambda *a: calls.append(1) or real(*a))
     on_tiles = gptq.gptq_matmul(plan, x)
@@ -120,16 +123,19 @@ def test_tiles_are_used_and_agree_with_blas(monkeypatch, bits, kernel):
     _float32_close(on_blas, x, layer["W"])
 
 
+@pytest.mark.parametrize("repack", [True, False], ids=["repacked", "gathered"])
 @pytest.mark.parametrize("n_rows", [33, 64, 100])
-def test_code_tiles_uneven_groups_asymmetric(n_rows):
-    """amx_codes on a repacked layer whose groups are uneven (padded to 32 inputs, one empty), asymmetric zeros
-    that vary by group and column, and row counts that leave partial 32-row blocks."""
+def test_code_tiles_uneven_groups_asymmetric(n_rows, repack):
+    """amx_codes on a layer whose groups are uneven (padded to 32 inputs, one empty), asymmetric zeros that
+    vary by group and column, and row counts that leave partial 32-row blocks; repacked, or read in place with
+    the codes gathered into group order."""
     rng = np.random.default_rng(n_rows)
     g_idx = rng.integers(0, 5, size=640).astype(np.int32)
     g_idx[g_idx == 3] = 4                                   # group 3 holds no input
     layer = make_layer(rng, 640, 192, 4, 128, sym=False, g_idx=g_idx)
-    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-    assert amx_codes.supports(plan) and plan.const_zero < 0
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        repack=repack)
+    assert amx_codes.supports(plan) == repack and plan.const_zero < 0
     x = rng.standard_normal((n_rows, 640)).astype(np.float32)
     _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
 

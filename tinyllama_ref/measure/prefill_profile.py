@@ -105,7 +105,7 @@ def instrumented(model, timers):
         original_run_slabs(n_out, columns, timed_work)
         wall = time.perf_counter() - t
         threads = min(numba.get_num_threads(), -(-n_out // columns))
-        timers.add("  slab work (dequantize + blas)", sum(busy))
+        timers.add("  slab work (dequantize + BLAS or AMX tiles)", sum(busy))
         timers.add("  slab idle", max(0.0, threads * wall - sum(busy)))
     patch(gptq, "run_slabs", run_slabs_timed)
     try:
