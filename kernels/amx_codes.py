@@ -33,6 +33,13 @@ from .half import f16_to_f32
 
 SLAB = 128            # columns per thread task (4 accumulator blocks share each row block's x tiles)
 
+
+def aligned(n_bytes, align=64):
+    """A uint8 scratch array of n_bytes whose first byte is `align`-aligned (for the code tiles)."""
+    raw = np.empty(n_bytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + n_bytes]
+
 # The bfloat16 of 0..15, twice: vpermw indexes 32 entries with 5 bits and bit 4 belongs to the next code.
 _TABLE = np.tile((np.arange(16, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16), 2)
 TABLE = np.ascontiguousarray(_TABLE)
@@ -120,18 +127,18 @@ def split_x_paired(x, seg_start, xs, sumx):
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
-                  j0, j1, cbuf, acc, sz, y):
+                  j0, j1, codes, cbuf, acc, sz, y):
     """y[:n_rows, j0:j1] = x @ W[:, j0:j1] for a 4-bit "segments" plan whose segments hold whole blocks of 32
     inputs. Per 32-row block and segment: for each 32-column block, zero the accumulators, run the segment's
     steps, store them to cbuf [32, 32] and fold: acc[r, j] += s_j (C[r, j] - z_j sumx[r, segment]); after the
-    last segment acc is y. cbuf, acc [32, SLAB] and sz [2, SLAB] are the caller's per-thread scratch."""
+    last segment acc is y. codes (2 KB, 64-byte aligned: two code tiles), cbuf [32, 32], acc [32, SLAB] and
+    sz [2, SLAB] are the caller's per-thread scratch."""
     _configure(cfg.ctypes.data)
     n_row_tiles, n_k_tiles = xs.shape[1], xs.shape[2]
     a_part = n_row_tiles * n_k_tiles * 1024
     q_row_bytes = qw.shape[1] * 4
     cols = j1 - j0
-    buf = np.empty(1024 + 32, dtype=np.uint16)               # two code tiles (2 KB), 64-byte aligned below
-    base = (buf.ctypes.data + 63) // 64 * 64
+    base = codes.ctypes.data
     scale, zero = sz[0], sz[1]
     for rt in range(0, n_row_tiles, 2):
         r0 = rt * 16

@@ -395,7 +395,8 @@ def _amx_codes_matmul(plan, xp):
 
     def work(j0, j1, worker):
         if worker not in scratch:
-            scratch[worker] = (np.empty((32, 32), dtype=np.float32),                  # one 32 x 32 block of C
+            scratch[worker] = (amx_codes.aligned(2048),                              # two code tiles
+                               np.empty((32, 32), dtype=np.float32),                  # one 32 x 32 block of C
                                np.empty((32, amx_codes.SLAB), dtype=np.float32),      # its folded sums
                                np.empty((2, amx_codes.SLAB), dtype=np.float32))       # scales, zeros
         amx_codes.product_codes(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, plan.seg_start,
