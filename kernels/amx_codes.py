@@ -182,9 +182,10 @@ def supports(plan):
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def _gather_tiles(qw, src, t0, t1, j0, cols, btiles):
     """Code tiles for sorted inputs t0..t1 (whole steps of 32) and columns j0..j0 + cols of a 4-bit "inplace"
-    layer: btiles[step, c, pair, lane] = bfloat16 codes of inputs src[t], src[t + 1] (the checkpoint's rows;
-    -1 for padding, which gets code 0) of column j0 + 16 c + lane // 2. The words are read where they lie:
-    code i sits at bit 4 (i % 8) of packed row i // 8."""
+    layer: btiles[step, pair, j] = the bfloat16 codes of inputs src[t], src[t + 1] (the checkpoint's rows; -1
+    for padding, which gets code 0) in column j0 + j, low half first. The tile of columns 16c.. of a step is
+    then 16 rows of 64 bytes, btiles.shape[2] * 4 bytes apart. The words are read where they lie: code i
+    sits at bit 4 (i % 8) of packed row i // 8."""
     for t in range(t0, t1, 2):
         step, pair = (t - t0) >> 5, ((t - t0) & 31) >> 1
         ia, ib = src[t], src[t + 1]
@@ -192,13 +193,11 @@ def _gather_tiles(qw, src, t0, t1, j0, cols, btiles):
         sa, sb = 4 * (max(ia, 0) & 7), 4 * (max(ib, 0) & 7)
         ma = np.uint32(15 if ia >= 0 else 0)
         mb = np.uint32(15 if ib >= 0 else 0)
-        for c in range(cols >> 4):
-            out = btiles[step, c, pair]
-            for lane in range(16):
-                j = 16 * c + lane
-                qa = _bits(masked_f32(shift_right_u32(ra[j], sa), ma)) >> np.uint32(16)
-                qb = _bits(masked_f32(shift_right_u32(rb[j], sb), mb)) & np.uint32(0xFFFF0000)
-                out[lane] = qa | qb
+        out = btiles[step, pair]
+        for j in range(np.uint64(cols)):
+            qa = _bits(masked_f32(shift_right_u32(ra[j], sa), ma)) >> np.uint32(16)
+            qb = _bits(masked_f32(shift_right_u32(rb[j], sb), mb)) & np.uint32(0xFFFF0000)
+            out[j] = qa | qb
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -230,8 +229,8 @@ def product_gathered(cfg, xs, sumx, n_rows, qw, src, seg_start, seg_group, scale
                 _c_zero()
                 for kt in range(k0, k1):
                     a = xs.ctypes.data + (rt * n_k_tiles + kt) * 1024
-                    b = btiles.ctypes.data + ((kt - k0) * btiles.shape[1] + (c0 >> 4)) * 1024
-                    _k_step3(a, a_part, n_k_tiles * 1024, b)
+                    b = btiles.ctypes.data + ((kt - k0) * 16 * btiles.shape[2] + c0) * 4
+                    _k_step3(a, a_part, n_k_tiles * 1024, b, btiles.shape[2] * 4)
                 _c_end(cbuf.ctypes.data, 128)
                 for r in range(ROWS):
                     row_i = rt * 16 + r
@@ -246,15 +245,15 @@ def product_gathered(cfg, xs, sumx, n_rows, qw, src, seg_start, seg_group, scale
 
 
 @intrinsic
-def _k_step3(typingctx, a_addr, a_part, a_row16, b_addr):
-    """C[r, c] += (x_hi + x_mid + x_lo)[r] . codes[c] from ready code tiles (b_addr, b_addr + 1 KB): 12
-    tdpbf16ps, as _codes_step without the conversion."""
+def _k_step3(typingctx, a_addr, a_part, a_row16, b_addr, b_stride):
+    """C[r, c] += (x_hi + x_mid + x_lo)[r] . codes[c] from ready code tiles (b_addr and b_addr + 64, rows
+    b_stride apart): 12 tdpbf16ps, as _codes_step without the conversion."""
     def codegen(context, builder, sig, args):
-        a, ap, ar16, b = args
+        a, ap, ar16, b, bs = args
         load_types, dot_types = [_I8, _I8P, _I64], [_I8, _I8, _I8]
         for c in range(2):
-            _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, builder.add(b, _I64(1024 * c))),
-                                                    _I64(64)], load_types)
+            _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, builder.add(b, _I64(64 * c))),
+                                                    bs], load_types)
         for part in range(3):
             base = builder.add(a, builder.mul(ap, _I64(part)))
             _call(builder, "llvm.x86.tileloadd64", [_I8(4), _ptr(builder, base), _I64(64)], load_types)
@@ -263,7 +262,7 @@ def _k_step3(typingctx, a_addr, a_part, a_row16, b_addr):
             for t in range(4):
                 _call(builder, "llvm.x86.tdpbf16ps", [_I8(t), _I8(4 + t // 2), _I8(6 + t % 2)], dot_types)
         return context.get_dummy_value()
-    return types.void(*([types.intp] * 4)), codegen
+    return types.void(*([types.intp] * 5)), codegen
 
 
 def group_order(g_idx, n_in, n_groups):

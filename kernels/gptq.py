@@ -372,7 +372,7 @@ def _amx_gathered_matmul(plan, x):
 
     def work(j0, j1, worker):
         if worker not in scratch:
-            scratch[worker] = (np.empty((longest, amx_codes.SLAB // 16, 16, 16), dtype=np.uint32),  # code tiles
+            scratch[worker] = (np.empty((longest, 16, amx_codes.SLAB), dtype=np.uint32),  # code tiles [step, pair, j]
                                np.empty((32, 32), dtype=np.float32),                            # C block
                                np.empty((xs.shape[1] * 16, amx_codes.SLAB), dtype=np.float32),  # folded sums
                                np.empty((2, amx_codes.SLAB), dtype=np.float32))                 # scales, zeros
