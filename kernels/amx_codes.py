@@ -27,7 +27,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .amx import _bits, _c_end, _configure, _hi_rest, _release, COLS, ROWS
-from .gptq_passes import masked_f32, shift_right_u32
 from .gptq_gemv import _unpack_zero_row
 from .half import f16_to_f32
 
@@ -179,30 +178,57 @@ def supports(plan):
 
 # -- streamed act-order layers: the codes gathered into group order ------------------------------------------
 
+@intrinsic
+def _pair_row(typingctx, a_addr, b_addr, shift_a, shift_b, mask_a, mask_b, table_addr, out_addr, n16):
+    """out[j] = bfloat16 pair (code a, code b) of columns j < 16 n16: code a = (word_a[j] >> shift_a) & mask_a,
+    from the packed row at a_addr, code b likewise; both looked up in TABLE at once (vpermw reads the low
+    half's index from bits 0..4 and the high half's from bits 16..20 of each lane). 16 columns per step."""
+    def codegen(context, builder, sig, args):
+        a, b, sa, sb, ma, mb, tab, out, n = args
+        v16i = ir.VectorType(_I32, 16)
+        v32s = ir.VectorType(_I16, 32)
+
+        def splat(value):
+            one = builder.insert_element(ir.Constant(v16i, ir.Undefined), builder.trunc(value, _I32), _I32(0))
+            return builder.shuffle_vector(one, ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
+        table = builder.load(builder.inttoptr(tab, v32s.as_pointer()), align=2)
+        sa_v, sb_v, ma_v, mb_v = splat(sa), splat(sb), splat(ma), splat(mb)
+        sixteen = ir.Constant(v16i, [16] * 16)
+        with cgutils.for_range(builder, n) as loop:
+            offset = builder.mul(loop.index, _I64(64))
+            wa = builder.load(builder.inttoptr(builder.add(a, offset), v16i.as_pointer()), align=4)
+            wb = builder.load(builder.inttoptr(builder.add(b, offset), v16i.as_pointer()), align=4)
+            qa = builder.and_(builder.lshr(wa, sa_v), ma_v)
+            qb = builder.and_(builder.lshr(wb, sb_v), mb_v)
+            index = builder.or_(qa, builder.shl(qb, sixteen))
+            pair = _call(builder, "llvm.x86.avx512.permvar.hi.512", [table, builder.bitcast(index, v32s)],
+                         [v32s, v32s], ret=v32s)
+            builder.store(pair, builder.inttoptr(builder.add(out, offset), v32s.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(*([types.intp] * 9)), codegen
+
+
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _gather_tiles(qw, src, t0, t1, j0, cols, btiles):
-    """Code tiles for sorted inputs t0..t1 (whole steps of 32) and columns j0..j0 + cols of a 4-bit "inplace"
-    layer: btiles[step, pair, j] = the bfloat16 codes of inputs src[t], src[t + 1] (the checkpoint's rows; -1
-    for padding, which gets code 0) in column j0 + j, low half first. The tile of columns 16c.. of a step is
-    then 16 rows of 64 bytes, btiles.shape[2] * 4 bytes apart. The words are read where they lie: code i
-    sits at bit 4 (i % 8) of packed row i // 8."""
+def _gather_tiles(qw, src, t0, t1, j0, cols, table, btiles):
+    """Code tiles for sorted inputs t0..t1 (whole steps of 32) and columns j0..j0 + cols (a multiple of 16) of
+    a 4-bit "inplace" layer: btiles[step, pair, j] = the bfloat16 codes of inputs src[t], src[t + 1] (the
+    checkpoint's rows; -1 for padding, which gets code 0) in column j0 + j, low half first. The tile of
+    columns 16c.. of a step is then 16 rows of 64 bytes, btiles.shape[2] * 4 bytes apart. The words are read
+    where they lie: code i sits at bit 4 (i % 8) of packed row i // 8."""
+    row_bytes = qw.shape[1] * 4
     for t in range(t0, t1, 2):
         step, pair = (t - t0) >> 5, ((t - t0) & 31) >> 1
         ia, ib = src[t], src[t + 1]
-        ra, rb = qw[max(ia, 0) >> 3, j0:j0 + cols], qw[max(ib, 0) >> 3, j0:j0 + cols]
-        sa, sb = 4 * (max(ia, 0) & 7), 4 * (max(ib, 0) & 7)
-        ma = np.uint32(15 if ia >= 0 else 0)
-        mb = np.uint32(15 if ib >= 0 else 0)
-        out = btiles[step, pair]
-        for j in range(np.uint64(cols)):
-            qa = _bits(masked_f32(shift_right_u32(ra[j], sa), ma)) >> np.uint32(16)
-            qb = _bits(masked_f32(shift_right_u32(rb[j], sb), mb)) & np.uint32(0xFFFF0000)
-            out[j] = qa | qb
+        ra = qw.ctypes.data + (max(ia, 0) >> 3) * row_bytes + j0 * 4
+        rb = qw.ctypes.data + (max(ib, 0) >> 3) * row_bytes + j0 * 4
+        out = btiles.ctypes.data + (step * 16 + pair) * btiles.shape[2] * 4
+        _pair_row(ra, rb, 4 * (max(ia, 0) & 7), 4 * (max(ib, 0) & 7), 15 if ia >= 0 else 0, 15 if ib >= 0 else 0,
+                  table.ctypes.data, out, cols >> 4)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def product_gathered(cfg, xs, sumx, n_rows, qw, src, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
-                     j0, j1, btiles, cbuf, acc, sz, y):
+def product_gathered(cfg, table, xs, sumx, n_rows, qw, src, seg_start, seg_group, scales, qzeros, zero_add,
+                     const_zero, j0, j1, btiles, cbuf, acc, sz, y):
     """y[:n_rows, j0:j1] = x @ W[:, j0:j1] for a 4-bit "inplace" plan (act-order, streamed): inputs taken in
     group order (src: original input of each sorted position, segments of whole 32-input steps in seg_start),
     x split in that order (amx.split_rows). Per segment: gather the codes of all the slab's columns into
@@ -216,7 +242,7 @@ def product_gathered(cfg, xs, sumx, n_rows, qw, src, seg_start, seg_group, scale
     acc[:, :cols] = 0.0
     for s in range(seg_group.shape[0]):
         k0, k1 = seg_start[s], seg_start[s + 1]              # in steps of 32 sorted inputs
-        _gather_tiles(qw, src, k0 * 32, k1 * 32, j0, cols, btiles)
+        _gather_tiles(qw, src, k0 * 32, k1 * 32, j0, cols, table, btiles)
         g = seg_group[s]
         for j in range(cols):
             scale[j] = f16_to_f32(scales[g, j0 + j])

@@ -53,6 +53,8 @@ INT8_GEMV_MAX_ROWS = 8     # int8 mode (opt-in): up to this many rows the int8 G
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
                            # prefetchers follow long runs of each packed row; measured 1.2-1.3x over two)
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
+AMX_INPLACE_GEMV_ROWS = 6  # ... but with AMX, past this many rows the gathered code tiles are faster (on 8192 x
+                           # 28672 and 28672 x 8192, 4-bit g128: even at 6 rows, 1.1-1.3x at 8)
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
@@ -289,7 +291,8 @@ def inplace_block(n_out, n_groups):
 def _gptq_matmul_inplace(plan, x):
     """gptq_matmul for an "inplace" plan: x stays in input order; per-group sums of x are made per call."""
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    if n_rows <= INPLACE_GEMV_MAX_ROWS:
+    gathered = plan.bits == 4 and n_out % 32 == 0 and amx.available()       # amx_codes.product_gathered
+    if n_rows <= INPLACE_GEMV_MAX_ROWS and not (gathered and n_rows > AMX_INPLACE_GEMV_ROWS):
         y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         xg = np.zeros((n_rows, plan.n_padded), dtype=np.float32)             # [N, padded]
         xg[:, :plan.n_in] = x
@@ -300,7 +303,7 @@ def _gptq_matmul_inplace(plan, x):
                      plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), INPLACE_CHUNK_BYTES,
                      y)
         return y
-    if plan.bits == 4 and n_out % 32 == 0 and amx.available():    # the codes, gathered into group order
+    if gathered:                                             # the codes, gathered into group order
         return _amx_gathered_matmul(plan, x)
     if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
         def product(xs, j0, j1, tile, bv, y):
@@ -376,8 +379,9 @@ def _amx_gathered_matmul(plan, x):
                                np.empty((32, 32), dtype=np.float32),                            # C block
                                np.empty((xs.shape[1] * 16, amx_codes.SLAB), dtype=np.float32),  # folded sums
                                np.empty((2, amx_codes.SLAB), dtype=np.float32))                 # scales, zeros
-        amx_codes.product_gathered(amx.CONFIG, xs, sumx, n_rows, plan.qw, src, seg_start, seg_group, plan.scales,
-                                   plan.qzeros, plan.zero_add, plan.const_zero, j0, j1, *scratch[worker], y)
+        amx_codes.product_gathered(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, src, seg_start,
+                                   seg_group, plan.scales, plan.qzeros, plan.zero_add, plan.const_zero, j0, j1,
+                                   *scratch[worker], y)
     run_slabs(n_out, amx_codes.SLAB, work)
     return y
 

