@@ -56,6 +56,22 @@ def _ptr(builder, addr):
     return builder.inttoptr(addr, _I8P)
 
 
+def _three_products(builder, a, a_part, a_row16, b0, b1, b_stride):
+    """Emit C[r, c] += (x_hi + x_mid + x_lo)[r] . codes[c] for the 2 x 2 accumulator tiles 0..3: code tiles
+    6, 7 from b0, b1 (rows b_stride apart), x's row tiles 4, 5 from a and a + a_row16 for each part (a_part
+    bytes apart); 12 tdpbf16ps."""
+    load_types, dot_types = [_I8, _I8P, _I64], [_I8, _I8, _I8]
+    for c, b in enumerate((b0, b1)):
+        _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, b), b_stride], load_types)
+    for part in range(3):
+        base = builder.add(a, builder.mul(a_part, _I64(part)))
+        _call(builder, "llvm.x86.tileloadd64", [_I8(4), _ptr(builder, base), _I64(64)], load_types)
+        _call(builder, "llvm.x86.tileloadd64", [_I8(5), _ptr(builder, builder.add(base, a_row16)), _I64(64)],
+              load_types)
+        for t in range(4):
+            _call(builder, "llvm.x86.tdpbf16ps", [_I8(t), _I8(4 + t // 2), _I8(6 + t % 2)], dot_types)
+
+
 @intrinsic
 def _codes_step(typingctx, qw_addr, qw_row_bytes, table_addr, buf_addr, a_addr, a_part, a_row16):
     """One step of 32 inputs for a 32 x 32 block: the 4 packed rows of 32 columns (qw_addr, rows qw_row_bytes
@@ -76,17 +92,7 @@ def _codes_step(typingctx, qw_addr, qw_row_bytes, table_addr, buf_addr, a_addr, 
                                  [table, builder.bitcast(shifted, v32s)], [v32s, v32s], ret=v32s)
                     out = builder.add(buf, _I64(1024 * c + 64 * (4 * i + s)))
                     builder.store(pair, builder.inttoptr(out, v32s.as_pointer()), align=64)
-        load_types, dot_types = [_I8, _I8P, _I64], [_I8, _I8, _I8]
-        for c in range(2):
-            _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, builder.add(buf, _I64(1024 * c))),
-                                                    _I64(64)], load_types)
-        for part in range(3):
-            base = builder.add(a, builder.mul(ap, _I64(part)))
-            _call(builder, "llvm.x86.tileloadd64", [_I8(4), _ptr(builder, base), _I64(64)], load_types)
-            _call(builder, "llvm.x86.tileloadd64", [_I8(5), _ptr(builder, builder.add(base, ar16)), _I64(64)],
-                  load_types)
-            for t in range(4):
-                _call(builder, "llvm.x86.tdpbf16ps", [_I8(t), _I8(4 + t // 2), _I8(6 + t % 2)], dot_types)
+        _three_products(builder, a, ap, ar16, buf, builder.add(buf, _I64(1024)), _I64(64))
         return context.get_dummy_value()
     return types.void(*([types.intp] * 7)), codegen
 
@@ -125,6 +131,29 @@ def split_x_paired(x, seg_start, xs, sumx):
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _widen_group(scales, qzeros, g, j0, cols, zero_add, const_zero, scale, zero):
+    """scale[j], zero[j] = group g's float32 scale and true zero of column j0 + j, for j < cols."""
+    for j in range(cols):
+        scale[j] = f16_to_f32(scales[g, j0 + j])
+    if const_zero >= 0:
+        zero[:cols] = np.float32(const_zero)
+    else:
+        _unpack_zero_row(qzeros[g], j0, cols, 4, zero_add, zero)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _fold(cbuf, acc, acc_row, c0, scale, zero, sumx, s, x_row, n_rows):
+    """acc[acc_row + r, c0 + j] += scale (C[r, j] - zero sumx[x_row + r, s]) for one 32 x 32 block C = cbuf
+    of segment s (rows of x past n_rows are padding: any finite sum will do, they are never stored)."""
+    for r in range(ROWS):
+        sx = sumx[min(x_row + r, n_rows - 1), s]
+        row, out = cbuf[r], acc[acc_row + r, c0:c0 + COLS]
+        sc, zc = scale[c0:c0 + COLS], zero[c0:c0 + COLS]
+        for j in range(COLS):
+            out[j] += sc[j] * (row[j] - zc[j] * sx)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
                   j0, j1, codes, cbuf, acc, sz, y):
     """y[:n_rows, j0:j1] = x @ W[:, j0:j1] for a 4-bit "segments" plan whose segments hold whole blocks of 32
@@ -143,13 +172,7 @@ def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales
         r0 = rt * 16
         acc[:, :cols] = 0.0
         for s in range(seg_group.shape[0]):
-            g = seg_group[s]
-            for j in range(cols):
-                scale[j] = f16_to_f32(scales[g, j0 + j])
-            if const_zero >= 0:
-                zero[:cols] = np.float32(const_zero)
-            else:
-                _unpack_zero_row(qzeros[g], j0, cols, 4, zero_add, zero)
+            _widen_group(scales, qzeros, seg_group[s], j0, cols, zero_add, const_zero, scale, zero)
             for c0 in range(0, cols, COLS):
                 _c_zero()
                 for u in range(seg_start[s], seg_start[s + 1], 4):       # 4 packed rows = 32 inputs
@@ -157,12 +180,7 @@ def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales
                     q = qw.ctypes.data + u * q_row_bytes + (j0 + c0) * 4
                     _codes_step(q, q_row_bytes, table.ctypes.data, base, a, a_part, n_k_tiles * 1024)
                 _c_end(cbuf.ctypes.data, 128)
-                for r in range(ROWS):
-                    sx = sumx[min(r0 + r, n_rows - 1), s]
-                    row, out = cbuf[r], acc[r, c0:c0 + COLS]
-                    sc, zc = scale[c0:c0 + COLS], zero[c0:c0 + COLS]
-                    for j in range(COLS):
-                        out[j] += sc[j] * (row[j] - zc[j] * sx)
+                _fold(cbuf, acc, 0, c0, scale, zero, sumx, s, r0, n_rows)
         for r in range(min(ROWS, n_rows - r0)):
             y[r0 + r, j0:j1] = acc[r, :cols]
     _release()
@@ -243,13 +261,7 @@ def product_gathered(cfg, table, xs, sumx, n_rows, qw, src, seg_start, seg_group
     for s in range(seg_group.shape[0]):
         k0, k1 = seg_start[s], seg_start[s + 1]              # in steps of 32 sorted inputs
         _gather_tiles(qw, src, k0 * 32, k1 * 32, j0, cols, table, btiles)
-        g = seg_group[s]
-        for j in range(cols):
-            scale[j] = f16_to_f32(scales[g, j0 + j])
-        if const_zero >= 0:
-            zero[:cols] = np.float32(const_zero)
-        else:
-            _unpack_zero_row(qzeros[g], j0, cols, 4, zero_add, zero)
+        _widen_group(scales, qzeros, seg_group[s], j0, cols, zero_add, const_zero, scale, zero)
         for rt in range(0, n_row_tiles, 2):
             for c0 in range(0, cols, COLS):
                 _c_zero()
@@ -258,13 +270,7 @@ def product_gathered(cfg, table, xs, sumx, n_rows, qw, src, seg_start, seg_group
                     b = btiles.ctypes.data + ((kt - k0) * 16 * btiles.shape[2] + c0) * 4
                     _k_step3(a, a_part, n_k_tiles * 1024, b, btiles.shape[2] * 4)
                 _c_end(cbuf.ctypes.data, 128)
-                for r in range(ROWS):
-                    row_i = rt * 16 + r
-                    sx = sumx[min(row_i, n_rows - 1), s]
-                    row, out = cbuf[r], acc[row_i, c0:c0 + COLS]
-                    sc, zc = scale[c0:c0 + COLS], zero[c0:c0 + COLS]
-                    for j in range(COLS):
-                        out[j] += sc[j] * (row[j] - zc[j] * sx)
+                _fold(cbuf, acc, rt * 16, c0, scale, zero, sumx, s, rt * 16, n_rows)
     for r in range(n_rows):
         y[r, j0:j1] = acc[r, :cols]
     _release()
@@ -276,17 +282,7 @@ def _k_step3(typingctx, a_addr, a_part, a_row16, b_addr, b_stride):
     b_stride apart): 12 tdpbf16ps, as _codes_step without the conversion."""
     def codegen(context, builder, sig, args):
         a, ap, ar16, b, bs = args
-        load_types, dot_types = [_I8, _I8P, _I64], [_I8, _I8, _I8]
-        for c in range(2):
-            _call(builder, "llvm.x86.tileloadd64", [_I8(6 + c), _ptr(builder, builder.add(b, _I64(64 * c))),
-                                                    bs], load_types)
-        for part in range(3):
-            base = builder.add(a, builder.mul(ap, _I64(part)))
-            _call(builder, "llvm.x86.tileloadd64", [_I8(4), _ptr(builder, base), _I64(64)], load_types)
-            _call(builder, "llvm.x86.tileloadd64", [_I8(5), _ptr(builder, builder.add(base, ar16)), _I64(64)],
-                  load_types)
-            for t in range(4):
-                _call(builder, "llvm.x86.tdpbf16ps", [_I8(t), _I8(4 + t // 2), _I8(6 + t % 2)], dot_types)
+        _three_products(builder, a, ap, ar16, b, builder.add(b, _I64(64)), bs)
         return context.get_dummy_value()
     return types.void(*([types.intp] * 5)), codegen
 
