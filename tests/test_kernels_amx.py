@@ -54,22 +54,6 @@ def test_w_split_is_exact_for_gptq_weights():
     np.testing.assert_array_equal(odd, w[1::2].astype(np.float64))
 
 
-@pytest.mark.parametrize("n_rows,n_in,n_out", [(33, 96, 64), (70, 1100, 160), (1, 64, 32), (512, 256, 128)])
-def test_float_slab_product(n_rows, n_in, n_out):
-    """slab_product on plain float32 slabs: K past one block (1100 > KC), partial row blocks, two slabs."""
-    rng = np.random.default_rng(n_rows + n_in)
-    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
-    s = rng.uniform(0.001, 0.02, size=(1, n_out)).astype(np.float16).astype(np.float32)
-    w = (s * rng.integers(-8, 8, size=(n_in, n_out))).astype(np.float32)
-    xs = amx.split_rows(x)
-    y = np.full((xs.shape[1] * 16, n_out), np.nan, dtype=np.float32)
-    bv = np.empty((2, amx.KC // 2, amx.SLAB), dtype=np.uint32)
-    for j0 in range(0, n_out, amx.SLAB):
-        slab = np.ascontiguousarray(w[:, j0:j0 + amx.SLAB])
-        amx.slab_product(amx.CONFIG, xs, slab, bv, y, j0)
-    _float32_close(y[:n_rows], x, w)
-
-
 CASES = [dict(bits=4, group_size=128, act_order=True), dict(bits=4, group_size=-1),
          dict(bits=3, group_size=32, act_order=True, sym=False), dict(bits=3, group_size=128),
          dict(bits=4, group_size=64, checkpoint_format="gptq_v2", sym=False),
