@@ -186,6 +186,11 @@ def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales
     _release()
 
 
+def supports_gathered(plan):
+    """An "inplace" plan of 4-bit codes whose columns come in whole 32-column blocks (product_gathered)."""
+    return plan.layout == "inplace" and plan.bits == 4 and plan.qw.shape[1] % COLS == 0
+
+
 def supports(plan):
     """A 4-bit "segments" plan whose segments hold whole blocks of 32 inputs (4 packed rows), and whose
     columns come in whole 32-column blocks."""

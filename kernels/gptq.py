@@ -291,7 +291,7 @@ def inplace_block(n_out, n_groups):
 def _gptq_matmul_inplace(plan, x):
     """gptq_matmul for an "inplace" plan: x stays in input order; per-group sums of x are made per call."""
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    gathered = plan.bits == 4 and n_out % 32 == 0 and amx.available()       # amx_codes.product_gathered
+    gathered = amx_codes.supports_gathered(plan) and amx.available()
     if n_rows <= INPLACE_GEMV_MAX_ROWS and not (gathered and n_rows > AMX_INPLACE_GEMV_ROWS):
         y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         xg = np.zeros((n_rows, plan.n_padded), dtype=np.float32)             # [N, padded]
@@ -306,11 +306,10 @@ def _gptq_matmul_inplace(plan, x):
     if gathered:                                             # the codes, gathered into group order
         return _amx_gathered_matmul(plan, x)
     if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
-        def product(xs, j0, j1, tile, bv, y):
-            widened = np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32)   # scales, zeros [G, SLAB]
-            amx.product_inplace(amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits,
-                                plan.zero_add, plan.n_in, j0, j1, widened[0], widened[1], tile, bv, y)
-        return _amx_matmul(x, n_out, product)
+        return _amx_matmul(x, n_out, lambda xs, j0, j1, tile, bv, widened, y: amx.product_inplace(
+            amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in,
+            j0, j1, widened[0], widened[1], tile, bv, y),
+            lambda: (np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32),))   # scales, zeros [G, SLAB]
     return _slab_matmul(x, n_out, lambda j0, j1, t: dequantize_slab_inplace(
         plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
 
@@ -330,33 +329,40 @@ def _slab_matmul(x, n_out, dequantize):
         cap = max(64, TILE_FLOATS // threads // n_in // 32 * 32)
         count = threads * -(-n_out // (threads * cap))
         columns = max(64, -(-(-(-n_out // count)) // 32) * 32)
-    tiles = {}
 
-    def work(j0, j1, worker):
-        if worker not in tiles:
-            tiles[worker] = np.empty(n_in * columns, dtype=np.float32)          # one scratch per thread
-        t = tiles[worker][:n_in * (j1 - j0)].reshape(n_in, j1 - j0)             # [in, j1 - j0]
+    def work(j0, j1, flat):
+        t = flat[:n_in * (j1 - j0)].reshape(n_in, j1 - j0)                      # [in, j1 - j0]
         dequantize(j0, j1, t)
         np.matmul(x, t, out=y[:, j0:j1])                                      # [N, j1 - j0], BLAS writes y
-    run_slabs(n_out, columns, work)
+    _slabs_with_scratch(n_out, columns, lambda: (np.empty(n_in * columns, dtype=np.float32),), work)
     return y
 
 
-def _amx_matmul(x, n_out, product):
-    """Prefill on AMX (kernels/amx.py): x split once into bfloat16 tiles; product(xs, j0, j1, tile, bv, y)
-    dequantizes and multiplies one slab of columns per call (amx.product_segments / product_inplace) with
-    per-thread scratch tile [KC, SLAB] and bv, spread over the threads like the BLAS slabs. y is padded to whole
-    32-row blocks while it is written."""
-    xs = amx.split_rows(x)                                                   # [3, Np / 16, in / 32, 16, 32]
-    y = np.empty((xs.shape[1] * 16, n_out), dtype=np.float32)                # [Np, out]
+def _slabs_with_scratch(n_out, columns, make_scratch, work):
+    """run_slabs where each thread gets its own scratch arrays, made once by make_scratch() on its first slab
+    and passed on as work(j0, j1, *scratch)."""
     scratch = {}
 
-    def work(j0, j1, worker):
+    def lane(j0, j1, worker):
         if worker not in scratch:
-            scratch[worker] = (np.empty((amx.KC, amx.SLAB), dtype=np.float32),          # [KC, SLAB]
-                               np.empty((2, amx.KC // 2, amx.SLAB), dtype=np.uint32))   # [2, KC / 2, SLAB]
-        product(xs, j0, j1, *scratch[worker], y)
-    run_slabs(n_out, amx.SLAB, work)
+            scratch[worker] = make_scratch()
+        work(j0, j1, *scratch[worker])
+    run_slabs(n_out, columns, lane)
+
+
+def _amx_matmul(x, n_out, product, make_extra=tuple):
+    """Prefill on AMX (kernels/amx.py): x split once into bfloat16 tiles; product(xs, j0, j1, *scratch, y)
+    dequantizes and multiplies one slab of columns per call (amx.product_segments / product_inplace) with the
+    thread's scratch: tile [KC, SLAB], bv [2, KC / 2, SLAB] and whatever make_extra() adds. y is padded to
+    whole 32-row blocks while it is written."""
+    xs = amx.split_rows(x)                                                   # [3, Np / 16, in / 32, 16, 32]
+    y = np.empty((xs.shape[1] * 16, n_out), dtype=np.float32)                # [Np, out]
+
+    def make_scratch():
+        return (np.empty((amx.KC, amx.SLAB), dtype=np.float32),              # [KC, SLAB]
+                np.empty((2, amx.KC // 2, amx.SLAB), dtype=np.uint32),       # [2, KC / 2, SLAB]
+                *make_extra())
+    _slabs_with_scratch(n_out, amx.SLAB, make_scratch, lambda j0, j1, *scratch: product(xs, j0, j1, *scratch, y))
     return y[:x.shape[0]]
 
 
@@ -371,18 +377,18 @@ def _amx_gathered_matmul(plan, x):
     xs = amx.split_rows(xg)                                                  # [3, Np / 16, Kp / 32, 16, 32]
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     longest = int(np.diff(seg_start).max())                                  # steps in the longest segment
-    scratch = {}
 
-    def work(j0, j1, worker):
-        if worker not in scratch:
-            scratch[worker] = (np.empty((longest, 16, amx_codes.SLAB), dtype=np.uint32),  # code tiles [step, pair, j]
-                               np.empty((32, 32), dtype=np.float32),                            # C block
-                               np.empty((xs.shape[1] * 16, amx_codes.SLAB), dtype=np.float32),  # folded sums
-                               np.empty((2, amx_codes.SLAB), dtype=np.float32))                 # scales, zeros
+    def make_scratch():
+        return (np.empty((longest, 16, amx_codes.SLAB), dtype=np.uint32),    # code tiles [step, pair, j]
+                np.empty((32, 32), dtype=np.float32),                        # C block
+                np.empty((xs.shape[1] * 16, amx_codes.SLAB), dtype=np.float32),   # folded sums [Np, SLAB]
+                np.empty((2, amx_codes.SLAB), dtype=np.float32))             # scales, zeros
+
+    def work(j0, j1, *scratch):
         amx_codes.product_gathered(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, src, seg_start,
                                    seg_group, plan.scales, plan.qzeros, plan.zero_add, plan.const_zero, j0, j1,
-                                   *scratch[worker], y)
-    run_slabs(n_out, amx_codes.SLAB, work)
+                                   *scratch, y)
+    _slabs_with_scratch(n_out, amx_codes.SLAB, make_scratch, work)
     return y
 
 
@@ -395,18 +401,18 @@ def _amx_codes_matmul(plan, xp):
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)         # [N, S]
     amx_codes.split_x_paired(xp, plan.seg_start, xs, sumx)
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
-    scratch = {}
 
-    def work(j0, j1, worker):
-        if worker not in scratch:
-            scratch[worker] = (amx_codes.aligned(2048),                              # two code tiles
-                               np.empty((32, 32), dtype=np.float32),                  # one 32 x 32 block of C
-                               np.empty((32, amx_codes.SLAB), dtype=np.float32),      # its folded sums
-                               np.empty((2, amx_codes.SLAB), dtype=np.float32))       # scales, zeros
+    def make_scratch():
+        return (amx_codes.aligned(2048),                                     # two code tiles
+                np.empty((32, 32), dtype=np.float32),                        # one 32 x 32 block of C
+                np.empty((32, amx_codes.SLAB), dtype=np.float32),            # its folded sums
+                np.empty((2, amx_codes.SLAB), dtype=np.float32))             # scales, zeros
+
+    def work(j0, j1, *scratch):
         amx_codes.product_codes(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, plan.seg_start,
                                 plan.seg_group, plan.scales, plan.qzeros, plan.zero_add, plan.const_zero, j0, j1,
-                                *scratch[worker], y)
-    run_slabs(n_out, amx_codes.SLAB, work)
+                                *scratch, y)
+    _slabs_with_scratch(n_out, amx_codes.SLAB, make_scratch, work)
     return y
 
 
