@@ -114,3 +114,16 @@ def test_missing_torch_is_a_clear_one_line_error(app, hf_checkpoints, monkeypatc
     assert r.exit_code == 1
     assert r.output.startswith("error: verify needs PyTorch and transformers: pip install 'tinyllama-ref[verify]'")
     assert "Traceback" not in r.output
+
+
+def test_python_dash_m_inside_the_checkout(hf_checkpoints):
+    """`python -m tinyllama_ref verify` run from the checkout itself: its kernels/ folder must not stand in for
+    Hugging Face's `kernels` package, which transformers 5 imports (that failed with an ImportError)."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}    # as a user's shell runs it
+    r = subprocess.run([sys.executable, "-m", "tinyllama_ref", "verify", hf_checkpoints("m_dash", dtype="float32"),
+                        "--prompt-ids", "1,5,9,2"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PASS" in r.stdout
