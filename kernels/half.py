@@ -54,16 +54,38 @@ def bf16_to_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@njit(inline="always")
+def _widen(w, i, is_bf16):
+    return bf16_to_f32(w[i]) if is_bf16 else f16_to_f32(w[i])
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def _dot4_half(x, w0, w1, w2, w3, is_bf16, y, o):
+    """y[o + k] = sum_i x[i] * widen(w_k[i]) for four weight rows at once: four independent sums, so the
+    multiply-adds do not wait on each other (one sum alone is bound by the FMA latency: measured 15 GB/s
+    against 25 GB/s for four, lm_head of the 7B, two threads); each x[i] is loaded once for the four."""
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    for i in range(np.uint64(x.shape[0])):
+        xi = x[i]
+        s0 += xi * _widen(w0, i, is_bf16)
+        s1 += xi * _widen(w1, i, is_bf16)
+        s2 += xi * _widen(w2, i, is_bf16)
+        s3 += xi * _widen(w3, i, is_bf16)
+    y[o] = s0
+    y[o + 1] = s1
+    y[o + 2] = s2
+    y[o + 3] = s3
+
+
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def _dot_half(x, w, is_bf16):
     """sum_i x[i] * widen(w[i]): convert and multiply-add in one vectorized pass (vcvtph2ps + FMA)."""
     s = np.float32(0.0)
-    if is_bf16:
-        for i in range(np.uint64(w.shape[0])):
-            s += x[i] * bf16_to_f32(w[i])
-    else:
-        for i in range(np.uint64(w.shape[0])):
-            s += x[i] * f16_to_f32(w[i])
+    for i in range(np.uint64(w.shape[0])):
+        s += x[i] * _widen(w, i, is_bf16)
     return s
 
 
@@ -72,20 +94,29 @@ def _fused_rows(x, weight, is_bf16, y):
     """y[n, o] = sum_i x[n, i] * W[o, i] for a few rows n, weight [out, in] as uint16 bits.
 
     prange over blocks of output rows o (each thread streams its own contiguous slab of the weight; buffers
-    are allocated once per block, not per row). One activation row: convert and multiply-add fused, each
-    weight row read once. Several: the weight row is widened once, in L1-sized chunks, into a float32 buffer
-    that every activation row is dotted with, so conversion is paid once per weight.
+    are allocated once per block, not per row). One activation row: convert and multiply-add fused, four
+    weight rows at a time (_dot4_half), each weight row read once. Several: the weight row is widened once, in
+    L1-sized chunks, into a float32 buffer that every activation row is dotted with, so conversion is paid
+    once per weight.
     """
     n_rows, n_in = x.shape
     n_out = weight.shape[0]
     chunk = 2048
     rows_per_task = 64
     for task in prange((n_out + rows_per_task - 1) // rows_per_task):
-        buf = np.empty(chunk, dtype=np.float32)
-        for o in range(task * rows_per_task, min(n_out, (task + 1) * rows_per_task)):
-            if n_rows == 1:
+        o0 = task * rows_per_task
+        o1 = min(n_out, o0 + rows_per_task)
+        if n_rows == 1:
+            o = o0
+            while o + 4 <= o1:
+                _dot4_half(x[0], weight[o], weight[o + 1], weight[o + 2], weight[o + 3], is_bf16, y[0], o)
+                o += 4
+            while o < o1:
                 y[0, o] = _dot_half(x[0], weight[o], is_bf16)
-                continue
+                o += 1
+            continue
+        buf = np.empty(chunk, dtype=np.float32)
+        for o in range(o0, o1):
             for n in range(n_rows):
                 y[n, o] = 0.0
             for i0 in range(0, n_in, chunk):
