@@ -64,7 +64,9 @@ def test_micro_batches_equal_one_process_running_the_same_groups(pair):
         # micro_batches=2 cuts the 24 rows into sequences (0, 1) and (2, 3)
         expected = np.concatenate([local.forward(seqs[:2], cache, [0, 1], all_logits=True),
                                    local.forward(seqs[2:], cache, [2, 3], all_logits=True)])
-        step = local.forward([np.array([5]), np.array([6])], cache, [1, 3])      # a decode step, 2 slots
+        # a decode step, 2 slots: micro-batches of one sequence each, run one after the other
+        step = np.concatenate([local.forward([np.array([5])], cache, [1]),
+                               local.forward([np.array([6])], cache, [3])])
     with pipe.new_cache(4, 16) as cache:
         assert pipe.micro_batches == 2
         got = pipe.forward(seqs, cache, [0, 1, 2, 3], all_logits=True)          # [24, V]
