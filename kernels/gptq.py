@@ -53,8 +53,10 @@ INT8_GEMV_MAX_ROWS = 8     # int8 mode (opt-in): up to this many rows the int8 G
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
                            # prefetchers follow long runs of each packed row; measured 1.2-1.3x over two)
 INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
-AMX_INPLACE_GEMV_ROWS = 6  # ... but with AMX, past this many rows the gathered code tiles are faster (on 8192 x
-                           # 28672 and 28672 x 8192, 4-bit g128: even at 6 rows, 1.1-1.3x at 8)
+AMX_INPLACE_GEMV_ROWS = 4  # ... but with AMX, past this many rows the gathered code tiles are faster (70B shapes,
+                           # 4-bit g128, 2 threads: tie at 4 rows, 1.3-1.4x at 6; amx_codes.stack_parts)
+AMX_GEMV_MAX_ROWS = 3      # with AMX, "segments" plans leave the fused GEMV for the code tiles (amx_codes.py) past
+                           # this many rows: 70B shapes, tie to 1.4x at 4 rows, 1.7-2.5x at 8; GEMV 1.1-1.8x at 2
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
@@ -375,6 +377,9 @@ def _amx_gathered_matmul(plan, x):
     gather_columns(x, np.where(src >= 0, src, plan.n_in), xg)
     sumx = np.add.reduceat(xg, seg_start[:-1] * 32, axis=1)                 # [N, S] (padding adds 0)
     xs = amx.split_rows(xg)                                                  # [3, Np / 16, Kp / 32, 16, 32]
+    stacked = 3 * n_rows <= amx_codes.STACKED_ROWS
+    if stacked:
+        xs = amx_codes.stack_parts(xs, n_rows)                               # [1, 2, Kp / 32, 16, 32]
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     longest = int(np.diff(seg_start).max())                                  # steps in the longest segment
 
@@ -387,7 +392,7 @@ def _amx_gathered_matmul(plan, x):
     def work(j0, j1, *scratch):
         amx_codes.product_gathered(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, src, seg_start,
                                    seg_group, plan.scales, plan.qzeros, plan.zero_add, plan.const_zero, j0, j1,
-                                   *scratch, y)
+                                   *scratch, y, stacked)
     _slabs_with_scratch(n_out, amx_codes.SLAB, make_scratch, work)
     return y
 
@@ -400,6 +405,9 @@ def _amx_codes_matmul(plan, xp):
     xs = np.zeros((3, -(-n_rows // 32) * 2, xp.shape[1] // 32, 16, 32), dtype=np.uint16)   # x's parts, tiles
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)         # [N, S]
     amx_codes.split_x_paired(xp, plan.seg_start, xs, sumx)
+    stacked = 3 * n_rows <= amx_codes.STACKED_ROWS
+    if stacked:
+        xs = amx_codes.stack_parts(xs, n_rows)                               # [1, 2, padded / 32, 16, 32]
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
 
     def make_scratch():
@@ -411,7 +419,7 @@ def _amx_codes_matmul(plan, xp):
     def work(j0, j1, *scratch):
         amx_codes.product_codes(amx.CONFIG, amx_codes.TABLE, xs, sumx, n_rows, plan.qw, plan.seg_start,
                                 plan.seg_group, plan.scales, plan.qzeros, plan.zero_add, plan.const_zero, j0, j1,
-                                *scratch, y)
+                                *scratch, y, stacked)
     _slabs_with_scratch(n_out, amx_codes.SLAB, make_scratch, work)
     return y
 
@@ -464,12 +472,13 @@ def gptq_matmul(plan, x, mode="exact"):
         if n_rows <= INT8_GEMV_MAX_ROWS and int8.supports(plan):
             y = np.empty((n_rows, n_out), dtype=np.float32)                  # [N, out]
             return int8.gptq_matmul_int8(plan, xp, y, gemv_block(n_out))
-    if n_rows <= GEMV_MAX_ROWS:
+    codes_tiles = amx_codes.supports(plan) and amx.available()
+    if n_rows <= (AMX_GEMV_MAX_ROWS if codes_tiles else GEMV_MAX_ROWS):
         y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
              plan.const_zero, gemv_block(n_out), y)
         return y
-    if amx_codes.supports(plan) and amx.available():         # 4-bit codes straight into AMX tiles
+    if codes_tiles:                                          # 4-bit codes straight into AMX tiles
         return _amx_codes_matmul(plan, xp)
     if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
         return _amx_matmul(xp, n_out, lambda xs, j0, j1, tile, bv, y: amx.product_segments(

@@ -141,3 +141,37 @@ def test_code_tile_rows_are_the_codes():
 def test_eight_bit_layers_stay_on_blas():
     """8-bit weights need 19 significant bits, more than two bfloat16s hold: not served by the tiles."""
     assert not amx.supports(4096, 8) and amx.supports(4096, 4) and not amx.supports(4100, 4)
+
+
+def test_stacked_parts_are_rows_of_their_own():
+    """stack_parts: row p n + r of the tile pair is part p of x's row r (so the three rows add up to x exactly),
+    in the same column order; rows past 3 n are zero."""
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((7, 96)) * 10.0 ** rng.integers(-8, 8, size=(7, 96))).astype(np.float32)
+    stacked = amx_codes.stack_parts(amx.split_rows(x), 7)
+    assert stacked.shape == (1, 2, 3, 16, 32)
+    rows = stacked[0].transpose(0, 2, 1, 3).reshape(32, 96)                 # [tile, k tile, row, k] -> [row, k]
+    total = _bf16(rows[0:7]) + _bf16(rows[7:14]) + _bf16(rows[14:21])
+    np.testing.assert_array_equal(total, x.astype(np.float64))
+    assert not rows[21:].any()
+
+
+@pytest.mark.parametrize("repack", [True, False], ids=["codes", "gathered"])
+@pytest.mark.parametrize("n_rows", [1, 2, 5, 8, 10, 11])
+def test_few_rows_on_code_tiles(monkeypatch, n_rows, repack):
+    """A decode batch on the code tiles: up to 10 rows x's three parts are stacked as rows of one tile pair
+    (one product per step), 11 rows take the three-part products. Every row count is sent to the tiles here,
+    whatever the routing thresholds, and checked against x @ W of the independent packer (asymmetric zeros,
+    act-order)."""
+    monkeypatch.setattr(gptq, "AMX_GEMV_MAX_ROWS", 0)
+    monkeypatch.setattr(gptq, "AMX_INPLACE_GEMV_ROWS", 0)
+    stacked = []
+    real = amx_codes.stack_parts
+    monkeypatch.setattr(amx_codes, "stack_parts", lambda xs, n: stacked.append(n) or real(xs, n))
+    rng = np.random.default_rng(100 + n_rows)
+    layer = make_layer(rng, 384, 96, 4, 64, act_order=True, sym=False)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        repack=repack)
+    x = rng.standard_normal((n_rows, 384)).astype(np.float32)
+    _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
+    assert stacked == ([n_rows] if 3 * n_rows <= amx_codes.STACKED_ROWS else [])
