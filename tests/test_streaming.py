@@ -121,3 +121,41 @@ def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
     assert streamed.generate([1, 5, 9], max_new_tokens=6, stop_ids=[]) == \
         resident.generate([1, 5, 9], max_new_tokens=6, stop_ids=[])
+
+
+def _one_tensor_checkpoint(tmp_path, mb=16):
+    from safetensors.numpy import save_file
+    from tinyllama_ref.checkpoint import Checkpoint
+    w = np.arange(mb * 2**18, dtype=np.float32).reshape(-1, 1024)            # mb MB of distinct values
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    return Checkpoint(str(tmp_path)), w
+
+
+def test_read_ahead_maps_the_bytes_into_the_process(tmp_path):
+    """Where Linux populates a range in one call (MADV_POPULATE_READ), read_ahead leaves the tensor's pages
+    mapped in this process: its resident size grows by the tensor, and the bytes are the file's."""
+    from tinyllama_ref.memory import current_rss
+    ckpt, w = _one_tensor_checkpoint(tmp_path)
+    info = ckpt.info("w")
+    ckpt.drop_pages(["w"])
+    if not ckpt.files[info.file].populate(info.start, info.start):       # an empty range: only asks
+        pytest.skip("madvise(MADV_POPULATE_READ) is not available here")
+    before = current_rss()
+    assert ckpt.read_ahead("w", bytearray(2**20)) == w.nbytes
+    assert current_rss() - before >= 0.9 * w.nbytes
+    ckpt.drop_pages(["w"])
+    assert current_rss() - before < 0.5 * w.nbytes                        # and released after use
+    np.testing.assert_array_equal(ckpt.raw("w"), w)
+
+
+def test_read_ahead_without_populate_reads_through_the_buffer(tmp_path, monkeypatch):
+    """Where the kernel refuses MADV_POPULATE_READ, read_ahead falls back to pread into the reused buffer and
+    reads every byte of the tensor."""
+    from tinyllama_ref.checkpoint import SafetensorsFile
+    ckpt, w = _one_tensor_checkpoint(tmp_path, mb=3)
+    monkeypatch.setattr(SafetensorsFile, "populate", lambda self, start, end: False)
+    reads = []
+    real = __import__("os").preadv
+    monkeypatch.setattr("os.preadv", lambda fd, bufs, pos: reads.append(pos) or real(fd, bufs, pos))
+    assert ckpt.read_ahead("w", bytearray(2**20)) == w.nbytes
+    assert len(reads) == 3                                                # 3 MB through a 1 MB buffer
