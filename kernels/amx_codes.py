@@ -36,7 +36,9 @@ from .amx import _bits, _c_end, _configure, _hi_rest, _release, COLS, ROWS
 from .gptq_gemv import _unpack_zero_row
 from .half import f16_to_f32
 
-SLAB = 128            # columns per thread task (4 accumulator blocks share each row block's x tiles)
+SLAB = 512            # columns per thread task (its accumulator blocks share each row block's x tiles). Wider
+                      # than 128 since 3-row stacking: 70B shapes, 2 threads, 0.8-0.95x the time at 8 and 512
+                      # rows (tied at 64); streamed down_proj, 8 rows, cold: 58 against 67-96 ms
 STACKED_ROWS = 32     # up to STACKED_ROWS // 3 rows of x, its three parts go in as rows of one tile pair
 
 

@@ -175,3 +175,17 @@ def test_few_rows_on_code_tiles(monkeypatch, n_rows, repack):
     x = rng.standard_normal((n_rows, 384)).astype(np.float32)
     _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
     assert stacked == ([n_rows] if 3 * n_rows <= amx_codes.STACKED_ROWS else [])
+
+
+@pytest.mark.parametrize("repack", [True, False], ids=["codes", "gathered"])
+@pytest.mark.parametrize("n_rows", [8, 40])
+def test_code_tiles_over_several_slabs(n_rows, repack):
+    """More columns than one thread task (amx_codes.SLAB): a whole slab and a partial one, on both code-tile
+    paths, against x @ W of the independent packer."""
+    rng = np.random.default_rng(200 + n_rows)
+    n_out = amx_codes.SLAB + 96
+    layer = make_layer(rng, 256, n_out, 4, 64, act_order=True)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        repack=repack)
+    x = rng.standard_normal((n_rows, 256)).astype(np.float32)
+    _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
