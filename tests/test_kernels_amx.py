@@ -189,3 +189,16 @@ def test_code_tiles_over_several_slabs(n_rows, repack):
                         repack=repack)
     x = rng.standard_normal((n_rows, 256)).astype(np.float32)
     _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("n_rows", [8, 40])
+def test_code_tiles_long_group(n_rows, sym):
+    """One group of 1024 inputs (group_size -1): a single segment of 32 steps on the code tiles, whose zero
+    term enters the fold once."""
+    rng = np.random.default_rng(300 + n_rows)
+    layer = make_layer(rng, 1024, 96, 4, -1, sym=sym)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    assert amx_codes.supports(plan)
+    x = rng.standard_normal((n_rows, 1024)).astype(np.float32)
+    _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
