@@ -8,7 +8,9 @@ another program would on a laptop or a shared server. Under it, alternating --ro
 Both OpenBLAS variables are unset for both programs, as on a user's machine. Prints the medians and the
 ratio of ours (auto) to llama.cpp's better setting. The busy process is stopped at the end, also on error.
 
-    python tools/bench_busy_core.py /tmp/perf7b /tmp/lcb/7b-q4_0.gguf [--rounds 2] [--llama-bench PATH]
+    python tools/bench_busy_core.py /tmp/perf7b /tmp/lcb/7b-q4_0.gguf [--rounds 2] [--llama-bench PATH] [--int8]
+
+--int8 adds ours with the opt-in --gptq-mode int8 (int8 activations, VNNI), auto threads.
 """
 
 import json
@@ -21,17 +23,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import find_llama_bench, parser, run_llama_bench, run_ours   # noqa: E402
 
 
-def tg16(checkpoint, threads, reps):
-    rows, rec = run_ours(checkpoint, "", "16", reps, "exact", ("--threads", threads))
+def tg16(checkpoint, threads, reps, mode="exact"):
+    rows, rec = run_ours(checkpoint, "", "16", reps, mode, ("--threads", threads))
     return rows["tg16"], rec.get("thread_choice")
 
 
 def main():
-    a = parser(__doc__.split("\n")[0]).parse_args()
+    ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--int8", action="store_true", help="also ours with --gptq-mode int8 (auto threads)")
+    a = ap.parse_args()
     binary = a.llama_bench or find_llama_bench()
     core = str(os.cpu_count() - 1)
     busy = subprocess.Popen(["taskset", "-c", core, sys.executable, "-c", "while True: pass"])
     results = {"llama.cpp -t 1": [], "llama.cpp -t 2": [], "ours auto": [], "ours 1": [], "ours 2": []}
+    if a.int8:
+        results["ours int8 auto"] = []
     choices = []
     try:
         for _ in range(a.rounds):
@@ -43,6 +49,8 @@ def main():
                 results[f"ours {t}"].append(tps)
                 if t == "auto":
                     choices.append(choice)
+            if a.int8:
+                results["ours int8 auto"].append(tg16(a.checkpoint, "auto", a.repetitions, "int8")[0])
     finally:
         busy.kill()
         busy.wait()
