@@ -38,4 +38,6 @@ def test_batch_rows_probe_the_disk_around_every_batch_size(streamed_ckpt, monkey
         assert r["disk_gbps_streaming"] > 0
         assert r["disk_gbps"] == max(r["disk_gbps_probes"] + [r["disk_gbps_streaming"]])
         assert r["streamed_bytes_per_pass"] > 0 and r["decode_s_per_pass"] > 0
-        assert r["ratio_to_bound"] == pytest.approx(r["decode_s_per_pass"] / r["bound_s_per_pass"], rel=1e-2)
+        # both times are rounded to 0.1 ms in the row, a large share of a tiny model's bound
+        rounding = 1e-4 / r["bound_s_per_pass"] + 1e-4 / r["decode_s_per_pass"] + 1e-3
+        assert r["ratio_to_bound"] == pytest.approx(r["decode_s_per_pass"] / r["bound_s_per_pass"], rel=rounding)
