@@ -10,6 +10,8 @@ building a float copy of the whole weight matrix. The files, one idea each:
   gptq_inplace.py  the same two for act-order layers read in the checkpoint's own row order
   amx_codes.py     prefill where the CPU has AMX: 4-bit codes straight into bfloat16 tiles (exact products)
   amx.py           prefill on AMX for the other layouts: dequantized slabs split into two bfloat16s
+  split8.py        decode on VNNI CPUs: x split exactly into four int8 pieces, integer dot products with the
+                   codes (float32 accuracy, 1.7-1.8x the float GEMV's speed)
   int8.py          the opt-in int8-activation decode (approximate; never the default)
   int8_gemm.py     its prefill: int8 activations against the packed codes, VNNI register tiles
 
@@ -35,7 +37,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import amx, amx_codes
+from . import amx, amx_codes, split8
 from .compile_note import announce_if_cold
 from .gptq_gemv import gemv
 from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
@@ -57,6 +59,9 @@ AMX_INPLACE_GEMV_ROWS = 4  # ... but with AMX, past this many rows the gathered 
                            # 4-bit g128, 2 threads: tie at 4 rows, 1.3-1.4x at 6; amx_codes.stack_parts)
 AMX_GEMV_MAX_ROWS = 3      # with AMX, "segments" plans leave the fused GEMV for the code tiles (amx_codes.py) past
                            # this many rows: 70B shapes, tie to 1.4x at 4 rows, 1.7-2.5x at 8; GEMV 1.1-1.8x at 2
+SPLIT_AMX_MAX_ROWS = 3     # on VNNI, decode rows take split8's integer pieces instead of the float GEMV: all of
+                           # them up to GEMV_MAX_ROWS (4096 x 11008, 2 threads: 0.56-0.63x the float GEMV's time
+                           # at 1 to 16 rows), and up to this many with AMX, whose code tiles win past it
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
@@ -216,7 +221,8 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     """
-    announce_if_cold([gemv, dequantize_slab, repack_words, gemv_inplace, dequantize_slab_inplace], "GPTQ kernels")
+    announce_if_cold([gemv, dequantize_slab, repack_words, gemv_inplace, dequantize_slab_inplace, split8.gemv_split],
+                     "GPTQ kernels")
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
     zero_add = 1 if checkpoint_format == "gptq" else 0
@@ -473,6 +479,8 @@ def gptq_matmul(plan, x, mode="exact"):
             y = np.empty((n_rows, n_out), dtype=np.float32)                  # [N, out]
             return int8.gptq_matmul_int8(plan, xp, y, gemv_block(n_out))
     codes_tiles = amx_codes.supports(plan) and amx.available()
+    if n_rows <= (SPLIT_AMX_MAX_ROWS if codes_tiles else GEMV_MAX_ROWS) and split8.usable(plan):
+        return split8.gptq_matmul_split(plan, xp, gemv_block(n_out))
     if n_rows <= (AMX_GEMV_MAX_ROWS if codes_tiles else GEMV_MAX_ROWS):
         y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,

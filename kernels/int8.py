@@ -18,6 +18,8 @@ Per block b of 32 inputs with scale d_b = max|x| / 127 and xq = round(x / d_b):
 and per segment, as in the exact path, y_j += s_j * (acc_j - z_j * sum_i d_b xq_i).
 """
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -30,8 +32,9 @@ from .int8_gemm import quantize_rows, segment_blocks
 BLOCK = 32                 # inputs per activation scale (4 packed words)
 
 
+@functools.lru_cache(maxsize=None)
 def vnni_available():
-    """True when the CPU has AVX512-VNNI (vpdpbusd on 512-bit vectors)."""
+    """True when the CPU has AVX512-VNNI (vpdpbusd on 512-bit vectors). Read once per process."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

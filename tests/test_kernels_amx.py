@@ -164,6 +164,7 @@ def test_few_rows_on_code_tiles(monkeypatch, n_rows, repack):
     whatever the routing thresholds, and checked against x @ W of the independent packer (asymmetric zeros,
     act-order)."""
     monkeypatch.setattr(gptq, "AMX_GEMV_MAX_ROWS", 0)
+    monkeypatch.setattr(gptq, "SPLIT_AMX_MAX_ROWS", 0)
     monkeypatch.setattr(gptq, "AMX_INPLACE_GEMV_ROWS", 0)
     stacked = []
     real = amx_codes.stack_parts
