@@ -31,6 +31,7 @@ Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepa
 
 # How the OpenMP workers behind prange wait between kernels is set in tinyllama_ref/__init__.py.
 
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -156,6 +157,12 @@ class SegmentsPlan:
     perm: np.ndarray = None     # repacked: [padded] int64 original input of each sorted row, -1 for padding
     gather: np.ndarray = None   # repacked: perm with padding pointing at an extra zero column (permute_x)
     layout = "segments"
+
+    @functools.cached_property
+    def whole_blocks(self):
+        """Every segment starts on a block of 4 packed rows (32 inputs at 4 bits): asked on every call by the
+        kernels that work in such blocks (split8, amx_codes), so computed once."""
+        return bool(np.all(self.seg_start % 4 == 0))
 
     def __repr__(self):
         return (f"SegmentsPlan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}, "

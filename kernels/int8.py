@@ -176,7 +176,7 @@ def _xq(codes, n, i):
 
 def supports(plan):
     """int8 mode needs 4-bit codes and segments of whole 32-input blocks."""
-    return plan.bits == 4 and bool(np.all(plan.seg_start % 4 == 0))
+    return plan.bits == 4 and plan.whole_blocks
 
 
 def gptq_matmul_int8(plan, xp, y, block):

@@ -276,7 +276,7 @@ def supports(plan):
     (whose units are such blocks)."""
     if plan.layout != "segments":
         return False
-    return plan.bits == 3 or (plan.bits == 4 and bool(np.all(plan.seg_start % 4 == 0)))
+    return plan.bits == 3 or (plan.bits == 4 and plan.whole_blocks)
 
 
 def gptq_matmul_int8_gemm(plan, xp):

@@ -41,6 +41,8 @@ BLOCK = 32                 # inputs per block: 4 packed words of 4-bit codes
 PIECES = 4                 # int8 pieces per activation
 STEP = 7                   # bits between the scales of consecutive pieces (remainders fit [-64, 64])
 MIN_EXPONENT = -120        # s0 >= 2^-120, so s3 = s0 / 2^21 is still a normal-or-subnormal exact float32
+_POW2_BIAS = 200
+_POW2 = 2.0 ** np.arange(-_POW2_BIAS, _POW2_BIAS + 1, dtype=np.float64)   # 2^e as a table: no libm call
 
 
 def split_activations(xp):
@@ -69,15 +71,21 @@ def split_activations(xp):
 
 
 @njit(inline="always")
+def _pow2(e):
+    """2.0 ** e for integer |e| <= 200, exact."""
+    return _POW2[e + _POW2_BIAS]
+
+
+@njit(inline="always")
 def _block_exponent(top):
     """The smallest e >= MIN_EXPONENT with top <= 127 * 2^e (top finite, >= 0)."""
     if not top > 0:
         return MIN_EXPONENT
     m, e = math.frexp(top / 127.0)           # top / 127 = m 2^e, 0.5 <= m < 1: about right
     e = max(e, MIN_EXPONENT)
-    while top > 127.0 * math.ldexp(1.0, e):
+    while top > 127.0 * _pow2(e):
         e += 1
-    while e > MIN_EXPONENT and top <= 127.0 * math.ldexp(1.0, e - 1):
+    while e > MIN_EXPONENT and top <= 127.0 * _pow2(e - 1):
         e -= 1
     return e
 
@@ -85,38 +93,50 @@ def _block_exponent(top):
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def split_rows(xp, seg_start, xw, xs, sumx):
     """The pieces of xp [N, padded] (plan order), as split_activations makes them, in the kernel's layout
-    (module docstring), and sumx [N, S]: the float32 sum, in order, of each segment's split inputs x - r
-    (seg_start in packed words, 4 per block). Folding with that sum makes y exactly (x - r) @ W up to float32
-    rounding, so what the split drops is weighed by the true weights s (q - z), not by the codes alone.
-    prange over rows; float64 only holds values that are exact (x and its remainders)."""
+    (module docstring), and sumx [N, S]: the float32 sum (eight running lanes, added pairwise at the end) of
+    each segment's split inputs x - r (seg_start in packed words, 4 per block). Folding with that sum makes
+    y exactly (x - r) @ W up to float32 rounding, so what the split drops is weighed by the true weights
+    s (q - z), not by the codes alone.
+    prange over (row, segment) pairs: a decode row is cut among the threads too. float64 only holds values
+    that are exact (x and its remainders); dividing by a power of two is multiplying by its inverse."""
     n_rows = xp.shape[0]
+    n_seg = seg_start.shape[0] - 1
     codes = xw.view(np.int8)                                              # [blocks, N, 4, 32] bytes
-    for n in prange(n_rows):
+    for task in prange(n_rows * n_seg):
+        n, s = task // n_seg, task % n_seg
         rest = np.empty(BLOCK, dtype=np.float64)                          # the block's remainders
-        for s in range(seg_start.shape[0] - 1):
-            total = np.float32(0.0)
-            for b in range(seg_start[s] // 4, seg_start[s + 1] // 4):
-                top = 0.0
-                finite = True
-                for i in range(BLOCK):
-                    rest[i] = np.float64(xp[n, b * BLOCK + i])
-                    if not np.isfinite(rest[i]):
-                        finite = False
-                    top = max(top, abs(rest[i]))
-                e = _block_exponent(top) if finite else MIN_EXPONENT
-                for p in range(PIECES):
-                    scale = math.ldexp(1.0, e - STEP * p)
+        q = np.zeros(BLOCK, dtype=np.float64)                             # one piece, input order
+        lanes = np.zeros(8, dtype=np.float32)                             # running sums of x - r
+        for b in range(seg_start[s] // 4, seg_start[s + 1] // 4):
+            top = 0.0
+            poison = 0.0                                                  # NaN once x holds a NaN or an inf
+            for i in range(BLOCK):
+                v = np.float64(xp[n, b * BLOCK + i])
+                rest[i] = v
+                poison += v * 0.0
+                top = max(top, abs(v))
+            finite = poison == 0.0
+            e = _block_exponent(top) if finite else MIN_EXPONENT
+            if not finite:
+                q[:] = 0.0                                                # every piece 0, r = x
+            for p in range(PIECES):
+                if finite:
+                    scale = _pow2(e - STEP * p)
+                    inverse = _pow2(STEP * p - e)                         # exact: both are powers of two
                     for i in range(BLOCK):
-                        q = np.rint(rest[i] / scale) if finite else 0.0
-                        rest[i] -= q * scale
-                        t = i % 8
-                        slot = (t // 2) if t % 2 == 0 else 4 + t // 2     # even inputs first, then odd
-                        codes[b, n, p, i - t + slot] = np.int8(q)
-                for i in range(BLOCK):
-                    total += np.float32(np.float64(xp[n, b * BLOCK + i]) - rest[i])   # exact: x minus r
-                xs[b, n, 0] = np.float32(math.ldexp(1.0, e - STEP)) if finite else np.float32(np.nan)
-                xs[b, n, 1] = np.float32(math.ldexp(1.0, e - 3 * STEP)) if finite else np.float32(np.nan)
-            sumx[n, s] = total
+                        q[i] = np.rint(rest[i] * inverse)
+                        rest[i] -= q[i] * scale
+                for i0 in range(0, BLOCK, 8):                             # even inputs first, then odd
+                    for t in range(4):
+                        codes[b, n, p, i0 + t] = np.int8(q[i0 + 2 * t])
+                        codes[b, n, p, i0 + 4 + t] = np.int8(q[i0 + 2 * t + 1])
+            for i0 in range(0, BLOCK, 8):
+                for t in range(8):
+                    lanes[t] += np.float32(np.float64(xp[n, b * BLOCK + i0 + t]) - rest[i0 + t])  # exact: x - r
+            xs[b, n, 0] = np.float32(_pow2(e - STEP)) if finite else np.float32(np.nan)
+            xs[b, n, 1] = np.float32(_pow2(e - 3 * STEP)) if finite else np.float32(np.nan)
+        sumx[n, s] = (((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+                      + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])))
 
 
 @intrinsic
@@ -225,7 +245,7 @@ def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add,
 
 def supports(plan):
     """A "segments" plan of 4-bit codes whose segments hold whole blocks of 32 inputs."""
-    return plan.layout == "segments" and plan.bits == 4 and bool(np.all(plan.seg_start % 4 == 0))
+    return plan.layout == "segments" and plan.bits == 4 and plan.whole_blocks
 
 
 @functools.lru_cache(maxsize=None)

@@ -122,6 +122,46 @@ def test_decode_rows_take_the_split_and_match_x_at_w(monkeypatch, n_in, n_out, g
     assert calls == [1, 1, 2, 2, 3, 3]
 
 
+@pytest.mark.parametrize("segment_blocks", [1, 3, 8])
+def test_split_rows_lays_out_the_numpy_split(segment_blocks):
+    """The compiled split (split_rows, the kernel's layout: even inputs of each 8 first) holds exactly the
+    pieces and scales of split_activations, the NumPy statement; sumx is the sum of x - r per segment
+    (float64 reference, within float32 summation error of sum |x|). Blocks with a NaN or an infinity carry
+    zero pieces and NaN scales."""
+    rng = np.random.default_rng(segment_blocks)
+    x = np.concatenate([_wide(rng, (2, 8 * 32)), _special_blocks()])        # [3, 256]
+    x[1, 70] = np.inf
+    x[1, 200] = np.nan
+    n_rows, n_blocks = x.shape[0], x.shape[1] // 32
+    seg_start = np.append(np.arange(0, n_blocks, segment_blocks), n_blocks).astype(np.int64) * 4
+    xw = np.empty((n_blocks, n_rows, 4, 8), dtype=np.int32)
+    xs = np.empty((n_blocks, n_rows, 2), dtype=np.float32)
+    sumx = np.empty((n_rows, len(seg_start) - 1), dtype=np.float32)
+    split8.split_rows(x, seg_start, xw, xs, sumx)
+    pieces, s0 = split8.split_activations(np.nan_to_num(x, nan=0.0, posinf=0.0))   # finite blocks only
+    bad = ~np.isfinite(x.reshape(n_rows, n_blocks, 32)).all(axis=2)           # [N, B]
+    order = np.array([0, 2, 4, 6, 1, 3, 5, 7])                                # input of each byte in a 4-byte group
+    laid = xw.view(np.int8).reshape(n_blocks, n_rows, 4, 4, 8)                # [B, N, piece, word, byte]
+    got = np.empty_like(laid)
+    got[..., order] = laid                                                    # back to input order
+    got = got.reshape(n_blocks, n_rows, 4, 32).transpose(1, 0, 2, 3)          # [N, B, 4, 32]
+    assert np.array_equal(got[~bad], pieces[~bad]) and not got[bad].any()
+    np.testing.assert_array_equal(xs[:, :, 0].T[~bad], (s0 / 2.0 ** 7)[~bad])
+    np.testing.assert_array_equal(xs[:, :, 1].T[~bad], (s0 / 2.0 ** 21)[~bad])
+    assert np.isnan(xs.transpose(1, 0, 2)[bad]).all()
+    split = (pieces.astype(np.float64) * (s0[..., None] / 128.0 ** np.arange(4))[..., None]).sum(axis=2)
+    for n in range(n_rows):
+        for s in range(len(seg_start) - 1):
+            b0, b1 = seg_start[s] // 4, seg_start[s + 1] // 4
+            block = x[n, 32 * b0:32 * b1].astype(np.float64)
+            if bad[n, b0:b1].any():
+                assert np.isnan(sumx[n, s])
+                continue
+            if np.abs(block).sum() > 1e38:             # partial sums past float32's range: any order overflows
+                continue
+            assert abs(sumx[n, s] - split[n, b0:b1].sum()) <= 2.0 ** -20 * np.abs(block).sum() + 1e-44
+
+
 @needs_vnni
 def test_non_finite_inputs_give_nan_rows_and_zeros_give_zeros():
     rng = np.random.default_rng(5)
