@@ -219,6 +219,13 @@ def _constant_zero(qzeros, bits, n_out, zero_add):
     return -1
 
 
+def _announce_cold(layout_kernels):
+    """The compile note (compile_note.py), for the kernels a plan of this layout will call: a layout that is
+    never used (the in-place kernels of an all-resident model) must not make a warm cache look cold."""
+    split = [split8.gemv_split, split8.split_rows] if split8.enabled() else []
+    announce_if_cold([gemv, dequantize_slab] + split + layout_kernels, "GPTQ kernels")
+
+
 def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True):
     """The kernel layout for one validated layer (see the module docstring).
 
@@ -228,8 +235,6 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     """
-    announce_if_cold([gemv, dequantize_slab, repack_words, gemv_inplace, dequantize_slab_inplace, split8.gemv_split],
-                     "GPTQ kernels")
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
     zero_add = 1 if checkpoint_format == "gptq" else 0
@@ -245,12 +250,15 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     if uniform and qw.shape[0] == n_units * unit_words:
         seg_start, seg_group = _segments(first)
         if len(seg_group) <= 2 * n_groups:
+            _announce_cold([])
             return SegmentsPlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_units * unit_codes,
                                 seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
                                 zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy")
     if not repack:
+        _announce_cold([gemv_inplace, dequantize_slab_inplace])
         return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero)
+    _announce_cold([repack_words])
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]

@@ -171,12 +171,13 @@ def half_linear(x, weight, dtype):
     """x [N, in] float32, weight [out, in] F16/BF16 (uint16-viewable) -> x @ W.T as float32 [N, out]."""
     from .compile_note import announce_if_cold
     from .slabs import run_slabs
-    announce_if_cold([_fused_rows, widen_rows], "fp16/bf16 kernels")
+    fused = x.shape[0] <= FUSED_MAX_ROWS
+    announce_if_cold([_fused_rows] if fused else [widen_rows], "fp16/bf16 kernels")   # only the one that runs
     bits = half_bits(weight, dtype)                                          # [out, in] uint16
     x = np.ascontiguousarray(x, dtype=np.float32)                            # [N, in]
     n_out, n_in = bits.shape
     y = np.empty((x.shape[0], n_out), dtype=np.float32)                      # [N, out]
-    if x.shape[0] <= FUSED_MAX_ROWS:
+    if fused:
         _fused_rows(x, bits, dtype == "BF16", y)
         return y
     tiles = {}
