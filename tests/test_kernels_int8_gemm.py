@@ -110,12 +110,16 @@ def test_int8_mode_chooses_gemv_gemm_or_exact_by_rows_and_layout():
     plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
     many = rng.normal(size=(gptq.INT8_GEMV_MAX_ROWS + 1, 256)).astype(F32)
     np.testing.assert_array_equal(gptq.gptq_matmul(plan, many, "int8"), _reference(plan, gptq.permute_x(plan, many)))
-    # Streamed act-order layers ("inplace" plans) are not served by the int8 GEMM: exact float32.
+    # Streamed act-order layers ("inplace" plans): many rows are copied in group order for the call and take
+    # the same int8 GEMM, so they equal the resident layer's integer reference; decode rows stay exact.
     inplace = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
                            repack=False)
-    assert not int8_gemm.supports(inplace)
-    exact = many @ layer["W"]
-    np.testing.assert_allclose(gptq.gptq_matmul(inplace, many, "int8"), exact, rtol=1e-4,
+    assert inplace.layout == "inplace" and not int8_gemm.supports(inplace)
+    np.testing.assert_array_equal(gptq.gptq_matmul(inplace, many, "int8"),
+                                  _reference(plan, gptq.permute_x(plan, many)))
+    few = many[:3]
+    exact = few @ layer["W"]
+    np.testing.assert_allclose(gptq.gptq_matmul(inplace, few, "int8"), exact, rtol=1e-4,
                                atol=1e-4 * np.abs(exact).max())
     # 2-bit layers stay exact too.
     two = make_layer(rng, 256, 64, 2, 64)

@@ -123,6 +123,31 @@ def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
         resident.generate([1, 5, 9], max_new_tokens=6, stop_ids=[])
 
 
+def test_gptq_int8_streamed_equals_resident_and_counts_the_copy(tmp_path, monkeypatch):
+    """--gptq-mode int8: a streamed act-order layer is copied in group order for each prompt pass and takes
+    the resident layer's int8 GEMM, so prompt logits are the same bit for bit; the largest copy is counted in
+    the budget (the tiny preset's gate/up: 64 x 172 weights at 4 bits, and two int64 row orders of 172)."""
+    import tinyllama_ref.streaming as streaming
+    from tinyllama_ref.make.synth import synthesize
+    monkeypatch.setattr(streaming, "SAFETY_FRACTION", 0.0)
+    path = str(tmp_path / "q")
+    synthesize(path, preset="tiny", bits=4, group_size=32, act_order=True, layers=12, quiet=True)
+    resident = tinyllama_ref.load(path, backend="numba", gptq_mode="int8")
+    c = resident.cfg
+    assert resident.layers.scratch == c.dim * c.hidden_dim // 2 + 16 * max(c.dim, c.hidden_dim)
+    assert tinyllama_ref.load(path, backend="numba").layers.scratch == 0       # exact mode copies nothing
+    ids = list(range(1, 40))
+    ref = resident.logits(ids)
+    streamed = tinyllama_ref.load(path, backend="numba", gptq_mode="int8")
+    src = streamed.layers
+    src.reserve("KV cache", 2 * c.n_layers * len(ids) * c.n_kv_heads * c.head_dim * 4)
+    src.reserve("activations", resident.layers.reserved["activations"])
+    src.budget = src._fixed() + 2 * max(src.file_bytes) + streaming.READ_CHUNK + 3 * max(src.file_bytes)
+    src.n_resident = src._plan()
+    assert 0 < src.n_resident < src.n_layers
+    np.testing.assert_array_equal(streamed.logits(ids), ref)
+
+
 def _one_tensor_checkpoint(tmp_path, mb=16):
     from safetensors.numpy import save_file
     from tinyllama_ref.checkpoint import Checkpoint

@@ -79,7 +79,8 @@ class Model:
         self.final_norm, self.lm_head = load_head(self.ckpt, self.cfg, backend)
         self.layers = LayerSource(self.ckpt, self.cfg, self.quant_config, backend, gptq_mode, max_memory,
                                   fixed_bytes=self.lm_head.nbytes + self.final_norm.nbytes,
-                                  scratch_bytes=reference_scratch_bytes(self.cfg, backend))
+                                  scratch_bytes=reference_scratch_bytes(self.cfg, backend)
+                                  + streamed_repack_bytes(self.cfg, self.quant_config, backend, self.gptq_mode))
         if not quiet:
             print(self.layers.describe(), file=sys.stderr)
         # RoPE tables are built for the longest cache asked for so far (new_cache), not for the config's
@@ -184,6 +185,15 @@ class Model:
         prompts = [list(p) for p in token_ids] if batch else [list(token_ids)]
         outs = generate_ids(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return outs if batch else outs[0]
+
+
+def streamed_repack_bytes(cfg, quant_config, backend, gptq_mode):
+    """--gptq-mode int8 copies a streamed act-order matrix in group order for each many-row call (kernels/
+    gptq.repack_inplace), one matrix at a time: the largest copy (its codes and its row order) is counted."""
+    if backend != "numba" or gptq_mode != "int8" or quant_config is None or not quant_config.desc_act:
+        return 0
+    largest = max(cfg.dim * cfg.hidden_dim, cfg.dim * cfg.n_heads * cfg.head_dim)   # weights of one matrix
+    return largest * quant_config.bits // 8 + 16 * max(cfg.dim, cfg.hidden_dim)
 
 
 def reference_scratch_bytes(cfg, backend):

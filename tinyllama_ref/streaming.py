@@ -101,7 +101,7 @@ class LayerSource:
                 f"memory budget {human(self.budget)} is too small: this process already uses "
                 f"{human(self.baseline)}, the output head needs {human(self.head_bytes)}"
                 + (f", JIT compilation {human(self.jit_reserve)}" if self.jit_reserve else "")
-                + (f", reference temporaries {human(self.scratch)}" if self.scratch else "")
+                + (f", matmul temporaries {human(self.scratch)}" if self.scratch else "")
                 + (f", {what}" if what else "")
                 + f", and streaming needs room for two layers ({human(window)}); give at least "
                 f"{human(self._fixed() + window, round_up=True)} with --max-memory")
