@@ -61,8 +61,9 @@ AMX_INPLACE_GEMV_ROWS = 4  # ... but with AMX, past this many rows the gathered 
 AMX_GEMV_MAX_ROWS = 3      # with AMX, "segments" plans leave the fused GEMV for the code tiles (amx_codes.py) past
                            # this many rows: 70B shapes, tie to 1.4x at 4 rows, 1.7-2.5x at 8; GEMV 1.1-1.8x at 2
 SPLIT_AMX_MAX_ROWS = 3     # on VNNI, decode rows take split8's integer pieces instead of the float GEMV: all of
-                           # them up to GEMV_MAX_ROWS (4096 x 11008, 2 threads: 0.56-0.63x the float GEMV's time
-                           # at 1 to 16 rows), and up to this many with AMX, whose code tiles win past it
+                           # them up to GEMV_MAX_ROWS (Xeon, 4096 x 11008, 2 threads: 0.56-0.63x the float GEMV's
+                           # time at 1 to 16 rows; Zen 5, 70B shapes: 0.9-1.1x at 1 row, 0.7-0.75x at 2-32), and
+                           # up to this many with AMX, whose code tiles win past it
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row

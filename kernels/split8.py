@@ -196,9 +196,11 @@ def _split_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, xs_addr):
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
-    """y [N, out] for a 4-bit "segments" plan whose segments hold whole blocks: prange over column blocks, per
-    row and segment the blocks' integer dot products (_split_block16), then the fold of the float path.
-    Columns past the last multiple of 16 of a block take a scalar loop with the same arithmetic."""
+    """y [N, out] for a 4-bit "segments" plan whose segments hold whole blocks: prange over column blocks; per
+    segment, block of 4 packed rows and 16 columns, every row's integer dot products (_split_block16) while
+    those words are in L1 (so N rows read the weights from memory once), then the fold of the float path
+    per row. Columns past the last multiple of 16 of a block take a scalar loop with the same arithmetic.
+    Each row's sums are added in the same order whatever N is."""
     n_rows = xw.shape[1]
     n_out = qw.shape[1]
     row_bytes = n_out * 4
@@ -210,19 +212,21 @@ def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add,
         j0 = b * block
         width = min(n_out, j0 + block) - j0
         vec = width // 16 * 16
-        acc = np.zeros(width, dtype=np.float32)
+        acc = np.zeros((n_rows, width), dtype=np.float32)                 # [N, width]
         zbuf = np.empty(width, dtype=np.float32)
         base_acc = np.int64(acc.ctypes.data)
         for n in range(n_rows):
-            out = y[n, j0:j0 + width]
-            out[:] = 0.0
-            for s in range(seg_group.shape[0]):
-                for r in range(seg_start[s], seg_start[s + 1], 4):
-                    blk = (r // 4) * n_rows + n
-                    for jj in range(0, vec, 16):
-                        _split_block16(base_acc + jj * 4, base_w + r * row_bytes + (j0 + jj) * 4, row_bytes,
-                                       base_x + blk * 128, base_s + blk * 8)
-                    for j in range(vec, width):
+            y[n, j0:j0 + width] = 0.0
+        for s in range(seg_group.shape[0]):
+            for r in range(seg_start[s], seg_start[s + 1], 4):
+                w_row = base_w + r * row_bytes + j0 * 4
+                x_blk = (r // 4) * n_rows
+                for jj in range(0, vec, 16):
+                    for n in range(n_rows):                               # the 4 x 16 words stay in L1
+                        _split_block16(base_acc + (n * width + jj) * 4, w_row + jj * 4, row_bytes,
+                                       base_x + (x_blk + n) * 128, base_s + (x_blk + n) * 8)
+                for j in range(vec, width):
+                    for n in range(n_rows):
                         hi, lo = 0, 0
                         for k in range(4):
                             word = np.int64(qw[r + k, j0 + j])
@@ -233,14 +237,17 @@ def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add,
                                            + np.int64(codes[r // 4, n, 1, 8 * k + slot]))
                                 lo += q * (np.int64(codes[r // 4, n, 2, 8 * k + slot]) * 128
                                            + np.int64(codes[r // 4, n, 3, 8 * k + slot]))
-                        acc[j] += (np.float32(hi) * xs[r // 4, n, 0] + np.float32(lo) * xs[r // 4, n, 1])
-                g = seg_group[s]
+                        acc[n, j] += (np.float32(hi) * xs[r // 4, n, 0] + np.float32(lo) * xs[r // 4, n, 1])
+            g = seg_group[s]
+            if const_zero < 0:
+                _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
+            for n in range(n_rows):
+                out = y[n, j0:j0 + width]
                 if const_zero >= 0:
-                    _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero),
+                    _fold_segment_const_zero(out, acc[n], scales[g, j0:j0 + width], np.float32(const_zero),
                                              sumx[n, s])
                 else:
-                    _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
-                    _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sumx[n, s])
+                    _fold_segment(out, acc[n], scales[g, j0:j0 + width], zbuf, sumx[n, s])
 
 
 def supports(plan):

@@ -75,11 +75,11 @@ def test_kernel_is_the_integer_arithmetic(n_in, n_out):
     rng = np.random.default_rng(n_in + n_out)
     codes, plan = _codes_layer(rng, n_in, n_out)
     assert plan.const_zero == 0 and len(plan.seg_group) == 1
-    x = _wide(rng, (2, n_in))
+    x = _wide(rng, (5, n_in))                                               # rows share each weight load
     pieces, s0 = split8.split_activations(x)                               # [N, B, 4, 32], [N, B]
     y = split8.gptq_matmul_split(plan, x, 32)
-    expected = np.zeros((2, n_out), dtype=np.float32)
-    for n in range(2):
+    expected = np.zeros((5, n_out), dtype=np.float32)
+    for n in range(5):
         for b in range(n_in // 32):
             t = pieces[n, b].astype(np.int64) @ codes[32 * b:32 * b + 32]   # [4, out] exact
             hi = (128 * t[0] + t[1]).astype(np.float32)                     # exact: below 2^24
