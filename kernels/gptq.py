@@ -55,7 +55,9 @@ INT8_GEMV_MAX_ROWS = 8     # int8 mode (opt-in): up to this many rows the int8 G
                            # 8 rows, 5.4 vs 3.1 at 16
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
                            # prefetchers follow long runs of each packed row; measured 1.2-1.3x over two)
-INPLACE_GEMV_MAX_ROWS = 8  # "inplace" plans: up to this many rows share each column block's packed rows in L2
+INPLACE_GEMV_MAX_ROWS = 32 # "inplace" plans: up to this many rows take gemv_inplace (codes decoded once for all
+                           # rows) rather than slabs + BLAS; 70B shapes, 4-bit g128, Zen 5, 2 threads: 32 rows
+                           # 50-52 ms against 80-84, 64 rows 120-125 against 110-127
 AMX_INPLACE_GEMV_ROWS = 4  # ... but with AMX, past this many rows the gathered code tiles are faster (70B shapes,
                            # 4-bit g128, 2 threads: tie at 4 rows, 1.3-1.4x at 6; amx_codes.stack_parts)
 AMX_GEMV_MAX_ROWS = 3      # with AMX, "segments" plans leave the fused GEMV for the code tiles (amx_codes.py) past
@@ -66,7 +68,6 @@ SPLIT_AMX_MAX_ROWS = 3     # on VNNI, decode rows take split8's integer pieces i
                            # up to this many with AMX, whose code tiles win past it
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
-INPLACE_CHUNK_BYTES = 256 * 2**10   # "inplace" plans: packed rows of one column block read by every activation row
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
                            # threads together; see kernels/slabs.py for why each thread runs its own slabs
 SMALL_PREFILL_ROWS = 128   # up to this many rows BLAS spends few flops per weight, so the slab must stay in
@@ -330,14 +331,15 @@ def _gptq_matmul_inplace(plan, x):
     gathered = amx_codes.supports_gathered(plan) and amx.available()
     if n_rows <= INPLACE_GEMV_MAX_ROWS and not (gathered and n_rows > AMX_INPLACE_GEMV_ROWS):
         y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
-        xg = np.zeros((n_rows, plan.n_padded), dtype=np.float32)             # [N, padded]
+        # [N, padded] in rows one cache line longer, so that the rows do not share L1 sets (8192 inputs are
+        # 32 KB: at 16 rows the GEMV ran 3-4x slower without it)
+        xg = np.zeros((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]
         xg[:, :plan.n_in] = x
         sumx = np.zeros((n_rows, plan.n_groups), dtype=np.float32)           # [N, G]
         for n in range(n_rows):
             sumx[n] = np.bincount(plan.g_idx[:plan.n_in], weights=x[n], minlength=plan.n_groups)
         gemv_inplace(plan.qw, xg, plan.g_idx, sumx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-                     plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), INPLACE_CHUNK_BYTES,
-                     y)
+                     plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), y)
         return y
     if gathered:                                             # the codes, gathered into group order
         return _amx_gathered_matmul(plan, x)

@@ -30,16 +30,8 @@ The passes are long, so they are written by pass_source() and checked in as ordi
 than exec'd at import: Numba's on-disk cache keys a function by its file and line, so exec'd code would be
 recompiled by every process (seconds per pass), and a traceback or profile of checked-in code points at a
 real line. tests/test_kernels_gptq.py fails if they drift from pass_source(); after changing the generator
-run `python tools/regenerate_passes.py` (it rewrites these and gptq_inplace.py's passes; --check only
-compares). Print one with `python -c "from tinyllama_ref.kernels.gptq_passes import pass_source;
+run `python tools/regenerate_passes.py` (it rewrites them; --check only compares). Print one with `python -c "from tinyllama_ref.kernels.gptq_passes import pass_source;
 print(pass_source(4, 4))"`.
-
-The "inplace" passes (gptq_inplace._inplace_pass_source) handle the two straddling 3-bit codes differently,
-on purpose: there every code is multiplied by its own group's scale, so a straddler is written as two exact
-partial terms (its low bits from word w, its high bits from word w + 1, both plain masked_f32 terms with the
-same scale) instead of pre-shifted words and a funnel shift. Both sum to x * q exactly; the split form keeps
-that generator to one kind of term, and its passes are dominated by the scale loads, not by the two extra
-multiply-adds per 32 codes.
 """
 
 import numpy as np

@@ -1,12 +1,10 @@
 #!/usr/bin/env python
-"""Rewrite the generated GEMV passes in kernels/gptq_passes.py and kernels/gptq_inplace.py from their generators.
+"""Rewrite the generated GEMV passes in kernels/gptq_passes.py from their generator.
 
-The passes are long unrolled loops (one line per code) written by gptq_passes.pass_source() and
-gptq_inplace._inplace_pass_source(). They are checked in as ordinary source, not exec'd at import, because
+The passes are long unrolled loops (one line per code) written by gptq_passes.pass_source(). They are checked in as ordinary source, not exec'd at import, because
 Numba's on-disk cache keys a function by its source file and line (exec'd code cannot be cached, so every
-process would recompile them), and because a traceback or a profile then points at a real line. The tests
-(test_unrolled_passes_match_their_generator, test_inplace_passes_match_their_generator) fail when the two
-drift apart; after changing a generator run
+process would recompile them), and because a traceback or a profile then points at a real line. The test
+test_unrolled_passes_match_their_generator fails when the two drift apart; after changing a generator run
 
     python tools/regenerate_passes.py            # rewrite the passes in place
     python tools/regenerate_passes.py --check    # exit 1 if any pass differs from its generator
@@ -22,12 +20,10 @@ sys.path.insert(0, ROOT)
 
 
 def _targets():
-    from tinyllama_ref.kernels import gptq_inplace, gptq_passes
+    from tinyllama_ref.kernels import gptq_passes
     segments = [(f"_pass_b{b}_w{w}", gptq_passes.pass_source(b, w))
                 for b, passes in gptq_passes.PASSES.items() for w in passes]
-    inplace = [(f"_ipass_b{b}_w{w}", gptq_inplace._inplace_pass_source(b, w)) for b, w in gptq_inplace.INPLACE_PASSES]
-    return [(os.path.join(ROOT, "kernels", "gptq_passes.py"), segments),
-            (os.path.join(ROOT, "kernels", "gptq_inplace.py"), inplace)]
+    return [(os.path.join(ROOT, "kernels", "gptq_passes.py"), segments)]
 
 
 def regenerate(text, functions):
