@@ -184,3 +184,16 @@ def test_read_ahead_without_populate_reads_through_the_buffer(tmp_path, monkeypa
     monkeypatch.setattr("os.preadv", lambda fd, bufs, pos: reads.append(pos) or real(fd, bufs, pos))
     assert ckpt.read_ahead("w", bytearray(2**20)) == w.nbytes
     assert len(reads) == 3                                                # 3 MB through a 1 MB buffer
+
+
+def test_resident_layers_are_spread_over_the_depth():
+    """Resident and streamed layers alternate, so each read overlaps compute; layer 0 stays resident."""
+    from tinyllama_ref.streaming import spread
+    assert spread(40, 80) == set(range(0, 80, 2))
+    assert spread(3, 12) == {0, 4, 8}
+    assert spread(0, 7) == set() and spread(7, 7) == set(range(7))
+    for k in range(0, 81):
+        chosen = sorted(spread(k, 80))
+        assert len(chosen) == k and (k == 0 or chosen[0] == 0)
+        gaps = {b - a for a, b in zip(chosen, chosen[1:])}
+        assert not gaps or max(gaps) - min(gaps) <= 1, (k, gaps)
