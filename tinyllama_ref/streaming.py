@@ -11,11 +11,11 @@ memory plus the mapped file pages this process holds) is split like this:
            + streaming window (two layers: the one computing and the one being read ahead)
 
 The other layers are streamed: a background thread reads the next streamed layer from disk into the page cache
-while the layers before it compute (it only does I/O, so Numba's threading layer is never entered from two threads); after a
-streamed layer is used its pages are dropped from this process (madvise MADV_DONTNEED) and from the page cache
-(posix_fadvise DONTNEED), so resident memory does not creep up towards the model size. (A resident layer
-whose kernels repacked it drops its mapped source pages too, but keeps them in the page cache when the whole
-model fits.)
+while the layers before it compute (it only does I/O, so Numba's threading layer is never entered from two
+threads); after a streamed layer is used its pages are dropped from this process (madvise MADV_DONTNEED) and
+from the page cache (posix_fadvise DONTNEED), so resident memory does not creep up towards the model size.
+(A resident layer whose kernels repacked it drops its mapped source pages too, but keeps them in the page
+cache when the whole model fits.)
 When everything fits, every layer is resident and nothing streams.
 
 Why spread: with the first k layers resident, the disk sat idle while they computed and the streamed layers
@@ -93,7 +93,6 @@ class LayerSource:
         self._pool = None
         self._pending = {}                 # layer index -> Future of its read-ahead
         self._buffer = None
-        self._spread, self._spread_for = set(), None
         self.n_resident = self._plan()
 
     # -- planning -----------------------------------------------------------------------------------------
@@ -130,10 +129,7 @@ class LayerSource:
     @property
     def resident_layers(self):
         """The indices of the layers kept in memory (n_resident of them, spread over the depth)."""
-        if self._spread_for != (self.n_resident, self.n_layers):
-            self._spread = spread(self.n_resident, self.n_layers)
-            self._spread_for = (self.n_resident, self.n_layers)
-        return self._spread
+        return spread(self.n_resident, self.n_layers)
 
     def reserve(self, what, nbytes):
         """Set aside memory (KV cache, activations) before allocating it; fewer layers may stay resident.
