@@ -14,6 +14,7 @@ building a float copy of the whole weight matrix. The files, one idea each:
                    codes (float32 accuracy, 1.7-1.8x the float GEMV's speed)
   int8.py          the opt-in int8-activation decode (approximate; never the default)
   int8_gemm.py     its prefill: int8 activations against the packed codes, VNNI register tiles
+  gptq_tiles.py    prefill without AMX: float32 register tiles that decode the codes themselves (no slabs)
 
 Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepare_seconds):
   "segments"  qw [R, out] uint32: the checkpoint's qweight viewed as unsigned (zero-copy) or, for act-order
@@ -38,7 +39,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import amx, amx_codes, split8
+from . import amx, amx_codes, gptq_tiles, split8
 from .compile_note import announce_if_cold
 from .gptq_gemv import gemv
 from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
@@ -66,6 +67,9 @@ SPLIT_AMX_MAX_ROWS = 3     # on VNNI, decode rows take split8's integer pieces i
                            # them up to GEMV_MAX_ROWS (Xeon, 4096 x 11008, 2 threads: 0.56-0.63x the float GEMV's
                            # time at 1 to 16 rows; Zen 5, 70B shapes: 0.9-1.1x at 1 row, 0.7-0.75x at 2-32), and
                            # up to this many with AMX, whose code tiles win past it
+TILES = True               # many rows on gptq_tiles.py's register tiles (use_tiles); False: slabs + BLAS (for
+                           # comparisons: bench kernels, tools). Measured on Zen 5, 4-bit g128, 2 threads, 64 rows:
+                           # 7B shapes 400-430 against 195-205 GFLOP/s, 70B in place 320-390 against 180-220
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
@@ -343,6 +347,8 @@ def _gptq_matmul_inplace(plan, x):
         return y
     if gathered:                                             # the codes, gathered into group order
         return _amx_gathered_matmul(plan, x)
+    if use_tiles(plan):                                      # register tiles that decode the codes
+        return _tiles_matmul(plan, x)
     if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
         return _amx_matmul(x, n_out, lambda xs, j0, j1, tile, bv, widened, y: amx.product_inplace(
             amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in,
@@ -350,6 +356,44 @@ def _gptq_matmul_inplace(plan, x):
             lambda: (np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32),))   # scales, zeros [G, SLAB]
     return _slab_matmul(x, n_out, lambda j0, j1, t: dequantize_slab_inplace(
         plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
+
+
+def use_tiles(plan):
+    """Many-row products take gptq_tiles.py's register tiles where the CPU has no AMX (whose tiles are faster
+    still) and the layer has 3- or 4-bit codes in whole units."""
+    return TILES and gptq_tiles.supports(plan) and not amx.available()
+
+
+def _tiles_matmul(plan, x):
+    """Prefill on register tiles that decode the packed codes (kernels/gptq_tiles.py): x [N, in] packed once
+    in the plan's row order, slabs of columns spread over the threads like the BLAS slabs. y is padded to
+    whole tiles of rows while it is written."""
+    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    unit_codes = unit_shape(plan.bits)[1]
+    row_start = np.concatenate([[0], np.cumsum(gptq_tiles.row_tiles(n_rows))]).astype(np.int64)   # [T + 1]
+    gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
+    xpk = np.empty((len(row_start) - 1, plan.n_padded, gptq_tiles.SLOTS), dtype=np.float32)   # [T, K, 12]
+    gptq_tiles.pack_x(x, gather, row_start, xpk)
+    y = np.empty((row_start[-1], n_out), dtype=np.float32)                   # [Np, out]
+    columns = gptq_tiles.slab_columns(n_out, n_rows, numba.get_num_threads())
+    zero_rows = plan.scales.shape[0] if plan.const_zero < 0 else 1
+    if plan.layout == "segments":
+        runs, run_group = gptq_tiles.split_runs(plan.seg_start, plan.seg_group, plan.bits)
+        chunks = gptq_tiles.chunk_runs(runs, plan.bits)
+        _slabs_with_scratch(n_out, columns, lambda: (np.empty((zero_rows, columns), dtype=np.float32),),
+                            lambda j0, j1, zm: gptq_tiles.slab_segments(
+                                plan.qw, xpk, row_start, runs, run_group, chunks, plan.scales, plan.qzeros,
+                                plan.bits, plan.zero_add, plan.const_zero, j0, j1, zm, y))
+    else:
+        tiles = -(-columns // gptq_tiles.TILE_COLUMNS)
+        shape = (tiles, plan.n_groups, gptq_tiles.TILE_COLUMNS)                 # [column tiles, G, 32]
+        _slabs_with_scratch(n_out, columns, lambda: (np.empty(shape, dtype=np.float32),
+                                                     np.empty(shape if plan.const_zero < 0 else (1, 1, 32),
+                                                              dtype=np.float32)),
+                            lambda j0, j1, sc, zm: gptq_tiles.slab_inplace(
+                                plan.qw, xpk, row_start, plan.g_idx, plan.n_padded // unit_codes, plan.scales,
+                                plan.qzeros, plan.bits, plan.zero_add, plan.const_zero, j0, j1, sc, zm, y))
+    return y[:n_rows]
 
 
 def _slab_matmul(x, n_out, dequantize):
@@ -505,8 +549,10 @@ def gptq_matmul(plan, x, mode="exact"):
             if int8_gemm.supports(sorted_plan):
                 return gptq_matmul(sorted_plan, x, mode)
         return _gptq_matmul_inplace(plan, x)
-    xp = permute_x(plan, x)                                                  # [N, padded]
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    if mode == "exact" and n_rows > GEMV_MAX_ROWS and use_tiles(plan):
+        return _tiles_matmul(plan, x)                # x is put in the plan's row order while it is packed
+    xp = permute_x(plan, x)                                                  # [N, padded]
     if mode == "int8":
         from . import int8, int8_gemm
         if n_rows > INT8_GEMV_MAX_ROWS and int8_gemm.supports(plan):

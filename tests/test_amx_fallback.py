@@ -4,6 +4,7 @@ import builtins
 import io
 
 import numpy as np
+import pytest
 
 from gptq_packer import make_layer
 from tinyllama_ref.kernels import amx, gptq
@@ -51,15 +52,18 @@ def test_kernel_refuses_the_tile_state(monkeypatch):
     assert amx._request() is False
 
 
-def test_prefill_without_amx_is_the_blas_path(monkeypatch):
-    """With available() False, a many-row matmul goes through the BLAS slabs and still equals x @ W."""
+@pytest.mark.parametrize("bits,path", [(4, "_tiles_matmul"), (3, "_tiles_matmul"), (2, "_slab_matmul"),
+                                       (8, "_slab_matmul")])
+def test_prefill_without_amx(monkeypatch, bits, path):
+    """With available() False, a many-row matmul goes through the register tiles (3 and 4 bits) or the BLAS
+    slabs (other widths), and still equals x @ W."""
     monkeypatch.setattr(amx, "available", lambda: False)
     used = []
-    real = gptq._slab_matmul
-    monkeypatch.setattr(gptq, "_slab_matmul", lambda *a: used.append(1) or real(*a))
+    real = getattr(gptq, path)
+    monkeypatch.setattr(gptq, path, lambda *a: used.append(1) or real(*a))
     rng = np.random.default_rng(3)
-    layer = make_layer(rng, 256, 64, 4, 128, act_order=True)
-    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    layer = make_layer(rng, 256, 64, bits, 128, act_order=True)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq")
     x = rng.standard_normal((40, 256)).astype(np.float32)
     y = gptq.gptq_matmul(plan, x)
     assert used
