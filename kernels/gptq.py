@@ -225,11 +225,18 @@ def _constant_zero(qzeros, bits, n_out, zero_add):
     return -1
 
 
-def _announce_cold(layout_kernels):
-    """The compile note (compile_note.py), for the kernels a plan of this layout will call: a layout that is
-    never used (the in-place kernels of an all-resident model) must not make a warm cache look cold."""
-    split = [split8.gemv_split, split8.split_rows] if split8.enabled() else []
-    announce_if_cold([gemv, dequantize_slab] + split + layout_kernels, "GPTQ kernels")
+def _announce_cold(bits, inplace=False, repacked=False):
+    """The compile note (compile_note.py), for the kernels a plan of this layout will call: a kernel that is
+    never used (the in-place kernels of an all-resident model, the slabs where the tiles serve) must not make a
+    warm cache look cold."""
+    tiles = tiles_for(bits)
+    if inplace:
+        kernels = [gemv_inplace] + ([gptq_tiles.pack_x, gptq_tiles.slab_inplace] if tiles else
+                                    [dequantize_slab_inplace])
+    else:
+        split = [split8.gemv_split, split8.split_rows] if split8.enabled() else []
+        kernels = [gemv] + split + ([gptq_tiles.pack_x, gptq_tiles.slab_segments] if tiles else [dequantize_slab])
+    announce_if_cold(kernels + ([repack_words] if repacked else []), "GPTQ kernels")
 
 
 def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True):
@@ -256,15 +263,15 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     if uniform and qw.shape[0] == n_units * unit_words:
         seg_start, seg_group = _segments(first)
         if len(seg_group) <= 2 * n_groups:
-            _announce_cold([])
+            _announce_cold(bits)
             return SegmentsPlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_units * unit_codes,
                                 seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
                                 zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy")
     if not repack:
-        _announce_cold([gemv_inplace, dequantize_slab_inplace])
+        _announce_cold(bits, inplace=True)
         return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero)
-    _announce_cold([repack_words])
+    _announce_cold(bits, repacked=True)
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]
@@ -358,10 +365,15 @@ def _gptq_matmul_inplace(plan, x):
         plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
 
 
+def tiles_for(bits):
+    """Whether many-row products of `bits`-bit layers take gptq_tiles.py's register tiles: 3 and 4 bits, where
+    the CPU has no AMX (whose tiles are faster still)."""
+    return TILES and bits in gptq_tiles.BITS and not amx.available()
+
+
 def use_tiles(plan):
-    """Many-row products take gptq_tiles.py's register tiles where the CPU has no AMX (whose tiles are faster
-    still) and the layer has 3- or 4-bit codes in whole units."""
-    return TILES and gptq_tiles.supports(plan) and not amx.available()
+    """tiles_for the plan's bit width, and its codes lie in whole units."""
+    return tiles_for(plan.bits) and gptq_tiles.supports(plan)
 
 
 def _tiles_matmul(plan, x):

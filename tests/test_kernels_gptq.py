@@ -227,3 +227,21 @@ def test_compile_note_names_only_the_kernels_a_layout_calls(monkeypatch, capsys)
     assert "compiling" not in capsys.readouterr().err
     assert gptq.prepare(*args, repack=False).layout == "inplace"
     assert "compiling GPTQ kernels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tiles", [True, False])
+def test_compile_note_names_the_prefill_kernel_that_runs(monkeypatch, capsys, tiles):
+    """Where the register tiles serve the prefill, an uncompiled slab kernel must not print the note on every
+    run (it is never called, so its cache never appears); an uncompiled tile kernel must."""
+    from tinyllama_ref.kernels import compile_note, gptq_tiles
+    monkeypatch.setattr(gptq.amx, "available", lambda: False)
+    monkeypatch.setattr(gptq, "TILES", tiles)
+    unused, used = ((gptq.dequantize_slab, gptq_tiles.slab_segments) if tiles else
+                    (gptq_tiles.slab_segments, gptq.dequantize_slab))
+    layer = make_layer(np.random.default_rng(4), 128, 32, 4, 32)
+    args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    for cold, said in (({unused}, False), ({used}, True)):
+        monkeypatch.setattr(compile_note, "_is_cached", lambda d, cold=cold: d not in cold)
+        monkeypatch.setattr(compile_note, "_said", {})
+        assert gptq.prepare(*args).layout == "segments"
+        assert ("compiling GPTQ kernels" in capsys.readouterr().err) == said
