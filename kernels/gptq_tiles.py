@@ -52,6 +52,7 @@ CHUNK_INPUTS = 512     # inputs per chunk: a tile's x (12 x 512 floats) stays in
 FLUSH_CODES = 128      # "inplace": inputs summed in registers before the accumulators are added to y
 MAGIC = 0x4B000000     # float32 2**23: OR a code into its mantissa and it reads as 2**23 + code
 BITS = (3, 4)          # bit widths with tiles (Meditron's GPTQ branches); 2 and 8 bits take the slabs
+SLAB_MAX_COLUMNS = 1024 # widest slab: 1024 columns are one 4 KB page of each packed row
 AHEAD_UNITS = 32       # units of packed words ahead that the tile prefetches (each packed row is its own
                        # short stream; 4 units ahead ran the 4096-input 7B shapes at 315 GFLOP/s, 32 at 430)
 
@@ -441,10 +442,14 @@ def chunk_runs(runs, bits):
 
 
 def slab_columns(n_out, n_rows, threads):
-    """Output columns per slab: 256 up to 128 rows, 512 beyond (each slab re-reads the packed x once), but
-    at least two slabs per thread (a preempted thread takes fewer); a multiple of 32, at least 128. Measured on
-    the 7B shapes, 4-bit, 2 threads, Zen 5: 64 rows 128-256 columns 400 GFLOP/s, 1024 columns 340; 512 rows
-    256-1024 columns within 5%."""
-    columns = 256 if n_rows <= 128 else 512
-    per_thread = -(-n_out // (2 * max(1, threads)) // TILE_COLUMNS) * TILE_COLUMNS
-    return int(max(128, min(columns, per_thread)))
+    """Output columns per slab: as wide as SLAB_MAX_COLUMNS allows, in a multiple of `threads` slabs of equal
+    width (a multiple of 32), so no thread is left with a last slab alone. Every slab reads all of the packed
+    x again (2.4 MB for 64 rows of 8192 inputs, from L3 or memory), so wide slabs matter: in a 70B pass,
+    1024 columns instead of 256 took the streamed q and o projections from 3.5 to 3.1 s. Past 128 rows the
+    slab's codes are reused by many tiles of rows and 512 columns measured as well or better (7B shapes, 512
+    rows: 438-450 GFLOP/s against 400-420 at 1024, one run)."""
+    threads = max(1, threads)
+    widest = SLAB_MAX_COLUMNS if n_rows <= 128 else SLAB_MAX_COLUMNS // 2
+    count = threads * -(-n_out // (threads * widest))        # slabs: a multiple of threads
+    per_slab = -(-n_out // count)                                  # columns, rounded up
+    return int(max(TILE_COLUMNS, -(-per_slab // TILE_COLUMNS) * TILE_COLUMNS))
