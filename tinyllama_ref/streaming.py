@@ -10,10 +10,12 @@ memory plus the mapped file pages this process holds) is split like this:
            + resident layers (k of them, spread evenly over the depth: mapped once, kept)
            + streaming window (two layers: the one computing and the one being read ahead)
 
-The other layers are streamed: a background thread reads the next streamed layer from disk into the page cache
-while the layers before it compute (it only does I/O, so Numba's threading layer is never entered from two
-threads); after a streamed layer is used its pages are dropped from this process (madvise MADV_DONTNEED) and
-from the page cache (posix_fadvise DONTNEED), so resident memory does not creep up towards the model size.
+The other layers are streamed: a background thread reads the next streamed layer from disk while the layers
+before it compute (it only does I/O, so Numba's threading layer is never entered from two threads). Where the
+file system allows it, the read is direct I/O into one of two buffers this process reuses (direct_io.py: the
+kernels run faster on them than on freshly filled page-cache pages). Otherwise the layer is read into the page
+cache and mapped; after it is used its pages are dropped from this process (madvise MADV_DONTNEED) and from
+the page cache (posix_fadvise DONTNEED), so resident memory does not creep up towards the model size.
 (A resident layer whose kernels repacked it drops its mapped source pages too, but keeps them in the page
 cache when the whole model fits.)
 When everything fits, every layer is resident and nothing streams.
@@ -27,6 +29,7 @@ overlaps the compute of the layers before it: read-ahead one streamed layer deep
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .direct_io import ALIGN, DirectReader, StagedCheckpoint, slot_bytes
 from .errors import MemoryBudgetError
 from .memory import current_rss, default_budget, human, parse_size
 from .weights import LINEARS, layer_tensor_names, load_layer
@@ -79,6 +82,9 @@ class LayerSource:
         self.n_layers = cfg.n_layers
         self.names = [layer_tensor_names(ckpt, i) for i in range(self.n_layers)]
         self.file_bytes = [sum(ckpt.info(n).nbytes for n in names) for names in self.names]
+        # Direct reads take each stretch of a layer page-aligned: a slot holds a little more than the layer.
+        self.reader = DirectReader(ckpt, max(slot_bytes(ckpt, names) for names in self.names))
+        self._staged = {}                  # streamed layer index -> its tensors in a reader slot
         self.budget = default_budget() if max_memory is None else parse_size(max_memory)
         self.budget_given = max_memory is not None
         self.baseline = current_rss()
@@ -92,6 +98,7 @@ class LayerSource:
         self.seconds_reading = 0.0         # wall time the read-ahead thread spent reading them, cumulative
         self._pool = None
         self._pending = {}                 # layer index -> Future of its read-ahead
+        self._last_read = None             # the layer the latest read-ahead was for
         self._buffer = None
         self.n_resident = self._plan()
 
@@ -106,7 +113,7 @@ class LayerSource:
         free = self.budget - self._fixed()
         if sum(self.file_bytes) <= free:
             return self.n_layers
-        window = 2 * max(self.file_bytes) + READ_CHUNK
+        window = self.window_bytes()
         if free < window:
             what = ", ".join(f"{k} {human(v)}" for k, v in self.reserved.items())
             raise MemoryBudgetError(
@@ -122,6 +129,11 @@ class LayerSource:
         while k < self.n_layers and self._bytes_of(spread(k + 1, self.n_layers)) <= free:
             k += 1
         return k
+
+    def window_bytes(self):
+        """The streaming window: two layers (two reader slots, or two layers of mapped pages) and the
+        buffer that reads through the page cache where neither direct I/O nor populate works."""
+        return 2 * max(max(self.file_bytes), self.reader.capacity + ALIGN) + READ_CHUNK
 
     def _bytes_of(self, layers):
         return sum(self.file_bytes[i] for i in layers)
@@ -154,7 +166,9 @@ class LayerSource:
     # -- iteration ----------------------------------------------------------------------------------------
     def _build(self, i, streamed=False):
         t = time.perf_counter()
-        layer = load_layer(self.ckpt, self.cfg, self.quant_config, self.backend, i, streamed=streamed,
+        staged = self._staged.pop(i, None) if streamed else None
+        ckpt = self.ckpt if staged is None else StagedCheckpoint(self.ckpt, staged)
+        layer = load_layer(ckpt, self.cfg, self.quant_config, self.backend, i, streamed=streamed,
                            gptq_mode=self.gptq_mode)
         self.prepare_seconds += time.perf_counter() - t
         # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
@@ -172,6 +186,12 @@ class LayerSource:
         keep = self.resident_layers
         streamed = [i for i in range(self.n_layers) if i not in keep]
         following = dict(zip(streamed, streamed[1:]))   # each streamed layer -> the next one
+        # Reads left over from a pass that stopped early (an error) are finished and forgotten, except the
+        # latest one if it is the first layer this pass needs: a slot they filled may have been reused since.
+        for j in list(self._pending):
+            if not (streamed and j == streamed[0] == self._last_read):
+                self._pending.pop(j).exception()            # waits; a stale failure does not matter
+                self._staged.pop(j, None)
         if streamed and streamed[0] not in self._pending:
             self._read_ahead(streamed[0])
         for i in range(self.n_layers):
@@ -192,13 +212,19 @@ class LayerSource:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyllama-readahead")
             self._buffer = bytearray(READ_CHUNK)
         self._pending[i] = self._pool.submit(self._read_layer, i)
+        self._last_read = i
 
     def _read_layer(self, i):
         """I/O only: pull the layer's byte ranges into memory (timed: bytes_streamed / seconds_reading is the
         rate the disk gave the streamer)."""
         t = time.perf_counter()
-        for name in self.names[i]:
-            self.bytes_streamed += self.ckpt.read_ahead(name, self._buffer)
+        staged = self.reader.read(self.names[i])
+        if staged is not None:
+            self._staged[i] = staged
+            self.bytes_streamed += self.file_bytes[i]
+        else:
+            for name in self.names[i]:
+                self.bytes_streamed += self.ckpt.read_ahead(name, self._buffer)
         self.seconds_reading += time.perf_counter() - t
 
     def _release(self, i, layer):
