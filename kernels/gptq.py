@@ -225,18 +225,39 @@ def _constant_zero(qzeros, bits, n_out, zero_add):
     return -1
 
 
-def _announce_cold(bits, inplace=False, repacked=False):
-    """The compile note (compile_note.py), for the kernels a plan of this layout will call: a kernel that is
-    never used (the in-place kernels of an all-resident model, the slabs where the tiles serve) must not make a
-    warm cache look cold."""
-    tiles = tiles_for(bits)
-    if inplace:
-        kernels = [gemv_inplace] + ([gptq_tiles.pack_x, gptq_tiles.slab_inplace] if tiles else
-                                    [dequantize_slab_inplace])
+def kernels_for(plan):
+    """The compiled kernels that gptq_matmul (exact mode) calls for this plan, decode rows and many rows, chosen
+    by the same tests as its dispatch. The compile note asks only about these: a kernel this CPU never runs
+    (the float GEMV where split8 serves, the slabs where tiles do) must not make a warm cache look cold."""
+    if plan.layout == "inplace":
+        if amx_codes.supports_gathered(plan) and amx.available():
+            many = [amx.split_x, amx_codes.product_gathered]
+        elif use_tiles(plan):
+            many = [gptq_tiles.pack_x, gptq_tiles.slab_inplace]
+        elif amx.supports(plan.qw.shape[1], plan.bits) and amx.available():
+            many = [amx.split_x, amx.product_inplace]
+        else:
+            many = [dequantize_slab_inplace]
+        return [gemv_inplace] + many
+    codes_tiles = amx_codes.supports(plan) and amx.available()
+    decode = [split8.split_rows, split8.gemv_split] if split8.usable(plan) else []
+    if not decode or (codes_tiles and AMX_GEMV_MAX_ROWS > SPLIT_AMX_MAX_ROWS):
+        decode.append(gemv)
+    if use_tiles(plan):
+        many = [gptq_tiles.pack_x, gptq_tiles.slab_segments]
+    elif codes_tiles:
+        many = [amx_codes.split_x_paired, amx_codes.product_codes]
+    elif amx.supports(plan.qw.shape[1], plan.bits) and amx.available():
+        many = [amx.split_x, amx.product_segments]
     else:
-        split = [split8.gemv_split, split8.split_rows] if split8.enabled() else []
-        kernels = [gemv] + split + ([gptq_tiles.pack_x, gptq_tiles.slab_segments] if tiles else [dequantize_slab])
-    announce_if_cold(kernels + ([repack_words] if repacked else []), "GPTQ kernels")
+        many = [dequantize_slab]
+    return decode + many
+
+
+def _announce_cold(plan):
+    """The compile note (compile_note.py) for the kernels this plan will call (kernels_for)."""
+    announce_if_cold(kernels_for(plan), "GPTQ kernels")
+    return plan
 
 
 def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True):
@@ -263,15 +284,14 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     if uniform and qw.shape[0] == n_units * unit_words:
         seg_start, seg_group = _segments(first)
         if len(seg_group) <= 2 * n_groups:
-            _announce_cold(bits)
-            return SegmentsPlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_units * unit_codes,
+            plan = SegmentsPlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_units * unit_codes,
                                 seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
                                 zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy")
+            return _announce_cold(plan)
     if not repack:
-        _announce_cold(bits, inplace=True)
-        return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero)
-    _announce_cold(bits, repacked=True)
+        return _announce_cold(_inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero))
+    announce_if_cold([repack_rows if bits == 3 else repack_words], "GPTQ kernels")   # before the repack runs
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]
@@ -292,12 +312,13 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     new_qw = np.zeros((int(units.sum()) * unit_words, n_out), dtype=np.uint32)   # [R2, out]
     (repack_rows if bits == 3 else repack_words)(qw, perm, bits, new_qw)   # 3 bits: codes straddle words
     gather = np.where(perm >= 0, perm, n_in)                                 # [padded] see permute_x
-    return SegmentsPlan(bits=bits, qw=new_qw, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
+    plan = SegmentsPlan(bits=bits, qw=new_qw, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
                         seg_group=seg_group, scales=scales.view(np.uint16),
                         qzeros=np.ascontiguousarray(qzeros).view(np.uint32), zero_add=zero_add,
                         const_zero=const_zero, repacked=True,
                         prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group", perm=perm,
                         gather=gather)
+    return _announce_cold(plan)
 
 
 def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):

@@ -245,3 +245,42 @@ def test_compile_note_names_the_prefill_kernel_that_runs(monkeypatch, capsys, ti
         monkeypatch.setattr(compile_note, "_said", {})
         assert gptq.prepare(*args).layout == "segments"
         assert ("compiling GPTQ kernels" in capsys.readouterr().err) == said
+
+
+_KERNELS = [("gptq", "gemv"), ("gptq", "gemv_inplace"), ("gptq", "dequantize_slab"),
+            ("gptq", "dequantize_slab_inplace"), ("split8", "split_rows"), ("split8", "gemv_split"),
+            ("gptq_tiles", "pack_x"), ("gptq_tiles", "slab_segments"), ("gptq_tiles", "slab_inplace"),
+            ("amx", "split_x"), ("amx", "product_segments"), ("amx", "product_inplace"),
+            ("amx_codes", "split_x_paired"), ("amx_codes", "product_codes"), ("amx_codes", "product_gathered")]
+
+
+@pytest.mark.parametrize("case", [dict(bits=4, group_size=32), dict(bits=4, group_size=128, act_order=True),
+                                  dict(bits=4, group_size=128, act_order=True, repack=False),
+                                  dict(bits=4, group_size=16), dict(bits=3, group_size=32),
+                                  dict(bits=3, group_size=64, act_order=True, repack=False),
+                                  dict(bits=2, group_size=32)], ids=_id)
+@pytest.mark.parametrize("machine", ["this CPU", "no AMX, tiles", "no AMX, slabs"])
+def test_compile_note_asks_about_exactly_the_kernels_that_run(monkeypatch, case, machine):
+    """kernels_for(plan), what the compile note checks, is the set of compiled kernels gptq_matmul really
+    calls for a decode row and a 64-row prefill: every kernel is wrapped to record its calls."""
+    from tinyllama_ref.kernels import amx, amx_codes, gptq_tiles, split8
+    modules = dict(gptq=gptq, split8=split8, gptq_tiles=gptq_tiles, amx=amx, amx_codes=amx_codes)
+    if machine != "this CPU":
+        monkeypatch.setattr(amx, "available", lambda: False)
+        monkeypatch.setattr(gptq, "TILES", machine == "no AMX, tiles")
+    case = dict(case)
+    repack = case.pop("repack", True)
+    layer = make_layer(np.random.default_rng(5), 256, 64, **case)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], case["bits"], "gptq",
+                        repack=repack)
+    listed = {modules[m].__dict__[name] for m, name in _KERNELS} & set(gptq.kernels_for(plan))
+    assert listed == set(gptq.kernels_for(plan))                    # every listed kernel is one we watch
+    called = set()
+    for m, name in _KERNELS:
+        real = modules[m].__dict__[name]
+        monkeypatch.setattr(modules[m], name, lambda *a, real=real: called.add(real) or real(*a))
+    rng = np.random.default_rng(6)
+    for rows in (1, 64):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
+    assert called == listed
