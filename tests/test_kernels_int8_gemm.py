@@ -104,19 +104,27 @@ def test_quantize_rows_matches_the_numpy_rounding():
         np.testing.assert_array_equal(sumx[:, s], total)
 
 
-def test_int8_mode_chooses_gemv_gemm_or_exact_by_rows_and_layout():
+def test_int8_mode_chooses_gemv_gemm_or_exact_by_rows_and_layout(monkeypatch):
     rng = np.random.default_rng(9)
     layer = make_layer(rng, 256, 64, 4, 64, act_order=True)
     plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
     many = rng.normal(size=(gptq.INT8_GEMV_MAX_ROWS + 1, 256)).astype(F32)
     np.testing.assert_array_equal(gptq.gptq_matmul(plan, many, "int8"), _reference(plan, gptq.permute_x(plan, many)))
-    # Streamed act-order layers ("inplace" plans): many rows are copied in group order for the call and take
-    # the same int8 GEMM, so they equal the resident layer's integer reference; decode rows stay exact.
+    # Streamed act-order layers ("inplace" plans): without AMX, many rows are copied in group order for the
+    # call and take the same int8 GEMM, so they equal the resident layer's integer reference. With AMX they
+    # stay on the exact code tiles (faster there than the copy + int8 GEMM). Decode rows stay exact.
     inplace = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
                            repack=False)
     assert inplace.layout == "inplace" and not int8_gemm.supports(inplace)
-    np.testing.assert_array_equal(gptq.gptq_matmul(inplace, many, "int8"),
-                                  _reference(plan, gptq.permute_x(plan, many)))
+    from tinyllama_ref.kernels import amx
+    for amx_here in ([False, True] if amx.available() else [False]):
+        monkeypatch.setattr(amx, "available", lambda amx_here=amx_here: amx_here)
+        y = gptq.gptq_matmul(inplace, many, "int8")
+        if amx_here:
+            np.testing.assert_array_equal(y, gptq.gptq_matmul(inplace, many))
+            np.testing.assert_allclose(y, many @ layer["W"], rtol=1e-4, atol=1e-4 * np.abs(y).max())
+        else:
+            np.testing.assert_array_equal(y, _reference(plan, gptq.permute_x(plan, many)))
     few = many[:3]
     exact = few @ layer["W"]
     np.testing.assert_allclose(gptq.gptq_matmul(inplace, few, "int8"), exact, rtol=1e-4,

@@ -126,10 +126,13 @@ def test_gptq_numba_streamed_equals_resident(tmp_path, monkeypatch):
 def test_gptq_int8_streamed_equals_resident_and_counts_the_copy(tmp_path, monkeypatch):
     """--gptq-mode int8: a streamed act-order layer is copied in group order for each prompt pass and takes
     the resident layer's int8 GEMM, so prompt logits are the same bit for bit; the largest copy is counted in
-    the budget (the tiny preset's gate/up: 64 x 172 weights at 4 bits, and two int64 row orders of 172)."""
+    the budget (the tiny preset's gate/up: 64 x 172 weights at 4 bits, and two int64 row orders of 172).
+    Run as on a CPU without AMX: with AMX, 4-bit streamed layers stay exact instead (test_kernels_int8_gemm)."""
     import tinyllama_ref.streaming as streaming
+    from tinyllama_ref.kernels import amx
     from tinyllama_ref.make.synth import synthesize
     monkeypatch.setattr(streaming, "SAFETY_FRACTION", 0.0)
+    monkeypatch.setattr(amx, "available", lambda: False)
     path = str(tmp_path / "q")
     synthesize(path, preset="tiny", bits=4, group_size=32, act_order=True, layers=12, quiet=True)
     resident = tinyllama_ref.load(path, backend="numba", gptq_mode="int8")
@@ -146,6 +149,25 @@ def test_gptq_int8_streamed_equals_resident_and_counts_the_copy(tmp_path, monkey
     src.n_resident = src._plan()
     assert 0 < src.n_resident < src.n_layers
     np.testing.assert_array_equal(streamed.logits(ids), ref)
+
+
+def test_int8_copy_is_counted_only_where_it_is_made(monkeypatch):
+    """With AMX, 4-bit streamed layers of whole 32-column blocks stay on the exact code tiles in int8 mode (no
+    copy, nothing counted); 3-bit layers, odd widths and CPUs without AMX count the largest copy."""
+    from types import SimpleNamespace
+    from tinyllama_ref.kernels import amx
+    from tinyllama_ref.model import streamed_repack_bytes
+    cfg = SimpleNamespace(dim=8192, hidden_dim=28672, n_heads=64, n_kv_heads=8, head_dim=128)
+    copy4 = 8192 * 28672 // 2 + 16 * 28672                                  # codes + two int64 row orders
+    for has_amx in (True, False):
+        monkeypatch.setattr(amx, "available", lambda has_amx=has_amx: has_amx)
+        for bits, expected in ((4, 0 if has_amx else copy4), (3, 8192 * 28672 * 3 // 8 + 16 * 28672)):
+            qc = SimpleNamespace(bits=bits, desc_act=True)
+            assert streamed_repack_bytes(cfg, qc, "numba", "int8") == expected
+            assert streamed_repack_bytes(cfg, qc, "numba", "exact") == 0
+        odd = SimpleNamespace(dim=64, hidden_dim=172, n_heads=4, n_kv_heads=2, head_dim=16)
+        assert streamed_repack_bytes(odd, SimpleNamespace(bits=4, desc_act=True), "numba", "int8") == \
+            64 * 172 // 2 + 16 * 172
 
 
 def _one_tensor_checkpoint(tmp_path, mb=16):
