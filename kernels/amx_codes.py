@@ -234,9 +234,9 @@ def product_codes(cfg, table, xs, sumx, n_rows, qw, seg_start, seg_group, scales
     _release()
 
 
-def supports_gathered(plan):
-    """An "inplace" plan of 4-bit codes whose columns come in whole 32-column blocks (product_gathered)."""
-    return plan.layout == "inplace" and plan.bits == 4 and plan.qw.shape[1] % COLS == 0
+def gathers(bits, n_out):
+    """Whether product_gathered serves a layer of this shape: 4-bit codes, whole 32-column blocks."""
+    return bits == 4 and n_out % COLS == 0
 
 
 def supports(plan):

@@ -230,7 +230,7 @@ def kernels_for(plan):
     by the same tests as its dispatch. The compile note asks only about these: a kernel this CPU never runs
     (the float GEMV where split8 serves, the slabs where tiles do) must not make a warm cache look cold."""
     if plan.layout == "inplace":
-        if amx_codes.supports_gathered(plan) and amx.available():
+        if gathered_tiles(plan.bits, plan.qw.shape[1]):
             many = [amx.split_x, amx_codes.product_gathered]
         elif use_tiles(plan):
             many = [gptq_tiles.pack_x, gptq_tiles.slab_inplace]
@@ -357,10 +357,22 @@ def repack_inplace(plan):
                    "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True)
 
 
+def gathered_tiles(bits, n_out):
+    """Many-row products of an "inplace" layer of this shape run on AMX's gathered code tiles (exact)."""
+    return amx_codes.gathers(bits, n_out) and amx.available()
+
+
+def int8_copies_inplace(bits, n_out):
+    """Whether int8 mode copies an "inplace" layer of this shape in group order for its many-row calls
+    (repack_inplace, then the int8 GEMM): 3 and 4 bits, except where the gathered code tiles serve it, which
+    were 1.0-1.6x faster than copy + int8 GEMM (70B shapes, 16-128 rows, 2 threads) and need no copy."""
+    return bits in (3, 4) and not gathered_tiles(bits, n_out)
+
+
 def _gptq_matmul_inplace(plan, x):
     """gptq_matmul for an "inplace" plan: x stays in input order; per-group sums of x are made per call."""
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    gathered = amx_codes.supports_gathered(plan) and amx.available()
+    gathered = gathered_tiles(plan.bits, n_out)
     if n_rows <= INPLACE_GEMV_MAX_ROWS and not (gathered and n_rows > AMX_INPLACE_GEMV_ROWS):
         y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
         # [N, padded] in rows one cache line longer, so that the rows do not share L1 sets (8192 inputs are
@@ -574,11 +586,9 @@ def gptq_matmul(plan, x, mode="exact"):
     mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 and uses kernels/int8.py
     (decode rows, 4-bit) or kernels/int8_gemm.py (more rows, 4- and 3-bit; "inplace" plans are repacked for
     the call, repack_inplace); layers they cannot serve (2 and 8 bits, 3-bit and "inplace" decode rows) stay
-    exact, and so do 4-bit "inplace" plans where the CPU has AMX: their exact code tiles (no repack) were
-    1.0-1.6x faster than repack + int8 GEMM (70B shapes, 16-128 rows, 2 threads)."""
+    exact, and so do "inplace" plans that AMX's gathered code tiles serve (int8_copies_inplace)."""
     if plan.layout == "inplace":
-        exact_is_faster = amx_codes.supports_gathered(plan) and amx.available()
-        if mode == "int8" and x.shape[0] > INT8_GEMV_MAX_ROWS and plan.bits in (3, 4) and not exact_is_faster:
+        if mode == "int8" and x.shape[0] > INT8_GEMV_MAX_ROWS and int8_copies_inplace(plan.bits, plan.qw.shape[1]):
             sorted_plan = repack_inplace(plan)          # a transient copy sorted by group, for this call only
             from . import int8_gemm
             if int8_gemm.supports(sorted_plan):

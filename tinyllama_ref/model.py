@@ -190,13 +190,13 @@ class Model:
 def streamed_repack_bytes(cfg, quant_config, backend, gptq_mode):
     """--gptq-mode int8 copies a streamed act-order matrix in group order for each many-row call (kernels/
     gptq.repack_inplace), one matrix at a time: the largest copy (its codes and its row order) is counted.
-    Not on a CPU with AMX for 4-bit layers: gptq_matmul keeps them on the exact code tiles."""
+    Nothing where no matrix is copied (gptq.int8_copies_inplace)."""
     if backend != "numba" or gptq_mode != "int8" or quant_config is None or not quant_config.desc_act:
         return 0
-    from .kernels import amx
-    widths = (cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
-    if quant_config.bits == 4 and all(w % amx.COLS == 0 for w in widths) and amx.available():
-        return 0                # with AMX, 4-bit streamed layers stay on their exact code tiles: no copy
+    from .kernels.gptq import int8_copies_inplace
+    widths = (cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)   # n_out
+    if not any(int8_copies_inplace(quant_config.bits, w) for w in widths):
+        return 0                # e.g. 4 bits with AMX: streamed layers stay on their exact code tiles
     largest = max(cfg.dim * cfg.hidden_dim, cfg.dim * cfg.n_heads * cfg.head_dim)   # weights of one matrix
     return largest * quant_config.bits // 8 + 16 * max(cfg.dim, cfg.hidden_dim)
 
