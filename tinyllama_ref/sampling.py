@@ -1,4 +1,5 @@
-"""Choosing the next token from the logits: greedy, temperature, top-k, top-p, min-p, repetition penalty.
+"""Choosing the next token from the logits: greedy, temperature, top-k, top-p, min-p, repetition penalty,
+and OpenAI's presence/frequency penalties and logit bias.
 
 The steps and their order are those of Hugging Face generate(). transformers'
 generation/utils.py `_get_logits_processor` appends RepetitionPenaltyLogitsProcessor first (it applies to
@@ -7,7 +8,13 @@ and MinPLogitsWarper, in that order; generation/logits_process.py holds each one
 small function over a [V] array of logits that returns a new [V] array; a removed token gets -inf, so
 softmax gives it probability 0.
 
-Temperature 0 means greedy: the argmax of the (repetition-penalised) logits, no randomness.
+OpenAI's three additions come right after the repetition penalty and, like it, apply to greedy decoding
+too. They add to logits rather than scale them (platform.openai.com/docs/advanced-usage, "frequency and
+presence penalties"): logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty, where
+count[t] is how often t was *generated* so far (the prompt does not count), and logit[t] += logit_bias[t].
+Only a Sampler knows which ids it generated, so a Sampler serves one sequence when these are set.
+
+Temperature 0 means greedy: the argmax of the (penalised) logits, no randomness.
 """
 
 import math
@@ -64,6 +71,9 @@ class SamplingParams:
     min_p: float = 0.0               # drop tokens less likely than min_p * (top token's probability); 0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output; 1 = off
     seed: int = None                 # None: a fresh random seed each run
+    presence_penalty: float = 0.0    # OpenAI: subtracted once from every token generated so far; 0 = off
+    frequency_penalty: float = 0.0   # OpenAI: subtracted once per time a token was generated; 0 = off
+    logit_bias: tuple = ()           # OpenAI: ((token id, bias in [-100, 100]), ...) added to the logits
 
     def __post_init__(self):
         self.validate()
@@ -92,7 +102,22 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
             raise GenerationError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                raise GenerationError(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(self, name)}")
+        for pair in self.logit_bias:
+            if (not isinstance(pair, tuple) or len(pair) != 2 or isinstance(pair[0], bool)
+                    or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0
+                    or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float))
+                    or not -100 <= pair[1] <= 100):
+                raise GenerationError(f"logit_bias must be (token id >= 0, bias in [-100, 100]) pairs, got "
+                                      f"{pair!r}")
         return self
+
+    @property
+    def counts_generated(self):
+        """True when the distribution depends on which tokens this sequence generated."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
     def from_options(cls, **options):
@@ -154,6 +179,30 @@ def apply_repetition_penalty(logits, previous_ids, penalty):
     return out
 
 
+def apply_presence_frequency(logits, generated_ids, presence, frequency):
+    """OpenAI's penalties: logit[t] -= count[t] * frequency + (count[t] > 0) * presence, count over the
+    generated ids only."""
+    if (presence == 0 and frequency == 0) or len(generated_ids) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated_ids, dtype=np.int64), return_counts=True)   # [n_distinct]
+    keep = (ids >= 0) & (ids < logits.shape[0])
+    out = logits.copy()
+    out[ids[keep]] -= counts[keep] * frequency + presence
+    return out
+
+
+def apply_logit_bias(logits, logit_bias):
+    """OpenAI's logit_bias: add each bias to its token's logit (-100 all but bans a token, 100 all but forces
+    it). Ids the model cannot emit are left alone (a server refuses them before they get here)."""
+    if not logit_bias:
+        return logits
+    out = logits.copy()
+    for token, bias in logit_bias:
+        if token < out.shape[0]:
+            out[token] += bias
+    return out
+
+
 def apply_temperature(logits, temperature):
     """transformers TemperatureLogitsWarper: logits / temperature."""
     return logits / temperature
@@ -191,14 +240,18 @@ def min_p_filter(logits, min_p):
     return np.where(remove, -np.inf, logits)
 
 
-def process_logits(logits, previous_ids, params):
-    """All the steps in transformers' order. Returns float64 [V]; greedy stops after the penalty."""
+def process_logits(logits, previous_ids, params, generated_ids=()):
+    """All the steps in transformers' order, OpenAI's after the repetition penalty. Returns float64 [V];
+    greedy stops after the penalties and the bias. previous_ids: prompt + generated; generated_ids: the
+    generated part alone (for OpenAI's penalties)."""
     logits = np.asarray(logits, dtype=np.float64)     # [V]; float64 keeps top-p's cumulative sums exact
     if logits.ndim != 1:
         raise GenerationError(f"expected logits of shape [vocab], got shape {logits.shape}")
     if np.isnan(logits).any() or np.isposinf(logits).any() or np.isneginf(logits).all():
         raise GenerationError("the model produced NaN or infinite logits; the weights or the input are broken")
     logits = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, generated_ids, params.presence_penalty, params.frequency_penalty)
+    logits = apply_logit_bias(logits, params.logit_bias)
     if params.greedy:
         return logits
     logits = apply_temperature(logits, params.temperature)
@@ -217,15 +270,17 @@ def draw(probs, rng):
 
 
 class Sampler:
-    """Holds the parameters and the random generator (seeded from params.seed) across steps."""
+    """Holds the parameters, the random generator (seeded from params.seed) and, for one sequence, the ids
+    sample() chose (OpenAI's penalties count those) across steps."""
 
     def __init__(self, params=None):
         self.params = (params or SamplingParams()).validate()
         self.rng = np.random.default_rng(self.params.seed)
+        self.generated = []              # what sample() returned, in order
 
     def probabilities(self, logits, previous_ids=()):
         """The distribution the next token is drawn from: float64 [V] (one-hot when greedy)."""
-        processed = process_logits(logits, previous_ids, self.params)
+        processed = process_logits(logits, previous_ids, self.params, self.generated)
         if self.params.greedy:
             probs = np.zeros_like(processed)
             probs[int(np.argmax(processed))] = 1.0
@@ -234,10 +289,10 @@ class Sampler:
 
     def sample(self, logits, previous_ids=()):
         """Next token id for one sequence: logits float32 [V], previous_ids = prompt + generated so far."""
-        processed = process_logits(logits, previous_ids, self.params)
-        if self.params.greedy:
-            return int(np.argmax(processed))
-        return draw(softmax(processed), self.rng)
+        processed = process_logits(logits, previous_ids, self.params, self.generated)
+        token = int(np.argmax(processed)) if self.params.greedy else draw(softmax(processed), self.rng)
+        self.generated.append(token)
+        return token
 
     def sample_batch(self, logits, histories):
         """Next token ids for B sequences: logits [B, V], histories a list of B id lists. Rows draw from the
@@ -246,4 +301,9 @@ class Sampler:
         if logits.ndim != 2 or logits.shape[0] != len(histories):
             raise GenerationError(f"expected logits [B, vocab] with B = {len(histories)} histories, "
                                   f"got shape {logits.shape}")
-        return [self.sample(row, history) for row, history in zip(logits, histories)]
+        if self.params.counts_generated:
+            raise GenerationError("presence_penalty and frequency_penalty count one sequence's tokens: use a "
+                                  "Sampler per sequence and sample(), not sample_batch()")
+        out = [self.sample(row, history) for row, history in zip(logits, histories)]
+        self.generated.clear()           # rows are different sequences: nothing to count across them
+        return out
