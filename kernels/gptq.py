@@ -39,13 +39,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import amx, amx_codes, gptq_tiles, split8
+from .amx import amx, amx_codes
+from .avx512 import gptq_tiles
+from .vnni import split8
 from .compile_note import announce_if_cold
-from .gptq_gemv import gemv
-from .gptq_inplace import dequantize_slab_inplace, gemv_inplace
-from .gptq_passes import or_code_u32, unit_shape
-from .gptq_prefill import dequantize_slab
-from .slabs import run_slabs
+from .generic.gptq_gemv import gemv
+from .generic.gptq_inplace import dequantize_slab_inplace, gemv_inplace
+from .generic.gptq_passes import or_code_u32, unit_shape
+from .generic.gptq_prefill import dequantize_slab
+from .generic.slabs import run_slabs
 
 GEMV_MAX_ROWS = 32         # up to this many activation rows: fused GEMV (weights read once for all rows);
                            # beyond: tile + BLAS. Measured on the 7B and 70B shapes, 4-bit: fused 1.5-3x faster
@@ -73,7 +75,7 @@ TILES = True               # many rows on gptq_tiles.py's register tiles (use_ti
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
-                           # threads together; see kernels/slabs.py for why each thread runs its own slabs
+                           # threads together; see kernels/generic/slabs.py for why each thread runs its own slabs
 SMALL_PREFILL_ROWS = 128   # up to this many rows BLAS spends few flops per weight, so the slab must stay in
 SMALL_PREFILL_COLUMNS = 64 # L2 while BLAS reads it: 64 columns (1-3 MB at 4096-11008 inputs). Measured on the
                            # 7B shapes, 64 rows, one thread: 64 columns 1.3x faster than 1024; at 512 rows the
@@ -296,7 +298,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]
     # Pad every group to whole blocks of 32 inputs (a whole number of units for every bit width), so the
-    # int8-activation mode (kernels/int8.py) can use any repacked layer; GPTQ's own groups need no padding.
+    # int8-activation mode (kernels/vnni/int8.py) can use any repacked layer; GPTQ's own groups need no padding.
     units = -(-counts // 32) * (32 // unit_codes)                            # [G] units per group
     perm = np.full(int(units.sum()) * unit_codes, -1, dtype=np.int64)        # [units2 * codes]
     seg_start = np.concatenate([[0], np.cumsum(units)]).astype(np.int64)     # [G + 1]
@@ -410,7 +412,7 @@ def use_tiles(plan):
 
 
 def _tiles_matmul(plan, x):
-    """Prefill on register tiles that decode the packed codes (kernels/gptq_tiles.py): x [N, in] packed once
+    """Prefill on register tiles that decode the packed codes (kernels/avx512/gptq_tiles.py): x [N, in] packed once
     in the plan's row order, slabs of columns spread over the threads like the BLAS slabs. y is padded to
     whole tiles of rows while it is written."""
     n_rows, n_out = x.shape[0], plan.qw.shape[1]
@@ -444,7 +446,7 @@ def _tiles_matmul(plan, x):
 def _slab_matmul(x, n_out, dequantize):
     """Prefill: y [N, out] = x [N, in] @ W, W dequantized a slab of columns at a time by dequantize(j0, j1, t)
     into t [in, j1 - j0] (one scratch per thread, never the whole matrix) and multiplied with BLAS; the slabs
-    are spread over the threads by kernels/slabs.py."""
+    are spread over the threads by kernels/generic/slabs.py."""
     n_rows, n_in = x.shape
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     threads = max(1, numba.get_num_threads())
@@ -478,7 +480,7 @@ def _slabs_with_scratch(n_out, columns, make_scratch, work):
 
 
 def _amx_matmul(x, n_out, product, make_extra=tuple):
-    """Prefill on AMX (kernels/amx.py): x split once into bfloat16 tiles; product(xs, j0, j1, *scratch, y)
+    """Prefill on AMX (kernels/amx/amx.py): x split once into bfloat16 tiles; product(xs, j0, j1, *scratch, y)
     dequantizes and multiplies one slab of columns per call (amx.product_segments / product_inplace) with the
     thread's scratch: tile [KC, SLAB], bv [2, KC / 2, SLAB] and whatever make_extra() adds. y is padded to
     whole 32-row blocks while it is written."""
@@ -523,7 +525,7 @@ def _amx_gathered_matmul(plan, x):
 
 
 def _amx_codes_matmul(plan, xp):
-    """Prefill of a 4-bit "segments" plan on AMX with the codes themselves as tiles (kernels/amx_codes.py):
+    """Prefill of a 4-bit "segments" plan on AMX with the codes themselves as tiles (kernels/amx/amx_codes.py):
     xp [N, padded] split once (with the per-segment sums of x), slabs of amx_codes.SLAB columns spread over
     the threads like the BLAS slabs."""
     n_rows, n_out = xp.shape[0], plan.qw.shape[1]
@@ -583,14 +585,14 @@ def gemv_block(n_out):
 def gptq_matmul(plan, x, mode="exact"):
     """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias).
 
-    mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 and uses kernels/int8.py
-    (decode rows, 4-bit) or kernels/int8_gemm.py (more rows, 4- and 3-bit; "inplace" plans are repacked for
+    mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 and uses kernels/vnni/int8.py
+    (decode rows, 4-bit) or kernels/vnni/int8_gemm.py (more rows, 4- and 3-bit; "inplace" plans are repacked for
     the call, repack_inplace); layers they cannot serve (2 and 8 bits, 3-bit and "inplace" decode rows) stay
     exact, and so do "inplace" plans that AMX's gathered code tiles serve (int8_copies_inplace)."""
     if plan.layout == "inplace":
         if mode == "int8" and x.shape[0] > INT8_GEMV_MAX_ROWS and int8_copies_inplace(plan.bits, plan.qw.shape[1]):
             sorted_plan = repack_inplace(plan)          # a transient copy sorted by group, for this call only
-            from . import int8_gemm
+            from .vnni import int8_gemm
             if int8_gemm.supports(sorted_plan):
                 return gptq_matmul(sorted_plan, x, mode)
         return _gptq_matmul_inplace(plan, x)
@@ -599,7 +601,7 @@ def gptq_matmul(plan, x, mode="exact"):
         return _tiles_matmul(plan, x)                # x is put in the plan's row order while it is packed
     xp = permute_x(plan, x)                                                  # [N, padded]
     if mode == "int8":
-        from . import int8, int8_gemm
+        from .vnni import int8, int8_gemm
         if n_rows > INT8_GEMV_MAX_ROWS and int8_gemm.supports(plan):
             return int8_gemm.gptq_matmul_int8_gemm(plan, xp)
         if n_rows <= INT8_GEMV_MAX_ROWS and int8.supports(plan):

@@ -1,4 +1,4 @@
-"""When AMX may not be used, kernels/amx.py says so and the prefill stays on BLAS (runs on every machine)."""
+"""When AMX may not be used, kernels/amx/amx.py says so and the prefill stays on BLAS (runs on every machine)."""
 
 import builtins
 import io
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer
-from tinyllama_ref.kernels import amx, gptq
+from tinyllama_ref.kernels.amx import amx
+from tinyllama_ref.kernels import gptq
 
 FLAGS_WITH_AMX = "flags\t\t: fpu avx512f avx512bw amx_bf16 amx_tile amx_int8\n"
 

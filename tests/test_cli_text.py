@@ -156,7 +156,7 @@ def test_chat_turns_reset_quit(ckpt):
 
 
 def test_int8_mode_is_opt_in_and_close(ckpt):
-    from tinyllama_ref.kernels.int8 import vnni_available
+    from tinyllama_ref.kernels.vnni.int8 import vnni_available
     if not vnni_available():
         pytest.skip("this CPU has no AVX512-VNNI")
     args = ["generate", ckpt, "--prompt", "The patient", "-n", "4", "--json", "--ignore-eos", "--greedy"]

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from tinyllama_ref.cli import main
-from tinyllama_ref.kernels.int8 import vnni_available
+from tinyllama_ref.kernels.vnni.int8 import vnni_available
 from tinyllama_ref.measure.int8_accuracy import compare_logits, perplexity_of
 
 

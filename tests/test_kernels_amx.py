@@ -1,4 +1,4 @@
-"""The AMX prefill (kernels/amx.py) against float64 products, the independent packer and the BLAS path.
+"""The AMX prefill (kernels/amx/amx.py) against float64 products, the independent packer and the BLAS path.
 
 AMX adds float32 products in its own order, so results are compared with a float64 product at float32's own
 precision (a few units of 2**-24 of sum |x| |w|), the same check the BLAS path passes; the splits themselves
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer
-from tinyllama_ref.kernels import amx, amx_codes, gptq
+from tinyllama_ref.kernels.amx import amx, amx_codes
+from tinyllama_ref.kernels import gptq
 
 pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this machine (or not granted)")
 

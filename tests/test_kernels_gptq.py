@@ -7,7 +7,8 @@ import pytest
 
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq, gptq_passes, gptq_prefill
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.generic import gptq_passes, gptq_prefill
 
 MEDITRON = [(4, -1), (4, 128), (4, 32), (3, -1), (3, 128), (3, 32)]
 CASES = ([dict(bits=b, group_size=g, act_order=True) for b, g in MEDITRON]
@@ -137,7 +138,7 @@ def test_gptq_linear_backends_agree(case):
 
 
 def test_unrolled_passes_match_their_generator():
-    """The hand-unrolled inner loops in kernels/gptq_passes.py are exactly what pass_source() writes."""
+    """The hand-unrolled inner loops in kernels/generic/gptq_passes.py are exactly what pass_source() writes."""
     for bits, passes in gptq_passes.PASSES.items():
         for words in passes:
             written = inspect.getsource(getattr(gptq_passes, f"_pass_b{bits}_w{words}").py_func)
@@ -177,7 +178,7 @@ def test_wide_blocks_cross_chunks(bits):
 
 def test_prefill_without_openblas_control(monkeypatch):
     """Where BLAS cannot be held to one thread, the slabs run one after the other: same result."""
-    from tinyllama_ref.kernels import slabs
+    from tinyllama_ref.kernels.generic import slabs
     monkeypatch.setitem(slabs._openblas, "api", None)
     monkeypatch.setattr(gptq, "TILE_FLOATS", 64 * 300)
     rng = np.random.default_rng(21)
@@ -188,7 +189,7 @@ def test_prefill_without_openblas_control(monkeypatch):
 
 
 def test_blas_thread_count_is_restored():
-    from tinyllama_ref.kernels import slabs
+    from tinyllama_ref.kernels.generic import slabs
     api = slabs._find_openblas()
     if api is None:
         pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
@@ -233,7 +234,8 @@ def test_compile_note_names_only_the_kernels_a_layout_calls(monkeypatch, capsys)
 def test_compile_note_names_the_prefill_kernel_that_runs(monkeypatch, capsys, tiles):
     """Where the register tiles serve the prefill, an uncompiled slab kernel must not print the note on every
     run (it is never called, so its cache never appears); an uncompiled tile kernel must."""
-    from tinyllama_ref.kernels import compile_note, gptq_tiles
+    from tinyllama_ref.kernels import compile_note
+    from tinyllama_ref.kernels.avx512 import gptq_tiles
     monkeypatch.setattr(gptq.amx, "available", lambda: False)
     monkeypatch.setattr(gptq, "TILES", tiles)
     unused, used = ((gptq.dequantize_slab, gptq_tiles.slab_segments) if tiles else
@@ -263,7 +265,9 @@ _KERNELS = [("gptq", "gemv"), ("gptq", "gemv_inplace"), ("gptq", "dequantize_sla
 def test_compile_note_asks_about_exactly_the_kernels_that_run(monkeypatch, case, machine):
     """kernels_for(plan), what the compile note checks, is the set of compiled kernels gptq_matmul really
     calls for a decode row and a 64-row prefill: every kernel is wrapped to record its calls."""
-    from tinyllama_ref.kernels import amx, amx_codes, gptq_tiles, split8
+    from tinyllama_ref.kernels.amx import amx, amx_codes
+    from tinyllama_ref.kernels.avx512 import gptq_tiles
+    from tinyllama_ref.kernels.vnni import split8
     modules = dict(gptq=gptq, split8=split8, gptq_tiles=gptq_tiles, amx=amx, amx_codes=amx_codes)
     if machine != "this CPU":
         monkeypatch.setattr(amx, "available", lambda: False)

@@ -1,4 +1,4 @@
-"""The in-place act-order kernels (kernels/gptq_inplace.py, prepare(..., repack=False)) against the independent packer.
+"""The in-place act-order kernels (kernels/generic/gptq_inplace.py, prepare(..., repack=False)) against the independent packer.
 
 Expectations come from tests/gptq_packer.make_layer only: W built from known codes, scales and zeros.
 """

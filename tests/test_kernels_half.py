@@ -1,9 +1,9 @@
-"""kernels/half.py: fp16 / bf16 widening without a float16 type, and the dense half-precision linear."""
+"""kernels/generic/half.py: fp16 / bf16 widening without a float16 type, and the dense half-precision linear."""
 
 import numpy as np
 import pytest
 
-from tinyllama_ref.kernels import half
+from tinyllama_ref.kernels.generic import half
 
 
 def test_every_fp16_value_widens_exactly():

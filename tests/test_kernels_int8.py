@@ -1,4 +1,4 @@
-"""The opt-in int8-activation GEMV (kernels/int8.py): exact integer arithmetic on rounded activations."""
+"""The opt-in int8-activation GEMV (kernels/vnni/int8.py): exact integer arithmetic on rounded activations."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import pytest
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
 from tinyllama_ref.errors import ConfigError
-from tinyllama_ref.kernels import gptq, int8
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.vnni import int8
 
 pytestmark = pytest.mark.skipif(not int8.vnni_available(), reason="needs AVX512-VNNI")
 

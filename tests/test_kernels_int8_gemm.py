@@ -1,4 +1,4 @@
-"""The opt-in int8 prefill GEMM (kernels/int8_gemm.py) against a NumPy reference of the same integer arithmetic.
+"""The opt-in int8 prefill GEMM (kernels/vnni/int8_gemm.py) against a NumPy reference of the same integer arithmetic.
 
 The reference below is written from the module docstring and the GPTQ format (codes unpacked by
 quant.unpack_columns, zeros by quant.true_zeros), not from the kernel: per block of 32 inputs an exact integer
@@ -11,7 +11,8 @@ import pytest
 
 from gptq_packer import make_layer
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq, int8, int8_gemm
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.vnni import int8, int8_gemm
 
 pytestmark = pytest.mark.skipif(not int8.vnni_available(), reason="needs AVX512-VNNI")
 
@@ -116,7 +117,7 @@ def test_int8_mode_chooses_gemv_gemm_or_exact_by_rows_and_layout(monkeypatch):
     inplace = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
                            repack=False)
     assert inplace.layout == "inplace" and not int8_gemm.supports(inplace)
-    from tinyllama_ref.kernels import amx
+    from tinyllama_ref.kernels.amx import amx
     for amx_here in ([False, True] if amx.available() else [False]):
         monkeypatch.setattr(amx, "available", lambda amx_here=amx_here: amx_here)
         y = gptq.gptq_matmul(inplace, many, "int8")

@@ -1,4 +1,4 @@
-"""Exact decode on VNNI (kernels/split8.py): activations split into four int8 pieces, integer dot products.
+"""Exact decode on VNNI (kernels/vnni/split8.py): activations split into four int8 pieces, integer dot products.
 
 The split is checked against its definition (pieces rebuild x, scales are the smallest powers of two), the
 kernel against a NumPy statement of the same integer arithmetic (bit for bit) and against x @ W of the
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer
-from tinyllama_ref.kernels import gptq, int8, split8
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.vnni import int8, split8
 
 needs_vnni = pytest.mark.skipif(not int8.vnni_available(), reason="needs AVX512-VNNI")
 

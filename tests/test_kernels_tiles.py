@@ -1,4 +1,4 @@
-"""The register tiles of kernels/gptq_tiles.py (many-row products without AMX) against the independent packer.
+"""The register tiles of kernels/avx512/gptq_tiles.py (many-row products without AMX) against the independent packer.
 
 Expectations come from tests/gptq_packer.make_layer (W built from known codes, scales and zeros) and from float64
 products; the tiles are called directly, so these tests run whatever the CPU (on AMX machines gptq_matmul prefers
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer, pack_stream_columns, pack_stream_rows
-from tinyllama_ref.kernels import gptq, gptq_tiles
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.avx512 import gptq_tiles
 
 CASES = [dict(bits=4, group_size=128), dict(bits=4, group_size=32, sym=False),
          dict(bits=3, group_size=128), dict(bits=3, group_size=64, sym=False, checkpoint_format="gptq_v2"),

@@ -129,7 +129,7 @@ def test_gptq_int8_streamed_equals_resident_and_counts_the_copy(tmp_path, monkey
     the budget (the tiny preset's gate/up: 64 x 172 weights at 4 bits, and two int64 row orders of 172).
     Run as on a CPU without AMX: with AMX, 4-bit streamed layers stay exact instead (test_kernels_int8_gemm)."""
     import tinyllama_ref.streaming as streaming
-    from tinyllama_ref.kernels import amx
+    from tinyllama_ref.kernels.amx import amx
     from tinyllama_ref.make.synth import synthesize
     monkeypatch.setattr(streaming, "SAFETY_FRACTION", 0.0)
     monkeypatch.setattr(amx, "available", lambda: False)
@@ -155,7 +155,7 @@ def test_int8_copy_is_counted_only_where_it_is_made(monkeypatch):
     """With AMX, 4-bit streamed layers of whole 32-column blocks stay on the exact code tiles in int8 mode (no
     copy, nothing counted); 3-bit layers, odd widths and CPUs without AMX count the largest copy."""
     from types import SimpleNamespace
-    from tinyllama_ref.kernels import amx
+    from tinyllama_ref.kernels.amx import amx
     from tinyllama_ref.model import streamed_repack_bytes
     cfg = SimpleNamespace(dim=8192, hidden_dim=28672, n_heads=64, n_kv_heads=8, head_dim=128)
     copy4 = 8192 * 28672 // 2 + 16 * 28672                                  # codes + two int64 row orders

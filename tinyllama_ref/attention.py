@@ -6,7 +6,7 @@ The projections run on all rows at once; the attention itself runs per sequence 
 
 Two ways to attend, same math: attend() is the reference (all heads in one batched NumPy expression);
 backend="numba" uses attend_by_heads() for prompts: one kv head per task, tasks spread over the threads with
-single-threaded BLAS (kernels/slabs.py), because NumPy's batched matmul over strided heads ran at about 7
+single-threaded BLAS (kernels/generic/slabs.py), because NumPy's batched matmul over strided heads ran at about 7
 GFLOP/s on the 7B shape (a 512-token prefill spent 10-20 s of 45 in attention). Either way queries go in
 blocks of QUERY_BLOCK, so the score matrix is [heads, QUERY_BLOCK, keys]: linear in the context, not
 quadratic.
@@ -53,7 +53,7 @@ def _attend_head(q, k, v, start, out, h, G):
 
 def attend_by_heads(q, k, v, start):
     """attend() computed one kv head per task on all threads (shapes as in attend())."""
-    from .kernels.slabs import run_slabs
+    from .kernels.generic.slabs import run_slabs
     T, H, hd = q.shape
     KV = k.shape[1]
     out = np.empty((T, H, hd), dtype=np.float32)                         # [T, H, hd]

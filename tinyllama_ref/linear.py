@@ -33,7 +33,7 @@ class DenseLinear:
         if self.dtype == "F32":
             return x @ self.weight.T                                    # [N, out]
         if self.backend == "numba" and self.dtype in ("F16", "BF16"):
-            from .kernels.half import half_linear
+            from .kernels.generic.half import half_linear
             return half_linear(x, self.weight, self.dtype)              # [N, out]
         return x @ to_f32(self.weight, self.dtype).T                    # [N, out]
 

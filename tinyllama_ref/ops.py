@@ -3,7 +3,7 @@
 Each follows Hugging Face's LlamaForCausalLM (transformers/models/llama/modeling_llama.py) exactly, so that
 our logits agree with PyTorch to float32 round-off.
 
-backend="numba" runs the same NumPy code on blocks of rows spread over the threads (kernels/slabs.py): the
+backend="numba" runs the same NumPy code on blocks of rows spread over the threads (kernels/generic/slabs.py): the
 results are identical (every row is computed by the same operations), the work is shared by both cores
 instead of one. Small inputs (decode) stay on the calling thread: a dispatch costs more than the work.
 """
@@ -19,7 +19,7 @@ def _by_rows(backend, n_rows):
 
 def _row_parallel(fn, out, *arrays):
     """out[r0:r1] = fn(*(a[r0:r1] for a in arrays)) over blocks of rows on all threads; returns out."""
-    from .kernels.slabs import run_row_blocks
+    from .kernels.generic.slabs import run_row_blocks
 
     def work(r0, r1):
         out[r0:r1] = fn(*(a[r0:r1] for a in arrays))
@@ -43,7 +43,7 @@ def silu(x):
 def swiglu(gate, up, backend="numpy"):
     """silu(gate) * up: the gated activation of the Llama MLP. [N, F], [N, F] -> [N, F]."""
     if _by_rows(backend, gate.shape[0]):
-        from .kernels.slabs import run_row_blocks
+        from .kernels.generic.slabs import run_row_blocks
         out = np.empty_like(gate)                                        # [N, F]
         run_row_blocks(out.shape[0], lambda r0, r1: _swiglu_into(gate[r0:r1], up[r0:r1], out[r0:r1]))
         return out

@@ -33,13 +33,13 @@ def check_gptq_mode(mode):
     """How the numba backend treats activations in GPTQ layers; a parameter of load(), never a global.
 
     "exact" (the default) is float32 throughout and matches the reference; "int8" is the opt-in approximate
-    mode of kernels/int8.py (4-bit layers, decode rows: activations rounded to int8 per block of 32,
+    mode of kernels/vnni/int8.py (4-bit layers, decode rows: activations rounded to int8 per block of 32,
     AVX512-VNNI dot products).
     """
     if mode not in GPTQ_MODES:
         raise ConfigError(f"GPTQ activation mode must be one of {', '.join(GPTQ_MODES)}, got {mode!r}")
     if mode == "int8":
-        from .kernels.int8 import vnni_available
+        from .kernels.vnni.int8 import vnni_available
         if not vnni_available():
             raise ConfigError("GPTQ activation mode int8 needs a CPU with AVX512-VNNI (see /proc/cpuinfo); "
                               "use the exact mode on this machine")

@@ -1,6 +1,6 @@
 """How many threads a forward pass uses, chosen from how fast the last passes ran.
 
-A decode pass splits each matmul statically over the threads (kernels/gptq_gemv.py: one long column block
+A decode pass splits each matmul statically over the threads (kernels/generic/gptq_gemv.py: one long column block
 per thread streams best). On a quiet machine that is right. When another process keeps one of the cores busy,
 the thread that shares it gets about half its time and every matmul waits for it: two threads then decode
 slower than one (measured on the 7B: 1.7 tokens/s with two, 5.0 with one). So before each decode pass the

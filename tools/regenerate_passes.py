@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rewrite the generated GEMV passes in kernels/gptq_passes.py from their generator.
+"""Rewrite the generated GEMV passes in kernels/generic/gptq_passes.py from their generator.
 
 The passes are long unrolled loops (one line per code) written by gptq_passes.pass_source(). They are checked in as ordinary source, not exec'd at import, because
 Numba's on-disk cache keys a function by its source file and line (exec'd code cannot be cached, so every
@@ -20,10 +20,10 @@ sys.path.insert(0, ROOT)
 
 
 def _targets():
-    from tinyllama_ref.kernels import gptq_passes
+    from tinyllama_ref.kernels.generic import gptq_passes
     segments = [(f"_pass_b{b}_w{w}", gptq_passes.pass_source(b, w))
                 for b, passes in gptq_passes.PASSES.items() for w in passes]
-    return [(os.path.join(ROOT, "kernels", "gptq_passes.py"), segments)]
+    return [(os.path.join(ROOT, "kernels", "generic", "gptq_passes.py"), segments)]
 
 
 def regenerate(text, functions):

@@ -6,7 +6,7 @@ For one checkpoint (or a synthetic tiny one, --tiny), on the numba backend:
     ||y_int8 - y_exact|| / ||y_exact|| (Frobenius, over the prompt's rows), reported per matmul kind
     (q, k, v, o, gate, up, down) as the median and the worst over the layers;
   - KL(exact || int8) and top-1 agreement of the next-token distributions at every position of prompts of
-    each --tokens length (prefill passes, so the int8 GEMM of kernels/int8_gemm.py runs);
+    each --tokens length (prefill passes, so the int8 GEMM of kernels/vnni/int8_gemm.py runs);
   - perplexity of generated text under both modes: text sampled from the exact model itself (temperature 1,
     fixed seed), so the exact perplexity is the model's own and the int8 one says how far it moves.
 

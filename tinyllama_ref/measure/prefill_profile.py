@@ -8,7 +8,7 @@ figures are per pass, medians over the repetitions. Categories (wall seconds on 
   rms_norm, rope, swiglu, attention    the steps between the matmuls (attention: scores, softmax, values)
   other                                what is left of the pass: residual adds, reshapes, KV cache writes,
                                        the embedding gather, Python
-Inside the GPTQ prefill matmuls the slab workers (kernels/slabs.py) are timed too, in thread-seconds summed
+Inside the GPTQ prefill matmuls the slab workers (kernels/generic/slabs.py) are timed too, in thread-seconds summed
 over the workers: "dequantize" (codes -> float32 slab), "blas" (slab @ x), and "idle" = threads x wall -
 busy, the time a worker waited (for the other, for the GIL, or for the OS when a core is taken).
 """

@@ -43,7 +43,7 @@ from .gptq_gemv import _zero_code
 from .gptq_passes import PASS_MATH, unit_shape
 from .half import f16_to_f32
 
-STRIP = 256          # slab columns decoded together (dequantize_slab_inplace; kernels/dequantize.py says why)
+STRIP = 256          # slab columns decoded together (dequantize_slab_inplace; kernels/generic/dequantize.py says why)
 LANES = 16           # columns per AVX-512 vector of float32
 CHAIN = 8            # codes whose products a row adds in two chains (even, odd) before its accumulator
 FLUSH_CODES = 128    # inputs summed into the per-block partial sums before they are added to the total
@@ -311,10 +311,10 @@ def gemv_inplace(qw, xg, gi, sumx, scales, qzeros, bits, zero_add, const_zero, n
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
 def dequantize_slab_inplace(qw, gi, scales, qzeros, bits, zero_add, n_in, j0, j1, tile):
     """tile[i, j] = W[i, j0 + j] for every input i in the ORIGINAL row order (qw as in gemv_inplace), on the
-    calling thread only, GIL released (kernels/slabs.py runs one per thread).
+    calling thread only, GIL released (kernels/generic/slabs.py runs one per thread).
 
     Per STRIP-column strip the scales and zeros of every group are widened once into sc / zc [G, STRIP]; then each
-    code row is decoded by kernels/dequantize.py with the column loop innermost, looking up its group's rows
+    code row is decoded by kernels/generic/dequantize.py with the column loop innermost, looking up its group's rows
     through g_idx.
     """
     n_groups = scales.shape[0]

@@ -1,6 +1,6 @@
 """4-bit GPTQ codes straight into AMX tiles: exact prefill with no dequantized copy and three tile products.
 
-kernels/amx.py multiplies a dequantized slab, w = s (q - z) split into two bfloat16s. For 4-bit "segments"
+kernels/amx/amx.py multiplies a dequantized slab, w = s (q - z) split into two bfloat16s. For 4-bit "segments"
 plans (every layer that is resident, act-order ones after their repack) there is a cheaper route, the same
 group-sum factorisation as the decode GEMV (gptq_gemv.py):
 
@@ -33,8 +33,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .amx import _bits, _c_end, _configure, _hi_rest, _release, COLS, ROWS
-from .gptq_gemv import _unpack_zero_row
-from .half import f16_to_f32
+from ..generic.gptq_gemv import _unpack_zero_row
+from ..generic.half import f16_to_f32
 
 SLAB = 512            # columns per thread task (its accumulator blocks share each row block's x tiles). Wider
                       # than 128 since 3-row stacking: 70B shapes, 2 threads, 0.8-0.95x the time at 8 and 512

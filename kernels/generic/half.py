@@ -162,14 +162,14 @@ def half_bits(weight, dtype):
 
 @njit(error_model="numpy", cache=True, boundscheck=False, nogil=True)
 def widen_rows(weight, is_bf16, out):
-    """widen() on the calling thread only, GIL released (kernels/slabs.py runs one per thread)."""
+    """widen() on the calling thread only, GIL released (kernels/generic/slabs.py runs one per thread)."""
     for r in range(weight.shape[0]):
         _widen_row(weight[r], is_bf16, out[r])
 
 
 def half_linear(x, weight, dtype):
     """x [N, in] float32, weight [out, in] F16/BF16 (uint16-viewable) -> x @ W.T as float32 [N, out]."""
-    from .compile_note import announce_if_cold
+    from ..compile_note import announce_if_cold
     from .slabs import run_slabs
     fused = x.shape[0] <= FUSED_MAX_ROWS
     announce_if_cold([_fused_rows] if fused else [widen_rows], "fp16/bf16 kernels")   # only the one that runs

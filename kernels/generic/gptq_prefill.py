@@ -2,7 +2,7 @@
 
 More than GEMV_MAX_ROWS activation rows amortize a float32 copy of a slab of columns (never the whole matrix):
 each thread dequantizes its own slab into its own scratch and multiplies it with single-threaded BLAS
-(kernels/slabs.py says why). The arithmetic per weight is the reference's: s * (q - z) in float32.
+(kernels/generic/slabs.py says why). The arithmetic per weight is the reference's: s * (q - z) in float32.
 """
 
 import numpy as np
@@ -21,7 +21,7 @@ def _dequantize_strip(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, 
     """tile[t, lo + j] = W_sorted[u0 * codes_per_unit + t, c0 + j] for one strip of cw columns.
 
     The strip's scales and zeros are widened once per segment into small buffers, then every code row of
-    the segment is decoded by kernels/dequantize.py with the column loop innermost.
+    the segment is decoded by kernels/generic/dequantize.py with the column loop innermost.
     """
     unit_codes = unit_shape(bits)[1]
     mask = (1 << bits) - 1
@@ -61,7 +61,7 @@ def dequantize_tile(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, u0
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False, nogil=True)
 def dequantize_slab(qw, seg_start, seg_group, scales, qzeros, bits, zero_add, j0, j1, tile):
-    """dequantize_tile for all input rows on the calling thread only, GIL released (kernels/slabs.py runs
+    """dequantize_tile for all input rows on the calling thread only, GIL released (kernels/generic/slabs.py runs
     one per thread)."""
     n_units = seg_start[seg_start.shape[0] - 1]
     width = j1 - j0

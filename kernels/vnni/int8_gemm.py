@@ -1,6 +1,6 @@
 """Opt-in, NOT exact: the int8-activation GEMM for prefill, reading the packed 4- and 3-bit GPTQ codes.
 
-The many-row counterpart of kernels/int8.py (same rounding of the activations, same "segments" plans). The
+The many-row counterpart of kernels/vnni/int8.py (same rounding of the activations, same "segments" plans). The
 exact prefill (gptq_prefill.py) widens every weight to float32 and multiplies with BLAS: one FMA per weight
 per row. Here the weights stay 4-bit and the activations are int8, so AVX512-VNNI's vpdpbusd does 64
 multiply-adds per instruction (16 columns x 4 bytes) where an FMA does 16: the same idea as llama.cpp's Q8_0
@@ -29,8 +29,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gptq_gemv import _unpack_zero_row
-from .half import f16_to_f32
+from ..generic.gptq_gemv import _unpack_zero_row
+from ..generic.half import f16_to_f32
 
 BLOCK = 32          # inputs per activation scale: 4 packed words of 4-bit codes
 LANES = 16          # float32 / int32 lanes of a 512-bit vector: columns per register tile

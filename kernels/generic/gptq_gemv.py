@@ -2,7 +2,7 @@
 
 For one segment of packed rows that all belong to group g (the group-sum factorisation):
     sum_i x_i * s_gj * (q_ij - z_gj) = s_gj * (sum_i x_i * q_ij  -  z_gj * sum_i x_i)
-so the passes (kernels/gptq_passes.py) only accumulate acc_j += x_i * q_ij, and scale and zero are applied
+so the passes (kernels/generic/gptq_passes.py) only accumulate acc_j += x_i * q_ij, and scale and zero are applied
 once per segment and column by the folds below.
 """
 

@@ -1,6 +1,6 @@
 """Rows of packed codes to float32: the dequantization both prefill layouts share.
 
-Prefill multiplies float32 slabs of W with BLAS (kernels/slabs.py), so a slab must be widened faster than BLAS
+Prefill multiplies float32 slabs of W with BLAS (kernels/generic/slabs.py), so a slab must be widened faster than BLAS
 consumes it: at 64 activation rows BLAS spends only 128 flops per weight. Code row t of a packed matrix sits
 at bit t * bits of the stream of words qw[:, j], so its word is w = (t * bits) >> 5 and its shift
 s = (t * bits) & 31. A code either lies inside word w (every code for 2, 4 and 8 bits) or, for 3 bits,

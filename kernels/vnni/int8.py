@@ -26,7 +26,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
 from .int8_gemm import quantize_rows, segment_blocks
 
 BLOCK = 32                 # inputs per activation scale (4 packed words)

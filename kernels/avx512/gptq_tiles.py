@@ -27,7 +27,7 @@ Blocking (what sits where while the tile runs), for a slab of output columns:
   - the inputs are taken in chunks of about CHUNK_INPUTS: a tile's chunk of x (12 x 512 floats, 24 KB) stays
     in L1 while it visits every 32 columns of the slab, and the slab's chunk of codes stays in L2 while the
     tiles of rows visit it.
-The slabs are spread over the threads by kernels/slabs.py (dynamic: a preempted thread simply takes fewer).
+The slabs are spread over the threads by kernels/generic/slabs.py (dynamic: a preempted thread simply takes fewer).
 The inner step is LLVM IR (an intrinsic per bit width, layout and R): Numba has no vector types, and left to
 itself it would not keep 24 accumulators in registers.
 """
@@ -38,10 +38,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gptq_gemv import _zero_code
-from .gptq_inplace import _code_places, fma_f32
-from .gptq_passes import PASS_MATH, unit_shape
-from .half import f16_to_f32
+from ..generic.gptq_gemv import _zero_code
+from ..generic.gptq_inplace import _code_places, fma_f32
+from ..generic.gptq_passes import PASS_MATH, unit_shape
+from ..generic.half import f16_to_f32
 
 SLOTS = 12             # floats per input in the packed x of one tile (the largest tile)
 TILE_ROWS = (12, 8, 4) # rows per tile: 24, 16 or 8 accumulators of 16 floats

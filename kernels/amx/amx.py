@@ -15,7 +15,7 @@ The sixth, x_lo w_lo, is below 2**-24 of x w: float32's own rounding unit, dropp
 products in float32, so the result differs from BLAS's only in the order of the additions (tests compare both
 with a float64 product). Five tile products per 32 inputs still ran at about twice single-threaded BLAS's rate
 (64 rows, 4096 x 4096: 147 against 80 GFLOP/s per thread). 4-bit layers whose groups are contiguous skip the
-dequantization and two of the products: kernels/amx_codes.py.
+dequantization and two of the products: kernels/amx/amx_codes.py.
 
 Layouts (all made per call, in L2-sized pieces; nothing the size of the weights):
   A  x split once per matmul: [3, rows / 16, K / 32, 16, 32] bfloat16, each 16 x 32 tile contiguous (1 KB),
@@ -39,10 +39,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .dequantize import dequantize_code_rows
-from .gptq_inplace import _widen_group_rows
-from .gptq_passes import unit_shape
-from .gptq_prefill import _dequantize_strip
+from ..generic.dequantize import dequantize_code_rows
+from ..generic.gptq_inplace import _widen_group_rows
+from ..generic.gptq_passes import unit_shape
+from ..generic.gptq_prefill import _dequantize_strip
 
 ROWS = 32           # rows of the 2 x 2 accumulator block (2 tiles of 16)
 COLS = 32           # columns of it (2 tiles of 16 float32)
@@ -290,7 +290,7 @@ def product_segments(cfg, xs, qw, seg_start, seg_group, scales, qzeros, bits, ze
 def product_inplace(cfg, xs, qw, gi, scales, qzeros, bits, zero_add, n_in, j0, j1, sc, zc, tile, bv, y):
     """product_segments for an "inplace" plan (act-order read in the checkpoint's row order, a group per
     input through gi): the scales and zeros of every group are widened once per slab into sc, zc [G, cols],
-    then every block of inputs is dequantized (kernels/dequantize.py), split and multiplied as there. So
+    then every block of inputs is dequantized (kernels/generic/dequantize.py), split and multiplied as there. So
     streamed act-order layers multiply on the tiles too, reading their codes where they lie."""
     _configure(cfg.ctypes.data)
     n_k = xs.shape[2] * 32

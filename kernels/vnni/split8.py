@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
 
 BLOCK = 32                 # inputs per block: 4 packed words of 4-bit codes
 PIECES = 4                 # int8 pieces per activation

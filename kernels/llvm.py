@@ -1,0 +1,65 @@
+"""LLVM IR helpers shared by every kernel written as a Numba intrinsic, written once.
+
+Numba has no vector types, so the inner steps that must keep accumulators in registers (the register tiles,
+the integer dot products) are LLVM IR built with llvmlite. They all need the same few things: a type, a
+vector of one value, a load or store at a byte address, a prefetch, and a declared intrinsic. Addresses are
+int64 byte addresses (`array.ctypes.data` plus an offset), as the kernels pass them.
+
+Target-specific intrinsics (`llvm.x86.*`) are named only by the kernels of their tier folder (avx2/, vnni/,
+amx/); kernels/table.py never lets a tier call a kernel above it, and kernels/cpu.py caps what LLVM may emit.
+"""
+
+from llvmlite import ir
+from numba.core import cgutils
+
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32 = ir.FloatType()
+I8P = I8.as_pointer()
+
+
+def vec(elem, n):
+    """The LLVM vector type <n x elem>."""
+    return ir.VectorType(elem, n)
+
+
+def declare(module, name, ret, args):
+    """The function `name` of type ret(args) in module, declared once."""
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ret or ir.VoidType(), args), name)
+
+
+def call(builder, name, args, ret=None):
+    """Call the intrinsic `name` with args, declaring it by the arguments' types (ret None: void)."""
+    return builder.call(declare(builder.module, name, ret, [a.type for a in args]), args)
+
+
+def splat(builder, value, vty):
+    """A vector of type vty with every lane equal to value (a broadcast)."""
+    undef = ir.Constant(vty, ir.Undefined)
+    one = builder.insert_element(undef, value, I32(0))
+    return builder.shuffle_vector(one, undef, ir.Constant(vec(I32, vty.count), [0] * vty.count))
+
+
+def pointer(builder, addr, ty):
+    """An int64 byte address as a pointer to ty."""
+    return builder.inttoptr(addr, ty.as_pointer())
+
+
+def load(builder, addr, ty, align=4):
+    """The value of type ty at byte address addr."""
+    return builder.load(pointer(builder, addr, ty), align=align)
+
+
+def store(builder, value, addr, align=4):
+    """Store value at byte address addr."""
+    builder.store(value, pointer(builder, addr, value.type), align=align)
+
+
+def offset(builder, addr, nbytes):
+    """addr + nbytes (nbytes an int or an i64 value)."""
+    return builder.add(addr, I64(nbytes) if isinstance(nbytes, int) else nbytes)
+
+
+def prefetch(builder, addr):
+    """Ask for the cache line at addr (read, keep in all levels, data): a hint that never faults."""
+    fn = declare(builder.module, "llvm.prefetch.p0i8", None, [I8P, I32, I32, I32])
+    builder.call(fn, [builder.inttoptr(addr, I8P), I32(0), I32(3), I32(1)])
