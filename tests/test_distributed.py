@@ -43,7 +43,7 @@ def pool(ray_cluster, gptq_ckpt):
 
 @pytest.fixture(scope="module")
 def items():
-    from tinyllama_ref.evaluate import parse_item
+    from tinyllama_ref.eval.items import parse_item
     from tinyllama_ref.make.tokenizer_files import generate_text
     lines = generate_text(80, 80, seed=5)
     out = []
@@ -117,12 +117,12 @@ def test_score_resumed_at_a_batch_boundary(pool, local, items):
 def test_perplexity_on_two_workers_equals_one_process(pool, local, text_ids):
     from tinyllama_ref.distributed.tasks import iter_perplexity_records
     from tinyllama_ref.eval.runner import iter_perplexity, perplexity_from_records
-    from tinyllama_ref.evaluate import perplexity
+    from tinyllama_ref.eval.loglik import perplexity
     expected = [r for rs in iter_perplexity(local, text_ids, 64, 40, BATCH_TOKENS) for r in rs]
     got = list(iter_perplexity_records(pool, local.cfg, text_ids, 64, 40, BATCH_TOKENS))
     assert len(expected) > 8 and got == expected
     summary = perplexity_from_records(got, len(text_ids))
-    # and the one-window-per-pass reference of evaluate.py agrees (to round-off: other row groupings)
+    # and the one-window-per-pass reference of eval/loglik.py agrees (to round-off: other row groupings)
     assert summary["perplexity"] == pytest.approx(perplexity(local, text_ids, 64, 40)["perplexity"], rel=1e-5)
 
 

@@ -77,7 +77,7 @@ def test_micro_batches_equal_one_process_running_the_same_groups(pair):
 
 def test_shared_prefix_scoring_runs_on_it_unchanged(pair):
     from tinyllama_ref.eval.runner import score_items
-    from tinyllama_ref.evaluate import parse_item
+    from tinyllama_ref.eval.items import parse_item
     pipe, local = pair
     items = [parse_item({"question": f"Which sign goes with case {i}?", "options": ["fever", "a dry cough",
                          "rash on the arms"], "answer": i % 3}, f"item {i}") for i in range(4)]

@@ -11,7 +11,7 @@ from eval_checkpoint import make_eval_checkpoint
 from hf_models import hf_logits, hf_model
 from tinyllama_ref.cli import main
 from tinyllama_ref.eval.fewshot import fewshot_prompts
-from tinyllama_ref.evaluate import Item, parse_item
+from tinyllama_ref.eval.items import Item, parse_item
 
 TRAIN = [Item("What treats a bacterial fever?", ["rest", "antibiotics"], 1),
          Item("Cough is a symptom of?", ["flu", "a broken arm"], 0, context="A short passage."),

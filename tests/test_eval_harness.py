@@ -194,7 +194,7 @@ def test_score_choices_are_the_harness_acc_and_acc_norm(runs, setup):
     """`score`'s choice and choice_norm, on the task's own prompts, are what the harness counts as acc and
     acc_norm for each document (acc_norm: log-likelihood per character of the choice)."""
     from tinyllama_ref.eval.runner import score_items
-    from tinyllama_ref.evaluate import Item
+    from tinyllama_ref.eval.items import Item
     ours = runs["lms"][0]
     samples = runs["hf"]["samples"]["tl_mc"]
     items = [Item(s["doc"]["question"], s["doc"]["choices"], s["doc"]["answer"]) for s in samples]

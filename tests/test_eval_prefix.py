@@ -9,7 +9,7 @@ from hf_models import hf_logits, hf_model
 from tinyllama_ref.eval.batching import KV_FACTOR, pack_in_order, pack_longest_first
 from tinyllama_ref.eval.prefix import Group, score_groups
 from tinyllama_ref.eval.runner import score_items
-from tinyllama_ref.evaluate import Item, item_prompt, split_continuation
+from tinyllama_ref.eval.items import Item, item_prompt, split_continuation
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def gptq_model(tmp_path_factory):
 def test_gptq_numba_packed_and_shared_equal_one_sequence_at_a_time(gptq_model):
     """The GPTQ kernels take other paths for few rows (GEMV) and many (prefill slabs): the batch shapes
     must not change the answers beyond float32 rounding."""
-    from tinyllama_ref.evaluate import score_item
+    from tinyllama_ref.eval.loglik import score_item
     tok = gptq_model.tokenizer
     want = [score_item(gptq_model, tok, item) for item in ITEMS]
     for batch_tokens in (1, 100000):

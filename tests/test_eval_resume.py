@@ -172,11 +172,11 @@ def test_perplexity_killed_and_resumed(env):
     assert out.read_text() == ref.read_text()
     records = [json.loads(line) for line in ref.read_text().splitlines()[1:]]
     assert len(records) > 3
-    # The perplexity printed is the one the window records add up to, and the reference's (evaluate.py).
+    # The perplexity printed is the one the window records add up to, and the reference's (eval/loglik.py).
     import math
 
     import tinyllama_ref
-    from tinyllama_ref.evaluate import perplexity
+    from tinyllama_ref.eval.loglik import perplexity
     nll = sum(r["nll"] for r in records)
     n = sum(r["n_scored"] for r in records)
     got = json.loads(p.stdout)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import tinyllama_ref
-from tinyllama_ref.evaluate import Item, score_item
+from tinyllama_ref.eval.items import Item
+from tinyllama_ref.eval.loglik import score_item
 from tinyllama_ref.ops import log_softmax
 
 MAX_BATCH = 8

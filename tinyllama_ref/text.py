@@ -8,7 +8,9 @@ The tokenizer is read on first use, so a checkpoint without tokenizer files stil
 """
 
 from .errors import GenerationError
-from .evaluate import parse_item, perplexity, score
+from .eval.items import parse_item
+from .eval.loglik import perplexity
+from .eval.runner import score
 from .generate import generate_text
 from .sampling import SamplingParams
 from .templates import encode_chat, stop_conditions

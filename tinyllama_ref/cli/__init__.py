@@ -2,7 +2,7 @@
 imports click.
 
     main.py      the group (one-line errors, exit 1), generate, chat, inspect
-    evaluate.py  perplexity, score
+    score.py     perplexity, score
     synth.py     synth: random checkpoints of any Llama-2 shape
     numerics.py  verify (against transformers), quantize (GPTQ)
     bench.py     bench kernels, bench generate
@@ -11,7 +11,7 @@ imports click.
 """
 
 from .bench import bench
-from .evaluate import perplexity, score
+from .score import perplexity, score
 from .main import Cli, main
 from .lm_eval import lm_eval_command
 from .numerics import quantize, verify

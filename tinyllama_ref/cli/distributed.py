@@ -102,7 +102,7 @@ def pooled_iter_perplexity(pool):
     def iter_perplexity(model, ids, context=None, stride=None, batch_tokens=None, skip=0, on_batch=None):
         from ..distributed.tasks import iter_perplexity_records
         from ..eval.runner import perplexity_batch_starts
-        from ..evaluate import check_perplexity_args, perplexity_windows
+        from ..eval.loglik import check_perplexity_args, perplexity_windows
         starts = perplexity_batch_starts(model, ids, context, stride, batch_tokens)
         rows = [e - b for b, _, e in perplexity_windows(len(ids), *check_perplexity_args(model, len(ids), context,
                                                                                           stride))]

@@ -111,7 +111,7 @@ def generate(checkpoint, prompt, prompt_file, prompt_ids, prompts_file, output, 
     """
     from ..sampling import SamplingParams
     from ..templates import stop_conditions
-    from .evaluate import prepare_output
+    from .score import prepare_output
     kind, source = prompt_source(prompt, prompt_file, prompt_ids, prompts_file)
     if (output or resume or batch_tokens) and kind != "file":
         raise GenerationError("--output, --resume and --batch-tokens go with --prompts-file")
@@ -185,7 +185,7 @@ def generate_prompts_file(model, items, prompts_file, output, resume, old, batch
         iter_generate = pooled_iter_generate(model.pool)
     from ..eval.results import ResultsWriter, make_header
     from ..progress import Progress
-    from .evaluate import batch_tokens_for
+    from .score import batch_tokens_for
     tok = model.tokenizer
     prompts = [it["prompt_ids"] if "prompt_ids" in it else
                model.encode_prompt(it["prompt"], settings["template"], it.get("system", settings["system"]))

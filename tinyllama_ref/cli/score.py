@@ -1,4 +1,4 @@
-"""`perplexity` and `score`: evaluations by log-likelihood (evaluate.py is the math, eval/ the scheduling).
+"""`perplexity` and `score`: evaluations by log-likelihood (eval/loglik.py is the math, eval/runner.py the scheduling).
 
 With -o both write their per-item results as they go (a JSONL file, one batch at a time, fsync'ed) and
 --resume continues a run that was killed; see eval/results.py.
@@ -125,7 +125,7 @@ def score_prompts(parsed, num_fewshot, fewshot_file, seed, same=False):
     """Each item's prompt (few-shot demonstrations first), and the settings that made them."""
     from ..eval.fewshot import fewshot_prompts
     from ..eval.results import file_sha256
-    from ..evaluate import read_items
+    from ..eval.items import read_items
     if num_fewshot and not fewshot_file:
         raise GenerationError("--num-fewshot needs --fewshot-file: the JSONL items the demonstrations come from")
     if num_fewshot < 0:
@@ -185,7 +185,8 @@ def score(checkpoint, items, as_json, num_fewshot, fewshot_file, seed, same_demo
     """
     from ..eval.results import ResultsWriter, make_header
     from ..eval.runner import batch_starts, iter_score
-    from ..evaluate import accuracy_summary, read_items
+    from ..eval.items import read_items
+    from ..eval.loglik import accuracy_summary
     parsed = read_items(items)
     prompts, prompt_settings = score_prompts(parsed, num_fewshot, fewshot_file, seed, same_demonstrations)
     if show_prompt:

@@ -1,7 +1,7 @@
 """A model split into K pipeline stages on Ray actors, presenting the interface the engine's callers use.
 
     model = tinyllama_ref.TextModel(PipelineModel("ckpt", stages=2, address="auto"))
-    model.logits([1, 306, 4658]); model.generate(...); generate.run(model, ...); evaluate.score(model, ...)
+    model.logits([1, 306, 4658]); model.generate(...); generate.run(model, ...); eval.runner.score(model, ...)
 
 The driver holds no weights: config, the vocabulary size and the layers' sizes come from the checkpoint's
 headers. forward() sends token ids to the first stage and each stage's activations [N, D] float32 straight

@@ -11,7 +11,8 @@ import functools
 from types import SimpleNamespace
 
 from ..eval.runner import batch_starts, iter_perplexity, perplexity_batch_starts, plan_items, score_items
-from ..evaluate import check_perplexity_args, item_prompt, perplexity_windows
+from ..eval.items import item_prompt
+from ..eval.loglik import check_perplexity_args, perplexity_windows
 
 
 def _flat(pool_records):
@@ -53,7 +54,7 @@ def perplexity_chunk(model, windows, start, ids, context, stride, batch_tokens):
     """Worker side: the records of windows[start:start + len(windows)] of the whole text.
 
     The text is cut after the chunk's last window: the windows before that point, and their batches, are
-    then exactly those of the whole text (see evaluate.perplexity_windows), and skip drops the earlier ones.
+    then exactly those of the whole text (see eval/loglik.perplexity_windows), and skip drops the earlier ones.
     """
     end = windows[-1][2]
     return [r for records in iter_perplexity(model, ids[:end], context, stride, batch_tokens, skip=start)

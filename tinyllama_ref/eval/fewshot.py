@@ -20,7 +20,7 @@ the test questions): then all prompts start alike, and prefix.py runs that commo
 import random
 
 from ..errors import GenerationError
-from ..evaluate import item_prompt
+from .items import item_prompt
 
 SEPARATOR = "\n\n"
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evaluate import continuation_loglik
+from .loglik import continuation_loglik
 
 MIN_COMMON = 32       # tokens: a shorter common prefix saves less than the extra pass over the weights costs
 

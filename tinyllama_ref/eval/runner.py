@@ -1,6 +1,7 @@
 """The units of work of an evaluation: items in, result records out, a batch at a time.
 
-    score:      multiple-choice items -> one record per item (the options' log-likelihoods, the choices)
+    score:      multiple-choice items -> one record per item (the options' log-likelihoods, the choices);
+                score() adds the accuracies (the Python API's model.score)
     perplexity: a token sequence      -> one record per window (its negative log-likelihood)
 
 Each turns its input into Groups (prefix.py), packs them into batches (batching.py) and yields each batch's
@@ -12,9 +13,9 @@ the records merge back by their "item" number.
 import time
 
 from ..errors import GenerationError
-from ..evaluate import (check_perplexity_args, item_prompt, item_requests, item_result, perplexity_summary,
-                        perplexity_windows)
 from .batching import default_batch_tokens, pack_in_order
+from .items import item_prompt, item_requests
+from .loglik import accuracy_summary, check_perplexity_args, item_result, perplexity_summary, perplexity_windows
 from .prefix import Group, score_groups
 
 
@@ -122,6 +123,13 @@ def score_items(model, tokenizer, items, batch_tokens=None, prompts=None, shared
     """Records of all items (the unit of work: a list of items in, a list of records out)."""
     return [r for records in iter_score(model, tokenizer, items, batch_tokens, prompts, shared_prefix,
                                         first_number=first_number, on_batch=on_batch) for r in records]
+
+
+def score(model, tokenizer, items, on_item=None, batch_tokens=None):
+    """Score items with shared prefixes and packed batches: {"results": per-item records, the accuracies}."""
+    records = score_items(model, tokenizer, items, batch_tokens=batch_tokens,
+                          on_batch=(lambda done, total, _: on_item(done, total)) if on_item else None)
+    return {"results": records, **accuracy_summary(records)}
 
 
 # -- perplexity ----------------------------------------------------------------------------------------------
