@@ -120,8 +120,8 @@ def run_cli(*args, prelude="pass"):
 def test_missing_extra_is_one_line():
     r = run_cli("serve", "anything", prelude="sys.modules['fastapi'] = None")   # as if not installed
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: serve needs FastAPI and uvicorn: pip install "
-                                             "'tinyllama-ref[serve]'"]
+    assert r.stderr.strip().splitlines() == ["error: serve needs FastAPI and uvicorn: pip install -e "
+                                             "'.[serve]' in the tinyllama-ref source directory"]
 
 
 def test_busy_port_is_one_line(ckpt):

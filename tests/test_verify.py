@@ -108,11 +108,12 @@ def test_cli_needs_exactly_one_prompt(app, hf_checkpoints):
 def test_missing_torch_is_a_clear_one_line_error(app, hf_checkpoints, monkeypatch):
     path = hf_checkpoints("verify-float32", dtype="float32", layers=3, seed=7)
     monkeypatch.setitem(sys.modules, "torch", None)          # `import torch` now raises ImportError
-    with pytest.raises(verify_mod.VerifyDependencyError, match=r"pip install 'tinyllama-ref\[verify\]'"):
+    with pytest.raises(verify_mod.VerifyDependencyError, match=r"pip install -e '\.\[verify\]'"):
         verify_mod.compare(path, PROMPT)
     r = run(app, path, "--prompt-ids", "1,2,3")
     assert r.exit_code == 1
-    assert r.output.startswith("error: verify needs PyTorch and transformers: pip install 'tinyllama-ref[verify]'")
+    assert r.output.startswith("error: verify needs PyTorch and transformers: pip install -e '.[verify]' in the "
+                               "tinyllama-ref source directory")
     assert "Traceback" not in r.output
 
 

@@ -1,6 +1,6 @@
 """`lm-eval`: lm-evaluation-harness tasks run on a tinyllama-ref checkpoint (eval/harness.py's TinyLlamaLM).
 
-Needs the optional extra: pip install 'tinyllama-ref[eval]'.
+Needs the optional extra: pip install -e '.[eval]' in the tinyllama-ref source directory.
 """
 
 import json
@@ -42,7 +42,8 @@ def lm_eval_command(checkpoint, tasks, include_path, num_fewshot, limit, seed, m
         from lm_eval.tasks import TaskManager
         from lm_eval.utils import handle_non_serializable, make_table
     except ImportError:
-        raise GenerationError("lm-eval needs lm-evaluation-harness: pip install 'tinyllama-ref[eval]'") from None
+        raise GenerationError("lm-eval needs lm-evaluation-harness: pip install -e '.[eval]' in the "
+                              "tinyllama-ref source directory") from None
     from ..eval.batching import describe
     from ..eval.harness import TinyLlamaLM
     from ..eval.results import ResumeError, check_writable

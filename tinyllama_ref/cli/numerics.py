@@ -53,10 +53,10 @@ def check_output_dir(out):
 def verify(checkpoint, prompt, prompt_ids, backend, max_memory, rtol, quiet):
     """Compare every layer's hidden state and the logits with transformers on the same weights.
 
-    Needs the optional extra: pip install 'tinyllama-ref[verify]'. GPTQ weights are dequantized by our
-    reference into a float32 transformers layer; one transformers layer exists at a time, so a 70B
-    checkpoint works within the memory budget. Exits with code 1 when a layer or the logits fall outside
-    the tolerance, naming the first layer that diverges.
+    Needs the optional extra: pip install -e '.[verify]' in the tinyllama-ref source directory. GPTQ
+    weights are dequantized by our reference into a float32 transformers layer; one transformers layer
+    exists at a time, so a 70B checkpoint works within the memory budget. Exits with code 1 when a layer or
+    the logits fall outside the tolerance, naming the first layer that diverges.
 
     \b
     Example:

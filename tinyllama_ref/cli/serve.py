@@ -43,7 +43,8 @@ def serve(checkpoint, host, port, max_memory, max_batch, max_queue, max_context,
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise TinyLlamaError("serve needs FastAPI and uvicorn: pip install 'tinyllama-ref[serve]'") from None
+        raise TinyLlamaError("serve needs FastAPI and uvicorn: pip install -e '.[serve]' in the tinyllama-ref "
+                             "source directory") from None
     from ..serve.app import run
     from ..serve.server import Options
     options = Options(checkpoint=checkpoint, host=host, port=port, max_memory=max_memory, max_batch=max_batch,

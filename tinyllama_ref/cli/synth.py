@@ -25,8 +25,12 @@ from .gptq_flags import gptq_settings
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of safetensors files; more than 1 also writes model.safetensors.index.json.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same tensors).")
+@click.option("--exist-ok", is_flag=True,
+              help="If OUT already holds a checkpoint with the config.json these settings write, keep it and "
+                   "exit 0 (a set-up script can run twice); otherwise OUT must be new or empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr.")
-def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_format, dense, shards, seed, quiet):
+def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_format, dense, shards, seed, exist_ok,
+          quiet):
     """Write a synthetic checkpoint to OUT (a new or empty directory).
 
     Random but well-behaved weights (finite activations over 80 layers) in the exact layout of TheBloke's
@@ -38,6 +42,7 @@ def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_form
     \b
     Examples:
       tinyllama-ref synth ./tiny-gptq                                   # 2.5 MB, 4-bit g128 act-order
+      tinyllama-ref synth ./tiny-gptq --exist-ok                        # again: keeps the one it made
       tinyllama-ref synth ./m70b --preset llama2-70b --bits 4 --group-size 128 --act-order   # 36.7 GB, ~5 min
       tinyllama-ref synth ./m70b-main --preset llama2-70b --bits 4 --group-size -1          # Meditron main
       tinyllama-ref synth ./m70b-1layer --preset llama2-70b --layers 1 --bits 3 --group-size 32
@@ -48,10 +53,13 @@ def synth(out, preset, layers, bits, group_size, act_order, sym, checkpoint_form
     try:
         summary = synthesize(out, preset=preset, bits=int(bits), group_size=group_size, act_order=act_order,
                              sym=sym, dense_dtype=dense, shards=shards, seed=seed,
-                             checkpoint_format=checkpoint_format, layers=layers, quiet=quiet)
+                             checkpoint_format=checkpoint_format, layers=layers, quiet=quiet, exist_ok=exist_ok)
     except TinyLlamaError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    if summary["kept"]:
+        click.echo(f"kept {summary['out_dir']}: it already holds this checkpoint (--exist-ok)")
+        return
     click.echo(f"wrote {summary['out_dir']}: {summary['format']}, preset {preset}, {summary['n_layers']} layers, "
                f"{human(summary['safetensors_bytes'])} of tensors in {summary['write_seconds']:.1f} s "
                f"(tokenizer {summary['tokenizer_seconds']:.1f} s)")

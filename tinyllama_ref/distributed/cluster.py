@@ -1,6 +1,7 @@
 """Joining a Ray cluster: the one started with `ray start` (docs/distributed.md), or a local one.
 
-Ray is an optional extra (`pip install 'tinyllama-ref[distributed]'`); nothing else in the package imports it.
+Ray is an optional extra (`pip install -e '.[distributed]'` in the tinyllama-ref source directory); nothing
+else in the package imports it.
 """
 
 import logging
@@ -18,7 +19,8 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise DistributedError("Ray is not installed: pip install 'tinyllama-ref[distributed]' (on every "
+        raise DistributedError("Ray is not installed: pip install -e '.[distributed]' in the tinyllama-ref "
+                               "source directory (on every "
                                "node of the cluster)") from None
     return ray
 

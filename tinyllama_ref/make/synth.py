@@ -26,6 +26,7 @@ Each tensor has its own random stream seeded by (seed, tensor name), so a tensor
 how many layers or shards were asked for.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -319,13 +320,16 @@ def _validate(preset, bits, group_size, dense_dtype, checkpoint_format, layers, 
 
 
 def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, sym=True, dense_dtype=None,
-               shards=1, seed=0, checkpoint_format="gptq", layers=None, quiet=False, progress_stream=None):
+               shards=1, seed=0, checkpoint_format="gptq", layers=None, quiet=False, progress_stream=None,
+               exist_ok=False):
     """Write a synthetic checkpoint into out_dir (new or empty) and return a summary dict.
 
     preset: a name from config.PRESETS; layers overrides its layer count (e.g. the 70B shape with 1 layer).
     bits / group_size / act_order / sym / checkpoint_format: the GPTQ settings (ignored with dense_dtype).
     dense_dtype: "fp16" or "bf16" for a plain Hugging Face checkpoint instead of GPTQ.
     shards: 1 writes model.safetensors; more writes model-0000k-of-0000n.safetensors plus the index.
+    exist_ok: if out_dir already holds a synthetic checkpoint with the config.json these settings write (and
+    its weights), keep it and return its summary with "kept": True, so a set-up command can be run twice.
     """
     t0 = time.perf_counter()
     cfg = _validate(preset, bits, group_size, dense_dtype, checkpoint_format, layers, shards)
@@ -338,6 +342,10 @@ def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, s
     names = shard_names(shards)
     metadata = safetensors_metadata(qc)
     sizes = [file_size([p.spec for p in part], metadata) for part in parts]
+    if exist_ok and _same_checkpoint(out_dir, config_json(cfg, qc, float_dtype), names):
+        return {"out_dir": os.path.abspath(out_dir), "preset": preset, "n_layers": cfg.n_layers,
+                "vocab_size": cfg.vocab_size, "kept": True, "files": sorted(os.listdir(out_dir)),
+                "seconds": time.perf_counter() - t0}
     check_free_space(out_dir, sum(sizes) + SMALL_FILES_ALLOWANCE, "write fewer layers with --layers N")
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -382,12 +390,23 @@ def synthesize(out_dir, preset="tiny", bits=4, group_size=128, act_order=True, s
         "out_dir": os.path.abspath(out_dir),
         "preset": preset, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size,
         "format": dense_dtype or f"gptq {bits}-bit g{group_size}{' act-order' if act_order else ''}",
-        "files": sorted(os.listdir(out_dir)),
+        "files": sorted(os.listdir(out_dir)), "kept": False,
         "safetensors_bytes": sum(sizes),
         "tokenizer_seconds": tokenizer_seconds,
         "write_seconds": write_seconds,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _same_checkpoint(out_dir, config, safetensors_names):
+    """Does out_dir hold a checkpoint with this config.json and all its safetensors files? (--exist-ok)"""
+    try:
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            existing = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return existing == json.loads(json.dumps(config)) and \
+        all(os.path.isfile(os.path.join(out_dir, n)) for n in safetensors_names)
 
 
 def write_tokenizer(out_dir, vocab_size, seed):

@@ -15,7 +15,8 @@ Because errors compound along a chain, a per-layer "local" error is measured too
 transformers' input to that layer (as a second sequence of the same batch, so each of our layers is read once).
 The first layer whose local error is outside the tolerance is the first layer that computes differently.
 
-torch and transformers are an optional extra (pip install 'tinyllama-ref[verify]') and are imported lazily.
+torch and transformers are an optional extra (pip install -e '.[verify]' in the tinyllama-ref source
+directory) and are imported lazily.
 """
 
 import json
@@ -42,7 +43,8 @@ def _import_torch():
         from transformers.models.llama import modeling_llama
     except ImportError as e:
         raise VerifyDependencyError(
-            f"verify needs PyTorch and transformers: pip install 'tinyllama-ref[verify]' ({e})") from None
+            f"verify needs PyTorch and transformers: pip install -e '.[verify]' in the tinyllama-ref source "
+            f"directory ({e})") from None
     return torch, HFLlamaConfig, modeling_llama
 
 
