@@ -2,7 +2,8 @@
 
 The rows of `x` may belong to several sequences (a ragged batch packed together, so every weight matrix is
 read once for all of them). `seqs` says which rows are which: a list of (slot, start_pos, n_rows).
-The projections run on all rows at once; the attention itself runs per sequence against its own cache slot.
+The projections run on all rows at once; the attention itself runs per sequence against its own cache slot
+(kvcache.py: a slot of a KVCache is a view; a paged sequence's blocks are gathered, same numbers).
 
 Two ways to attend, same math: attend() is the reference (all heads in one batched NumPy expression);
 backend="numba" uses attend_by_heads() for prompts: one kv head per task, tasks spread over the threads with
@@ -68,19 +69,17 @@ def attention(x, w, cache, layer_index, seqs, cfg, cos, sin, backend="numpy"):
     q = w.q(x).reshape(N, H, hd)                                      # [N, H, hd]
     k = w.k(x).reshape(N, KV, hd)                                     # [N, KV, hd]
     v = w.v(x).reshape(N, KV, hd)                                     # [N, KV, hd]
-    k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]     # [B, S_max, KV, hd]
     out = np.empty((N, H, hd), dtype=np.float32)                      # [N, H, hd]
     row = 0
     for slot, start, n in seqs:
         rows, pos = slice(row, row + n), slice(start, start + n)
         q_s = apply_rope(q[rows], cos[pos], sin[pos], backend)        # [n, H, hd]
-        k_cache[slot, pos] = apply_rope(k[rows], cos[pos], sin[pos], backend)   # [n, KV, hd]
-        v_cache[slot, pos] = v[rows]
+        cache.write(layer_index, slot, start, apply_rope(k[rows], cos[pos], sin[pos], backend), v[rows])
+        k_s, v_s = cache.read(layer_index, slot, start + n)           # [start + n, KV, hd] float32
         for b in range(0, n, QUERY_BLOCK):                            # long prompts: blocks of queries
             m = min(QUERY_BLOCK, n - b)
             end = start + b + m                                       # keys visible to this block
             attend_block = attend_by_heads if backend == "numba" and m >= HEADS_MIN_QUERIES else attend
-            out[row + b:row + b + m] = attend_block(q_s[b:b + m], k_cache[slot, :end], v_cache[slot, :end],
-                                                    start + b)
+            out[row + b:row + b + m] = attend_block(q_s[b:b + m], k_s[:end], v_s[:end], start + b)
         row += n
     return w.o(out.reshape(N, H * hd))                                # [N, D]

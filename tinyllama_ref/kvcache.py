@@ -1,12 +1,40 @@
 """The key/value cache: what each layer's attention remembers about the tokens it has already seen.
 
-One preallocated float32 array pair per layer, [slots, max_len, n_kv_heads, head_dim]. A slot holds one
-sequence of a batch; `lengths[slot]` says how many positions of it are filled. Preallocating (instead of
-concatenating per token) keeps decode free of per-token allocations, and makes its memory known up front so
-it can be counted in the memory budget.
+Two layouts behind one interface (write / read, `lengths[slot]`, `max_len`), which is all attention.py and
+Model.forward use:
+
+  KVCache        one float32 array pair per layer, [slots, max_len, n_kv_heads, head_dim]: a slot is one
+                 sequence, reserved whole up front. For a batch whose lengths are known (generate, scoring).
+  PagedKVCache   one pool per layer, [n_blocks, BLOCK_SIZE, n_kv_heads, head_dim]: a sequence takes blocks
+                 as it grows and a block table says which ones are its (the server, where sequences come and
+                 go and most are far shorter than the context). Blocks whose tokens another request starts
+                 with are shared (prefix reuse); see PagedKVCache.
+
+Preallocating (instead of concatenating per token) keeps decode free of per-token allocations, and makes the
+memory known up front so it can be counted in the memory budget. Reading a paged sequence gathers its blocks
+into one [S, KV, hd] float32 array, so attention computes exactly what it computes on a KVCache slot.
 """
 
+import bisect
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import numpy as np
+
+from .errors import MemoryBudgetError
+from .memory import human
+
+BLOCK_SIZE = 16          # positions per block: llama.cpp and vLLM use 16-256; small blocks waste less per sequence
+MIN_REUSE = 4            # rows worth copying out of a partial block (fewer: usually just <s> and a space)
+POOL_SHARE = 4           # by default the pool takes 1/POOL_SHARE of what resident layers and the pool share ...
+KV_DTYPES = {"f32": np.float32, "f16": np.float16}   # ... or everything the layers leave when all are resident
+
+
+def bytes_per_position(cfg, kv_dtype="f32"):
+    """K and V of one position in every layer: 2 x n_layers x n_kv_heads x head_dim x item size."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(KV_DTYPES[kv_dtype]).itemsize
 
 
 class KVCache:
@@ -41,6 +69,15 @@ class KVCache:
     def nbytes(self):
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
+    def write(self, layer, slot, start, k, v):
+        """Store the keys and values k, v [n, KV, hd] of positions start..start+n-1."""
+        self.k[layer][slot, start:start + len(k)] = k                 # [n, KV, hd]
+        self.v[layer][slot, start:start + len(v)] = v
+
+    def read(self, layer, slot, end):
+        """Keys and values of positions 0..end-1: views [end, KV, hd]."""
+        return self.k[layer][slot, :end], self.v[layer][slot, :end]
+
     def copy_slot(self, src, dst, length=None):
         """Fork a sequence: slot dst gets the first `length` positions of slot src (default: all of them).
 
@@ -55,3 +92,308 @@ class KVCache:
             k[dst, :n] = k[src, :n]                                           # [n, KV, hd]
             v[dst, :n] = v[src, :n]
         self.lengths[dst] = n
+
+
+# -- sizing the pool -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolPlan:
+    n_blocks: int
+    block_size: int
+    kv_dtype: str
+    nbytes: int              # the K/V arrays of every layer
+    max_context: int         # positions of the longest sequence the server accepts
+
+    @property
+    def positions(self):
+        return self.n_blocks * self.block_size
+
+    def sequences(self, length):
+        """How many sequences of `length` positions fit at once (each takes whole blocks)."""
+        return self.n_blocks // math.ceil(length / self.block_size)
+
+    def describe(self):
+        short = min(512, self.max_context)
+        return (f"KV cache {self.sequences(self.max_context)} sequences x {self.max_context} positions or "
+                f"{self.sequences(short)} x {short} (a pool of {self.positions:,} positions in {self.n_blocks:,} "
+                f"blocks of {self.block_size}, {human(self.nbytes)} {self.kv_dtype})")
+
+
+def plan_pool(cfg, free, weight_bytes, window_bytes, max_batch, max_context, kv_dtype="f32", pool_bytes=None,
+              block_size=BLOCK_SIZE):
+    """Size the server's KV pool from the memory budget and the model, without building anything.
+
+    free: budget bytes left after the fixed costs (process baseline, output head, JIT reserve, activations);
+    weight_bytes: all decoder layers; window_bytes: the streaming window (two layers) needed whenever any
+    layer streams. The pool and the resident layers share `free - window_bytes`. By default the pool gets
+    everything the layers leave when all of them fit (a 7B on 24 GB), else 1/POOL_SHARE of the shared room
+    (a 70B streams either way; the rest keeps layers resident). It never exceeds what max_batch sequences of
+    max_context positions could fill, and must hold at least one sequence of max_context positions.
+    pool_bytes (--kv-pool) replaces the default size.
+    """
+    per_block = block_size * bytes_per_position(cfg, kv_dtype)
+    one_seq = math.ceil(max_context / block_size)                    # blocks of the longest sequence
+    if pool_bytes is None:
+        all_resident = free - weight_bytes                           # every layer resident: no window needed
+        most = max(all_resident, free - window_bytes)                # the most the pool can take
+        want = max(all_resident, (free - window_bytes) // POOL_SHARE) // per_block
+        n_blocks = max(min(want, max_batch * one_seq), one_seq)
+        if n_blocks * per_block > most:
+            raise MemoryBudgetError(
+                f"the memory budget cannot hold the KV cache of one sequence of --max-context {max_context} "
+                f"positions ({human(one_seq * per_block, round_up=True)} of {kv_dtype} keys and values) next to "
+                f"the model's streaming window: {human(max(most, 0))} is left after the weights' minimum. Lower "
+                f"--max-context, use --kv-dtype f16, or raise --max-memory")
+    else:
+        n_blocks = pool_bytes // per_block
+        if n_blocks < one_seq:
+            raise MemoryBudgetError(
+                f"--kv-pool {human(pool_bytes)} holds {n_blocks * block_size} positions of {kv_dtype} keys and "
+                f"values, less than one sequence of --max-context {max_context} "
+                f"({human(one_seq * per_block, round_up=True)}): raise --kv-pool or lower --max-context")
+    return PoolPlan(int(n_blocks), block_size, kv_dtype, int(n_blocks * per_block), max_context)
+
+
+# -- the paged cache -----------------------------------------------------------------------------------------
+ROOT = b""               # the key "before" a sequence's first block
+
+
+def block_key(parent, tokens):
+    """A full block's identity: its tokens and (through parent, the key of the block before it) every token
+    before them. K/V at a position depend on exactly those tokens, so equal keys mean equal contents."""
+    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PagedKVCache:
+    """A pool of blocks of BLOCK_SIZE positions per layer; `tables[slot]` lists a sequence's blocks in order.
+
+    A sequence (slot) is opened with a promise of the blocks it may grow to (open: prompt + new tokens), so
+    admission waits until the pool can keep every promise, and growing never fails mid-generation. Blocks
+    are taken as positions are written (grow), and recorded with their tokens after the pass (filled).
+
+    Prefix reuse: every block with tokens in it is indexed under the key of the full block before it (its
+    parent). A new sequence walks that index (match): a full block with its next tokens is shared (a
+    reference count, never written again: only the sequence's own last block is written); a block that
+    starts with some of its next tokens has those rows copied into a block of its own (copy on write).
+    Closed sequences leave their indexed blocks in the pool as cached; a block nobody holds is evicted least
+    recently used first when a new one is needed. A sequence's blocks go back deepest first, so a shared
+    prefix outlives the continuations hanging off it.
+    """
+
+    def __init__(self, cfg, plan, n_slots, reservation=None, prefix_cache=True):
+        B, KV, hd = plan.block_size, cfg.n_kv_heads, cfg.head_dim
+        dtype = KV_DTYPES[plan.kv_dtype]
+        # np.zeros asks the OS for zeroed pages: they take memory only once a block is first written, and
+        # the free list hands out low-numbered blocks first, so a lightly used pool stays small.
+        self.k = [np.zeros((plan.n_blocks, B, KV, hd), dtype=dtype) for _ in range(cfg.n_layers)]  # [NB, B, KV, hd]
+        self.v = [np.zeros((plan.n_blocks, B, KV, hd), dtype=dtype) for _ in range(cfg.n_layers)]
+        self.plan, self.block_size, self.n_blocks = plan, B, plan.n_blocks
+        self.max_len = plan.max_context
+        self.lengths = np.zeros(n_slots, dtype=np.int64)            # positions written, per slot
+        self.reservation = reservation
+        self.prefix_cache = prefix_cache
+        self.tables = [[] for _ in range(n_slots)]                  # slot -> its block ids, in order
+        self.chain = [[] for _ in range(n_slots)]                   # slot -> keys of its full blocks
+        self.recorded = [0] * n_slots                               # positions whose tokens filled() knows
+        self.promised = [0] * n_slots                               # blocks a slot may still take
+        self.free = list(range(self.n_blocks - 1, -1, -1))          # descending: pop() gives the lowest
+        self.refs = [0] * self.n_blocks
+        self.tokens = [[] for _ in range(self.n_blocks)]            # block -> its tokens so far
+        self.parent = [None] * self.n_blocks                        # block -> key of the block before it
+        self.key = [None] * self.n_blocks                           # block -> its key once full and indexed
+        self.full = {}                                              # key -> the block indexed under it
+        self.children = {}                                          # parent key -> blocks that follow it
+        self.cached = OrderedDict()                                 # blocks nobody holds, oldest first
+
+    # -- the interface attention.py uses ----------------------------------------------------------------------
+    def write(self, layer, slot, start, k, v):
+        """Store k, v [n, KV, hd] at positions start..start+n-1 of the slot (its blocks were taken by grow)."""
+        B, table = self.block_size, self.tables[slot]
+        p, end = start, start + len(k)
+        while p < end:
+            b, r = table[p // B], p % B
+            m = min(B - r, end - p)                                  # rows that go into this block
+            self.k[layer][b, r:r + m] = k[p - start:p - start + m]   # [m, KV, hd]
+            self.v[layer][b, r:r + m] = v[p - start:p - start + m]
+            p += m
+
+    def read(self, layer, slot, end):
+        """Keys and values of positions 0..end-1, float32 [end, KV, hd]: a view when the slot's blocks are
+        consecutive in the pool (and stored as float32), else a gathered copy."""
+        blocks = self.tables[slot][:-(-end // self.block_size)]
+        k, v = self.k[layer], self.v[layer]                          # [NB, B, KV, hd]
+        if blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+            k, v = k[blocks[0]:blocks[-1] + 1], v[blocks[0]:blocks[-1] + 1]   # [nb, B, KV, hd] views
+        else:
+            k, v = k[blocks], v[blocks]                              # [nb, B, KV, hd] copies
+        k = k.reshape(-1, *k.shape[2:])[:end]                        # [end, KV, hd]
+        v = v.reshape(-1, *v.shape[2:])[:end]
+        if k.dtype != np.float32:
+            k, v = k.astype(np.float32), v.astype(np.float32)
+        return k, v
+
+    # -- sequences come and go ----------------------------------------------------------------------------------
+    def blocks_for(self, positions):
+        return -(-positions // self.block_size)
+
+    def available(self):
+        """Blocks not yet promised to an open sequence (free ones plus cached ones that may be evicted)."""
+        return len(self.free) + len(self.cached) - sum(self.promised)
+
+    def can_open(self, positions):
+        return self.blocks_for(positions) <= self.available()
+
+    def open(self, slot, positions):
+        """Start a sequence in an empty slot that will hold at most `positions` positions."""
+        if self.tables[slot] or not self.can_open(positions):
+            raise MemoryBudgetError(f"KV slot {slot} is in use, or {positions} positions do not fit the pool")
+        self.promised[slot] = self.blocks_for(positions)
+        self.lengths[slot], self.recorded[slot] = 0, 0
+
+    def close(self, slot=None):
+        """close(slot): the sequence is over, its blocks go back (indexed ones stay cached, deepest first).
+        close(): the whole cache is done, the reservation goes back to the budget."""
+        if slot is None:
+            if self.reservation is not None:
+                self.reservation.release()
+                self.reservation = None
+            return
+        for b in reversed(self.tables[slot]):
+            self.refs[b] -= 1
+            if self.refs[b] > 0:
+                continue
+            if self.prefix_cache and self.tokens[b] and (self.key[b] is not None or
+                                                         len(self.tokens[b]) < self.block_size):
+                self.cached[b] = None                               # newest at the end
+            else:                                                   # unindexed (a duplicate full block)
+                self._forget(b)
+        self.tables[slot], self.chain[slot] = [], []
+        self.promised[slot] = 0
+        self.lengths[slot] = self.recorded[slot] = 0
+
+    def grow(self, slot, n):
+        """Take the blocks the next n positions of the slot need (before the pass that writes them)."""
+        while len(self.tables[slot]) * self.block_size < int(self.lengths[slot]) + n:
+            self.tables[slot].append(self._take(slot))
+
+    def filled(self, slot, tokens):
+        """After a pass: the slot's positions written by it hold these tokens. Blocks become visible to
+        match(), the full ones under their key."""
+        B, start = self.block_size, self.recorded[slot]
+        if start + len(tokens) != int(self.lengths[slot]):
+            raise ValueError(f"slot {slot}: {len(tokens)} tokens recorded after {start}, but "
+                             f"{int(self.lengths[slot])} positions are written")
+        for i, t in enumerate(tokens):
+            p = start + i
+            b = self.tables[slot][p // B]
+            self.tokens[b].append(int(t))
+            if p % B == 0:
+                self._index(b, self.chain[slot][-1] if self.chain[slot] else ROOT)
+            if len(self.tokens[b]) == B:
+                self.chain[slot].append(self._index_full(b))
+        self.recorded[slot] = start + len(tokens)
+
+    def match(self, slot, tokens, limit):
+        """Take what the pool already holds of the slot's next tokens (tokens: the whole sequence, of which
+        lengths[slot] are in the cache), up to position `limit`. Returns how many positions were added."""
+        if not self.prefix_cache:
+            return 0
+        B, start = self.block_size, int(self.lengths[slot])
+        while self.lengths[slot] < limit:
+            L = int(self.lengths[slot])
+            r, a = L % B, L - L % B                                  # row in the block, the block's first position
+            parent = self.chain[slot][-1] if self.chain[slot] else ROOT
+            if r == 0 and a + B <= limit:                            # a whole block: share it
+                b = self.full.get(block_key(parent, tokens[a:a + B]))
+                if b is not None:
+                    self._hold(slot, b)
+                    continue
+            want = tokens[a:min(a + B, limit)]
+            best, m = None, r + MIN_REUSE - 1
+            for c in self.children.get(parent, ()):
+                if not self.tables[slot] or c != self.tables[slot][-1]:
+                    n = common_prefix(self.tokens[c], want)
+                    if n > m:
+                        best, m = c, n
+            if best is None:
+                break
+            if r == 0:
+                self.tables[slot].append(self._take(slot, keep=best))
+            own = self.tables[slot][-1]
+            for k, v in zip(self.k, self.v):                         # copy on write: rows r..m-1
+                k[own, r:m] = k[best, r:m]                           # [m - r, KV, hd]
+                v[own, r:m] = v[best, r:m]
+            self.lengths[slot] = a + m
+            self.filled(slot, tokens[L:a + m])
+            self._touch(best)
+        return int(self.lengths[slot]) - start
+
+    # -- blocks -------------------------------------------------------------------------------------------------
+    def _take(self, slot, keep=None):
+        """A block with nothing in it for the slot, out of its promise: a free one, else the least recently
+        used cached one (never `keep`, the block about to be copied from)."""
+        if self.promised[slot] <= 0:
+            raise MemoryBudgetError(f"KV slot {slot} grew past the {len(self.tables[slot])} blocks promised to it")
+        if not self.free:
+            victim = next(b for b in self.cached if b != keep)
+            del self.cached[victim]
+            self._forget(victim)
+        b = self.free.pop()
+        self.promised[slot] -= 1
+        self.refs[b] = 1
+        return b
+
+    def _hold(self, slot, b):
+        """Share full block b: it becomes the slot's next block."""
+        if self.refs[b] == 0:
+            del self.cached[b]
+        self.refs[b] += 1
+        self.tables[slot].append(b)
+        self.chain[slot].append(self.key[b])
+        self.promised[slot] -= 1
+        self.lengths[slot] += self.block_size
+        self.recorded[slot] = int(self.lengths[slot])
+
+    def _touch(self, b):
+        if b in self.cached:
+            self.cached.move_to_end(b)
+
+    def _index(self, b, parent):
+        self.parent[b] = parent
+        self.children.setdefault(parent, set()).add(b)
+
+    def _index_full(self, b):
+        key = block_key(self.parent[b], self.tokens[b])
+        if key not in self.full:
+            self.full[key] = b
+            self.key[b] = key
+        return key
+
+    def _forget(self, b):
+        """Drop what the index knows of block b and put it on the free list."""
+        if self.parent[b] is not None:
+            siblings = self.children[self.parent[b]]
+            siblings.discard(b)
+            if not siblings:
+                del self.children[self.parent[b]]
+        if self.key[b] is not None:
+            del self.full[self.key[b]]
+        self.tokens[b], self.parent[b], self.key[b], self.refs[b] = [], None, None, 0
+        bisect.insort(self.free, b, key=lambda x: -x)
+
+    # -- numbers for /metrics and the log -----------------------------------------------------------------------
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def usage(self):
+        """(blocks held by sequences, blocks cached for reuse, blocks free)."""
+        return self.n_blocks - len(self.free) - len(self.cached), len(self.cached), len(self.free)

@@ -40,6 +40,9 @@ class Metrics:
         self.generated_tokens = 0
         self.queue_depth = 0
         self.active = 0
+        self.prefill_tokens = 0               # prompt positions run through the model
+        self.reused_tokens = 0                # prompt positions the KV pool already held (prefix reuse)
+        self.pool = (0, 0, 0)                 # KV blocks: held by sequences, cached for reuse, free
         self.passes = Histogram(PASS_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
 
@@ -58,6 +61,18 @@ class Metrics:
             self.passes.observe(seconds)
             self.batch.observe(batch_size)
             self.queue_depth, self.active = queue_depth, active
+
+    def prefill_done(self, tokens):
+        with self.lock:
+            self.prefill_tokens += tokens
+
+    def prefix_reused(self, tokens):
+        with self.lock:
+            self.reused_tokens += tokens
+
+    def set_pool(self, held, cached, free):
+        with self.lock:
+            self.pool = (held, cached, free)
 
     def set_queue(self, queue_depth, active):
         with self.lock:
@@ -78,9 +93,18 @@ class Metrics:
                     "# HELP tinyllama_generated_tokens_total New tokens of finished sequences.",
                     "# TYPE tinyllama_generated_tokens_total counter",
                     f"tinyllama_generated_tokens_total {self.generated_tokens}",
-                    "# HELP tinyllama_queue_depth Sequences waiting for a KV-cache slot.",
+                    "# HELP tinyllama_prefill_tokens_total Prompt tokens computed by forward passes.",
+                    "# TYPE tinyllama_prefill_tokens_total counter",
+                    f"tinyllama_prefill_tokens_total {self.prefill_tokens}",
+                    "# HELP tinyllama_prefix_reused_tokens_total Prompt tokens taken from the KV pool instead.",
+                    "# TYPE tinyllama_prefix_reused_tokens_total counter",
+                    f"tinyllama_prefix_reused_tokens_total {self.reused_tokens}",
+                    "# HELP tinyllama_kv_blocks KV pool blocks by state.",
+                    "# TYPE tinyllama_kv_blocks gauge"]
+            out += [f'tinyllama_kv_blocks{{state="{k}"}} {n}' for k, n in zip(("held", "cached", "free"), self.pool)]
+            out += ["# HELP tinyllama_queue_depth Sequences waiting for a place in the batch and KV blocks.",
                     "# TYPE tinyllama_queue_depth gauge", f"tinyllama_queue_depth {self.queue_depth}",
-                    "# HELP tinyllama_active_sequences Sequences holding a KV-cache slot.",
+                    "# HELP tinyllama_active_sequences Sequences in the running batch.",
                     "# TYPE tinyllama_active_sequences gauge", f"tinyllama_active_sequences {self.active}",
                     "# HELP tinyllama_pass_seconds Seconds per forward pass over the weights.",
                     "# TYPE tinyllama_pass_seconds histogram"]

@@ -1,16 +1,20 @@
 """Continuous batching: one thread owns the model and advances every active sequence in each pass.
 
-The KV cache has --max-batch slots, made (and counted in the memory budget) once at startup. A request's
-sequences wait in a queue until a slot is free; they join the running batch at a pass boundary and leave it
-when they finish, and the slot is reused by setting its cache length back to 0. Each pass is one
-Model.forward over a ragged batch:
+The KV cache is a pool of blocks (kvcache.PagedKVCache), sized from the memory budget and counted in it once at
+startup. A request's sequences wait in a queue until one of --max-batch places in the batch is free and the pool
+can promise them the blocks their prompt and new tokens may take; they join the running batch at a pass
+boundary, take blocks as they grow, and give them back when they finish. Each pass is one Model.forward over a
+ragged batch:
 
     decoding sequences     1 token each (their last sampled token)
     prefilling sequences   the next piece of their prompt, while the pass has room (--prefill-chunk tokens)
 
 so a long prompt is fed over several passes and the sequences already streaming keep getting a token per
-pass. When the weights stream from disk a pass costs about the same whatever the batch, which is why
-sharing it multiplies what one machine serves.
+pass. Before a prompt piece is planned, the pool is asked for what it already holds of it (an earlier
+request's prompt, a finished chat turn: prefix reuse), and a prompt that starts like one still being fed by
+an earlier sequence waits for it rather than computing the same positions twice. When the weights stream
+from disk a pass costs about the same whatever the batch, which is why sharing it multiplies what one
+machine serves.
 
 Every sequence has its own Sampler (its own seeded random generator), so a seed gives the same text
 whatever else is in the batch; the batch never changes which random numbers a sequence draws.
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MemoryBudgetError, TinyLlamaError
-from ..kvcache import KVCache
+from ..kvcache import MIN_REUSE, PagedKVCache, common_prefix, plan_pool
 from ..memory import human
 from ..ops import log_softmax
 from ..sampling import Sampler
@@ -43,7 +47,7 @@ def top_alternatives(logp, k):
     return [(int(i), float(logp[i])) for i in ids]
 
 
-@dataclass
+@dataclass(eq=False)              # compared and hashed by identity (leaders is keyed by Sequence)
 class Sequence:
     """A Job holding a cache slot: where its prompt is, what it has produced, its own sampler and text."""
     job: object
@@ -53,6 +57,8 @@ class Sequence:
     decoder: object
     matcher: StopStrings
     fed: int = 0                   # prompt tokens already in the cache
+    reused: int = 0                # ... of which the pool already held (prefix reuse)
+    leaders: dict = field(default_factory=dict)   # earlier Sequence -> prompt tokens it shares with this one
     tokens: list = field(default_factory=list)
     text: str = ""
     prompt_logprobs: list = None
@@ -69,25 +75,34 @@ class Scheduler:
     """Owns the model, the KV cache and the queue. submit() from any thread; run() in its own thread."""
 
     def __init__(self, model, max_batch=16, max_queue=64, max_context=None, prefill_chunk=128, metrics=None,
-                 log=None):
+                 log=None, kv_dtype="f32", kv_pool=None, prefix_cache=True):
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_context = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.metrics = metrics
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        # Reserved up front, so serving never grows memory: the cache for every slot, and the activations of
-        # the largest pass (a full prefill chunk plus one token per other slot, every row's logits kept).
+        # Reserved up front, so serving never grows memory: the activations of the largest pass (a full prefill
+        # chunk plus one token per other sequence, every row's logits kept, one sequence's keys and values
+        # gathered out of the pool), then the KV pool in what the budget leaves (kvcache.plan_pool).
+        c, layers = model.cfg, model.layers
+        gathered = 2 * self.max_context * c.n_kv_heads * c.head_dim * 4           # [S, KV, hd] K and V
+        layers.reserve("activations", model.workspace_bytes(prefill_chunk + max_batch, self.max_context,
+                                                            all_logits=True) + gathered)
+        self.rope = model.new_cache(0, self.max_context)    # no slots: the RoPE tables for max_context, counted
+        free = layers.budget - layers._fixed()
         try:
-            self.cache = model.new_cache(max_batch, self.max_context)
-            model.layers.reserve("activations", model.workspace_bytes(prefill_chunk + max_batch,
-                                                                      self.max_context, all_logits=True))
+            plan = plan_pool(c, free, sum(layers.file_bytes), layers.window_bytes(), max_batch, self.max_context,
+                             kv_dtype, kv_pool)
+            reservation = layers.reserve("KV cache pool", plan.nbytes)
         except MemoryBudgetError as e:
-            c = model.cfg
-            need = KVCache.bytes_needed(c.n_layers, max_batch, self.max_context, c.n_kv_heads, c.head_dim)
-            raise MemoryBudgetError(f"{e} (the KV cache for --max-batch {max_batch} sequences of "
-                                    f"--max-context {self.max_context} positions is {human(need)}: lower "
-                                    f"either, or raise --max-memory)") from None
+            self.rope.close()
+            if kv_pool is None:
+                raise
+            raise MemoryBudgetError(f"{e} (the KV pool of {human(kv_pool)} was set by --kv-pool: lower it, or "
+                                    f"raise --max-memory)") from None
+        self.cache = PagedKVCache(c, plan, max_batch, reservation, prefix_cache)
+        self.prefix_cache = prefix_cache
         self.free = list(range(max_batch))
         self.waiting = deque()
         self.active = []               # Sequences in the order they joined
@@ -100,6 +115,10 @@ class Scheduler:
     # -- called from the HTTP side --------------------------------------------------------------------------
     def submit(self, jobs):
         """Queue a request's jobs together, or refuse them all when the queue is full."""
+        for job in jobs:
+            if self.cache.blocks_for(self._positions(job)) > self.cache.n_blocks:    # never, after check_length
+                raise ServeError(f"{self._positions(job)} positions do not fit the KV pool of "
+                                 f"{self.cache.plan.positions}", "validation")
         with self.cond:
             if self.stopping:
                 raise ServeError("the server is shutting down", "unavailable")
@@ -157,33 +176,67 @@ class Scheduler:
                     for seq in list(self.active):
                         self._leave(seq, Failed(f"generation failed: {message}"), "failed")
         self.cache.close()
+        self.rope.close()
+
+    def _positions(self, job):
+        """The most positions a job's sequence can fill: its prompt and every token it may generate."""
+        return min(len(job.prompt_ids) + job.max_new_tokens, self.max_context)
 
     def _admit(self):
-        """Give free slots to waiting jobs, oldest first (the lock is held)."""
+        """Give free places in the batch to waiting jobs, oldest first, while the KV pool can promise them
+        their blocks (the lock is held). The oldest job waits for blocks rather than being overtaken."""
         while self.waiting and self.free:
-            job = self.waiting.popleft()
+            job = self.waiting[0]
             if job.cancelled:
+                self.waiting.popleft()
                 continue
+            if not self.cache.can_open(self._positions(job)):
+                break
+            self.waiting.popleft()
             slot = self.free.pop(0)
-            self.cache.lengths[slot] = 0       # the slot's old positions are never read again
+            self.cache.open(slot, self._positions(job))
             params, seed = job.params, job.params.seed
             if not params.greedy and seed is None:
                 seed = random.randrange(2**63)  # reported back, so the client can reproduce the text
                 params = params.with_seed(seed)
-            self.active.append(Sequence(
+            seq = Sequence(
                 job=job, slot=slot, sampler=Sampler(params), seed=None if params.greedy else seed,
                 decoder=self.tokenizer.stream_decoder(skip_special_tokens=True, context_ids=job.prompt_ids),
                 matcher=StopStrings(job.stop_strings),
                 prompt_logprobs=[None] if job.prompt_logprobs >= 0 else None,
-                prompt_top=[None] if job.prompt_logprobs >= 0 else None))
+                prompt_top=[None] if job.prompt_logprobs >= 0 else None)
+            if self.prefix_cache and job.prompt_logprobs < 0:
+                for o in self.active:      # prompts still being fed that start like this one
+                    if o.prefilling:
+                        n = common_prefix(o.job.prompt_ids, job.prompt_ids)
+                        if n > 0:
+                            seq.leaders[o] = n
+            self.active.append(seq)
         self._gauges()
+
+    def _reuse(self, s):
+        """Before planning a prompt piece: take what the pool holds of it. True if s should wait this pass
+        for an earlier sequence that is still computing positions s could take from it."""
+        if not self.prefix_cache or s.job.prompt_logprobs >= 0:   # prompt logprobs need every position's logits
+            return False
+        limit = len(s.job.prompt_ids) - 1          # the last prompt token is always computed: its logits
+        got = self.cache.match(s.slot, s.job.prompt_ids, limit)  # give the first new token
+        if got:
+            s.fed += got
+            s.reused += got
+            if self.metrics:
+                self.metrics.prefix_reused(got)
+        for o, n in list(s.leaders.items()):
+            if o not in self.active or not o.prefilling or o.fed >= n:
+                del s.leaders[o]                   # gone, or what it shares with s is in the pool now
+        return any(min(n, limit) - s.fed >= MIN_REUSE for n in s.leaders.values())
 
     def _plan(self):
         """(sequence, new token ids) for this pass: every decoding sequence, then prompt pieces that fit."""
         plan = [(s, np.array([s.tokens[-1]])) for s in self.active if not s.prefilling]
         room = self.prefill_chunk - len(plan)          # a pass holds at most prefill_chunk tokens ...
         for s in self.active:
-            if s.prefilling and (room > 0 or not plan):  # ... unless that leaves no room for any prompt
+            if s.prefilling and (room > 0 or not plan) and not self._reuse(s):  # ... unless that leaves no room
                 n = min(len(s.job.prompt_ids) - s.fed, max(room, 1))
                 plan.append((s, np.asarray(s.job.prompt_ids[s.fed:s.fed + n])))
                 room -= n
@@ -197,10 +250,16 @@ class Scheduler:
         if not plan:
             return
         all_logits = any(s.prefilling and s.job.prompt_logprobs >= 0 for s, _ in plan)
+        for s, chunk in plan:
+            self.cache.grow(s.slot, len(chunk))                # blocks for the positions this pass writes
         t = time.perf_counter()
         logits = self.model.forward([c for _, c in plan], self.cache, [s.slot for s, _ in plan],
                                     all_logits=all_logits)     # [sum of lengths or B, V]
         seconds = time.perf_counter() - t
+        for s, chunk in plan:
+            self.cache.filled(s.slot, chunk)                   # the written blocks' tokens, for prefix reuse
+        if self.metrics:
+            self.metrics.prefill_done(sum(len(c) for s, c in plan if s.prefilling))
         ends = np.cumsum([len(c) for _, c in plan])            # [B] one past each sequence's last row
         for k, (s, chunk) in enumerate(plan):
             rows = logits[ends[k] - len(chunk):ends[k]] if all_logits else logits[k:k + 1]   # [n or 1, V]
@@ -270,14 +329,16 @@ class Scheduler:
         """The sequence is done: give its slot back, tell its route, write the request's log line."""
         with self.cond:
             self.active.remove(s)
+            self.cache.close(s.slot)
             self.free.append(s.slot)
             self._gauges()
         if event is not None:
             self._emit(s.job, event)
         if self.metrics and isinstance(event, Finished):
             self.metrics.sequence_done(event.finish_reason, len(s.job.prompt_ids), len(s.tokens))
+        reused = f", {s.reused} prompt tokens reused" if s.reused else ""
         self.log(f"request {s.job.id}: {len(s.job.prompt_ids)} prompt tokens, {len(s.tokens)} new tokens, "
-                 f"{time.perf_counter() - s.job.submitted:.2f} s, {reason}")
+                 f"{time.perf_counter() - s.job.submitted:.2f} s, {reason}{reused}")
 
     def _emit(self, job, event):
         if job.on_event is not None:
@@ -286,3 +347,4 @@ class Scheduler:
     def _gauges(self):
         if self.metrics:
             self.metrics.set_queue(len(self.waiting), len(self.active))
+            self.metrics.set_pool(*self.cache.usage())

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import TinyLlamaError
-from ..memory import human
+from ..memory import parse_size
 from .jobs import ServeError
 from .metrics import Metrics
 
@@ -29,6 +29,9 @@ class Options:
     max_queue: int = 64
     max_context: int = None
     prefill_chunk: int = 128
+    kv_dtype: str = "f32"              # the KV pool's storage: "f16" halves it (kvcache.py)
+    kv_pool: str = None                # its size ("2GB"); None: from the budget (kvcache.plan_pool)
+    prefix_cache: bool = True
     template: str = "auto"
     gptq_mode: str = "exact"
     backend: str = "numba"
@@ -66,7 +69,9 @@ class ServerState:
             tokenizer = model.tokenizer
             self.template = default_template(tokenizer) if o.template == "auto" else check_template(o.template)
             scheduler = Scheduler(model, o.max_batch, o.max_queue, o.max_context, o.prefill_chunk, self.metrics,
-                                  self.log)
+                                  self.log, kv_dtype=o.kv_dtype,
+                                  kv_pool=None if o.kv_pool is None else parse_size(o.kv_pool),
+                                  prefix_cache=o.prefix_cache)
         except (TinyLlamaError, MemoryError, OSError) as e:
             self.status, self.error = "failed", str(e) or type(e).__name__
             self.log(f"error: {self.error}")
@@ -76,10 +81,9 @@ class ServerState:
         self.model, self.scheduler = model, scheduler
         if self.status == "loading":     # not shut down while loading
             self.status = "ready"
-        c = scheduler.cache
         self.log(f"serving {self.name} at http://{o.host}:{o.port} (loaded in {time.perf_counter() - t:.1f} s; "
-                 f"template {self.template}; KV cache {o.max_batch} sequences x {c.max_len} positions = "
-                 f"{human(c.nbytes)} reserved; {model.layers.describe()})")
+                 f"template {self.template}; {scheduler.cache.plan.describe()}"
+                 f"{'' if o.prefix_cache else ', no prefix reuse'}; {model.layers.describe()})")
         scheduler.run()
 
     def begin_shutdown(self):
