@@ -100,7 +100,7 @@ def test_none_joins_contents():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(GenerationError, match="unknown chat template 'alpaca'; choose one of chatml, llama2, none"):
+    with pytest.raises(GenerationError, match="unknown chat template 'alpaca'; choose one of checkpoint, chatml, llama2, none"):
         render(CONVERSATIONS[0], "alpaca")
     with pytest.raises(GenerationError, match="empty"):
         render([], "chatml")
@@ -108,7 +108,7 @@ def test_bad_input_is_refused():
         render([{"role": "bot", "content": "x"}], "chatml")
     with pytest.raises(GenerationError, match="'role' and 'content'"):
         render(["just a string"], "none")
-    assert TEMPLATES == ("chatml", "llama2", "none")
+    assert TEMPLATES == ("checkpoint", "chatml", "llama2", "none")
 
 
 def test_encode_chat_bos_handling(chatml_dir):
@@ -126,8 +126,9 @@ def test_encode_chat_bos_handling(chatml_dir):
 
 
 def test_default_template_from_tokenizer_files(tmp_path, chatml_dir):
-    assert default_template(Tokenizer.from_dir(str(chatml_dir))) == "chatml"
-    assert default_template(Tokenizer.from_dir(str(chatml_dir), vocab_size=602)) == "chatml"
+    # A Jinja chat_template in tokenizer_config.json is the default (tests/test_chat_templates.py renders it).
+    assert default_template(Tokenizer.from_dir(str(chatml_dir))) == "checkpoint"
+    assert default_template(Tokenizer.from_dir(str(chatml_dir), vocab_size=602)) == "checkpoint"
     # Meditron's case: the ChatML ids lie past the embedding, so ChatML cannot be the default ...
     meditron = Tokenizer.from_dir(str(chatml_dir), vocab_size=600)
     assert default_template(meditron) == "none"
@@ -135,10 +136,13 @@ def test_default_template_from_tokenizer_files(tmp_path, chatml_dir):
     with pytest.raises(TokenizerError, match=r"token id 600 \('<\|im_start\|>'\) is past the model's 600-row"):
         meditron.check_ids(encode_chat(meditron, CONVERSATIONS[0], "chatml"))
     write_tokenizer_files(str(tmp_path / "llama2"), 400, chat_template=LLAMA2_CHAT_JINJA)
-    assert default_template(Tokenizer.from_dir(str(tmp_path / "llama2"))) == "llama2"
+    assert default_template(Tokenizer.from_dir(str(tmp_path / "llama2"))) == "checkpoint"
     from tinyllama_ref.make.tokenizer_files import CHATML_JINJA
     write_tokenizer_files(str(tmp_path / "spelled"), 400, chat_template=CHATML_JINJA)   # no added tokens
-    assert default_template(Tokenizer.from_dir(str(tmp_path / "spelled"))) == "chatml"
+    assert default_template(Tokenizer.from_dir(str(tmp_path / "spelled"))) == "checkpoint"
+    # Without a Jinja template: the built-ins, ChatML when its added tokens are there.
+    write_tokenizer_files(str(tmp_path / "bare"), 400, {"<|im_start|>": 400, "<|im_end|>": 401}, chat_template="")
+    assert default_template(Tokenizer.from_dir(str(tmp_path / "bare"))) == "chatml"
     write_tokenizer_files(str(tmp_path / "plain"), 400)
     assert default_template(Tokenizer.from_dir(str(tmp_path / "plain"))) == "none"
 
@@ -146,6 +150,7 @@ def test_default_template_from_tokenizer_files(tmp_path, chatml_dir):
 def test_stop_conditions(chatml_dir, tmp_path):
     tok = Tokenizer.from_dir(str(chatml_dir))
     assert stop_conditions("chatml", tok) == (["<|im_end|>"], {2, 601})
+    assert stop_conditions("checkpoint", tok) == (["<|im_end|>"], {2, 601})    # its Jinja template is ChatML
     assert stop_conditions("llama2", tok) == ([], {2})
     assert stop_strings("chatml") == ["<|im_end|>"] and stop_strings("none") == stop_strings("llama2") == []
     write_tokenizer_files(str(tmp_path), 400)
@@ -153,6 +158,7 @@ def test_stop_conditions(chatml_dir, tmp_path):
     plain = Tokenizer.from_dir(str(tmp_path))
     assert stop_conditions("chatml", plain) == (["<|im_end|>"], {2, 7})   # no <|im_end|> token: string only
     assert stop_conditions("none", plain) == ([], {2, 7})
+    assert stop_conditions("checkpoint", plain) == ([], {2, 7})                # no template, no <|im_end|>
 
 
 def test_stop_strings_hold_back_partial_matches():

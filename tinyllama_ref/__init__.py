@@ -28,19 +28,21 @@ from .text import TextModel  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load(path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True, threads=None):
+def load(path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True, threads=None, cpu=None):
     """Open a checkpoint directory (dense or GPTQ safetensors) as a TextModel: the forward pass plus its
     tokenizer.
 
     backend: "numba" (fast kernels) or "numpy" (the readable reference). max_memory: a budget such as
     "20GB" (default: 85% of available memory); layers that do not fit are streamed from disk.
-    gptq_mode: "exact" (float32, the default) or "int8" (opt-in approximate activations, AVX512-VNNI).
+    gptq_mode: "exact" (float32, the default) or "int8" (opt-in approximate activations; AVX2 and above).
+    cpu: the CPU tier whose kernels run (kernels/cpu.py: "generic", "avx2", "avx512", "vnni", "amx"); None is
+    this process's tier (the CPU's, or TINYLLAMA_CPU's cap); a lower one chooses that tier's kernels.
     threads: "auto" (the default, also from $TINYLLAMA_THREADS) picks each decode pass's thread count from
     how fast recent passes ran (threads.py: one thread beats two when another process holds a core); a
     number fixes it.
     """
     return TextModel(Model(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=quiet,
-                           threads=threads))
+                           threads=threads, cpu=cpu))
 
 
 __all__ = ["load", "Model", "TextModel", "TinyLlamaError", "CheckpointError", "ConfigError", "GenerationError", "QuantError",

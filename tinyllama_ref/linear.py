@@ -38,18 +38,20 @@ class DenseLinear:
         return x @ to_f32(self.weight, self.dtype).T                    # [N, out]
 
 
-def make_linear(ckpt, prefix, quant_config, backend, in_features, out_features, repack=True, gptq_mode="exact"):
+def make_linear(ckpt, prefix, quant_config, backend, in_features, out_features, repack=True, gptq_mode="exact",
+                cpu=None):
     """The linear layer stored under `prefix` (e.g. "model.layers.0.self_attn.q_proj"), checked for shape.
 
     repack=False asks the GPTQ kernels to read the packed words where they lie (streamed layers: a layout
-    prepared at load would be thrown away after one use). gptq_mode: see quant.check_gptq_mode.
+    prepared at load would be thrown away after one use). gptq_mode: see quant.check_gptq_mode; cpu: the
+    kernels' CPU tier (quant.check_cpu).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if prefix + ".qweight" in ckpt:
         from .quant import GPTQLinear
         return GPTQLinear.from_checkpoint(ckpt, prefix, quant_config, backend, in_features, out_features,
-                                          repack=repack, mode=gptq_mode)
+                                          repack=repack, mode=gptq_mode, cpu=cpu)
     name = prefix + ".weight"
     info = ckpt.info(name)
     if info.shape != (out_features, in_features):

@@ -25,7 +25,7 @@ from .generate import generate_ids
 from .kvcache import KVCache
 from .linear import BACKENDS
 from .ops import rms_norm, rope_tables, swiglu
-from .quant import check_gptq_mode, read_quant_config
+from .quant import check_cpu, check_gptq_mode, read_quant_config
 from .streaming import LayerSource
 from .threads import chooser_for, using_threads
 from .validate import validate_checkpoint
@@ -60,13 +60,15 @@ def read_quant_config_if_any(path):
 class Model:
     """A loaded checkpoint's forward pass. `tinyllama_ref.load(path)` wraps it with its tokenizer (text.py)."""
 
-    def __init__(self, path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True, threads=None):
+    def __init__(self, path, backend="numba", max_memory=None, gptq_mode="exact", quiet=True, threads=None,
+                 cpu=None):
         if backend not in BACKENDS:
             raise GenerationError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.path = path
         self.backend = backend
         self.threads = chooser_for(backend, threads)         # threads per pass (threads.py)
-        self.gptq_mode = check_gptq_mode(gptq_mode)
+        self.cpu = check_cpu(cpu) if backend == "numba" else None    # the kernels' CPU tier (kernels/cpu.py)
+        self.gptq_mode = check_gptq_mode(gptq_mode, self.cpu)
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.
         cfg = load_config(path)
@@ -80,7 +82,9 @@ class Model:
         self.layers = LayerSource(self.ckpt, self.cfg, self.quant_config, backend, gptq_mode, max_memory,
                                   fixed_bytes=self.lm_head.nbytes + self.final_norm.nbytes,
                                   scratch_bytes=reference_scratch_bytes(self.cfg, backend)
-                                  + streamed_repack_bytes(self.cfg, self.quant_config, backend, self.gptq_mode))
+                                  + streamed_repack_bytes(self.cfg, self.quant_config, backend, self.gptq_mode,
+                                                          self.cpu),
+                                  cpu=self.cpu)
         if not quiet:
             print(self.layers.describe(), file=sys.stderr)
         # RoPE tables are built for the longest cache asked for so far (new_cache), not for the config's
@@ -187,7 +191,7 @@ class Model:
         return outs if batch else outs[0]
 
 
-def streamed_repack_bytes(cfg, quant_config, backend, gptq_mode):
+def streamed_repack_bytes(cfg, quant_config, backend, gptq_mode, cpu=None):
     """--gptq-mode int8 copies a streamed act-order matrix in group order for each many-row call (kernels/
     gptq.repack_inplace), one matrix at a time: the largest copy (its codes and its row order) is counted.
     Nothing where no matrix is copied (gptq.int8_copies_inplace)."""
@@ -195,7 +199,7 @@ def streamed_repack_bytes(cfg, quant_config, backend, gptq_mode):
         return 0
     from .kernels.gptq import int8_copies_inplace
     widths = (cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)   # n_out
-    if not any(int8_copies_inplace(quant_config.bits, w) for w in widths):
+    if not any(int8_copies_inplace(quant_config.bits, w, cpu) for w in widths):
         return 0                # e.g. 4 bits with AMX: streamed layers stay on their exact code tiles
     largest = max(cfg.dim * cfg.hidden_dim, cfg.dim * cfg.n_heads * cfg.head_dim)   # weights of one matrix
     return largest * quant_config.bits // 8 + 16 * max(cfg.dim, cfg.hidden_dim)

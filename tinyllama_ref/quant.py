@@ -29,21 +29,33 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 GPTQ_MODES = ("exact", "int8")
 
 
-def check_gptq_mode(mode):
+def check_gptq_mode(mode, tier=None):
     """How the numba backend treats activations in GPTQ layers; a parameter of load(), never a global.
 
     "exact" (the default) is float32 throughout and matches the reference; "int8" is the opt-in approximate
-    mode of kernels/vnni/int8.py (4-bit layers, decode rows: activations rounded to int8 per block of 32,
-    AVX512-VNNI dot products).
+    mode: activations rounded to int8 per block of 32 and integer dot products with the codes, where
+    kernels/table.py has an int8 kernel for the layer (4-bit decode rows; 3- and 4-bit prefill), at the CPU
+    tiers avx2 and above (vpdpbusd on VNNI, maddubs/madd on AVX2). Other layers stay exact.
     """
     if mode not in GPTQ_MODES:
         raise ConfigError(f"GPTQ activation mode must be one of {', '.join(GPTQ_MODES)}, got {mode!r}")
     if mode == "int8":
-        from .kernels.vnni.int8 import vnni_available
-        if not vnni_available():
-            raise ConfigError("GPTQ activation mode int8 needs a CPU with AVX512-VNNI (see /proc/cpuinfo); "
-                              "use the exact mode on this machine")
+        from .kernels import cpu, table
+        tier = tier or cpu.process_tier()
+        if not table.int8_available(tier):
+            raise ConfigError(f"GPTQ activation mode int8 has no kernels at CPU tier {tier} (it needs AVX2 or "
+                              "above); use the exact mode on this machine")
     return mode
+
+
+def check_cpu(cpu):
+    """The CPU tier whose kernels a model runs (kernels/cpu.py): this process's, or a lower one named by cpu
+    ("generic", "avx2", "avx512", "vnni", "amx"); a ConfigError for a name that is not a tier or above it."""
+    from .kernels import cpu as cpu_model
+    try:
+        return cpu_model.resolve(cpu)
+    except cpu_model.TierError as e:
+        raise ConfigError(str(e)) from None
 
 
 # -- the quantization settings -----------------------------------------------------------------------------
@@ -305,7 +317,8 @@ class GPTQLinear:
     """
 
     def __init__(self, qweight, qzeros, scales, g_idx, cfg, in_features, out_features, bias=None,
-                 backend="numpy", name="", file="<arrays>", tensor_names=(), repack=True, mode="exact"):
+                 backend="numpy", name="", file="<arrays>", tensor_names=(), repack=True, mode="exact",
+                 cpu=None):
         if g_idx is None:
             g_idx = default_g_idx(in_features, cfg.group_size)
         validate_tensors(name, file, in_features, out_features, cfg, qweight, qzeros, scales, g_idx, bias)
@@ -317,22 +330,23 @@ class GPTQLinear:
         self.tensor_names = list(tensor_names)
         self.nbytes = int(qweight.nbytes + qzeros.nbytes + scales.nbytes + g_idx.nbytes)
         self.prepare_seconds = 0.0
-        self.mode = check_gptq_mode(mode)    # "exact", or the opt-in approximate "int8" (numba backend)
+        self.tier = check_cpu(cpu) if backend == "numba" else None      # kernels/cpu.py
+        self.mode = check_gptq_mode(mode, self.tier)   # "exact", or the opt-in approximate "int8" (numba)
         self._plan = None
         if backend == "numba":
             from .kernels import gptq as kernels
             t0 = time.perf_counter()
             self._plan = kernels.prepare(qweight, qzeros, scales, g_idx, cfg.bits, cfg.checkpoint_format,
-                                         repack=repack)
+                                         repack=repack, tier=self.tier)
             self.prepare_seconds = time.perf_counter() - t0
         elif backend != "numpy":
             raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
 
     @classmethod
     def from_checkpoint(cls, ckpt, prefix, quant_config, backend, in_features, out_features, repack=True,
-                        mode="exact"):
-        """The layer stored under `prefix` (e.g. "model.layers.3.mlp.up_proj") as zero-copy views; repack and
-        mode as in __init__."""
+                        mode="exact", cpu=None):
+        """The layer stored under `prefix` (e.g. "model.layers.3.mlp.up_proj") as zero-copy views; repack,
+        mode and cpu as in __init__."""
         names = {t: f"{prefix}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         file = ckpt.info(names["qweight"]).file
         if quant_config is None:
@@ -361,7 +375,7 @@ class GPTQLinear:
             used.append(names["bias"])
         return cls(ckpt.raw(names["qweight"]), ckpt.raw(names["qzeros"]), ckpt.raw(names["scales"]), g_idx,
                    quant_config, in_features, out_features, bias=bias, backend=backend, name=prefix, file=file,
-                   tensor_names=used, repack=repack, mode=mode)
+                   tensor_names=used, repack=repack, mode=mode, cpu=cpu)
 
     @property
     def copied_tensors(self):

@@ -76,9 +76,9 @@ class LayerSource:
     """
 
     def __init__(self, ckpt, cfg, quant_config, backend, gptq_mode="exact", max_memory=None, fixed_bytes=0,
-                 scratch_bytes=0):
+                 scratch_bytes=0, cpu=None):
         self.ckpt, self.cfg, self.quant_config = ckpt, cfg, quant_config
-        self.backend, self.gptq_mode = backend, gptq_mode
+        self.backend, self.gptq_mode, self.cpu = backend, gptq_mode, cpu
         self.n_layers = cfg.n_layers
         self.names = [layer_tensor_names(ckpt, i) for i in range(self.n_layers)]
         self.file_bytes = [sum(ckpt.info(n).nbytes for n in names) for names in self.names]
@@ -169,7 +169,7 @@ class LayerSource:
         staged = self._staged.pop(i, None) if streamed else None
         ckpt = self.ckpt if staged is None else StagedCheckpoint(self.ckpt, staged)
         layer = load_layer(ckpt, self.cfg, self.quant_config, self.backend, i, streamed=streamed,
-                           gptq_mode=self.gptq_mode)
+                           gptq_mode=self.gptq_mode, cpu=self.cpu)
         self.prepare_seconds += time.perf_counter() - t
         # Kernels that repacked a tensor at load (act-order rows sorted by group) read their own copy from
         # now on; the mapped file pages of the original would only double the layer's memory. When the

@@ -60,13 +60,13 @@ def layer_tensor_names(ckpt, i):
     return [n for n in ckpt.tensors if n.startswith(prefix)]
 
 
-def load_layer(ckpt, cfg, quant_config, backend, i, streamed=False, gptq_mode="exact"):
+def load_layer(ckpt, cfg, quant_config, backend, i, streamed=False, gptq_mode="exact", cpu=None):
     """Layer i's weights; a streamed layer is used once per pass, so its kernels read the words in place."""
     prefix = f"model.layers.{i}."
     linears = {}
     for field_name, (sub, fin, fout) in LINEARS.items():
         linears[field_name] = make_linear(ckpt, prefix + sub, quant_config, backend, fin(cfg), fout(cfg),
-                                          repack=not streamed, gptq_mode=gptq_mode)
+                                          repack=not streamed, gptq_mode=gptq_mode, cpu=cpu)
     return LayerWeights(
         index=i,
         attn_norm=norm_weight(ckpt, prefix + NORMS["attn_norm"], cfg.dim),
