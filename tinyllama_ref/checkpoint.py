@@ -9,8 +9,6 @@ tensor into RAM and has no bfloat16. Here a tensor is `np.frombuffer` over an `m
 disk until the model touches it, and the OS can drop the pages again (see streaming.py).
 """
 
-import ctypes
-import ctypes.util
 import glob
 import math
 import mmap
@@ -19,24 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import platform
 from .config import check_regular_file, json_type, parse_json, read_json
 from .errors import CheckpointError
-
-_MADV_POPULATE_READ = 22               # Linux 5.14+: fault a range in (reading it from disk) ahead of use
-
-
-def _libc_madvise():
-    """libc's madvise through ctypes (which drops the GIL around the call), or None where there is none."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _libc_madvise() if hasattr(mmap, "MADV_DONTNEED") else None
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the reference implementation caps the header at 100 MB too
 
@@ -172,22 +155,23 @@ class SafetensorsFile:
             return np.zeros(info.shape, dtype=dt)
         return np.frombuffer(self._mmap, dtype=dt, count=count, offset=info.start).reshape(info.shape)
 
-    def advise(self, start, end, advice):
-        """madvise a byte range of this file's map (page-aligned outward); used by the streamer."""
-        if self._mmap is None or not hasattr(self._mmap, "madvise"):
+    def release(self, start, end):
+        """Drop a byte range of this file's map (page-aligned outward) from this process's memory
+        (platform.release_pages: madvise MADV_DONTNEED); used by the streamer."""
+        if self._mmap is None:
             return
         page = mmap.PAGESIZE
         lo = (start // page) * page
         hi = min(self.size, -(-end // page) * page)
         if hi > lo:
-            self._mmap.madvise(advice, lo, hi - lo)
+            platform.release_pages(self._mmap, lo, hi - lo)
 
     def populate(self, start, end):
         """Read a byte range from disk and map it into this process in one call (madvise
         MADV_POPULATE_READ, Linux 5.14+), so the kernels that read it next take no page faults and no byte is
         copied through a buffer. Through ctypes, which releases the GIL for the call: the main thread computes
         while this one waits for the disk. False where the call is refused (older kernels, other systems)."""
-        if self._mmap is None or not _MADVISE:
+        if self._mmap is None:
             return False
         page = mmap.PAGESIZE
         lo = (start // page) * page
@@ -196,7 +180,7 @@ class SafetensorsFile:
             return True
         if self._base is None:
             self._base = np.frombuffer(self._mmap, dtype=np.uint8).ctypes.data
-        return _MADVISE(ctypes.c_void_p(self._base + lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ) == 0
+        return platform.populate(self._base + lo, hi - lo)
 
     def close(self):
         # Views may still point into the map; closing it would invalidate them, so only the fd is closed.
@@ -303,11 +287,6 @@ class Checkpoint:
     def nbytes(self):
         return sum(t.nbytes for t in self.tensors.values())
 
-    def advise(self, names, advice):
-        for name in names:
-            info = self.tensors[name]
-            self.files[info.file].advise(info.start, info.end, advice)
-
     # -- page cache (streaming.py reads layers ahead and drops them after use) --------------------------------
     def read_ahead(self, name, buffer):
         """Bring a tensor's bytes from disk into memory before a kernel reads them; returns the bytes read.
@@ -331,9 +310,11 @@ class Checkpoint:
 
     def drop_pages(self, names, page_cache=True):
         """Release the tensors' pages from this process (MADV_DONTNEED) and, with page_cache, from the
-        kernel's page cache too (POSIX_FADV_DONTNEED: the next reader goes to the disk)."""
-        self.advise(names, mmap.MADV_DONTNEED)
+        kernel's page cache too (POSIX_FADV_DONTNEED: the next reader goes to the disk; platform.py says what
+        stands for both elsewhere)."""
+        for name in names:
+            info = self.tensors[name]
+            self.files[info.file].release(info.start, info.end)
         for name in names if page_cache else ():
             info = self.tensors[name]
-            os.posix_fadvise(self.files[info.file]._fd.fileno(), info.start, info.nbytes,
-                             os.POSIX_FADV_DONTNEED)
+            platform.drop_cached(self.files[info.file]._fd.fileno(), info.start, info.nbytes)

@@ -12,13 +12,16 @@ keeps reusing: no page cache, no copy by the CPU, no page faults.
     slot 0: layer c   (read only after layer a was released)
 
 The arrays handed to the kernels are views into a slot, like the map's views: same bytes, same dtype and
-shape, so every result is bit for bit the same as through the map. Where O_DIRECT is refused (a file system
+shape, so every result is bit for bit the same as through the map. On macOS, which has no O_DIRECT, the
+descriptor is opened with F_NOCACHE instead (platform.open_uncached). Where that is refused too (a file system
 without it, another OS) the reader says so once and streaming goes through the map as before.
 """
 
 import os
 
 import numpy as np
+
+from . import platform
 
 ALIGN = 4096              # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 REQUEST = 64 << 20        # bytes per preadv call
@@ -60,9 +63,7 @@ class DirectReader:
         self.slots = None               # two uint8 buffers, allocated at the first read
         self.next_slot = 0
         self.fds = {}                   # file path -> O_DIRECT descriptor
-        self.refused = None             # why direct I/O is off, once it was refused
-        if not hasattr(os, "O_DIRECT"):
-            self.refused = "this OS has no O_DIRECT"
+        self.refused = platform.uncached_io()   # why direct I/O is off (None: O_DIRECT or F_NOCACHE exists)
 
     @property
     def allocated_bytes(self):
@@ -70,7 +71,7 @@ class DirectReader:
 
     def _fd(self, file):
         if file not in self.fds:
-            self.fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+            self.fds[file] = platform.open_uncached(file)        # O_DIRECT (Linux), F_NOCACHE (macOS)
         return self.fds[file]
 
     def read(self, names):

@@ -1,12 +1,13 @@
-"""Memory sizes for people ("20GB"), and what this process and this machine have right now (Linux /proc)."""
+"""Memory sizes for people ("20GB"), and what this process and this machine have right now
+(platform.py: Linux /proc, and what stands for it elsewhere)."""
 
 import math
 import numbers
-import os
 import re
 
 import numpy as np
 
+from . import platform
 from .errors import MemoryBudgetError
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -51,31 +52,19 @@ def human(n, round_up=False):
     return f"{int(n)} B"
 
 
-def _status_kb(field, path="/proc/self/status"):
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def current_rss():
     """Resident bytes of this process now: anonymous memory plus the mapped file pages it holds."""
-    return _status_kb("VmRSS")
+    return platform.current_rss()
 
 
 def peak_rss():
     """The high-water mark of resident bytes since the process started."""
-    return _status_kb("VmHWM")
+    return platform.peak_rss()
 
 
 def available_memory():
     """What the kernel says can be given to a new process without swapping (MemAvailable)."""
-    return _status_kb("MemAvailable", "/proc/meminfo") or (os.sysconf("SC_PAGE_SIZE") *
-                                                         os.sysconf("SC_AVPHYS_PAGES"))
+    return platform.available_memory()
 
 
 def default_budget():

@@ -15,7 +15,8 @@ before it compute (it only does I/O, so Numba's threading layer is never entered
 file system allows it, the read is direct I/O into one of two buffers this process reuses (direct_io.py: the
 kernels run faster on them than on freshly filled page-cache pages). Otherwise the layer is read into the page
 cache and mapped; after it is used its pages are dropped from this process (madvise MADV_DONTNEED) and from
-the page cache (posix_fadvise DONTNEED), so resident memory does not creep up towards the model size.
+the page cache (posix_fadvise DONTNEED; platform.py says what stands for each on macOS), so resident memory
+does not creep up towards the model size.
 (A resident layer whose kernels repacked it drops its mapped source pages too, but keeps them in the page
 cache when the whole model fits.)
 When everything fits, every layer is resident and nothing streams.

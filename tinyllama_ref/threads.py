@@ -26,6 +26,8 @@ import statistics
 import time
 from collections import deque
 
+from . import platform
+
 PROBE_FIRST = 4          # passes before the first probe of a kind
 PROBE_MAX = 64           # longest interval between probes (a quiet machine pays ~1% for them)
 MARGIN = 0.10            # a probe must be this much faster (median of its samples) to switch
@@ -50,15 +52,11 @@ class CpuMeter:
     @staticmethod
     def _read():
         """(seconds of busy CPU on the whole machine, seconds of CPU of this process, wall seconds) or None."""
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
+        busy = platform.busy_cpu_seconds()             # /proc/stat; None elsewhere
+        if busy is None:
             return None
-        hz = os.sysconf("SC_CLK_TCK")
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)            # idle + iowait
         t = os.times()
-        return (sum(fields[:8]) - idle) / hz, t.user + t.system, time.monotonic()
+        return busy, t.user + t.system, time.monotonic()
 
     def update(self):
         now = self.read()

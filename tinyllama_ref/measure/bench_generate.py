@@ -13,10 +13,10 @@ process with the Numba cache as it is ("warm") and, with --cold, an empty one ("
 
 --batch 1,8,32: for each batch size a greedy generation on random prompts, reported per configuration:
 load seconds, prefill tokens/s, decode seconds per pass (one token for every sequence), tokens/s, bytes read
-from disk per pass (/proc/self/io read_bytes: what really came from the block device), peak RSS, the memory
-and disk bandwidth measured in the same run (the disk read sequentially before the first batch size and after
-each one, since a shared disk's rate wanders, and the rate the read-ahead thread got while streaming; the best
-of those is used), and the bound they imply for one decode pass:
+from disk per pass (/proc/self/io read_bytes: what really came from the block device; "?" without /proc),
+peak RSS, the memory and disk bandwidth measured in the same run (the disk read sequentially before the first
+batch size and after each one, since a shared disk's rate wanders, and the rate the read-ahead thread got while
+streaming; the best of those is used), and the bound they imply for one decode pass:
 
     bound = bytes that must stream per pass / disk bandwidth + resident bytes / memory bandwidth
 """
@@ -29,17 +29,7 @@ import time
 import numpy as np
 
 from ..memory import human, peak_rss
-
-
-def _io_read_bytes():
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from ..platform import io_read_bytes
 
 
 def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backend="numba", max_memory=None,
@@ -63,9 +53,9 @@ def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backen
     for b in batches:
         prompts = [[model.cfg.bos_token_id] + rng.integers(3, model.cfg.vocab_size, prompt_tokens - 1).tolist()
                    for _ in range(b)]
-        io0, streamed0, reading0 = _io_read_bytes(), src.bytes_streamed, src.seconds_reading
+        io0, streamed0, reading0 = io_read_bytes(), src.bytes_streamed, src.seconds_reading   # None: no /proc
         outs = run(model, prompts, new_tokens, Sampler(SamplingParams(temperature=0.0)), set())
-        io1, streamed1, reading1 = _io_read_bytes(), src.bytes_streamed, src.seconds_reading
+        io1, streamed1, reading1 = io_read_bytes(), src.bytes_streamed, src.seconds_reading
         prefill_s = outs[0].prefill_seconds
         per_pass = outs[0].token_seconds                  # one pass over the weights decodes all b sequences
         passes = len(per_pass) + 1                        # + the prefill pass
@@ -86,7 +76,7 @@ def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backen
             "prefill_tokens_per_s": round(b * prompt_tokens / prefill_s, 2),
             "decode_s_per_pass": round(s_pass, 4), "decode_tokens_per_s": round(b / s_pass, 3),
             "weights_gbps": round(weights / s_pass / 1e9, 2),
-            "disk_bytes_per_pass": int((io1 - io0) / passes),
+            "disk_bytes_per_pass": None if io0 is None or io1 is None else int((io1 - io0) / passes),
             "streamed_bytes_per_pass": int((streamed1 - streamed0) / passes),
             "resident_layers": src.n_resident, "n_layers": src.n_layers,
             "peak_rss_bytes": peak_rss(), "budget_bytes": src.budget,
@@ -99,12 +89,16 @@ def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backen
     return records
 
 
+def _mb(n):
+    return "?" if n is None else f"{n / 1e6:.0f}"        # None: this OS does not say (no /proc/self/io)
+
+
 def format_table(records):
     rows = ["| batch | prefill tok/s | decode s/pass | tok/s | weights GB/s | disk MB/pass | peak RSS | "
             "bound s/pass | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         rows.append(f"| {r['batch']} | {r['prefill_tokens_per_s']} | {r['decode_s_per_pass']} | "
-                    f"{r['decode_tokens_per_s']} | {r['weights_gbps']} | {r['disk_bytes_per_pass'] / 1e6:.0f} | "
+                    f"{r['decode_tokens_per_s']} | {r['weights_gbps']} | {_mb(r['disk_bytes_per_pass'])} | "
                     f"{human(r['peak_rss_bytes'])} | {r['bound_s_per_pass']} | {r['ratio_to_bound']} |")
     r = records[0]
     rows.append(f"\nload {r['load_s']} s; {r['resident_layers']}/{r['n_layers']} layers resident; budget "
