@@ -36,8 +36,14 @@ from ..errors import TinyLlamaError
 @click.option("--model-name", default=None, help="Name in /v1/models and /info (default: the directory name).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds running requests may take to finish after Ctrl-C / SIGTERM.")
+@click.option("--api-key", envvar="TINYLLAMA_API_KEY", default=None, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                   "(or set TINYLLAMA_API_KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A browser origin allowed to call the server, e.g. http://localhost:3000 (repeatable; * for any).")
 def serve(checkpoint, host, port, max_memory, max_batch, max_queue, max_context, kv_pool, kv_dtype,
-          no_prefix_cache, prefill_chunk, template, gptq_mode, backend, model_name, shutdown_timeout):
+          no_prefix_cache, prefill_chunk, template, gptq_mode, backend, model_name, shutdown_timeout, api_key,
+          cors_origins):
     """Serve a checkpoint over HTTP with TGI's and OpenAI's APIs and continuous batching.
 
     \b
@@ -59,5 +65,5 @@ def serve(checkpoint, host, port, max_memory, max_batch, max_queue, max_context,
                       kv_pool=kv_pool, kv_dtype=kv_dtype, prefix_cache=not no_prefix_cache,
                       template=template, gptq_mode=gptq_mode, backend=backend, model_name=model_name,
                       shutdown_timeout=shutdown_timeout)
-    if not run(options):
+    if not run(options, api_key=api_key, cors_origins=cors_origins):
         sys.exit(1)

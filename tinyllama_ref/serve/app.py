@@ -6,23 +6,33 @@ clear messages, and server-sent events are a StreamingResponse. uvicorn handles 
 graceful shutdown. Both stay out of the engine: only tinyllama_ref/serve imports them.
 
 Errors come out in the shape of the API that was called: {"error": {"message", "type", "param", "code"}} on
-/v1/... (OpenAI) and {"error", "error_type"} elsewhere (TGI).
+/v1/... (OpenAI) and {"error", "error_type"} elsewhere (TGI). Every 503 carries Retry-After.
+
+With an API key every route but the probes (/health, /metrics) wants `Authorization: Bearer KEY`: a load
+balancer's health check and a Prometheus scraper rarely carry secrets, and they reveal no text. Browsers
+need --cors-origin: CORS sits outside the key check, so a preflight (which never carries the key) is
+answered, and a 401 still has the headers that let the page read it.
 """
 
+import hmac
 import socket
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
 from ..errors import TinyLlamaError
-from . import openai, tgi
+from . import openai, tgi, tokenize
 from .jobs import ServeError
 from .server import Options, ServerState
 
 TGI_STATUS = {"validation": 422, "not_found": 404, "overloaded": 503, "unavailable": 503, "generation": 500}
+RETRY_AFTER_SECONDS = 1              # a queue drains in seconds; while loading, /health says when to come back
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 
 
 def error_response(request, error):
@@ -32,6 +42,14 @@ def error_response(request, error):
     if request.url.path.startswith("/v1/"):
         return JSONResponse(openai.openai_error(error), status_code=openai.openai_status(error))
     return JSONResponse({"error": str(error), "error_type": error.kind}, status_code=TGI_STATUS[error.kind])
+
+
+def validation_error(exc):
+    """A ServeError for pydantic's problems, naming the first field (OpenAI's error.param)."""
+    error = ServeError(describe_validation(exc))
+    fields = [".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in exc.errors()]
+    error.param = next((f for f in fields if f), None)
+    return error
 
 
 def describe_validation(exc):
@@ -48,6 +66,48 @@ def describe_validation(exc):
             parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}"
                          + ("" if isinstance(got, dict) or err.get("type") == "missing" else f", got {got!r}"))
     return "; ".join(dict.fromkeys(parts)) or "invalid request"
+
+
+class RetryAfter:
+    """Pure ASGI middleware: a 503 without Retry-After gets one (clients and proxies wait that long)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+            await send(message)
+        await self.app(scope, receive, send_with_retry)
+
+
+class RequireApiKey:
+    """Pure ASGI middleware: `Authorization: Bearer KEY` on every path but OPEN_PATHS, else 401 with
+    WWW-Authenticate: Bearer (RFC 6750). compare_digest takes the same time wherever the strings differ."""
+
+    def __init__(self, app, key):
+        self.app, self.key = app, key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8"), self.key):
+            return await self.app(scope, receive, send)
+        message = ("this server wants an API key: send the header 'Authorization: Bearer KEY' with the key "
+                   "given to tinyllama-ref serve --api-key" if not token else "the API key is not the right one")
+        if scope["path"].startswith("/v1/"):
+            body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                              "code": "invalid_api_key"}}
+        else:
+            body = {"error": message, "error_type": "unauthorized"}
+        response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 class CountResponses:
@@ -69,7 +129,7 @@ class CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(state):
+def create_app(state, api_key=None, cors_origins=()):
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -89,7 +149,7 @@ def create_app(state):
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request, exc):
-        return error_response(request, ServeError(describe_validation(exc)))
+        return error_response(request, validation_error(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -98,6 +158,12 @@ def create_app(state):
         response.status_code = exc.status_code
         return response
 
+    if api_key:
+        app.add_middleware(RequireApiKey, key=api_key)
+    if cors_origins:                         # outside the key check: preflights never carry the key
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(RetryAfter)
     app.add_middleware(CountResponses, metrics=state.metrics)
 
     @app.get("/health")
@@ -110,12 +176,15 @@ def create_app(state):
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(tgi.router)
+    app.include_router(tokenize.router)
     app.include_router(openai.router)
     return app
 
 
-def run(options, log=None):
-    """Serve until SIGINT/SIGTERM; True when the model loaded (False: it failed, the error was logged)."""
+def run(options, log=None, api_key=None, cors_origins=()):
+    """Serve until SIGINT/SIGTERM; True when the model loaded (False: it failed, the error was logged).
+    api_key: wanted as a bearer token on every route but /health and /metrics; cors_origins: the browser
+    origins allowed to call (["*"]: any)."""
     import uvicorn
 
     state = ServerState(options, log)
@@ -128,8 +197,8 @@ def run(options, log=None):
 
     sock = listen(options.host, options.port)      # before loading: a busy port is a one-line error at once
     options.port = sock.getsockname()[1]            # --port 0: the port the system chose
-    config = uvicorn.Config(create_app(state), host=options.host, port=options.port, log_level="warning",
-                            timeout_graceful_shutdown=options.shutdown_timeout + 5, lifespan="on")
+    config = uvicorn.Config(create_app(state, api_key, cors_origins), host=options.host, port=options.port,
+                            log_level="warning", timeout_graceful_shutdown=options.shutdown_timeout + 5, lifespan="on")
     server = Server(config)
 
     def failed():
@@ -137,6 +206,8 @@ def run(options, log=None):
     state.on_failure = failed
     state.log(f"loading {options.checkpoint}; http://{options.host}:{options.port}/health answers 503 until "
               f"it is ready")
+    if api_key:
+        state.log("every route but /health and /metrics wants 'Authorization: Bearer' with the API key")
     state.start()
     server.run(sockets=[sock])
     return state.status != "failed"

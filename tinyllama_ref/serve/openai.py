@@ -3,45 +3,69 @@
 Completions take a prompt as text, a list of texts, token ids, or a list of token-id lists; every prompt gets
 n choices, indexed prompt by prompt. `logprobs: k` with `echo: true` returns the legacy
 {tokens, token_logprobs, top_logprobs, text_offset} for the prompt's tokens too (the first has None): this is
-how lm-evaluation-harness's local-completions model scores multiple choice. Logprobs are the model's own
-log-softmax, before any sampling filter. Chat messages go through the server's chat template (--template).
+how lm-evaluation-harness's local-completions model scores multiple choice. Chat answers `logprobs: true`
+(with `top_logprobs: k`) with {"content": [{token, logprob, bytes, top_logprobs}]}. Logprobs are the model's
+own log-softmax, before any penalty, bias or sampling filter. Chat messages go through the server's chat
+template (--template).
+
+As OpenAI does, an unknown field is a 400 invalid_request_error naming it (the models forbid extras); a known
+field this server does not implement is refused unless it is at its off value (fields.refuse_unsupported).
+Besides OpenAI's fields, top_k, min_p and repetition_penalty are accepted, as vLLM and TGI accept them.
 """
 
 import json
 import time
 import uuid
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import TinyLlamaError
-from ..sampling import SamplingParams
 from ..templates import encode_chat, stop_conditions
 from .bridge import Events, client_gone
+from .fields import field_error, logit_bias_pairs, make_params, refuse_unsupported
 from .jobs import Finished, Job, ServeError, Token
 from .server import token_pieces, token_text
 
 DEFAULT_MAX_TOKENS = 16               # the legacy completions API's default
-MAX_LOGPROBS = 5
+MAX_LOGPROBS = 5                      # legacy completions' limit
+MAX_TOP_LOGPROBS = 20                 # chat's limit
 MAX_N = 16
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 router = APIRouter(prefix="/v1")
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields both routes share (OpenAI's, then the extensions vLLM and TGI accept)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = None
-    prompt: Union[str, List[str], List[int], List[List[int]]]
-    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
     temperature: Optional[float] = 1.0
     top_p: Optional[float] = 1.0
     n: int = 1
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    user: Optional[str] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
     logprobs: Optional[int] = None
     echo: bool = False
     best_of: Optional[int] = None
@@ -49,45 +73,75 @@ class CompletionRequest(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: str
     content: Union[str, List[dict], None] = None
+    name: Optional[str] = None
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    model: Optional[str] = None
+class ChatRequest(SamplingFields):
     messages: List[Message]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = 1.0
-    top_p: Optional[float] = 1.0
-    n: int = 1
-    stream: bool = False
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    # Known to OpenAI (or TGI: tool_prompt) and not implemented here: refused unless off (CHAT_OFF).
+    response_format: Optional[Dict[str, Any]] = None
     tools: Optional[list] = None
+    tool_choice: Any = None
+    tool_prompt: Optional[str] = None
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list] = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Optional[List[str]] = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    store: Optional[bool] = None
+    metadata: Any = None
+    service_tier: Any = None
 
 
-def sampling(body):
-    try:
-        return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, top_k=0, seed=body.seed)
-    except TinyLlamaError as e:
-        raise ServeError(str(e)) from None
+# Fields known to the API but not implemented: the values that mean "off", which are accepted.
+COMMON_OFF = {"user": (None,)}
+COMPLETION_OFF = {**COMMON_OFF, "best_of": (None, 1), "suffix": (None, "")}
+CHAT_OFF = {**COMMON_OFF, "response_format": (None, {"type": "text"}), "tools": (None, []),
+            "tool_choice": (None, "none", "auto"), "tool_prompt": (None, ""), "parallel_tool_calls": (None,),
+            "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
+            "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+            "web_search_options": (None,), "store": (None, False), "metadata": (None, {}),
+            "service_tier": (None, "auto", "default")}
+
+
+def sampling(state, body):
+    """SamplingParams from the request; temperature 0 is greedy. top_k -1 means off (vLLM's convention)."""
+    return make_params(temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=1.0 if body.top_p is None else body.top_p,
+                       top_k=0 if body.top_k in (None, -1) else body.top_k,
+                       min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
+                       presence_penalty=body.presence_penalty or 0.0,
+                       frequency_penalty=body.frequency_penalty or 0.0,
+                       logit_bias=logit_bias_pairs(state, body.logit_bias), seed=body.seed)
+
+
+def include_usage(body):
+    """stream_options.include_usage: a last chunk with the usage (only allowed with stream, as OpenAI)."""
+    if body.stream_options is not None and not body.stream:
+        raise field_error("stream_options", "stream_options is only allowed when stream is true")
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def stop_list(stop):
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4:
-        raise ServeError(f"stop has {len(stops)} sequences; at most 4 are allowed")
+        raise field_error("stop", f"stop has {len(stops)} sequences; at most 4 are allowed")
     return stops
 
 
 def check_n(n):
     if not 1 <= n <= MAX_N:
-        raise ServeError(f"n must be between 1 and {MAX_N}, got {n}")
+        raise field_error("n", f"n must be between 1 and {MAX_N}, got {n}")
 
 
 def choice_seeds(params, n):
@@ -146,14 +200,34 @@ def completion_choice(state, job, r, index, echo, k):
     return choice
 
 
-def usage(jobs, results):
+def usage(jobs, finished):
+    """OpenAI's usage from the jobs and their Finished events (every choice's prompt counts, as OpenAI's)."""
     prompt = sum(len(j.prompt_ids) for j in jobs)
-    completion = sum(len(r.finished.token_ids) for r in results)
+    completion = sum(len(f.token_ids) for f in finished)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(obj):
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def sse_answer(chunks, head, jobs, with_usage):
+    """Server-sent events from the chunk generator, then the usage chunk when asked for, then [DONE].
+    chunks yields (choice index, event, dict or None); a Finished event's dict is the choice's last."""
+    async def lines():
+        finished = []
+        try:
+            async for i, event, choice in chunks:
+                if isinstance(event, Finished):
+                    finished.append(event)
+                if choice is not None:
+                    yield sse({**head, "choices": [{"index": i, **choice}], **({"usage": None} if with_usage else {})})
+            if with_usage:
+                yield sse({**head, "choices": [], "usage": usage(jobs, finished)})
+        except ServeError as e:
+            yield sse(openai_error(e))
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 @router.get("/models")
@@ -168,18 +242,18 @@ async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.server
     scheduler = state.ready()
     state.check_model(body.model)
+    refuse_unsupported(body, COMPLETION_OFF)
     check_n(body.n)
-    if body.best_of not in (None, 1) or body.suffix:
-        raise ServeError("best_of and suffix are not supported by this server")
     k = body.logprobs
     if k is not None and not 0 <= k <= MAX_LOGPROBS:
-        raise ServeError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {k}")
+        raise field_error("logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}, got {k}")
     if body.echo and body.stream:
-        raise ServeError("echo is not supported together with stream")
+        raise field_error("echo", "echo is not supported together with stream")
+    with_usage = include_usage(body)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
-        raise ServeError("max_tokens must be at least 1 (0 only makes sense with echo)")
-    params, stops = sampling(body), stop_list(body.stop)
+        raise field_error("max_tokens", "max_tokens must be at least 1 (0 only makes sense with echo)")
+    params, stops = sampling(state, body), stop_list(body.stop)
     eos = frozenset(state.model.tokenizer.eos_ids)
     jobs = []
     for ids, _ in prompts_of(state, body.prompt):
@@ -194,39 +268,71 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.name}
     if body.stream:
-        async def lines():
-            try:
-                async for i, event in events.stream(request):
-                    if isinstance(event, Token):
-                        lp = None if k is None else logprobs_json(state, [event.id], [event.text], [event.logprob],
-                                                                  [event.top], 0)
-                        yield sse({**head, "choices": [{"index": i, "text": event.text, "logprobs": lp,
-                                                        "finish_reason": None}]})
-                    elif isinstance(event, Finished):
-                        yield sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                        "finish_reason": FINISH[event.finish_reason]}]})
-            except ServeError as e:
-                yield sse(openai_error(e))
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(lines(), media_type="text/event-stream")
+        async def chunks():
+            async for i, event in events.stream(request):
+                if isinstance(event, Token):
+                    lp = None if k is None else logprobs_json(state, [event.id], [event.text], [event.logprob],
+                                                              [event.top], 0)
+                    yield i, event, {"text": event.text, "logprobs": lp, "finish_reason": None}
+                elif isinstance(event, Finished):
+                    yield i, event, {"text": "", "logprobs": None, "finish_reason": FINISH[event.finish_reason]}
+        return sse_answer(chunks(), head, jobs, with_usage)
     results = await events.collect(request)
     if results is None:
         return client_gone()
     choices = [completion_choice(state, j, r, i, body.echo, k) for i, (j, r) in enumerate(zip(jobs, results))]
-    return {**head, "choices": choices, "usage": usage(jobs, results)}
+    return {**head, "choices": choices, "usage": usage(jobs, [r.finished for r in results])}
 
 
 def message_dicts(messages):
     """OpenAI messages -> the templates' {"role", "content": str}; text parts of a content list are joined."""
     out = []
     for k, m in enumerate(messages):
+        if m.name is not None:
+            raise field_error("messages", f"message {k}: name is not supported by this server's chat templates")
         content = m.content
         if isinstance(content, list):
             if any(part.get("type") != "text" for part in content):
-                raise ServeError(f"message {k}: only text content parts are supported")
+                raise field_error("messages", f"message {k}: only text content parts are supported")
             content = "".join(str(part.get("text", "")) for part in content)
         out.append({"role": m.role, "content": content or ""})
     return out
+
+
+def token_entry(tokenizer, i, logprob):
+    """Chat logprobs' {token, logprob, bytes} for one token id: its own text out of context, and its bytes
+    (a byte-fallback piece such as <0xE2> is that one byte, which need not be valid UTF-8 alone)."""
+    piece = token_text(tokenizer, i)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        raw = bytes([int(piece[3:5], 16)])
+        piece = raw.decode("utf-8", errors="backslashreplace")
+    else:
+        raw = piece.encode("utf-8")
+    return {"token": piece, "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(tokenizer, tokens, stop_ids):
+    """{"content": [...]} for the generated tokens; a stop token (</s>, <|im_end|>) is not content."""
+    content = []
+    for t in tokens:
+        if t.id in stop_ids:
+            continue
+        entry = token_entry(tokenizer, t.id, t.logprob)
+        entry["top_logprobs"] = [token_entry(tokenizer, i, lp) for i, lp in (t.top or [])]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def chat_top_logprobs(body):
+    """-1 (no logprobs), or how many alternatives each token shows: OpenAI's rules for the two fields."""
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise field_error("top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}")
+    if not body.logprobs:
+        if top:
+            raise field_error("top_logprobs", "top_logprobs needs logprobs set to true")
+        return -1
+    return top or 0
 
 
 @router.post("/chat/completions")
@@ -234,9 +340,10 @@ async def chat_completions(body: ChatRequest, request: Request):
     state = request.app.state.server
     scheduler = state.ready()
     state.check_model(body.model)
+    refuse_unsupported(body, CHAT_OFF)
     check_n(body.n)
-    if body.tools:
-        raise ServeError("tools are not supported by this server")
+    top = chat_top_logprobs(body)
+    with_usage = include_usage(body)
     tokenizer = state.model.tokenizer
     try:
         ids = encode_chat(tokenizer, message_dicts(body.messages), state.template)
@@ -249,51 +356,50 @@ async def chat_completions(body: ChatRequest, request: Request):
         max_tokens = max(state.max_context - len(ids), 0)    # as OpenAI: up to the end of the context
     if max_tokens <= 0:
         state.check_length(ids, 1, "max_tokens")
-        raise ServeError(f"max_tokens must be at least 1, got {max_tokens}")
+        raise field_error("max_tokens", f"max_tokens must be at least 1, got {max_tokens}")
     state.check_length(ids, max_tokens, "max_tokens")
     template_stops, stop_ids = stop_conditions(state.template, tokenizer)
-    params = sampling(body)
-    jobs = [Job(prompt_ids=ids, max_new_tokens=max_tokens, params=p, stop_ids=frozenset(stop_ids),
-                stop_strings=tuple(stop_list(body.stop) + template_stops)) for p in choice_seeds(params, body.n)]
+    stop_ids = frozenset(stop_ids)
+    params = sampling(state, body)
+    jobs = [Job(prompt_ids=ids, max_new_tokens=max_tokens, params=p, stop_ids=stop_ids,
+                stop_strings=tuple(stop_list(body.stop) + template_stops), top_logprobs=top)
+            for p in choice_seeds(params, body.n)]
     events = Events(jobs)
     scheduler.submit(jobs)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
             "system_fingerprint": None}
     if body.stream:
-        async def lines():
-            chunk = {**head, "object": "chat.completion.chunk"}
+        async def chunks():
             for i in range(len(jobs)):
-                yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
-            try:
-                async for i, event in events.stream(request):
-                    if isinstance(event, Token) and event.text:
-                        yield sse({**chunk, "choices": [{"index": i, "delta": {"content": event.text},
-                                                         "logprobs": None, "finish_reason": None}]})
-                    elif isinstance(event, Finished):
-                        yield sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                         "finish_reason": FINISH[event.finish_reason]}]})
-            except ServeError as e:
-                yield sse(openai_error(e))
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(lines(), media_type="text/event-stream")
+                yield i, None, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}
+            async for i, event in events.stream(request):
+                if isinstance(event, Token) and (event.text or (top >= 0 and event.id not in stop_ids)):
+                    lp = chat_logprobs(tokenizer, [event], stop_ids) if top >= 0 else None
+                    yield i, event, {"delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
+                elif isinstance(event, Finished):
+                    yield i, event, {"delta": {}, "logprobs": None, "finish_reason": FINISH[event.finish_reason]}
+        return sse_answer(chunks(), {**head, "object": "chat.completion.chunk"}, jobs, with_usage)
     results = await events.collect(request)
     if results is None:
         return client_gone()
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.finished.text}, "logprobs": None,
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.finished.text},
+                "logprobs": chat_logprobs(tokenizer, r.tokens, stop_ids) if top >= 0 else None,
                 "finish_reason": FINISH[r.finished.finish_reason]} for i, r in enumerate(results)]
-    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(jobs, results)}
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": usage(jobs, [r.finished for r in results])}
 
 
 OPENAI_TYPES = {"validation": ("invalid_request_error", 400), "not_found": ("invalid_request_error", 404),
                 "overloaded": ("server_error", 503), "unavailable": ("server_error", 503),
-                "generation": ("server_error", 500)}
+                "generation": ("server_error", 500), "unauthorized": ("invalid_request_error", 401)}
 
 
 def openai_error(e):
     kind = e.kind if isinstance(e, ServeError) else "validation"
-    code = {"not_found": "model_not_found"}.get(kind, kind)
-    return {"error": {"message": str(e), "type": OPENAI_TYPES[kind][0], "param": None, "code": code}}
+    code = {"not_found": "model_not_found", "unauthorized": "invalid_api_key"}.get(kind, kind)
+    return {"error": {"message": str(e), "type": OPENAI_TYPES[kind][0], "param": getattr(e, "param", None),
+                      "code": code}}
 
 
 def openai_status(e):
