@@ -2,19 +2,16 @@
 
 They compute what tinyllama_ref/quant.py's reference does (float32 arithmetic throughout), without ever
 building a float copy of the whole weight matrix. The files, one idea each:
-  gptq.py          (this file) what prepare() makes of a layer once at load, and gptq_matmul() which picks a
-                   kernel by the number of activation rows
-  gptq_passes.py   the innermost loops: x . codes over a few packed rows (why one code costs ~3 instructions)
-  gptq_gemv.py     decode (up to GEMV_MAX_ROWS rows): the fused GEMV with the group-sum factorisation
-  gptq_prefill.py  prefill: slabs of columns dequantized to float32, multiplied with BLAS (slabs.py)
-  gptq_inplace.py  the same two for act-order layers read in the checkpoint's own row order
-  amx_codes.py     prefill where the CPU has AMX: 4-bit codes straight into bfloat16 tiles (exact products)
-  amx.py           prefill on AMX for the other layouts: dequantized slabs split into two bfloat16s
-  split8.py        decode on VNNI CPUs: x split exactly into four int8 pieces, integer dot products with the
-                   codes (float32 accuracy, 1.7-1.8x the float GEMV's speed)
-  int8.py          the opt-in int8-activation decode (approximate; never the default)
-  int8_gemm.py     its prefill: int8 activations against the packed codes, VNNI register tiles
-  gptq_tiles.py    prefill without AMX: float32 register tiles that decode the codes themselves (no slabs)
+  gptq.py          (this file) what prepare() makes of a layer once at load, and gptq_matmul(), which runs
+                   the kernel that table.py names for the layer, the number of rows, the mode and the tier
+  cpu.py           the CPU tier (generic, avx2, avx512, vnni, amx), probed once
+  table.py         the one table from (layout, mode, bits, tier, rows) to a kernel; docs/kernels.md shows it
+  llvm.py          the LLVM IR helpers every intrinsic uses
+  generic/         every CPU: the fused GEMV and its passes, the in-place act-order kernels, slabs + BLAS
+  avx2/            16 ymm registers: split8 and int8 on maddubs/madd, 6 x 16 register tiles
+  avx512/          32 zmm registers: 12 x 32 register tiles
+  vnni/            vpdpbusd: split8 (exact decode), the int8 mode's GEMV and GEMM
+  amx/             AMX tiles: 4-bit codes into bfloat16 tiles, dequantized slabs split in two bfloat16s
 
 Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepare_seconds):
   "segments"  qw [R, out] uint32: the checkpoint's qweight viewed as unsigned (zero-copy) or, for act-order
@@ -39,43 +36,22 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import compile_note, cpu, table
 from .amx import amx, amx_codes
 from .avx512 import gptq_tiles
-from .vnni import split8
-from .compile_note import announce_if_cold
 from .generic.gptq_gemv import gemv
 from .generic.gptq_inplace import dequantize_slab_inplace, gemv_inplace
 from .generic.gptq_passes import or_code_u32, unit_shape
 from .generic.gptq_prefill import dequantize_slab
 from .generic.slabs import run_slabs
+from .vnni import split8
 
-GEMV_MAX_ROWS = 32         # up to this many activation rows: fused GEMV (weights read once for all rows);
-                           # beyond: tile + BLAS. Measured on the 7B and 70B shapes, 4-bit: fused 1.5-3x faster
-                           # at 16-32 rows, even at 64
-INT8_GEMV_MAX_ROWS = 8     # int8 mode (opt-in): up to this many rows the int8 GEMV (once per row, long
-                           # column blocks that stream); beyond, the int8 GEMM's register tiles (int8_gemm.py).
-                           # Measured on 4096 x 11008, 4-bit: GEMV 0.8 vs GEMM 2.3 ms at 1 row, 2.8 vs 3.1 at
-                           # 8 rows, 5.4 vs 3.1 at 16
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
                            # prefetchers follow long runs of each packed row; measured 1.2-1.3x over two)
-INPLACE_GEMV_MAX_ROWS = 32 # "inplace" plans: up to this many rows take gemv_inplace (codes decoded once for all
-                           # rows) rather than slabs + BLAS; 70B shapes, 4-bit g128, Zen 5, 2 threads: 32 rows
-                           # 50-52 ms against 80-84, 64 rows 120-125 against 110-127
-AMX_INPLACE_GEMV_ROWS = 4  # ... but with AMX, past this many rows the gathered code tiles are faster (70B shapes,
-                           # 4-bit g128, 2 threads: tie at 4 rows, 1.3-1.4x at 6; amx_codes.stack_parts)
-AMX_GEMV_MAX_ROWS = 3      # with AMX, "segments" plans leave the fused GEMV for the code tiles (amx_codes.py) past
-                           # this many rows: 70B shapes, tie to 1.4x at 4 rows, 1.7-2.5x at 8; GEMV 1.1-1.8x at 2
-SPLIT_AMX_MAX_ROWS = 3     # on VNNI, decode rows take split8's integer pieces instead of the float GEMV: all of
-                           # them up to GEMV_MAX_ROWS (Xeon, 4096 x 11008, 2 threads: 0.56-0.63x the float GEMV's
-                           # time at 1 to 16 rows; Zen 5, 70B shapes: 0.9-1.1x at 1 row, 0.7-0.75x at 2-32), and
-                           # up to this many with AMX, whose code tiles win past it
-TILES = True               # many rows on gptq_tiles.py's register tiles (use_tiles); False: slabs + BLAS (for
-                           # comparisons: bench kernels, tools). Measured on Zen 5, 4-bit g128, 2 threads, 64 rows:
-                           # 7B shapes 400-430 against 195-205 GFLOP/s, 70B in place 320-390 against 180-220
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
 INPLACE_MAX_BLOCK = 1024            # "inplace" plans: widest column block
 TILE_FLOATS = 8 * 2**20    # prefill: float32 slabs (all input rows x some columns) of at most 32 MB in all
-                           # threads together; see kernels/generic/slabs.py for why each thread runs its own slabs
+                           # threads together; see kernels/generic/slabs.py for why each thread runs its own
 SMALL_PREFILL_ROWS = 128   # up to this many rows BLAS spends few flops per weight, so the slab must stay in
 SMALL_PREFILL_COLUMNS = 64 # L2 while BLAS reads it: 64 columns (1-3 MB at 4096-11008 inputs). Measured on the
                            # 7B shapes, 64 rows, one thread: 64 columns 1.3x faster than 1024; at 512 rows the
@@ -164,6 +140,7 @@ class SegmentsPlan:
     prepare_note: str
     perm: np.ndarray = None     # repacked: [padded] int64 original input of each sorted row, -1 for padding
     gather: np.ndarray = None   # repacked: perm with padding pointing at an extra zero column (permute_x)
+    tier: str = "generic"       # the CPU tier whose kernels run this layer (cpu.py, table.py)
     layout = "segments"
 
     @functools.cached_property
@@ -174,7 +151,7 @@ class SegmentsPlan:
 
     def __repr__(self):
         return (f"SegmentsPlan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}, "
-                f"prepare={self.prepare_note})")
+                f"tier={self.tier}, prepare={self.prepare_note})")
 
 
 @dataclass(repr=False)
@@ -191,12 +168,13 @@ class InplacePlan:
     zero_add: int
     const_zero: int
     prepare_note: str = "in place (act-order read through g_idx)"
+    tier: str = "generic"
     layout = "inplace"
     repacked = False
     perm = None
 
     def __repr__(self):
-        return f"InplacePlan(bits={self.bits}, groups={self.n_groups}, prepare={self.prepare_note})"
+        return f"InplacePlan(bits={self.bits}, groups={self.n_groups}, tier={self.tier}, prepare={self.prepare_note})"
 
 
 def _segments(unit_groups):
@@ -227,42 +205,14 @@ def _constant_zero(qzeros, bits, n_out, zero_add):
     return -1
 
 
-def kernels_for(plan):
-    """The compiled kernels that gptq_matmul (exact mode) calls for this plan, decode rows and many rows, chosen
-    by the same tests as its dispatch. The compile note asks only about these: a kernel this CPU never runs
-    (the float GEMV where split8 serves, the slabs where tiles do) must not make a warm cache look cold."""
-    if plan.layout == "inplace":
-        if gathered_tiles(plan.bits, plan.qw.shape[1]):
-            many = [amx.split_x, amx_codes.product_gathered]
-        elif use_tiles(plan):
-            many = [gptq_tiles.pack_x, gptq_tiles.slab_inplace]
-        elif amx.supports(plan.qw.shape[1], plan.bits) and amx.available():
-            many = [amx.split_x, amx.product_inplace]
-        else:
-            many = [dequantize_slab_inplace]
-        return [gemv_inplace] + many
-    codes_tiles = amx_codes.supports(plan) and amx.available()
-    decode = [split8.split_rows, split8.gemv_split] if split8.usable(plan) else []
-    if not decode or (codes_tiles and AMX_GEMV_MAX_ROWS > SPLIT_AMX_MAX_ROWS):
-        decode.append(gemv)
-    if use_tiles(plan):
-        many = [gptq_tiles.pack_x, gptq_tiles.slab_segments]
-    elif codes_tiles:
-        many = [amx_codes.split_x_paired, amx_codes.product_codes]
-    elif amx.supports(plan.qw.shape[1], plan.bits) and amx.available():
-        many = [amx.split_x, amx.product_segments]
-    else:
-        many = [dequantize_slab]
-    return decode + many
+def kernels_for(plan, mode="exact", max_rows=None):
+    """The compiled kernels (Numba dispatchers) that gptq_matmul can call for this plan, read from the table
+    (up to max_rows activation rows): what a test checks against the calls."""
+    names = table.kernels_for(table.layer_of(plan), mode, plan.tier, max_rows)
+    return [d for name in names for d in table.dispatchers(name)]
 
 
-def _announce_cold(plan):
-    """The compile note (compile_note.py) for the kernels this plan will call (kernels_for)."""
-    announce_if_cold(kernels_for(plan), "GPTQ kernels")
-    return plan
-
-
-def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True):
+def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None):
     """The kernel layout for one validated layer (see the module docstring).
 
     Zero-copy when every unit of packed rows lies in one group and groups come in few runs (no act-order, or
@@ -270,7 +220,9 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     of 32) the codes are repacked with input rows sorted by group, each group padded to whole units, unless
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
+    tier: the CPU tier whose kernels run the layer (cpu.resolve; None: this process's).
     """
+    tier = cpu.resolve(tier)
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
     zero_add = 1 if checkpoint_format == "gptq" else 0
@@ -289,11 +241,12 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
             plan = SegmentsPlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_units * unit_codes,
                                 seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                                zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy")
-            return _announce_cold(plan)
+                                zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy",
+                                tier=tier)
+            return plan
     if not repack:
-        return _announce_cold(_inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero))
-    announce_if_cold([repack_rows if bits == 3 else repack_words], "GPTQ kernels")   # before the repack runs
+        return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero, tier)
+    compile_note.before_call([repack_rows if bits == 3 else repack_words], "GPTQ kernels")   # the repack runs now
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]
@@ -319,11 +272,11 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
                         qzeros=np.ascontiguousarray(qzeros).view(np.uint32), zero_add=zero_add,
                         const_zero=const_zero, repacked=True,
                         prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group", perm=perm,
-                        gather=gather)
-    return _announce_cold(plan)
+                        gather=gather, tier=tier)
+    return plan
 
 
-def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
+def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero, tier):
     """The "inplace" layout: qweight as mapped, plus g_idx padded to whole units (padding inputs read group 0
     and x = 0). Only O(in) bookkeeping is made here; nothing the size of the weights."""
     n_in = len(g)
@@ -333,7 +286,7 @@ def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero):
     gi[:n_in] = g
     return InplacePlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_padded, g_idx=gi, n_groups=scales.shape[0],
                        scales=scales.view(np.uint16), qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                       zero_add=zero_add, const_zero=const_zero)
+                       zero_add=zero_add, const_zero=const_zero, tier=tier)
 
 
 def inplace_block(n_out, n_groups):
@@ -356,59 +309,13 @@ def repack_inplace(plan):
     exact in-place slabs. The copy lives for one call; its bytes are counted in the memory budget
     (model.streamed_repack_bytes)."""
     return prepare(plan.qw, plan.qzeros, plan.scales, plan.g_idx[:plan.n_in], plan.bits,
-                   "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True)
+                   "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True, tier=plan.tier)
 
 
-def gathered_tiles(bits, n_out):
-    """Many-row products of an "inplace" layer of this shape run on AMX's gathered code tiles (exact)."""
-    return amx_codes.gathers(bits, n_out) and amx.available()
-
-
-def int8_copies_inplace(bits, n_out):
-    """Whether int8 mode copies an "inplace" layer of this shape in group order for its many-row calls
-    (repack_inplace, then the int8 GEMM): 3 and 4 bits, except where the gathered code tiles serve it, which
-    were 1.0-1.6x faster than copy + int8 GEMM (70B shapes, 16-128 rows, 2 threads) and need no copy."""
-    return bits in (3, 4) and not gathered_tiles(bits, n_out)
-
-
-def _gptq_matmul_inplace(plan, x):
-    """gptq_matmul for an "inplace" plan: x stays in input order; per-group sums of x are made per call."""
-    n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    gathered = gathered_tiles(plan.bits, n_out)
-    if n_rows <= INPLACE_GEMV_MAX_ROWS and not (gathered and n_rows > AMX_INPLACE_GEMV_ROWS):
-        y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
-        # [N, padded] in rows one cache line longer, so that the rows do not share L1 sets (8192 inputs are
-        # 32 KB: at 16 rows the GEMV ran 3-4x slower without it)
-        xg = np.zeros((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]
-        xg[:, :plan.n_in] = x
-        sumx = np.zeros((n_rows, plan.n_groups), dtype=np.float32)           # [N, G]
-        for n in range(n_rows):
-            sumx[n] = np.bincount(plan.g_idx[:plan.n_in], weights=x[n], minlength=plan.n_groups)
-        gemv_inplace(plan.qw, xg, plan.g_idx, sumx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-                     plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), y)
-        return y
-    if gathered:                                             # the codes, gathered into group order
-        return _amx_gathered_matmul(plan, x)
-    if use_tiles(plan):                                      # register tiles that decode the codes
-        return _tiles_matmul(plan, x)
-    if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
-        return _amx_matmul(x, n_out, lambda xs, j0, j1, tile, bv, widened, y: amx.product_inplace(
-            amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in,
-            j0, j1, widened[0], widened[1], tile, bv, y),
-            lambda: (np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32),))   # scales, zeros [G, SLAB]
-    return _slab_matmul(x, n_out, lambda j0, j1, t: dequantize_slab_inplace(
-        plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
-
-
-def tiles_for(bits):
-    """Whether many-row products of `bits`-bit layers take gptq_tiles.py's register tiles: 3 and 4 bits, where
-    the CPU has no AMX (whose tiles are faster still)."""
-    return TILES and bits in gptq_tiles.BITS and not amx.available()
-
-
-def use_tiles(plan):
-    """tiles_for the plan's bit width, and its codes lie in whole units."""
-    return tiles_for(plan.bits) and gptq_tiles.supports(plan)
+def int8_copies_inplace(bits, n_out, tier=None):
+    """Whether int8 mode copies a streamed ("inplace") layer of this shape in group order for its many-row calls
+    (repack_inplace, then the int8 GEMM): the table's answer, which the memory budget reserves for."""
+    return table.int8_copies(table.Layer("inplace", bits, n_out), tier or cpu.process_tier())
 
 
 def _tiles_matmul(plan, x):
@@ -582,44 +489,124 @@ def gemv_block(n_out):
     return max(32, -(-per_task // 32) * 32)
 
 
-def gptq_matmul(plan, x, mode="exact"):
-    """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias).
+# -- the kernels as the table names them: run(name, plan, x) with x [N, in] float32 in input order -> y [N, out]
 
-    mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 and uses kernels/vnni/int8.py
-    (decode rows, 4-bit) or kernels/vnni/int8_gemm.py (more rows, 4- and 3-bit; "inplace" plans are repacked for
-    the call, repack_inplace); layers they cannot serve (2 and 8 bits, 3-bit and "inplace" decode rows) stay
-    exact, and so do "inplace" plans that AMX's gathered code tiles serve (int8_copies_inplace)."""
-    if plan.layout == "inplace":
-        if mode == "int8" and x.shape[0] > INT8_GEMV_MAX_ROWS and int8_copies_inplace(plan.bits, plan.qw.shape[1]):
-            sorted_plan = repack_inplace(plan)          # a transient copy sorted by group, for this call only
-            from .vnni import int8_gemm
-            if int8_gemm.supports(sorted_plan):
-                return gptq_matmul(sorted_plan, x, mode)
-        return _gptq_matmul_inplace(plan, x)
-    n_rows, n_out = x.shape[0], plan.qw.shape[1]
-    if mode == "exact" and n_rows > GEMV_MAX_ROWS and use_tiles(plan):
-        return _tiles_matmul(plan, x)                # x is put in the plan's row order while it is packed
+def _gemv(plan, x):
     xp = permute_x(plan, x)                                                  # [N, padded]
-    if mode == "int8":
-        from .vnni import int8, int8_gemm
-        if n_rows > INT8_GEMV_MAX_ROWS and int8_gemm.supports(plan):
-            return int8_gemm.gptq_matmul_int8_gemm(plan, xp)
-        if n_rows <= INT8_GEMV_MAX_ROWS and int8.supports(plan):
-            y = np.empty((n_rows, n_out), dtype=np.float32)                  # [N, out]
-            return int8.gptq_matmul_int8(plan, xp, y, gemv_block(n_out))
-    codes_tiles = amx_codes.supports(plan) and amx.available()
-    if n_rows <= (SPLIT_AMX_MAX_ROWS if codes_tiles else GEMV_MAX_ROWS) and split8.usable(plan):
-        return split8.gptq_matmul_split(plan, xp, gemv_block(n_out))
-    if n_rows <= (AMX_GEMV_MAX_ROWS if codes_tiles else GEMV_MAX_ROWS):
-        y = np.empty((n_rows, n_out), dtype=np.float32)                      # [N, out]
-        gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-             plan.const_zero, gemv_block(n_out), y)
-        return y
-    if codes_tiles:                                          # 4-bit codes straight into AMX tiles
-        return _amx_codes_matmul(plan, xp)
-    if amx.supports(n_out, plan.bits) and amx.available():   # the same products on AMX tiles
-        return _amx_matmul(xp, n_out, lambda xs, j0, j1, tile, bv, y: amx.product_segments(
-            amx.CONFIG, xs, plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
-            plan.zero_add, j0, j1, tile, bv, y))
-    return _slab_matmul(xp, n_out, lambda j0, j1, t: dequantize_slab(
+    y = np.empty((x.shape[0], plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
+         plan.const_zero, gemv_block(plan.qw.shape[1]), y)
+    return y
+
+
+def _gemv_inplace(plan, x):
+    """x stays in input order; per-group sums of x are made per call."""
+    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
+    # [N, padded] in rows one cache line longer, so that the rows do not share L1 sets (8192 inputs are
+    # 32 KB: at 16 rows the GEMV ran 3-4x slower without it)
+    xg = np.zeros((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]
+    xg[:, :plan.n_in] = x
+    sumx = np.zeros((n_rows, plan.n_groups), dtype=np.float32)               # [N, G]
+    for n in range(n_rows):
+        sumx[n] = np.bincount(plan.g_idx[:plan.n_in], weights=x[n], minlength=plan.n_groups)
+    gemv_inplace(plan.qw, xg, plan.g_idx, sumx, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
+                 plan.const_zero, plan.n_in, inplace_block(n_out, plan.n_groups), y)
+    return y
+
+
+def _blas_slabs(plan, x):
+    return _slab_matmul(permute_x(plan, x), plan.qw.shape[1], lambda j0, j1, t: dequantize_slab(
         plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add, j0, j1, t))
+
+
+def _blas_slabs_inplace(plan, x):
+    return _slab_matmul(x, plan.qw.shape[1], lambda j0, j1, t: dequantize_slab_inplace(
+        plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
+
+
+def _split8(plan, x):
+    return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
+
+
+def _split8_avx2(plan, x):
+    from .avx2 import split8 as split8_avx2
+    return split8_avx2.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
+
+
+def _int8_gemv(plan, x):
+    from .vnni import int8
+    y = np.empty((x.shape[0], plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.qw.shape[1]))
+
+
+def _int8_gemv_avx2(plan, x):
+    from .avx2 import int8 as int8_avx2
+    y = np.empty((x.shape[0], plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.qw.shape[1]))
+
+
+def _int8_gemm(plan, x):
+    from .vnni import int8_gemm
+    return int8_gemm.gptq_matmul_int8_gemm(plan, permute_x(plan, x))
+
+
+def _int8_gemm_avx2(plan, x):
+    from .avx2 import int8_gemm as int8_gemm_avx2
+    return int8_gemm_avx2.gptq_matmul_int8_gemm(plan, permute_x(plan, x))
+
+
+def _int8_repacked(plan, x):
+    """A transient copy of the streamed layer sorted by group, for this call only, then int8 mode on it."""
+    return gptq_matmul(repack_inplace(plan), x, "int8")
+
+
+def _tiles_avx2(plan, x):
+    from .avx2 import tiles as tiles_avx2
+    return tiles_avx2.tiles_matmul(plan, x)
+
+
+def _amx_codes(plan, x):
+    return _amx_codes_matmul(plan, permute_x(plan, x))
+
+
+def _amx_slabs(plan, x):
+    return _amx_matmul(permute_x(plan, x), plan.qw.shape[1], lambda xs, j0, j1, tile, bv, y: amx.product_segments(
+        amx.CONFIG, xs, plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
+        plan.zero_add, j0, j1, tile, bv, y))
+
+
+def _amx_slabs_inplace(plan, x):
+    return _amx_matmul(x, plan.qw.shape[1], lambda xs, j0, j1, tile, bv, widened, y: amx.product_inplace(
+        amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in,
+        j0, j1, widened[0], widened[1], tile, bv, y),
+        lambda: (np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32),))   # scales, zeros [G, SLAB]
+
+
+RUN = {
+    "gemv": _gemv, "gemv_inplace": _gemv_inplace, "blas_slabs": _blas_slabs,
+    "blas_slabs_inplace": _blas_slabs_inplace, "split8": _split8, "split8_avx2": _split8_avx2,
+    "tiles": _tiles_matmul, "tiles_inplace": _tiles_matmul, "tiles_avx2": _tiles_avx2,
+    "tiles_avx2_inplace": _tiles_avx2, "int8_gemv": _int8_gemv, "int8_gemv_avx2": _int8_gemv_avx2,
+    "int8_gemm": _int8_gemm, "int8_gemm_avx2": _int8_gemm_avx2, "int8_repacked": _int8_repacked,
+    "amx_codes": _amx_codes, "amx_gathered": _amx_gathered_matmul, "amx_slabs": _amx_slabs,
+    "amx_slabs_inplace": _amx_slabs_inplace,
+}
+
+
+def run(name, plan, x):
+    """Run the kernel `name` of the table on x [N, in] float32 (C-contiguous) -> y [N, out] float32, saying so
+    first if it is about to compile (compile_note.py). gptq_matmul chooses the name; tests and benchmarks may
+    name one directly to compare kernels on the same layer."""
+    compile_note.before_call(table.dispatchers(name), "GPTQ kernels")
+    return RUN[name](plan, x)
+
+
+def gptq_matmul(plan, x, mode="exact"):
+    """y = x @ W for x [N, in] float32 C-contiguous -> [N, out] float32 (no bias), on the kernel that
+    kernels/table.py names for this layer, x.shape[0] rows, the mode and the plan's tier.
+
+    mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 where the table has an
+    int8 kernel for the layer (4-bit decode rows; 3- and 4-bit prefill; streamed act-order layers are copied in
+    group order for the call, repack_inplace); other layers stay exact."""
+    return run(table.choose(table.layer_of(plan), x.shape[0], mode, plan.tier), plan, x)

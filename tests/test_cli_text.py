@@ -156,9 +156,9 @@ def test_chat_turns_reset_quit(ckpt):
 
 
 def test_int8_mode_is_opt_in_and_close(ckpt):
-    from tinyllama_ref.kernels.vnni.int8 import vnni_available
-    if not vnni_available():
-        pytest.skip("this CPU has no AVX512-VNNI")
+    from tinyllama_ref.kernels import cpu, table
+    if not table.int8_available(cpu.process_tier()):
+        pytest.skip(f"int8 mode has no kernels at this process's CPU tier ({cpu.describe()})")
     args = ["generate", ckpt, "--prompt", "The patient", "-n", "4", "--json", "--ignore-eos", "--greedy"]
     exact = json.loads(invoke(*args).stdout)
     approx = invoke(*args, "--gptq-mode", "int8")

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from tinyllama_ref.cli import main
-from tinyllama_ref.kernels.vnni.int8 import vnni_available
+from tiers import needs_int8
 from tinyllama_ref.measure.int8_accuracy import compare_logits, perplexity_of
 
 
@@ -27,7 +27,7 @@ def test_kl_top1_and_perplexity_agree_with_torch():
     assert perplexity_of(exact, ids) == pytest.approx(float(torch.exp(nll)), rel=1e-9)
 
 
-@pytest.mark.skipif(not vnni_available(), reason="needs AVX512-VNNI")
+@needs_int8
 def test_bench_int8_accuracy_on_a_tiny_model():
     run = CliRunner().invoke(main, ["bench", "int8-accuracy", "--tiny", "--tokens", "12,20", "--generate", "8",
                                    "--json"])

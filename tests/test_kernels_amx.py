@@ -10,9 +10,10 @@ import pytest
 
 from gptq_packer import make_layer
 from tinyllama_ref.kernels.amx import amx, amx_codes
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 
-pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this machine (or not granted)")
+pytestmark = needs("amx")
 
 
 def _bf16(bits16):
@@ -70,7 +71,7 @@ def test_gptq_prefill_on_tiles(case, repack):
     layer = make_layer(rng, 1100 if case["bits"] != 3 else 1088, 160, **case)
     plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], case["bits"],
                         case.get("checkpoint_format", "gptq"), repack=repack)
-    for n_rows in (gptq.GEMV_MAX_ROWS + 1, 64):
+    for n_rows in (table.GEMV_MAX_ROWS + 1, 64):
         x = rng.standard_normal((n_rows, layer["W"].shape[0])).astype(np.float32)
         _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
 
@@ -102,8 +103,7 @@ def test_tiles_are_used_and_agree_with_blas(monkeypatch, bits, repack, kernel):
     monkeypatch.setattr(module, kernel, lambda *a: calls.append(1) or real(*a))
     on_tiles = gptq.gptq_matmul(plan, x)
     assert calls, f"{kernel} was not called"
-    monkeypatch.setattr(amx, "available", lambda: False)
-    on_blas = gptq.gptq_matmul(plan, x)
+    on_blas = gptq.run("blas_slabs" if repack else "blas_slabs_inplace", plan, x)
     _float32_close(on_tiles, x, layer["W"])
     _float32_close(on_blas, x, layer["W"])
 
@@ -164,9 +164,6 @@ def test_few_rows_on_code_tiles(monkeypatch, n_rows, repack):
     (one product per step), 11 rows take the three-part products. Every row count is sent to the tiles here,
     whatever the routing thresholds, and checked against x @ W of the independent packer (asymmetric zeros,
     act-order)."""
-    monkeypatch.setattr(gptq, "AMX_GEMV_MAX_ROWS", 0)
-    monkeypatch.setattr(gptq, "SPLIT_AMX_MAX_ROWS", 0)
-    monkeypatch.setattr(gptq, "AMX_INPLACE_GEMV_ROWS", 0)
     stacked = []
     real = amx_codes.stack_parts
     monkeypatch.setattr(amx_codes, "stack_parts", lambda xs, n: stacked.append(n) or real(xs, n))
@@ -175,7 +172,7 @@ def test_few_rows_on_code_tiles(monkeypatch, n_rows, repack):
     plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
                         repack=repack)
     x = rng.standard_normal((n_rows, 384)).astype(np.float32)
-    _float32_close(gptq.gptq_matmul(plan, x), x, layer["W"])
+    _float32_close(gptq.run("amx_codes" if repack else "amx_gathered", plan, x), x, layer["W"])
     assert stacked == ([n_rows] if 3 * n_rows <= amx_codes.STACKED_ROWS else [])
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 from tinyllama_ref.kernels.generic import gptq_passes, gptq_prefill
 
 MEDITRON = [(4, -1), (4, 128), (4, 32), (3, -1), (3, 128), (3, 32)]
@@ -38,7 +39,7 @@ def test_kernel_reproduces_x_at_w(case):
     rng = np.random.default_rng(5)
     layer = make_layer(rng, 256, 96, **case)
     plan = _plan(layer, case)
-    for n_rows in (1, 3, gptq.GEMV_MAX_ROWS + 5):           # fused GEMV once, a few times, tile + BLAS
+    for n_rows in (1, 3, table.GEMV_MAX_ROWS + 5):           # fused GEMV once, a few times, tile + BLAS
         x = rng.normal(size=(n_rows, 256)).astype(np.float32)                    # [N, in]
         _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
 
@@ -230,61 +231,32 @@ def test_compile_note_names_only_the_kernels_a_layout_calls(monkeypatch, capsys)
     assert "compiling GPTQ kernels" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tiles", [True, False])
-def test_compile_note_names_the_prefill_kernel_that_runs(monkeypatch, capsys, tiles):
-    """Where the register tiles serve the prefill, an uncompiled slab kernel must not print the note on every
-    run (it is never called, so its cache never appears); an uncompiled tile kernel must."""
+def test_compile_note_asks_only_about_the_kernel_that_runs(monkeypatch, capsys):
+    """The note is printed just before a kernel without a cached build runs, not for kernels the table would
+    choose for other row counts: a decode row with a cold prefill kernel says nothing."""
     from tinyllama_ref.kernels import compile_note
-    from tinyllama_ref.kernels.avx512 import gptq_tiles
-    monkeypatch.setattr(gptq.amx, "available", lambda: False)
-    monkeypatch.setattr(gptq, "TILES", tiles)
-    unused, used = ((gptq.dequantize_slab, gptq_tiles.slab_segments) if tiles else
-                    (gptq_tiles.slab_segments, gptq.dequantize_slab))
     layer = make_layer(np.random.default_rng(4), 128, 32, 4, 32)
-    args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-    for cold, said in (({unused}, False), ({used}, True)):
-        monkeypatch.setattr(compile_note, "_is_cached", lambda d, cold=cold: d not in cold)
-        monkeypatch.setattr(compile_note, "_said", {})
-        assert gptq.prepare(*args).layout == "segments"
-        assert ("compiling GPTQ kernels" in capsys.readouterr().err) == said
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    decode = table.dispatchers(table.choose(table.layer_of(plan), 1, "exact", plan.tier))
+    prefill = table.dispatchers(table.choose(table.layer_of(plan), 64, "exact", plan.tier))
+    cold = set(prefill) - set(decode)
+    assert cold
+    monkeypatch.setattr(compile_note, "is_cached", lambda d: d not in cold)
+    monkeypatch.setattr(compile_note, "_said", {})
+    monkeypatch.setattr(compile_note, "_warm", set())
+    x = np.random.default_rng(5).standard_normal((64, 128)).astype(np.float32)
+    gptq.gptq_matmul(plan, x[:1])
+    assert "compiling" not in capsys.readouterr().err
+    gptq.gptq_matmul(plan, x)
+    assert "compiling GPTQ kernels" in capsys.readouterr().err
 
 
-_KERNELS = [("gptq", "gemv"), ("gptq", "gemv_inplace"), ("gptq", "dequantize_slab"),
-            ("gptq", "dequantize_slab_inplace"), ("split8", "split_rows"), ("split8", "gemv_split"),
-            ("gptq_tiles", "pack_x"), ("gptq_tiles", "slab_segments"), ("gptq_tiles", "slab_inplace"),
-            ("amx", "split_x"), ("amx", "product_segments"), ("amx", "product_inplace"),
-            ("amx_codes", "split_x_paired"), ("amx_codes", "product_codes"), ("amx_codes", "product_gathered")]
-
-
-@pytest.mark.parametrize("case", [dict(bits=4, group_size=32), dict(bits=4, group_size=128, act_order=True),
-                                  dict(bits=4, group_size=128, act_order=True, repack=False),
-                                  dict(bits=4, group_size=16), dict(bits=3, group_size=32),
-                                  dict(bits=3, group_size=64, act_order=True, repack=False),
-                                  dict(bits=2, group_size=32)], ids=_id)
-@pytest.mark.parametrize("machine", ["this CPU", "no AMX, tiles", "no AMX, slabs"])
-def test_compile_note_asks_about_exactly_the_kernels_that_run(monkeypatch, case, machine):
-    """kernels_for(plan), what the compile note checks, is the set of compiled kernels gptq_matmul really
-    calls for a decode row and a 64-row prefill: every kernel is wrapped to record its calls."""
-    from tinyllama_ref.kernels.amx import amx, amx_codes
-    from tinyllama_ref.kernels.avx512 import gptq_tiles
-    from tinyllama_ref.kernels.vnni import split8
-    modules = dict(gptq=gptq, split8=split8, gptq_tiles=gptq_tiles, amx=amx, amx_codes=amx_codes)
-    if machine != "this CPU":
-        monkeypatch.setattr(amx, "available", lambda: False)
-        monkeypatch.setattr(gptq, "TILES", machine == "no AMX, tiles")
-    case = dict(case)
-    repack = case.pop("repack", True)
-    layer = make_layer(np.random.default_rng(5), 256, 64, **case)
-    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], case["bits"], "gptq",
-                        repack=repack)
-    listed = {modules[m].__dict__[name] for m, name in _KERNELS} & set(gptq.kernels_for(plan))
-    assert listed == set(gptq.kernels_for(plan))                    # every listed kernel is one we watch
-    called = set()
-    for m, name in _KERNELS:
-        real = modules[m].__dict__[name]
-        monkeypatch.setattr(modules[m], name, lambda *a, real=real: called.add(real) or real(*a))
-    rng = np.random.default_rng(6)
-    for rows in (1, 64):
-        x = rng.standard_normal((rows, 256)).astype(np.float32)
-        _close(gptq.gptq_matmul(plan, x), x @ layer["W"])
-    assert called == listed
+def test_compile_note_reads_the_cache_for_this_cpu():
+    """A kernel that has run in this process (cache=True) has a build in Numba's index for this target CPU."""
+    from tinyllama_ref.kernels import compile_note
+    layer = make_layer(np.random.default_rng(4), 128, 32, 4, 32)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    x = np.random.default_rng(5).standard_normal((2, 128)).astype(np.float32)
+    gptq.gptq_matmul(plan, x)
+    for d in table.dispatchers(table.choose(table.layer_of(plan), 2, "exact", plan.tier)):
+        assert compile_note.is_cached(d)

@@ -8,13 +8,14 @@ import pytest
 
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 
 CASES = [dict(bits=4, group_size=128), dict(bits=4, group_size=32), dict(bits=3, group_size=128),
          dict(bits=3, group_size=32), dict(bits=4, group_size=32, sym=False),
          dict(bits=3, group_size=64, sym=False, checkpoint_format="gptq_v2"),
          dict(bits=2, group_size=32, sym=False), dict(bits=8, group_size=64, sym=False)]
-ROWS = (1, 3, gptq.INPLACE_GEMV_MAX_ROWS, 64)      # GEMV once, a few rows, the most GEMV rows, tiles + BLAS
+ROWS = (1, 3, table.INPLACE_GEMV_MAX_ROWS, 64)      # GEMV once, a few rows, the most GEMV rows, tiles + BLAS
 
 
 def _id(case):
@@ -88,7 +89,7 @@ def test_prefill_tiles_many_slabs(monkeypatch):
     monkeypatch.setattr(gptq, "TILE_FLOATS", 64 * 300)    # 64-column slabs: 160 columns = 3 slabs, one partial
     rng = np.random.default_rng(78)
     layer = make_layer(rng, 256, 160, 3, 32, act_order=True, sym=False)
-    _check(layer, 3, "gptq", rng, rows=(gptq.INPLACE_GEMV_MAX_ROWS + 1, 40))
+    _check(layer, 3, "gptq", rng, rows=(table.INPLACE_GEMV_MAX_ROWS + 1, 40))
 
 
 def test_plan_keeps_no_copy_of_the_weights():
@@ -138,7 +139,7 @@ def test_a_row_gets_the_same_numbers_alone_and_in_a_batch(bits):
     rng = np.random.default_rng(50 + bits)
     layer = make_layer(rng, 320, 72, bits, 32, act_order=True, sym=False)   # 72: a scalar column tail
     plan, _ = _plans(layer, bits)
-    x = rng.normal(size=(gptq.INPLACE_GEMV_MAX_ROWS, 320)).astype(np.float32)
+    x = rng.normal(size=(table.INPLACE_GEMV_MAX_ROWS, 320)).astype(np.float32)
     batch = gptq.gptq_matmul(plan, x)
     for n in (0, 1, 5, len(x) - 1):
         np.testing.assert_array_equal(gptq.gptq_matmul(plan, x[n:n + 1]), batch[n:n + 1])

@@ -6,10 +6,11 @@ import pytest
 from gptq_packer import make_layer, quantize_config
 from tinyllama_ref import quant
 from tinyllama_ref.errors import ConfigError
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 from tinyllama_ref.kernels.vnni import int8
 
-pytestmark = pytest.mark.skipif(not int8.vnni_available(), reason="needs AVX512-VNNI")
+pytestmark = needs("vnni")
 
 
 def _rounded(x, block=32):
@@ -83,7 +84,7 @@ def test_int8_mode_through_the_layer_and_its_limits():
                                atol=1e-5 * np.abs(approx4).max())
     # 3-bit decode rows stay exact; prefill rows of both widths take the int8 GEMM (test_kernels_int8_gemm.py).
     np.testing.assert_allclose(lin3(x), x @ three["W"], rtol=1e-4, atol=1e-4 * np.abs(x @ three["W"]).max())
-    xs = rng.normal(size=(gptq.INT8_GEMV_MAX_ROWS + 1, 128)).astype(np.float32)   # past the GEMV's rows
+    xs = rng.normal(size=(table.INT8_GEMV_MAX_ROWS + 1, 128)).astype(np.float32)   # past the GEMV's rows
     for lin, w in ((lin4, four["W"]), (lin3, three["W"])):
         approx = lin(xs)
         np.testing.assert_allclose(approx, _x_hat_in_input_order(lin._plan, xs) @ w, rtol=1e-5,

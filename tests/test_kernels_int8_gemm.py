@@ -11,10 +11,11 @@ import pytest
 
 from gptq_packer import make_layer
 from tinyllama_ref import quant
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 from tinyllama_ref.kernels.vnni import int8, int8_gemm
 
-pytestmark = pytest.mark.skipif(not int8.vnni_available(), reason="needs AVX512-VNNI")
+pytestmark = needs("vnni")
 
 F32 = np.float32
 
@@ -109,7 +110,7 @@ def test_int8_mode_chooses_gemv_gemm_or_exact_by_rows_and_layout(monkeypatch):
     rng = np.random.default_rng(9)
     layer = make_layer(rng, 256, 64, 4, 64, act_order=True)
     plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-    many = rng.normal(size=(gptq.INT8_GEMV_MAX_ROWS + 1, 256)).astype(F32)
+    many = rng.normal(size=(table.INT8_GEMV_MAX_ROWS + 1, 256)).astype(F32)
     np.testing.assert_array_equal(gptq.gptq_matmul(plan, many, "int8"), _reference(plan, gptq.permute_x(plan, many)))
     # Streamed act-order layers ("inplace" plans): without AMX, many rows are copied in group order for the
     # call and take the same int8 GEMM, so they equal the resident layer's integer reference. With AMX they
@@ -117,9 +118,10 @@ def test_int8_mode_chooses_gemv_gemm_or_exact_by_rows_and_layout(monkeypatch):
     inplace = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
                            repack=False)
     assert inplace.layout == "inplace" and not int8_gemm.supports(inplace)
-    from tinyllama_ref.kernels.amx import amx
-    for amx_here in ([False, True] if amx.available() else [False]):
-        monkeypatch.setattr(amx, "available", lambda amx_here=amx_here: amx_here)
+    for tier in [t for t in RUNNABLE if t in ("vnni", "amx")]:
+        amx_here = tier == "amx"
+        inplace = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                               repack=False, tier=tier)
         y = gptq.gptq_matmul(inplace, many, "int8")
         if amx_here:
             np.testing.assert_array_equal(y, gptq.gptq_matmul(inplace, many))

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 from tinyllama_ref.kernels.vnni import int8, split8
 
-needs_vnni = pytest.mark.skipif(not int8.vnni_available(), reason="needs AVX512-VNNI")
+needs_vnni = needs("vnni")
 
 
 def _wide(rng, shape):
@@ -188,17 +189,14 @@ def test_three_bit_and_inplace_layers_are_not_split():
     assert split8.supports(gptq.prepare(four["qweight"], four["qzeros"], four["scales"], four["g_idx"], 4, "gptq"))
 
 
-def test_the_switch_sends_decode_rows_back_to_the_float_gemv(monkeypatch):
-    """TINYLLAMA_SPLIT8=0 (docs/numerics.md): the float GEMV runs, and agrees with the same bound."""
-    split8.enabled.cache_clear()
-    monkeypatch.setenv("TINYLLAMA_SPLIT8", "0")
+@pytest.mark.parametrize("tier", [t for t in RUNNABLE if t in ("generic", "avx512")])
+def test_a_tier_without_split8_decodes_on_the_float_gemv(monkeypatch, tier):
+    """A layer prepared for a tier below AVX2's split8 or without VNNI's (load(cpu=...)): the table sends decode
+    rows to the float GEMV, which agrees with the same bound."""
     monkeypatch.setattr(split8, "gptq_matmul_split", lambda *a: pytest.fail("split ran"))
-    try:
-        rng = np.random.default_rng(8)
-        layer = make_layer(rng, 256, 48, 4, 64, act_order=True, sym=False)
-        plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-        assert split8.supports(plan) and not split8.usable(plan)
-        x = rng.standard_normal((1, 256)).astype(np.float32)
-        _within_bound(gptq.gptq_matmul(plan, x), x, layer["W"])
-    finally:
-        split8.enabled.cache_clear()
+    rng = np.random.default_rng(8)
+    layer = make_layer(rng, 256, 48, 4, 64, act_order=True, sym=False)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq", tier=tier)
+    assert split8.supports(plan) and table.choose(table.layer_of(plan), 1, "exact", tier) == "gemv"
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    _within_bound(gptq.gptq_matmul(plan, x), x, layer["W"])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gptq_packer import make_layer, pack_stream_columns, pack_stream_rows
-from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels import gptq, table
+from tiers import RUNNABLE, below, needs
 from tinyllama_ref.kernels.avx512 import gptq_tiles
 
 CASES = [dict(bits=4, group_size=128), dict(bits=4, group_size=32, sym=False),
@@ -136,21 +137,20 @@ def test_row_tiles_cover_the_rows():
         assert set(tiles) <= set(gptq_tiles.TILE_ROWS) and n <= sum(tiles) < n + 12
 
 
-def test_matmul_takes_the_tiles_for_many_rows(monkeypatch):
-    """gptq_matmul routes many-row exact products to the tiles where use_tiles says so (no AMX), and the slabs
-    + BLAS it replaces give the same result to float32 round-off."""
-    monkeypatch.setattr(gptq.amx, "available", lambda: False)
+@needs("avx512")
+def test_matmul_takes_the_tiles_for_many_rows():
+    """At the avx512 and vnni tiers the table sends many-row exact products to the 12 x 32 tiles, and the
+    slabs + BLAS they replace give the same result to float32 round-off."""
     rng = np.random.default_rng(9)
     layer = make_layer(rng, 256, 96, 4, 64, act_order=True)
-    calls = []
-    real = gptq._tiles_matmul
-    monkeypatch.setattr(gptq, "_tiles_matmul", lambda plan, x: calls.append(len(x)) or real(plan, x))
-    x = rng.normal(size=(gptq.GEMV_MAX_ROWS + 9, 256)).astype(np.float32)
-    for repack in (True, False):
-        y = gptq.gptq_matmul(_plan(layer, 4, repack=repack), x)
-        _close(y, x, layer["W"])
-    assert calls == [len(x), len(x)]
-    monkeypatch.setattr(gptq, "TILES", False)
-    slabs = gptq.gptq_matmul(_plan(layer, 4), x)
-    assert calls == [len(x), len(x)]
-    np.testing.assert_allclose(slabs, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+    x = rng.normal(size=(table.GEMV_MAX_ROWS + 9, 256)).astype(np.float32)
+    for tier in [t for t in RUNNABLE if t in ("avx512", "vnni")]:
+        for repack in (True, False):
+            plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                                repack=repack, tier=tier)
+            name = table.choose(table.layer_of(plan), len(x), "exact", tier)
+            assert name == ("tiles" if repack else "tiles_inplace")
+            y = gptq.gptq_matmul(plan, x)
+            _close(y, x, layer["W"])
+            slabs = gptq.run("blas_slabs" if repack else "blas_slabs_inplace", plan, x)
+            np.testing.assert_allclose(slabs, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())

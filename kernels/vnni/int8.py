@@ -32,17 +32,6 @@ from .int8_gemm import quantize_rows, segment_blocks
 BLOCK = 32                 # inputs per activation scale (4 packed words)
 
 
-@functools.lru_cache(maxsize=None)
-def vnni_available():
-    """True when the CPU has AVX512-VNNI (vpdpbusd on 512-bit vectors). Read once per process."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags and "avx512f" in flags
-
-
 @intrinsic
 def _vnni_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, scale):
     """For 16 columns: acc[0:16] += scale * sum over 4 packed rows of (int8 x) . (4-bit codes).

@@ -255,18 +255,6 @@ def supports(plan):
     return plan.layout == "segments" and plan.bits == 4 and plan.whole_blocks
 
 
-@functools.lru_cache(maxsize=None)
-def enabled():
-    """This CPU has AVX512-VNNI and TINYLLAMA_SPLIT8=0 is not set (to compare with the float GEMV). Once."""
-    from .int8 import vnni_available
-    return os.environ.get("TINYLLAMA_SPLIT8", "1") != "0" and vnni_available()
-
-
-def usable(plan):
-    """supports(plan) where enabled() (elsewhere the float GEMV serves these layers)."""
-    return enabled() and supports(plan)
-
-
 def gptq_matmul_split(plan, xp, block):
     """y [N, out] float32 = xp @ W for xp [N, padded] already in plan order (module docstring)."""
     n_rows, n_padded = xp.shape

@@ -35,8 +35,23 @@ def _set_threads(ctx, param, value):
     os.environ[ENV] = str(value)
 
 
+def _cap_cpu(ctx, param, value):
+    """--cpu TIER caps the kernels' CPU tier for this process, as TINYLLAMA_CPU does (kernels/cpu.py): it must
+    act before anything compiles, so it applies as the option is read."""
+    if value is None:
+        return
+    from ..kernels import cpu
+    try:
+        cpu.apply_cap(value)
+    except cpu.TierError as e:
+        raise click.BadParameter(str(e).replace(f"TINYLLAMA_CPU={value} is", f"{value} is")) from None
+
+
 def model_options(f):
     """Options shared by every command that runs a model."""
+    f = click.option("--cpu", default=None, metavar="TIER", expose_value=False, callback=_cap_cpu,
+                     is_eager=True, help="Cap the kernels' CPU tier: generic, avx2, avx512, vnni or amx (default: "
+                                         "this CPU's; the same as TINYLLAMA_CPU). See docs/kernels.md.")(f)
     f = click.option("--threads", default=None, metavar="N|auto", expose_value=False, callback=_set_threads,
                      help="Threads for the kernels. auto (default): all cores, but decode passes leave the cores "
                           "other processes hold (measured from /proc/stat before each pass).")(f)
@@ -44,8 +59,8 @@ def model_options(f):
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Memory budget, e.g. 20GB, 1500MB or bytes (default: 85% of available memory).")(f)
     f = click.option("--gptq-mode", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
-                     help="exact: float32 GPTQ kernels; int8: opt-in approximate decode (activations "
-                          "rounded to int8 per block of 32, AVX512-VNNI; 4-bit layers only).")(f)
+                     help="exact: float32 GPTQ kernels; int8: opt-in approximate (activations rounded to int8 "
+                          "per block of 32 for 4-bit decode and 3/4-bit prefill; CPU tier avx2 and above).")(f)
     f = click.option("--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
                      help="numba: fast kernels; numpy: the readable reference.")(f)
     return f

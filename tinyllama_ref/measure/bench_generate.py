@@ -184,13 +184,14 @@ FRESH_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import tinyllama_ref
+from tinyllama_ref.kernels.compile_note import compile_seconds
 t1 = time.perf_counter()
 m = tinyllama_ref.load(sys.argv[1], backend=sys.argv[2], gptq_mode=sys.argv[3])
 t2 = time.perf_counter()
 m.generate([m.cfg.bos_token_id, 5, 6, 7, 8], max_new_tokens=1, temperature=0.0)
 t3 = time.perf_counter()
 print(json.dumps({"import_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3), "first_token_s": round(t3 - t2, 3),
-                  "start_to_first_token_s": round(t3 - t0, 3)}))
+                  "start_to_first_token_s": round(t3 - t0, 3), "compile_s": round(compile_seconds(), 3)}))
 """
 
 
@@ -218,7 +219,9 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
     """One record: the machine (BLAS, bandwidth, GEMM rate, load), the model, and the ppN / tgN rows."""
     import numba
     from .. import load
+    from ..kernels import cpu
     from ..kernels.bandwidth import memory_read_gbps
+    from ..kernels.compile_note import compile_seconds
     load_before = os.getloadavg()
     starts = []
     if fresh:
@@ -228,11 +231,12 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
     t = time.perf_counter()
     model = load(checkpoint, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode)
     load_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t, compiled = time.perf_counter(), compile_seconds()
     with model.new_cache(1, 40) as cache:     # first passes: compile (if the cache is cold), build the layers
         model.forward([np.arange(1, 35) % model.cfg.vocab_size], cache, [0])
         model.forward([np.array([5])], cache, [0])
     warmup_s = time.perf_counter() - t
+    compile_s = compile_seconds() - compiled  # of the first passes: Numba compiling, apart from running
     mem_gbps = memory_read_gbps()
     gemm = blas_gemm_gflops(model.cfg.dim, model.cfg.hidden_dim)
     rows = llama_bench_rows(model, prompt_sizes, gen_tokens, repetitions)
@@ -243,10 +247,12 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
             r["fraction_of_memory_bw"] = round(r["weights_gbps"] / mem_gbps, 3)
     weights = sum(model.layers.file_bytes) + model.lm_head.nbytes
     return {"checkpoint": checkpoint, "backend": backend, "gptq_mode": gptq_mode,
+            "cpu_tier": model.cpu or "numpy", "cpu_tier_note": cpu.describe(), "cpu_name": cpu.host_name(),
             "threads": numba.get_num_threads(), "thread_choice": model.threads.describe(),
             "weights_bytes": int(weights),
             "layers_resident": model.layers.n_resident, "n_layers": model.layers.n_layers,
-            "load_s": round(load_s, 3), "first_passes_s": round(warmup_s, 3), "fresh_process": starts,
+            "load_s": round(load_s, 3), "first_passes_s": round(warmup_s, 3),
+            "first_passes_compile_s": round(compile_s, 3), "fresh_process": starts,
             "memory_gbps": round(mem_gbps, 2), "blas_gemm_gflops": round(gemm, 1), **blas_info(),
             "loadavg_before": [round(v, 2) for v in load_before],
             "loadavg_after": [round(v, 2) for v in os.getloadavg()], "rows": rows}
@@ -255,7 +261,8 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
 def format_llama_shaped(rec):
     """llama-bench's markdown table, plus the columns that say what the machine could do in the same run."""
     name = os.path.basename(os.path.normpath(rec["checkpoint"]))
-    lines = ["| model | size | backend | mode | threads | test | t/s | GEMM GFLOP/s | weights GB/s | of machine |",
+    lines = [f"CPU {rec.get('cpu_name')}, kernels of tier {rec.get('cpu_tier')} ({rec.get('cpu_tier_note')})", "",
+             "| model | size | backend | mode | threads | test | t/s | GEMM GFLOP/s | weights GB/s | of machine |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         spread = f"{r['tokens'] / max(r['samples_s']):.2f}-{r['tokens'] / min(r['samples_s']):.2f}"   # slowest-fastest
@@ -268,14 +275,16 @@ def format_llama_shaped(rec):
                  f"({rec['blas_threads']} threads; OpenBLAS variables: {env}), float32 GEMM "
                  f"{rec['blas_gemm_gflops']} GFLOP/s, memory {rec['memory_gbps']} GB/s; load average "
                  f"{rec['loadavg_before'][0]} before, {rec['loadavg_after'][0]} after")
-    lines.append(f"load {rec['load_s']} s, first passes {rec['first_passes_s']} s; {rec['layers_resident']}/"
+    lines.append(f"load {rec['load_s']} s, first passes {rec['first_passes_s']} s (of which compiling "
+                 f"{rec.get('first_passes_compile_s')} s); {rec['layers_resident']}/"
                  f"{rec['n_layers']} layers resident; decode threads chosen: {rec.get('thread_choice')}")
     for f in rec["fresh_process"]:
         if "error" in f:
             lines.append(f"fresh process, {f['cache']} Numba cache: failed: {f['error']}")
         else:
             lines.append(f"fresh process, {f['cache']} Numba cache: import {f['import_s']} s, load {f['load_s']} s, "
-                         f"first token {f['first_token_s']} s after load ({f['start_to_first_token_s']} s from start)")
+                         f"first token {f['first_token_s']} s after load, of which compiling {f.get('compile_s')} s "
+                         f"({f['start_to_first_token_s']} s from start)")
     return "\n".join(lines)
 
 
@@ -303,8 +312,17 @@ def main(argv=None):
     ap.add_argument("--max-memory", default=None)
     ap.add_argument("--threads", default=None, metavar="N|auto",
                     help="kernel threads (default auto: decode passes leave the cores other processes hold)")
+    ap.add_argument("--cpu", default=None, metavar="TIER",
+                    help="cap the kernels' CPU tier for this run and its --fresh children (TINYLLAMA_CPU)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.cpu is not None:
+        from ..kernels import cpu
+        try:
+            cpu.apply_cap(a.cpu)
+        except cpu.TierError as e:
+            ap.error(str(e))
+        os.environ["TINYLLAMA_CPU"] = a.cpu          # the --fresh children cap themselves the same way
     if a.threads is not None:
         from ..errors import TinyLlamaError
         from ..threads import ENV, parse_threads

@@ -89,7 +89,9 @@ def int8_model_accuracy(seed=0, sequences=32, length=4):
 
 
 def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed=0, emit=print,
-        modes=("exact",), layouts=("repacked",)):
+        modes=("exact",), layouts=("repacked",), kernel=None):
+    """kernel: a name of kernels/table.py's KERNELS to time instead of the one the table chooses."""
+    from ..kernels import gptq, table
     from ..kernels.bandwidth import memory_read_gbps
     from ..quant import GPTQLinear
     rng = np.random.default_rng(seed)
@@ -107,12 +109,15 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
                     for rows in rows_list:
                         x = rng.standard_normal((rows, n_in), dtype=np.float32)     # [rows, in]
                         mem = memory_read_gbps(256 * 2**20, repeats=5)
-                        seconds = median_seconds(lambda: layer(x), repeats if rows <= 4 else prefill_repeats)
+                        chosen = kernel or table.choose(table.layer_of(layer._plan), rows, "exact", layer.tier)
+                        call = (lambda: gptq.run(kernel, layer._plan, x)) if kernel else (lambda: layer(x))
+                        seconds = median_seconds(call, repeats if rows <= 4 else prefill_repeats)
                         r = {"mode": "exact", "name": name, "bits": bits, "group_size": group_size, "act_order": True,
                              "shape": [n_in, n_out], "rows": rows, "median_ms": round(seconds * 1e3, 3),
                              "weights_gbps": round(packed / seconds / 1e9, 2), "memory_gbps": round(mem, 2),
                              "ratio": round(packed / seconds / 1e9 / mem, 3),
                              "prepare_s": round(layer.prepare_seconds, 3), "layout": layout,
+                             "tier": layer.tier, "kernel": chosen,
                              "plan": layer._plan.prepare_note,
                              "packed_mb": round(packed / 1e6, 1),
                              "loadavg_1min": round(os.getloadavg()[0], 2)}   # > 2 means others shared the cores
@@ -186,7 +191,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the 8192x28672 shape, decode rows only")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
+    parser.add_argument("--cpu", default=None, metavar="TIER",
+                        help="cap the kernels' CPU tier for this run (TINYLLAMA_CPU; docs/kernels.md)")
+    parser.add_argument("--kernel", default=None, metavar="NAME",
+                        help="time this kernel of kernels/table.py (exact mode) instead of the table's choice, "
+                             "e.g. blas_slabs against tiles_avx2")
     args = parser.parse_args(argv)
+    if args.cpu is not None:
+        from ..kernels import cpu
+        try:
+            cpu.apply_cap(args.cpu)
+        except cpu.TierError as e:
+            parser.error(str(e))
+    if args.kernel is not None:
+        from ..kernels import table
+        if args.kernel not in table.KERNELS:
+            parser.error(f"--kernel {args.kernel!r} is not a kernel of kernels/table.py: {', '.join(table.KERNELS)}")
     if args.shapes == "all":
         shapes = SHAPES_70B
     else:
@@ -208,7 +228,8 @@ def main(argv=None):
             if r["mode"] != "exact":
                 extra += (f"  [{r['mode']}: layer rel err {r['layer_rel_err']:.1e}, model KL {r['model_kl']:.2e}, "
                           f"top-1 {r['model_top1_agreement']:.3f}]")
-            print(f"{r['mode']:>5} {r['layout']:>8} {r['shape'][0]:>5} x {r['shape'][1]:<5} {r['bits']}-bit "
+            print(f"{r['mode']:>5} {r.get('tier', '')}:{r.get('kernel', '')} {r['layout']:>8} "
+                  f"{r['shape'][0]:>5} x {r['shape'][1]:<5} {r['bits']}-bit "
                   f"g{r['group_size']:<4} rows {r['rows']:<3} "
                   f"{r['median_ms']:8.2f} ms  {r['weights_gbps']:6.1f} GB/s packed  memory {r['memory_gbps']:5.1f} "
                   f"GB/s  ratio {r['ratio']:.2f}  prepare {r['prepare_s']:.2f}s{extra}", flush=True)
@@ -219,7 +240,7 @@ def main(argv=None):
         check_gptq_mode("int8")              # validates the CPU; layers are switched one at a time below
     layouts = ("repacked", "inplace") if args.layout == "both" else (args.layout,)
     results = run(shapes, args.bits, args.groups, rows, args.repeats, args.prefill_repeats, emit=emit,
-                  modes=modes, layouts=layouts)
+                  modes=modes, layouts=layouts, kernel=args.kernel)
     if args.markdown:
         print(markdown(results))
     return results

@@ -3,6 +3,7 @@
 import os
 
 from .. import load
+from ..kernels.cpu import describe as cpu_describe
 from ..kvcache import KVCache
 from ..memory import human
 from ..validate import check_gptq_indices
@@ -35,6 +36,7 @@ def describe(checkpoint, max_memory=None, measure=True):
         "decoder weights": f"{human(weight_bytes)} ({human(weight_bytes / c.n_layers)} per layer)",
         "kv cache": f"{human(KVCache.bytes_needed(c.n_layers, 1, 1024, c.n_kv_heads, c.head_dim))} per 1024 tokens",
         "memory plan": src.describe(),
+        "kernels": f"CPU tier {model.cpu} ({cpu_describe()}; docs/kernels.md)",
     }
     if os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
         tok = model.tokenizer
