@@ -1,0 +1,147 @@
+"""Opt-in, NOT exact: the int8 mode's decode GEMV (kernels/vnni/int8.py) on AVX2's vpmaddubsw/vpmaddwd.
+
+What it computes is vnni/int8.py's, unchanged (its module docstring says why and how much it rounds):
+activations rounded to int8 per block of 32 inputs by vnni.int8_gemm.quantize_rows (the same function and
+layout), and per block b, column j,
+    acc_j += d_b * float32(sum_{i in b} xq_i * q_ij)                 (one exact integer sum per block)
+then the float path's fold per segment, y_j += s_j (acc_j - z_j sum_i d_b xq_i). The integer sum is
+vpdpbusd's there and vpmaddubsw + vpmaddwd's here (maddubs.py: |xq| <= 127, so a block's int16 sums are
+at most 8 * 2 * 15 * 127 = 30480 <= 32767 and exact), the float32 steps after it are the same instructions
+in the same order, so y is bit for bit vnni.int8.gemv_int8's on the same inputs.
+
+Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in split8: a batch of N rows reads
+each block of packed words from memory once. Each row's sums are still added in the same order, so the
+loop order changes no bit.
+
+Register budget for one block of 16 columns: 2 int16 accumulators (one per half of 8 columns), 4 code
+vectors of one packed row, 2 broadcast activation words, the 0x0F mask: 9 of the 16 ymm registers.
+"""
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .. import llvm
+from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from ..llvm import F32, I64, vec
+from ..vnni.int8 import BLOCK, _xq
+from ..vnni.int8_gemm import quantize_rows, segment_blocks
+from .maddubs import code_bytes, dot_block
+
+PREFETCH_BLOCKS = 2        # the same 16 columns this many blocks ahead are asked for (as vnni/int8.py does)
+
+
+def _block16(prefetch):
+    """The intrinsic for 16 columns and one block of 4 packed rows (see _int8_block16)."""
+    @intrinsic
+    def block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, scale):
+        def codegen(context, builder, signature, args):
+            acc_a, w_a, stride, xw_a, sc = args
+            v8f = vec(F32, 8)
+            if prefetch:
+                for k in range(4 * PREFETCH_BLOCKS, 4 * PREFETCH_BLOCKS + 4):
+                    llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, I64(k))))
+            d = llvm.splat(builder, sc, v8f)
+            for h in range(2):                                                      # 8 columns each
+                codes = code_bytes(builder, llvm.offset(builder, w_a, 32 * h), stride)
+                t = dot_block(builder, codes, xw_a, 1)                              # [1] int32 sums
+                addr = llvm.offset(builder, acc_a, 32 * h)
+                scaled = builder.fmul(builder.sitofp(t[0], v8f), d)
+                llvm.store(builder, builder.fadd(llvm.load(builder, addr, v8f), scaled), addr)
+            return context.get_dummy_value()
+        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.float32)
+        return sig, codegen
+    return block16
+
+
+# acc[0:16] += scale * sum over 4 packed rows of (int8 x) . (4-bit codes): acc_addr float32 accumulators;
+# w_addr the first packed word of the 16 columns in the block's first row, the next rows `row_bytes`
+# further; xw_addr 8 int32, the block's int8 activations packed in fours (inputs 0,2,4,6 | 1,3,5,7 of each
+# word). The first row of a batch also asks for the same columns PREFETCH_BLOCKS blocks ahead.
+_int8_block16 = _block16(prefetch=True)
+_int8_block16_cached = _block16(prefetch=False)
+
+
+def gemv_int8_numpy(codes, xq, d):
+    """The NumPy statement of the kernel's accumulator for one segment of unit scales and zero 0:
+    codes [in, out] int (0..15), xq [N, in] int8 and d [N, B] float32 (the rounded activations and their
+    block scales) -> acc [N, out] float32; the integer sums in int64, one multiply-add per block in float32
+    (the kernel is compiled with fastmath, whose contraction makes acc + d * float(t) one rounding: computed
+    here in float64, where the product is exact and the sum is rounded once to float32 unless it falls within
+    2^-29 of a float32 tie, which the tests' data does not hit)."""
+    n_rows, n_blocks = d.shape
+    acc = np.zeros((n_rows, codes.shape[1]), dtype=np.float32)                # [N, out]
+    for n in range(n_rows):
+        for b in range(n_blocks):
+            t = xq[n, 32 * b:32 * b + 32].astype(np.int64) @ codes[32 * b:32 * b + 32].astype(np.int64)
+            acc[n] = (acc[n].astype(np.float64) + np.float64(d[n, b]) * t.astype(np.float32)).astype(np.float32)
+    return acc
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
+    """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: prange over
+    column blocks; per segment, block of 4 packed rows and 16 columns, every row's integer dot product while
+    those words are in L1, then the fold per row. Columns past the last multiple of 16 of a block take
+    gemv_int8's scalar loop. xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S] from quantize_rows."""
+    n_rows = xw.shape[1]
+    n_out = qw.shape[1]
+    row_bytes = n_out * 4
+    n_blocks = (n_out + block - 1) // block
+    base_w = np.int64(qw.ctypes.data)
+    base_x = np.int64(xw.ctypes.data)
+    codes = xw.view(np.int8)                                                  # [blocks, N, 32]
+    for b in prange(n_blocks):
+        j0 = b * block
+        width = min(n_out, j0 + block) - j0
+        vec16 = width // 16 * 16
+        acc = np.zeros((n_rows, width), dtype=np.float32)                     # [N, width]
+        zbuf = np.empty(width, dtype=np.float32)
+        base_acc = np.int64(acc.ctypes.data)
+        for n in range(n_rows):
+            y[n, j0:j0 + width] = 0.0
+        for s in range(seg_group.shape[0]):
+            for r in range(seg_start[s], seg_start[s + 1], 4):               # packed words; multiples of 4
+                w_row = base_w + r * row_bytes + j0 * 4
+                x_blk = base_x + (r // 4) * n_rows * 32
+                for jj in range(0, vec16, 16):
+                    _int8_block16(base_acc + jj * 4, w_row + jj * 4, row_bytes, x_blk, xscale[r // 4, 0])
+                    for n in range(1, n_rows):                                # the 4 x 16 words are in L1
+                        _int8_block16_cached(base_acc + (n * width + jj) * 4, w_row + jj * 4, row_bytes,
+                                             x_blk + n * 32, xscale[r // 4, n])
+                for j in range(vec16, width):
+                    for n in range(n_rows):
+                        total = 0
+                        for k in range(4):
+                            word = np.int64(qw[r + k, j0 + j])
+                            for t in range(8):
+                                total += ((word >> (4 * t)) & 15) * np.int64(_xq(codes, n, (r + k) * 8 + t))
+                        acc[n, j] += np.float32(total) * xscale[r // 4, n]
+            g = seg_group[s]
+            if const_zero < 0:
+                _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
+            for n in range(n_rows):
+                out = y[n, j0:j0 + width]
+                if const_zero >= 0:
+                    _fold_segment_const_zero(out, acc[n], scales[g, j0:j0 + width], np.float32(const_zero),
+                                             sumx[n, s])
+                else:
+                    _fold_segment(out, acc[n], scales[g, j0:j0 + width], zbuf, sumx[n, s])
+
+
+def supports(plan):
+    """vnni.int8.supports: 4-bit codes and segments of whole 32-input blocks."""
+    return plan.bits == 4 and plan.whole_blocks
+
+
+def gptq_matmul_int8(plan, xp, y, block):
+    """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp [N, padded] already in plan order):
+    vnni.int8.gptq_matmul_int8's contract and result, for CPUs with AVX2 (supports(plan) must hold)."""
+    n_rows, n_padded = xp.shape
+    xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
+    xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
+    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
+    quantize_rows(xp, segment_blocks(plan), xw, xscale, sumx)
+    gemv_int8(plan.qw, xw, xscale, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
+              plan.zero_add, plan.const_zero, block, y)
+    return y

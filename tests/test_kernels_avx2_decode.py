@@ -1,0 +1,208 @@
+"""AVX2 decode (kernels/avx2/split8.py, int8.py): VNNI's integer dot products on vpmaddubsw/vpmaddwd.
+
+Both kernels must give the VNNI kernels' results bit for bit (the same integer sums, the same float32 steps):
+checked against them where this CPU has AVX512-VNNI and Numba compiles for it, and everywhere with AVX2
+against the NumPy statement beside each kernel (int64 sums, the same float32 fold) on layers whose scales
+are powers of two and zeros 0, where the fold adds no rounding of its own. Run this file also as an AVX2
+CPU, `NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES="" NUMBA_CACHE_DIR=/tmp/numba-avx2 pytest ...`; the last
+test compiles the kernels that way in a subprocess and checks no AVX-512 register is used."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from llvmlite import binding
+
+from gptq_packer import make_layer
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.avx2 import int8 as avx2_int8
+from tinyllama_ref.kernels.avx2 import split8 as avx2_split8
+from tinyllama_ref.kernels.vnni import int8 as vnni_int8
+from tinyllama_ref.kernels.vnni import split8 as vnni_split8
+
+
+def _host_has(*flags):
+    features = binding.get_host_cpu_features()
+    return all(features.get(f, False) for f in flags)
+
+
+CAPPED = os.environ.get("NUMBA_CPU_NAME", "host") not in ("", "host")      # Numba told to compile for another CPU
+needs_avx2 = pytest.mark.skipif(not _host_has("avx2", "fma"), reason="needs a CPU with AVX2 and FMA")
+VNNI = _host_has("avx512f", "avx512vnni") and not CAPPED
+needs_vnni = pytest.mark.skipif(
+    not VNNI,
+    reason="the VNNI kernels to compare with need AVX512-VNNI and Numba compiling for this CPU "
+           "(NUMBA_CPU_NAME caps it)")
+pytestmark = needs_avx2
+
+ROWS = (1, 2, 8, 17)
+# (inputs, outputs, group size, act order, sym): odd widths for the scalar column tail, one or many segments
+LAYERS = [(256, 77, 32, True, False), (512, 40, -1, False, False), (384, 93, 128, True, True),
+          (256, 16, 64, False, True)]
+
+
+def _wide(rng, shape):
+    """float32 values over many binades, so that blocks mix large and tiny inputs."""
+    return (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 6, size=shape)).astype(np.float32)
+
+
+def _layer(n_in, n_out, group_size, act_order, sym, seed):
+    rng = np.random.default_rng(seed)
+    layer = make_layer(rng, n_in, n_out, 4, group_size, act_order=act_order, sym=sym)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    assert avx2_split8.supports(plan) and avx2_int8.supports(plan)
+    return rng, layer, plan
+
+
+def _codes_layer(rng, n_in, n_out, group_size):
+    """Random 4-bit codes packed as the format says (nibble k of word r = input 8r + k), power-of-two scales
+    per group and column, true zeros 0 (gptq_v2): the fold multiplies exactly and subtracts nothing, so y is
+    the sum over segments of scale * accumulator with one rounding per addition."""
+    codes = rng.integers(0, 16, size=(n_in, n_out), dtype=np.uint64)        # [in, out]
+    words = np.zeros((n_in // 8, n_out), dtype=np.uint64)
+    for k in range(8):
+        words |= codes[k::8] << np.uint64(4 * k)
+    groups = n_in // group_size
+    qzeros = np.zeros((groups, -(-n_out // 8)), dtype=np.int32)
+    scales = (2.0 ** rng.integers(-3, 4, size=(groups, n_out))).astype(np.float16)   # [G, out]
+    g_idx = np.arange(n_in) // group_size
+    plan = gptq.prepare(words.astype(np.uint32).view(np.int32), qzeros, scales, g_idx, 4, "gptq_v2")
+    assert plan.perm is None and plan.const_zero == 0 and len(plan.seg_group) == groups
+    return codes.astype(np.int64), scales.astype(np.float32), plan
+
+
+def _fold_numpy(plan, scales, accumulate):
+    """y [N, out]: segment by segment, y + scale_g * accumulate(first block, last block) in float32."""
+    y = None
+    for s, g in enumerate(plan.seg_group):
+        acc = accumulate(plan.seg_start[s] // 4, plan.seg_start[s + 1] // 4)   # [N, out]
+        y = scales[g] * acc if y is None else y + scales[g] * acc
+    return y
+
+
+@needs_vnni
+@pytest.mark.parametrize("n_in,n_out,group_size,act_order,sym", LAYERS)
+@pytest.mark.parametrize("block", [32, 40])
+def test_split8_equals_vnni_split8(n_in, n_out, group_size, act_order, sym, block):
+    """Same inputs, same plan: y bit for bit VNNI's, for 1 to 17 rows; `block` 40 leaves 8 columns of every
+    thread's block to the scalar loop."""
+    rng, layer, plan = _layer(n_in, n_out, group_size, act_order, sym, n_in + n_out)
+    for n_rows in ROWS:
+        xp = gptq.permute_x(plan, _wide(rng, (n_rows, n_in)))
+        y = avx2_split8.gptq_matmul_split(plan, xp, block)
+        np.testing.assert_array_equal(y, vnni_split8.gptq_matmul_split(plan, xp, block))
+
+
+@pytest.mark.parametrize("n_in,n_out,group_size", [(256, 77, 64), (512, 40, 512), (128, 93, 32)])
+def test_split8_is_the_integer_arithmetic(n_in, n_out, group_size):
+    """Per block the four exact integer dot products, paired, converted, scaled, added: every float32 step
+    repeated in NumPy (gemv_split_numpy), compared for equality; several segments, odd widths, 1-17 rows."""
+    rng = np.random.default_rng(n_in * 3 + n_out)
+    codes, scales, plan = _codes_layer(rng, n_in, n_out, group_size)
+    for n_rows in ROWS:
+        x = _wide(rng, (n_rows, n_in))
+        pieces, s0 = vnni_split8.split_activations(x)                      # [N, B, 4, 32], [N, B]
+        expected = _fold_numpy(plan, scales, lambda b0, b1: avx2_split8.gemv_split_numpy(
+            codes[32 * b0:32 * b1], pieces[:, b0:b1], s0[:, b0:b1]))
+        for block in (32, 40):
+            np.testing.assert_array_equal(avx2_split8.gptq_matmul_split(plan, x, block), expected)
+
+
+def test_split8_non_finite_rows_are_nan_and_zero_rows_zero():
+    """A NaN or an infinity anywhere in a row makes the whole row NaN, an all-zero row gives zeros (and VNNI's
+    result where it can run)."""
+    rng, layer, plan = _layer(256, 77, 64, True, False, 5)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    x[0, 100] = np.nan
+    x[1, 7] = np.inf
+    x[2] = 0.0
+    xp = gptq.permute_x(plan, x)
+    y = avx2_split8.gptq_matmul_split(plan, xp, 32)
+    assert np.isnan(y[0]).all() and np.isnan(y[1]).all()
+    np.testing.assert_array_equal(y[2], np.zeros(77, dtype=np.float32))
+    assert np.isfinite(y[3]).all()
+    if VNNI:
+        np.testing.assert_array_equal(y, vnni_split8.gptq_matmul_split(plan, xp, 32))
+
+
+def _int8_matmul(module, plan, xp, block):
+    return module.gptq_matmul_int8(plan, xp, np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32), block)
+
+
+@needs_vnni
+@pytest.mark.parametrize("n_in,n_out,group_size,act_order,sym", LAYERS)
+@pytest.mark.parametrize("block", [32, 40])
+def test_int8_equals_vnni_int8(n_in, n_out, group_size, act_order, sym, block):
+    rng, layer, plan = _layer(n_in, n_out, group_size, act_order, sym, n_in * 5 + n_out)
+    for n_rows in ROWS:
+        xp = gptq.permute_x(plan, _wide(rng, (n_rows, n_in)))
+        np.testing.assert_array_equal(_int8_matmul(avx2_int8, plan, xp, block),
+                                      _int8_matmul(vnni_int8, plan, xp, block))
+
+
+@pytest.mark.parametrize("n_in,n_out,group_size", [(256, 77, 64), (512, 40, 512), (128, 93, 32)])
+def test_int8_is_the_integer_arithmetic(n_in, n_out, group_size):
+    """Per block one exact integer dot product of the rounded activations (vnni.int8.quantize_activations,
+    the NumPy statement of the rounding) with the codes, scaled and added: gemv_int8_numpy, compared for
+    equality; several segments, odd widths, 1-17 rows."""
+    rng = np.random.default_rng(n_in * 7 + n_out)
+    codes, scales, plan = _codes_layer(rng, n_in, n_out, group_size)
+    for n_rows in ROWS:
+        x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+        _, d, x_hat = vnni_int8.quantize_activations(x)                    # [N, B] scales, [N, in]
+        xq = np.rint(x_hat / np.repeat(d, 32, axis=1)).astype(np.int8)    # [N, in] in [-127, 127]
+        expected = _fold_numpy(plan, scales, lambda b0, b1: avx2_int8.gemv_int8_numpy(
+            codes[32 * b0:32 * b1], xq[:, 32 * b0:32 * b1], d[:, b0:b1]))
+        for block in (32, 40):
+            np.testing.assert_array_equal(_int8_matmul(avx2_int8, plan, x, block), expected)
+
+
+def test_int8_non_finite_and_zero_rows_follow_vnni():
+    """Zero rows give zeros; rows with a NaN or an infinity give what VNNI's kernel gives (the rounding,
+    vnni.int8_gemm.quantize_rows, is shared: it does not carry a NaN through, see the report of issue 29)."""
+    rng, layer, plan = _layer(256, 77, 64, False, False, 9)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    x[0, 100] = np.nan
+    x[1, 7] = np.inf
+    x[2] = 0.0
+    xp = gptq.permute_x(plan, x)
+    y = _int8_matmul(avx2_int8, plan, xp, 32)
+    np.testing.assert_array_equal(y[2], np.zeros(77, dtype=np.float32))
+    assert np.isfinite(y[3]).all()
+    if VNNI:
+        np.testing.assert_array_equal(y, _int8_matmul(vnni_int8, plan, xp, 32))
+
+
+_ASM_SCRIPT = """
+import re, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from gptq_packer import make_layer
+from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.avx2 import int8, split8
+from tinyllama_ref.kernels.generic import gptq_gemv
+rng = np.random.default_rng(0)
+layer = make_layer(rng, 256, 40, 4, 64, act_order=True, sym=False)
+plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+xp = gptq.permute_x(plan, rng.standard_normal((2, 256)).astype(np.float32))
+split8.gptq_matmul_split(plan, xp, 32)
+int8.gptq_matmul_int8(plan, xp, np.empty((2, 40), np.float32), 32)
+for name, fn in (("split8", split8.gemv_split), ("int8", int8.gemv_int8)):
+    for asm in fn.inspect_asm().values():
+        print(name, len(re.findall("zmm", asm)), asm.count("vpmaddubsw"), asm.count("vpdpbusd"))
+"""
+
+
+def test_avx2_build_has_no_avx512_register(tmp_path):
+    """Compiled as for an AVX2-only CPU (Numba's target capped to haswell, no extra features), the kernels
+    hold no zmm register and no vpdpbusd, and do use vpmaddubsw."""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    script = _ASM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith(("split8", "int8"))]
+    assert [name for name, *_ in lines] == ["split8", "int8"], out.stdout
+    for name, zmm, maddubs, dpbusd in lines:
+        assert (int(zmm), int(dpbusd)) == (0, 0) and int(maddubs) > 0, (name, zmm, maddubs, dpbusd)
