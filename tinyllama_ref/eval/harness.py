@@ -3,7 +3,11 @@
     import lm_eval
     from tinyllama_ref.eval.harness import TinyLlamaLM
     lm_eval.simple_evaluate(model=TinyLlamaLM("ckpt", max_memory="20GB"), tasks=["pubmedqa"], ...)
-    lm_eval --model tinyllama-ref --model_args pretrained=ckpt,max_memory=20GB ...   (after importing this)
+    lm_eval --model tinyllama-ref --model_args pretrained=ckpt,max_memory=20GB ...
+    tinyllama-ref lm-eval ckpt --max-memory 20GB ...                 (the same, lm-eval's options passed on)
+
+`lm_eval` finds the name through the lm_eval.models entry point in setup.cfg, or on lm-eval releases that read
+no entry points through the start-up hook in eval/startup/.
 
 It follows the conventions of the harness's own `hf` backend with add_bos_token=True, so both give the same
 numbers on the same checkpoint (tests/test_eval_harness.py runs them side by side):
@@ -17,12 +21,17 @@ numbers on the same checkpoint (tests/test_eval_harness.py runs them side by sid
     make_disjoint_window) with BOS as the prefix token;
   - generate_until decodes greedily (unless do_sample) up to max_gen_toks new tokens, stops at EOS or at
     any `until` string, and cuts the text at the first of them; the context keeps its last
-    max_length - max_gen_toks tokens.
+    max_length - max_gen_toks tokens;
+  - --apply_chat_template renders the checkpoint's tokenizer_config.json chat_template (templates.py, as
+    transformers renders it) with continue_final_message when no generation prompt is asked for, and on a
+    template error tries again without the system messages; a text that starts with the BOS token gets
+    no second one.
 What it does differently is the scheduling: requests that share a context are scored from one prefill
 (prefix.py), and many go through each pass over the weights (batching.py), longest first.
 """
 
 import json
+import sys
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -30,6 +39,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..errors import GenerationError
+from ..templates import ChatTemplateError, check_template, checkpoint_template, default_template, render
 from .batching import KV_FACTOR, default_batch_tokens, pack_longest_first
 from .prefix import Group
 from .results import KeyedLog, make_header
@@ -46,21 +56,27 @@ class TinyLlamaLM(TemplateLM):
     batch_tokens: token rows per pass (default: from the memory plan). max_length: context in tokens
     (default: the model's). log_path: a JSONL log of every answer, written a batch at a time; with
     resume=True a log left by a killed run is read back and only the missing requests run.
+    template: the chat template --apply_chat_template uses: "auto" (the checkpoint's own when it has one,
+    else a built-in; templates.default_template), "checkpoint", "chatml", "llama2" or "none".
+    quiet=False: notices and a progress bar per request type on stderr.
     """
 
     def __init__(self, pretrained=None, backend="numba", max_memory=None, gptq_mode="exact", batch_tokens=None,
                  max_length=None, add_bos_token=True, max_gen_toks=DEFAULT_MAX_GEN_TOKS, log_path=None,
-                 resume=False, model=None, path=None, quiet=True, **ignored):
+                 resume=False, model=None, path=None, quiet=True, template="auto", **ignored):
         super().__init__()
         # batch_size, device, dtype ... come from lm_eval's command line for every model: not ours to use.
         pretrained = pretrained or path
+        quiet = _flag(quiet)
         if model is None:
             import tinyllama_ref
-            model = tinyllama_ref.load(pretrained, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode,
-                                       quiet=quiet)
+            # str(): lm-eval's model_args parser reads a name like "123" as a number.
+            model = tinyllama_ref.load(str(pretrained), backend=backend, max_memory=max_memory,
+                                       gptq_mode=gptq_mode, quiet=quiet)
         self.tl_model = model
         self.tokenizer = model.tokenizer
-        self.add_bos_token = add_bos_token if isinstance(add_bos_token, bool) else str(add_bos_token) == "True"
+        self.add_bos_token = _flag(add_bos_token)
+        self.template = default_template(self.tokenizer) if template in (None, "auto") else check_template(template)
         self._max_length = int(max_length) if max_length else model.cfg.max_seq_len
         if not 2 <= self._max_length <= model.cfg.max_seq_len:
             raise GenerationError(f"max_length must be between 2 and the model's context of "
@@ -72,7 +88,13 @@ class TinyLlamaLM(TemplateLM):
         if log_path:
             settings = {"backend": model.backend, "gptq_mode": gptq_mode, "max_length": self._max_length,
                         "add_bos_token": self.add_bos_token, "max_gen_toks": self._max_gen_toks}
-            self.log = KeyedLog(log_path, make_header("lm-eval", model.path, settings), resume=resume)
+            self.log = KeyedLog(log_path, make_header("lm-eval", model.path, settings), resume=_flag(resume))
+        if not quiet:
+            from .batching import describe
+            if self.log and self.log.values:
+                print(f"resuming: {len(self.log.values)} answers already in {self.log.path}", file=sys.stderr)
+            print(describe(model, self.batch_tokens), file=sys.stderr)
+            self.on_progress = _ProgressBars()
 
     # -- what TemplateLM needs ------------------------------------------------------------------------------
     @property
@@ -93,7 +115,28 @@ class TinyLlamaLM(TemplateLM):
 
     @property
     def tokenizer_name(self):
-        return str(self.tl_model.path)
+        """A name for lm-eval's request-cache files: the checkpoint path with "/" spelled "__", as hf does."""
+        return str(self.tl_model.path).replace("/", "__")
+
+    # -- chat templates (lm-eval's --apply_chat_template) -------------------------------------------------
+    def chat_template(self, chat_template=False):
+        """What lm-eval records (and hashes) as the chat template: the checkpoint's Jinja text, or the name
+        of the built-in in use; None when none is asked for."""
+        if chat_template is False or chat_template is None:
+            return None
+        return checkpoint_template(self.tokenizer) if self.template == "checkpoint" else self.template
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        """The prompt text for lm-eval's [{"role", "content"}, ...], as its hf backend makes it:
+        continue_final_message when no generation prompt is wanted, and after a template error (Llama-2's
+        refusing a system message it cannot place, say) a second try without the system messages."""
+        def text(history):
+            return render(history, self.template, add_generation_prompt, tokenizer=self.tokenizer,
+                          continue_final_message=not add_generation_prompt)
+        try:
+            return text(chat_history)
+        except ChatTemplateError:
+            return text([m for m in chat_history if m["role"] != "system"])
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         """Token ids; BOS first when add_special_tokens (default: add_bos_token). A text that already
@@ -211,3 +254,24 @@ class TinyLlamaLM(TemplateLM):
 
     def get_model_info(self):
         return {"model": "tinyllama-ref", "checkpoint": str(self.tl_model.path), "backend": self.tl_model.backend}
+
+
+def _flag(value):
+    """A bool from Python or from lm-eval's --model_args text ("True", "false", 1 ...)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
+
+
+class _ProgressBars:
+    """on_progress for a person: one bar per request type, closed when its requests are done."""
+
+    def __init__(self):
+        self.bars, self.done = {}, {}
+
+    def __call__(self, kind, n, total):
+        from ..progress import Progress
+        bar = self.bars.setdefault(kind, Progress(kind, total, unit="requests"))
+        self.done[kind] = self.done.get(kind, 0) + n
+        bar.update(self.done[kind], total)
+        if self.done[kind] >= total:
+            bar.close()
+            del self.bars[kind], self.done[kind]
