@@ -65,7 +65,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     inputs: str
     parameters: Parameters = Field(default_factory=Parameters)
-    stream: Optional[bool] = False
+    stream: Optional[bool] = None            # POST / only; the other routes refuse a value they contradict
 
 
 def sampling_params(p):
@@ -205,12 +205,17 @@ async def stream_answer(state, body, request):
 
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
+    if body.stream:
+        raise field_error("stream", "stream is for POST /; for a stream, POST to /generate_stream")
     return await generate_answer(state_of(request), body, request)
 
 
 
 @router.post("/generate_stream")
 async def generate_stream(body: GenerateRequest, request: Request):
+    if body.stream is False:
+        raise field_error("stream", "stream is for POST /; /generate_stream always streams (POST /generate "
+                                    "does not)")
     return await stream_answer(state_of(request), body, request)
 
 
