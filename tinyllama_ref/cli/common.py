@@ -1,7 +1,6 @@
 """Pieces every CLI command shares: model and sampling options, opening a model, prompt files, records."""
 
 import json
-import os
 import sys
 import time
 
@@ -22,17 +21,26 @@ def parse_ids(text):
     return ids
 
 
-def _set_threads(ctx, param, value):
-    """--threads goes to every model this process (and its workers) load, through $TINYLLAMA_THREADS."""
+THREADS = "tinyllama_ref.threads"          # where --threads waits in the click context for open_model
+
+
+def _check_threads(ctx, param, value):
+    """--threads, checked when it is parsed; open_model passes it to load(threads=)."""
     from ..errors import TinyLlamaError
-    from ..threads import ENV, parse_threads
+    from ..threads import parse_threads
     if value is None:
         return
     try:
         parse_threads(value, "--threads")
     except TinyLlamaError as e:
         raise click.BadParameter(str(e).replace("--threads must", "must")) from None
-    os.environ[ENV] = str(value)
+    ctx.meta[THREADS] = value
+
+
+def cli_threads():
+    """The running command's --threads (None when not given: load()'s default, "auto")."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(THREADS) if ctx is not None else None
 
 
 def _cap_cpu(ctx, param, value):
@@ -52,7 +60,7 @@ def model_options(f):
     f = click.option("--cpu", default=None, metavar="TIER", expose_value=False, callback=_cap_cpu,
                      is_eager=True, help="Cap the kernels' CPU tier: generic, avx2, avx512, vnni or amx (default: "
                                          "this CPU's; the same as TINYLLAMA_CPU). See docs/kernels.md.")(f)
-    f = click.option("--threads", default=None, metavar="N|auto", expose_value=False, callback=_set_threads,
+    f = click.option("--threads", default=None, metavar="N|auto", expose_value=False, callback=_check_threads,
                      help="Threads for the kernels. auto (default): all cores, but decode passes leave the cores "
                           "other processes hold (measured from /proc/stat before each pass).")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress or notices on stderr.")(f)
@@ -92,12 +100,14 @@ def notice(quiet, text):
         click.echo(text, err=True)
 
 
-def open_model(checkpoint, backend, max_memory, quiet=True, gptq_mode="exact"):
+def open_model(checkpoint, backend, max_memory, quiet=True, gptq_mode="exact", threads=None):
+    """load() with the command's options; threads defaults to the command's --threads."""
     from .. import load
     t = time.perf_counter()
     if not quiet and sys.stderr.isatty():
         click.echo(f"loading {checkpoint} ...", err=True)
-    model = load(checkpoint, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=True)
+    model = load(checkpoint, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode, quiet=True,
+                 threads=cli_threads() if threads is None else threads)
     model.load_seconds = time.perf_counter() - t
     if model.layers.n_resident < model.layers.n_layers:        # worth knowing: this run reads from disk
         notice(quiet, model.layers.describe())
@@ -109,19 +119,6 @@ def resolve_template(model, template):
     if template in (None, "auto"):
         return default_template(model.tokenizer)
     return template
-
-
-def write_atomically(path, text):
-    """Write a whole file or nothing: into a temporary name first, then rename."""
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise GenerationError(f"{path}: cannot write ({e.strerror})") from None
 
 
 def read_prompts_file(path):

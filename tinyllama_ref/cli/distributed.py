@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import click
 
 from ..errors import TinyLlamaError
-from .common import notice, open_model
+from .common import cli_threads, notice, open_model
 
 
 def ray_options(f):
@@ -49,7 +49,8 @@ def open_pool(checkpoint, ray_address, workers, backend, max_memory, gptq_mode, 
     from ..distributed.runner import DataParallel
     t = time.perf_counter()
     pool = DataParallel(checkpoint, workers=workers or 2, backend=backend, max_memory=max_memory,
-                        gptq_mode=gptq_mode, address=ray_address, cpus_per_worker=cpus_per_worker)
+                        gptq_mode=gptq_mode, address=ray_address, cpus_per_worker=cpus_per_worker,
+                        threads=cli_threads())
     click.get_current_context().call_on_close(pool.close)         # the workers' memory back when the command ends
     hosts = sorted({h for h, _ in pool.hosts})
     notice(quiet, f"{len(pool.actors)} Ray workers ready on {', '.join(hosts)} ({time.perf_counter() - t:.1f} s)")
@@ -134,7 +135,8 @@ def open_model_or_pipeline(checkpoint, pipeline_address, stages, backend, max_me
     from ..distributed.pipeline import PipelineModel
     t = time.perf_counter()
     model = TextModel(PipelineModel(checkpoint, stages=stages, backend=backend, max_memory=max_memory,
-                                    gptq_mode=gptq_mode, address=pipeline_address, cpus_per_stage=cpus_per_stage))
+                                    gptq_mode=gptq_mode, address=pipeline_address, cpus_per_stage=cpus_per_stage,
+                                    threads=cli_threads()))
     click.get_current_context().call_on_close(model.model.close)
     model.model.load_seconds = time.perf_counter() - t
     notice(quiet, model.layers.describe())

@@ -18,11 +18,12 @@ class Worker:
     """The actor's class (wrapped with ray.remote by start_worker). A load error is kept, not raised, so the
     actor stays up to report it: a constructor that raises would only show as a dead actor."""
 
-    def __init__(self, path, backend, max_memory, gptq_mode):
+    def __init__(self, path, backend, max_memory, gptq_mode, threads=None):
         import tinyllama_ref
         self.error = None
         try:
-            self.model = tinyllama_ref.load(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode)
+            self.model = tinyllama_ref.load(path, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode,
+                                            threads=threads)
         except TinyLlamaError as e:
             self.error = type(e)(f"worker on {socket.gethostname()}: {e}")
 
@@ -53,14 +54,17 @@ def actor_options(cpus, threads):
     The thread count is fixed when the process starts (OpenBLAS reads it once) and float sums split over
     a different number of threads differ in the last bits: an actor with T threads gives the bits of one
     process running with T threads."""
+    from ..threads import parse_threads
     opts = dict(num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD")
-    if threads:
-        opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(int(threads))}}
+    fixed = parse_threads(threads)                     # None for "auto"
+    if fixed:
+        opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(fixed)}}
     return opts
 
 
 def start_worker(path, backend="numba", max_memory=None, gptq_mode="exact", cpus=1, threads=None):
     """A new Worker actor; it loads in the background (ready() says when)."""
     import ray
-    return ray.remote(Worker).options(**actor_options(cpus, threads)).remote(path, backend, max_memory, gptq_mode)
+    return ray.remote(Worker).options(**actor_options(cpus, threads)).remote(path, backend, max_memory, gptq_mode,
+                                                                             threads)
 
