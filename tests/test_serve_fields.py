@@ -164,6 +164,10 @@ def test_unknown_and_unsupported_fields_are_bad_requests(server):
         client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"99999": 5})
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"repetition_penalty": 0})
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, presence_penalty=3)
     with pytest.raises(openai.BadRequestError, match="stream_options"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, stream_options={"include_usage": True})
     # The off values clients send by default are accepted.

@@ -119,7 +119,8 @@ def sampling(state, body):
     return make_params(temperature=1.0 if body.temperature is None else body.temperature,
                        top_p=1.0 if body.top_p is None else body.top_p,
                        top_k=0 if body.top_k in (None, -1) else body.top_k,
-                       min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
+                       min_p=body.min_p or 0.0,
+                       repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                        presence_penalty=body.presence_penalty or 0.0,
                        frequency_penalty=body.frequency_penalty or 0.0,
                        logit_bias=logit_bias_pairs(state, body.logit_bias), seed=body.seed)
