@@ -18,6 +18,8 @@ BASE = {
     "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
     "/generate": {"inputs": "Fever", "parameters": {"max_new_tokens": 2}},
     "/generate_stream": {"inputs": "Fever", "parameters": {"max_new_tokens": 2}},
+    "/tokenize": {},                              # two shapes: the examples are whole bodies
+    "/detokenize": {},
 }
 
 
@@ -71,14 +73,17 @@ def server(tmp_path_factory):
 def test_the_table_covers_every_route_and_both_verdicts():
     assert {route for _, route, _, _ in ROWS} == set(BASE)
     assert {verdict for *_, verdict in ROWS} == {"works", "refused"}
-    assert len(ROWS) > 60
+    assert len(ROWS) > 70
 
 
 def test_every_declared_field_has_a_row():
     from tinyllama_ref.serve import openai, tgi
     documented = {(f.split(".")[-1], r) for f, r, _, _ in ROWS}
+    from tinyllama_ref.serve import tokenize
     for model, route in ((openai.CompletionRequest, "/v1/completions"), (openai.ChatRequest, "/v1/chat/completions"),
-                         (tgi.Parameters, "/generate"), (tgi.Parameters, "/generate_stream")):
+                         (tgi.Parameters, "/generate"), (tgi.Parameters, "/generate_stream"),
+                         (tokenize.TgiTokenize, "/tokenize"), (tokenize.LlamaTokenize, "/tokenize"),
+                         (tokenize.Detokenize, "/detokenize")):
         declared = set(model.model_fields)
         if model is tgi.Parameters:
             declared |= set(tgi.GenerateRequest.model_fields) - {"parameters"}

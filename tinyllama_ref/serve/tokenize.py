@@ -5,7 +5,8 @@
                   POST /detokenize {"tokens": [id, ...]}  -> {"content": "..."}
 
 Both APIs use the same path, so the body's keys say which one was meant: "inputs" is TGI's, "content" is
-llama-server's, and a body with neither (or both) is refused. Defaults follow each server: TGI adds the BOS
+llama-server's, and a body with neither (or both) is refused. TGI's /tokenize reads a whole GenerateRequest,
+whose "parameters" change nothing there: we refuse them as an unknown field. Defaults follow each server: TGI adds the BOS
 token (its /tokenize always does; add_special_tokens is our addition), llama-server does not unless asked.
 
 TGI's start and stop are byte offsets into the input (router/src/server.rs encoding_to_tokens); the BOS
@@ -14,7 +15,7 @@ the running offset of the input. A token whose text is not there (a piece of a m
 the tokenizer normalised) covers no bytes, at the offset where it stands.
 """
 
-from typing import List, Optional
+from typing import List
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +31,6 @@ class TgiTokenize(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     inputs: str
     add_special_tokens: bool = True
-    parameters: Optional[dict] = None        # TGI's /tokenize takes a whole GenerateRequest; they change nothing
 
 
 class LlamaTokenize(BaseModel):
@@ -64,8 +64,9 @@ def tgi_tokens(tokenizer, text, ids):
 
 def body_kind(body):
     if not isinstance(body, dict) or ("inputs" in body) == ("content" in body):
-        raise field_error("inputs", 'POST /tokenize takes TGI\'s {"inputs": text} or llama-server\'s '
-                                    '{"content": text}: give exactly one of the two')
+        got = sorted(body) if isinstance(body, dict) else type(body).__name__
+        raise field_error("inputs", f'POST /tokenize takes TGI\'s {{"inputs": text}} or llama-server\'s '
+                                    f'{{"content": text}}: give exactly one of the two (got {got})')
     return "tgi" if "inputs" in body else "llama"
 
 
