@@ -112,10 +112,10 @@ class PoolPlan:
         return self.n_blocks // math.ceil(length / self.block_size)
 
     def describe(self):
-        short = min(512, self.max_context)
-        return (f"KV cache {self.sequences(self.max_context)} sequences x {self.max_context} positions or "
-                f"{self.sequences(short)} x {short} (a pool of {self.positions:,} positions in {self.n_blocks:,} "
-                f"blocks of {self.block_size}, {human(self.nbytes)} {self.kv_dtype})")
+        short = f" or {self.sequences(512)} x 512" if self.max_context > 512 else ""
+        return (f"KV cache {self.sequences(self.max_context)} sequences x {self.max_context} positions{short} "
+                f"(a pool of {self.positions:,} positions in {self.n_blocks:,} blocks of {self.block_size}, "
+                f"{human(self.nbytes)} {self.kv_dtype})")
 
 
 def plan_pool(cfg, free, weight_bytes, window_bytes, max_batch, max_context, kv_dtype="f32", pool_bytes=None,
@@ -323,8 +323,8 @@ class PagedKVCache:
                     n = common_prefix(self.tokens[c], want)
                     if n > m:
                         best, m = c, n
-            if best is None:
-                break
+            if best is None or (r == 0 and not self.free and list(self.cached) == [best]):
+                break                                                # (no block to copy into but best itself)
             if r == 0:
                 self.tables[slot].append(self._take(slot, keep=best))
             own = self.tables[slot][-1]
