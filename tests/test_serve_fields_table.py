@@ -77,10 +77,10 @@ def test_the_table_covers_every_route_and_both_verdicts():
 
 
 def test_every_declared_field_has_a_row():
-    from tinyllama_ref.serve import openai, tgi
+    from tinyllama_ref.serve import openai_requests, tgi, tokenize
     documented = {(f.split(".")[-1], r) for f, r, _, _ in ROWS}
-    from tinyllama_ref.serve import tokenize
-    for model, route in ((openai.CompletionRequest, "/v1/completions"), (openai.ChatRequest, "/v1/chat/completions"),
+    for model, route in ((openai_requests.CompletionRequest, "/v1/completions"),
+                         (openai_requests.ChatRequest, "/v1/chat/completions"),
                          (tgi.Parameters, "/generate"), (tgi.Parameters, "/generate_stream"),
                          (tokenize.TgiTokenize, "/tokenize"), (tokenize.LlamaTokenize, "/tokenize"),
                          (tokenize.Detokenize, "/detokenize")):
