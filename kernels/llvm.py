@@ -63,3 +63,40 @@ def prefetch(builder, addr):
     """Ask for the cache line at addr (read, keep in all levels, data): a hint that never faults."""
     fn = declare(builder.module, "llvm.prefetch.p0i8", None, [I8P, I32, I32, I32])
     builder.call(fn, [builder.inttoptr(addr, I8P), I32(0), I32(3), I32(1)])
+
+
+def _const(ty, value):
+    """value as a constant of ty, a scalar type or a vector of it."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [value] * ty.count)
+    return ir.Constant(ty, value)
+
+
+def _x86_without_f16c():
+    """This process compiles for an x86 CPU without F16C (kernels/cpu.py's generic tier on x86), where LLVM
+    widens half floats by calling a runtime function that Numba does not link."""
+    import platform
+    from .cpu import process_tier
+    return platform.machine().lower() in ("x86_64", "amd64") and process_tier() == "generic"
+
+
+def f16_to_f32(builder, bits):
+    """IEEE half bits (i16, or a vector of i16) -> float32 (or a vector), exact for every value.
+
+    LLVM's `fpext half` where the target converts halves itself (F16C's vcvtph2ps on x86, every aarch64);
+    elsewhere integer operations: exponent and mantissa moved up 13 bits read as a float32 that is 2^-112
+    of the value (subnormal halves included), times 2^112; inf and NaN keep their mantissa under an all-ones
+    exponent; the sign goes back last."""
+    n = bits.type.count if isinstance(bits.type, ir.VectorType) else None
+    f32 = F32 if n is None else vec(F32, n)
+    if not _x86_without_f16c():
+        half = ir.HalfType() if n is None else vec(ir.HalfType(), n)
+        return builder.fpext(builder.bitcast(bits, half), f32)
+    i32 = I32 if n is None else vec(I32, n)
+    h = builder.zext(bits, i32)
+    sign = builder.shl(builder.and_(h, _const(i32, 0x8000)), _const(i32, 16))
+    em = builder.and_(h, _const(i32, 0x7FFF))
+    scaled = builder.fmul(builder.bitcast(builder.shl(em, _const(i32, 13)), f32), _const(f32, 2.0 ** 112))
+    special = builder.or_(_const(i32, 0x7F800000), builder.shl(builder.and_(em, _const(i32, 0x3FF)), _const(i32, 13)))
+    body = builder.select(builder.icmp_unsigned(">=", em, _const(i32, 0x7C00)), special, builder.bitcast(scaled, i32))
+    return builder.bitcast(builder.or_(body, sign), f32)

@@ -216,21 +216,6 @@ def test_repack_moves_every_code_to_its_sorted_row(bits):
     np.testing.assert_array_equal(new_qw, quant.pack_columns(expected, bits).view(np.uint32))
 
 
-def test_compile_note_names_only_the_kernels_a_layout_calls(monkeypatch, capsys):
-    """The "compiling ... once" note is printed when a kernel the plan will call has no cache yet; a layout
-    that is never used (the in-place kernels of an all-resident model) must not make a warm cache look cold."""
-    from tinyllama_ref.kernels import compile_note
-    cold = {gptq.gemv_inplace}
-    monkeypatch.setattr(compile_note, "_is_cached", lambda d: d not in cold)
-    monkeypatch.setattr(compile_note, "_said", {})
-    layer = make_layer(np.random.default_rng(3), 128, 32, 4, 32, act_order=True)
-    args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-    assert gptq.prepare(*args).layout == "segments"                        # repacked: in-place kernels unused
-    assert "compiling" not in capsys.readouterr().err
-    assert gptq.prepare(*args, repack=False).layout == "inplace"
-    assert "compiling GPTQ kernels" in capsys.readouterr().err
-
-
 def test_compile_note_asks_only_about_the_kernel_that_runs(monkeypatch, capsys):
     """The note is printed just before a kernel without a cached build runs, not for kernels the table would
     choose for other row counts: a decode row with a cold prefill kernel says nothing."""

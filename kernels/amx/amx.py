@@ -30,19 +30,18 @@ request_permission() asks, once, from kernels/cpu.py; where it is refused the CP
 """
 
 import ctypes
-import os
 import sys
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..generic.dequantize import dequantize_code_rows
 from ..generic.gptq_inplace import _widen_group_rows
 from ..generic.gptq_passes import unit_shape
 from ..generic.gptq_prefill import _dequantize_strip
+from .. import llvm
 
 ROWS = 32           # rows of the 2 x 2 accumulator block (2 tiles of 16)
 COLS = 32           # columns of it (2 tiles of 16 float32)
@@ -84,13 +83,13 @@ _I8, _I64, _VOID = ir.IntType(8), ir.IntType(64), ir.VoidType()
 _I8P = _I8.as_pointer()
 
 
-def _call(builder, name, args, arg_types):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VOID, arg_types), name)
-    builder.call(fn, args)
+def _call(builder, name, args, arg_types, ret=_VOID):
+    """Call an AMX intrinsic, declared with the argument types it takes (tile numbers are i8 constants)."""
+    return builder.call(llvm.declare(builder.module, name, ret, arg_types), args)
 
 
 def _ptr(builder, addr):
-    return builder.inttoptr(addr, _I8P)
+    return llvm.pointer(builder, addr, _I8)
 
 
 @intrinsic

@@ -32,9 +32,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .amx import _bits, _c_end, _configure, _hi_rest, _release, COLS, ROWS
+from .amx import _bits, _c_end, _call, _configure, _hi_rest, _ptr, _release, COLS, ROWS
 from ..generic.gptq_gemv import _unpack_zero_row
 from ..generic.half import f16_to_f32
+from .. import llvm
 
 SLAB = 512            # columns per thread task (its accumulator blocks share each row block's x tiles). Wider
                       # than 128 since 3-row stacking: 70B shapes, 2 threads, 0.8-0.95x the time at 8 and 512
@@ -54,15 +55,6 @@ TABLE = np.ascontiguousarray(_TABLE)
 
 _I8, _I16, _I32, _I64, _VOID = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.VoidType()
 _I8P = _I8.as_pointer()
-
-
-def _call(builder, name, args, arg_types, ret=_VOID):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, arg_types), name)
-    return builder.call(fn, args)
-
-
-def _ptr(builder, addr):
-    return builder.inttoptr(addr, _I8P)
 
 
 def _products(builder, parts, a, a_part, a_row16, b0, b1, b_stride):
@@ -262,11 +254,9 @@ def _pair_row(typingctx, a_addr, b_addr, shift_a, shift_b, mask_a, mask_b, table
         v32s = ir.VectorType(_I16, 32)
 
         def splat(value):
-            one = builder.insert_element(ir.Constant(v16i, ir.Undefined), builder.trunc(value, _I32), _I32(0))
-            return builder.shuffle_vector(one, ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
-        rot = ir.FunctionType(v16i, [v16i, v16i, v16i])
-        rotr = cgutils.get_or_insert_function(builder.module, rot, "llvm.fshr.v16i32")
-        rotl = cgutils.get_or_insert_function(builder.module, rot, "llvm.fshl.v16i32")
+            return llvm.splat(builder, builder.trunc(value, _I32), v16i)
+        rotr = llvm.declare(builder.module, "llvm.fshr.v16i32", v16i, [v16i] * 3)
+        rotl = llvm.declare(builder.module, "llvm.fshl.v16i32", v16i, [v16i] * 3)
         table = builder.load(builder.inttoptr(tab, v32s.as_pointer()), align=2)
         sa_v = splat(sa)                                                   # code a: bits sa.. -> 0..
         sb_v = splat(builder.and_(builder.sub(_I64(16), sb), _I64(31)))   # code b: bits sb.. -> 16..

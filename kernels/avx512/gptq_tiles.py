@@ -42,6 +42,7 @@ from ..generic.gptq_gemv import _zero_code
 from ..generic.gptq_inplace import _code_places, fma_f32
 from ..generic.gptq_passes import PASS_MATH, unit_shape
 from ..generic.half import f16_to_f32
+from .. import llvm
 
 SLOTS = 12             # floats per input in the packed x of one tile (the largest tile)
 TILE_ROWS = (12, 8, 4) # rows per tile: 24, 16 or 8 accumulators of 16 floats
@@ -82,28 +83,22 @@ def _tile(bits, rows, inplace, zero_per_group=True):
             y_a, y_stride, xp_a, w_a, w_stride, u_lo, u_hi, sc_a, sc_stride, zm_a, zm_stride, gi_a, ahead_b = args
             i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
             v16i, v16f = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
-            v16s, v16h = ir.VectorType(i16, LANES), ir.VectorType(ir.HalfType(), LANES)
-            i8p = ir.IntType(8).as_pointer()
+            v16s = ir.VectorType(i16, LANES)
             module = builder.module
-            fma = cgutils.get_or_insert_function(module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
-            fshr = cgutils.get_or_insert_function(module, ir.FunctionType(v16i, [v16i] * 3), "llvm.fshr.v16i32")
-            prefetch = cgutils.get_or_insert_function(
-                module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+            fma = llvm.declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
+            fshr = llvm.declare(module, "llvm.fshr.v16i32", v16i, [v16i] * 3)
 
             def load(addr, ty, align=4):
-                return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=align)
+                return llvm.load(builder, addr, ty, align)
 
             def vconst(value):
                 return ir.Constant(v16i, [value] * LANES)
 
             def splat(value):
-                undef = ir.Constant(v16f, ir.Undefined)
-                one = builder.insert_element(undef, value, i32(0))
-                return builder.shuffle_vector(one, undef, ir.Constant(v16i, [0] * LANES))
+                return llvm.splat(builder, value, v16f)
 
             def half_row(addr, v):                       # 16 fp16 scales -> float32
-                return builder.fpext(builder.bitcast(load(builder.add(addr, i64(2 * LANES * v)), v16s, 2), v16h),
-                                     v16f)
+                return llvm.f16_to_f32(builder, load(builder.add(addr, i64(2 * LANES * v)), v16s, 2))
 
             # The accumulators live in allocas that LLVM promotes to registers (mem2reg).
             acc = [[cgutils.alloca_once(builder, v16f) for _ in range(VECS)] for _ in range(rows)]
@@ -121,8 +116,7 @@ def _tile(bits, rows, inplace, zero_per_group=True):
                     per_v = []
                     for k in range(unit_words):
                         addr = builder.add(builder.add(wu, builder.mul(i64(k), w_stride)), i64(4 * LANES * v))
-                        builder.call(prefetch, [builder.inttoptr(builder.add(addr, ahead_b), i8p), i32(0), i32(3),
-                                                i32(1)])
+                        llvm.prefetch(builder, builder.add(addr, ahead_b))
                         per_v.append(load(addr, v16i))
                     words.append(per_v)
                 xu = builder.add(xp_a, builder.mul(u, i64(4 * SLOTS * unit_codes)))

@@ -42,6 +42,7 @@ from .dequantize import dequantize_code_rows
 from .gptq_gemv import _zero_code
 from .gptq_passes import PASS_MATH, unit_shape
 from .half import f16_to_f32
+from .. import llvm
 
 STRIP = 256          # slab columns decoded together (dequantize_slab_inplace; kernels/generic/dequantize.py says why)
 LANES = 16           # columns per AVX-512 vector of float32
@@ -77,21 +78,16 @@ def _unit_rows(bits):
             part_a, part_stride, nr, w_a, w_stride, sc_a, sc_stride, gi_a, x_a, x_stride, nv, ahead_b = args
             i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
             v16i, v16f = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
-            v16s, v16h = ir.VectorType(i16, LANES), ir.VectorType(ir.HalfType(), LANES)
+            v16s = ir.VectorType(i16, LANES)
             module = builder.module
-            i8p = ir.IntType(8).as_pointer()
-            fma = cgutils.get_or_insert_function(module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
-            fshr = cgutils.get_or_insert_function(module, ir.FunctionType(v16i, [v16i] * 3), "llvm.fshr.v16i32")
-            prefetch = cgutils.get_or_insert_function(
-                module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+            fma = llvm.declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
+            fshr = llvm.declare(module, "llvm.fshr.v16i32", v16i, [v16i] * 3)
 
             def load(addr, ty, align):
-                return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=align)
+                return llvm.load(builder, addr, ty, align)
 
             def splat(value):
-                undef = ir.Constant(v16f, ir.Undefined)
-                one = builder.insert_element(undef, value, i32(0))
-                return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+                return llvm.splat(builder, value, v16f)
 
             def vconst(value):
                 return ir.Constant(v16i, [value] * LANES)
@@ -104,8 +100,7 @@ def _unit_rows(bits):
                 words = []
                 for k in range(unit_words):
                     addr = builder.add(builder.add(w_a, builder.mul(i64(k), w_stride)), builder.mul(v, i64(64)))
-                    builder.call(prefetch, [builder.inttoptr(builder.add(addr, ahead_b), i8p), i32(0), i32(3),
-                                            i32(1)])
+                    llvm.prefetch(builder, builder.add(addr, ahead_b))
                     words.append(load(addr, v16i, 4))
                 for c0 in range(0, unit_codes, chain):
                     d = []                                         # d_t = s[g_t, j] * q_tj, exact
@@ -117,7 +112,7 @@ def _unit_rows(bits):
                             q = builder.lshr(words[k], vconst(off)) if off else words[k]
                         q = builder.uitofp(builder.and_(q, vconst((1 << bits) - 1)), v16f)
                         s = load(builder.add(rows[t], builder.mul(v, i64(2 * LANES))), v16s, 2)
-                        d.append(builder.fmul(builder.fpext(builder.bitcast(s, v16h), v16f), q))
+                        d.append(builder.fmul(llvm.f16_to_f32(builder, s), q))
                     with cgutils.for_range(builder, nr) as batch:
                         n = batch.index
                         xr = builder.add(x_a, builder.mul(n, x_stride))

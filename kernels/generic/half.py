@@ -16,6 +16,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .. import llvm
+
 FUSED_MAX_ROWS = 8         # up to this many activation rows the fused kernel beats tile-convert + BLAS
 TILE_ROWS = 512            # weight rows widened per BLAS call in the many-rows path (16 MB at in = 8192)
 
@@ -26,7 +28,7 @@ def f16_to_f32(typingctx, bits):
     inf and NaN. Written as LLVM's own `fpext half to float`, so on x86 with F16C / AVX-512 the loop
     vectorizer turns it into vcvtph2ps (16 conversions per instruction) instead of integer bit fiddling.
     An x86 target without F16C (the generic tier) has no such instruction and LLVM would call a runtime
-    function Numba does not link: there the integer trick (_f16_bits_to_f32) is emitted instead."""
+    function Numba does not link: there llvm.f16_to_f32 emits integer operations instead."""
     if not isinstance(bits, types.Integer):
         return None
 
@@ -34,32 +36,8 @@ def f16_to_f32(typingctx, bits):
         value = args[0]
         if value.type.width > 16:
             value = builder.trunc(value, ir.IntType(16))
-        if _no_f16c():
-            return _f16_bits_to_f32(builder, value)
-        half = builder.bitcast(value, ir.HalfType())
-        return builder.fpext(half, ir.FloatType())
+        return llvm.f16_to_f32(builder, value)
     return types.float32(bits), codegen
-
-
-def _no_f16c():
-    """This process compiles for an x86 CPU without F16C (kernels/cpu.py's generic tier on x86)."""
-    import platform
-    from ..cpu import process_tier
-    return platform.machine().lower() in ("x86_64", "amd64") and process_tier() == "generic"
-
-
-def _f16_bits_to_f32(builder, value):
-    """half -> float32 in 32-bit integer lanes, exact: the exponent and mantissa moved up 13 bits read as a
-    float32 that is 2^-112 of the value (subnormal halves included), times 2^112; inf and NaN keep their
-    mantissa under an all-ones exponent; the sign is put back last."""
-    i32, f32 = ir.IntType(32), ir.FloatType()
-    h = builder.zext(value, i32)
-    sign = builder.shl(builder.and_(h, i32(0x8000)), i32(16))
-    em = builder.and_(h, i32(0x7FFF))
-    scaled = builder.fmul(builder.bitcast(builder.shl(em, i32(13)), f32), f32(2.0 ** 112))
-    special = builder.or_(i32(0x7F800000), builder.shl(builder.and_(em, i32(0x3FF)), i32(13)))
-    body = builder.select(builder.icmp_unsigned(">=", em, i32(0x7C00)), special, builder.bitcast(scaled, i32))
-    return builder.bitcast(builder.or_(body, sign), f32)
 
 
 @intrinsic

@@ -18,16 +18,15 @@ Per block b of 32 inputs with scale d_b = max|x| / 127 and xq = round(x / d_b):
 and per segment, as in the exact path, y_j += s_j * (acc_j - z_j * sum_i d_b xq_i).
 """
 
-import functools
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
 from .int8_gemm import quantize_rows, segment_blocks
+from .. import llvm
 
 BLOCK = 32                 # inputs per activation scale (4 packed words)
 
@@ -50,39 +49,30 @@ def _vnni_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, scale):
         v16i = ir.VectorType(i32, 16)
         v16f = ir.VectorType(ir.FloatType(), 16)
         module = builder.module
-        dpbusd_ty = ir.FunctionType(v16i, [v16i, v16i, v16i])
-        name = "llvm.x86.avx512.vpdpbusd.512"
-        dpbusd = module.globals.get(name) or ir.Function(module, dpbusd_ty, name)
+        dpbusd = llvm.declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i, v16i, v16i])
 
         def splat(value, vty):
-            undef = ir.Constant(vty, ir.Undefined)
-            one = builder.insert_element(undef, value, i32(0))
-            return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+            return llvm.splat(builder, value, vty)
 
         def vload(addr, vty, align):
-            ptr = builder.inttoptr(addr, vty.as_pointer())
-            return builder.load(ptr, align=align)
+            return llvm.load(builder, addr, vty, align)
 
         mask = ir.Constant(v16i, [0x0F0F0F0F] * 16)
         four = ir.Constant(v16i, [4] * 16)
         total = ir.Constant(v16i, [0] * 16)
-        i8p = ir.IntType(8).as_pointer()
-        prefetch = cgutils.get_or_insert_function(
-            module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
         for k in range(4):                                   # 8 rows ahead = two 32-input blocks
-            ahead = builder.add(w_a, builder.mul(stride, i64(8 + k)))
-            builder.call(prefetch, [builder.inttoptr(ahead, i8p), i32(0), i32(3), i32(1)])
+            llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, i64(8 + k))))
         for k in range(4):
             w = vload(builder.add(w_a, builder.mul(stride, i64(k))), v16i, 4)
             low = builder.and_(w, mask)
             high = builder.and_(builder.lshr(w, four), mask)
-            xa = builder.load(builder.inttoptr(builder.add(xw_a, i64(8 * k)), i32.as_pointer()), align=4)
-            xb = builder.load(builder.inttoptr(builder.add(xw_a, i64(8 * k + 4)), i32.as_pointer()), align=4)
+            xa = llvm.load(builder, builder.add(xw_a, i64(8 * k)), i32)
+            xb = llvm.load(builder, builder.add(xw_a, i64(8 * k + 4)), i32)
             total = builder.call(dpbusd, [total, low, splat(xa, v16i)])
             total = builder.call(dpbusd, [total, high, splat(xb, v16i)])
         acc = vload(acc_a, v16f, 4)
         scaled = builder.fmul(builder.sitofp(total, v16f), splat(sc, v16f))
-        builder.store(builder.fadd(acc, scaled), builder.inttoptr(acc_a, v16f.as_pointer()), align=4)
+        llvm.store(builder, builder.fadd(acc, scaled), acc_a)
         return context.get_dummy_value()
     sig = types.void(types.intp, types.intp, types.intp, types.intp, types.float32)
     return sig, codegen

@@ -31,6 +31,7 @@ from numba.extending import intrinsic
 
 from ..generic.gptq_gemv import _unpack_zero_row
 from ..generic.half import f16_to_f32
+from .. import llvm
 
 BLOCK = 32          # inputs per activation scale: 4 packed words of 4-bit codes
 LANES = 16          # float32 / int32 lanes of a 512-bit vector: columns per register tile
@@ -62,19 +63,16 @@ def _make_tile(rows):
             i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
             v16i, v16f = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
             module = builder.module
-            name = "llvm.x86.avx512.vpdpbusd.512"
-            dpbusd = module.globals.get(name) or ir.Function(module, ir.FunctionType(v16i, [v16i] * 3), name)
-            zeros16 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+            dpbusd = llvm.declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
 
             def splat(value, vty):
-                one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, i32(0))
-                return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros16)
+                return llvm.splat(builder, value, vty)
 
             def load(addr, ty):
-                return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=4)
+                return llvm.load(builder, addr, ty)
 
             def store(value, addr):
-                builder.store(value, builder.inttoptr(addr, value.type.as_pointer()), align=4)
+                llvm.store(builder, value, addr)
 
             mask = ir.Constant(v16i, [0x0F0F0F0F] * LANES)
             four = ir.Constant(v16i, [4] * LANES)

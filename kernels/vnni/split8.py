@@ -25,17 +25,15 @@ Cost per packed word and 16 columns (128 weights): 3 integer operations and 8 vp
 8 conversions and 8 FMAs for the float path.
 """
 
-import functools
 import math
-import os
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from .. import llvm
 
 BLOCK = 32                 # inputs per block: 4 packed words of 4-bit codes
 PIECES = 4                 # int8 pieces per activation
@@ -152,26 +150,19 @@ def _split_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, xs_addr):
         v16i = ir.VectorType(i32, 16)
         v16f = ir.VectorType(f32, 16)
         module = builder.module
-        name = "llvm.x86.avx512.vpdpbusd.512"
-        dpbusd = module.globals.get(name) or ir.Function(module, ir.FunctionType(v16i, [v16i, v16i, v16i]), name)
+        dpbusd = llvm.declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i, v16i, v16i])
 
         def splat(value, vty):
-            undef = ir.Constant(vty, ir.Undefined)
-            one = builder.insert_element(undef, value, i32(0))
-            return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+            return llvm.splat(builder, value, vty)
 
         def load(addr, ty, align):
-            return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=align)
+            return llvm.load(builder, addr, ty, align)
 
         mask = ir.Constant(v16i, [0x0F0F0F0F] * 16)
         four = ir.Constant(v16i, [4] * 16)
         totals = [ir.Constant(v16i, [0] * 16) for _ in range(PIECES)]
-        i8p = ir.IntType(8).as_pointer()
-        prefetch = cgutils.get_or_insert_function(
-            module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
         for k in range(4):                                   # 8 rows ahead = two 32-input blocks
-            ahead = builder.add(w_a, builder.mul(stride, i64(8 + k)))
-            builder.call(prefetch, [builder.inttoptr(ahead, i8p), i32(0), i32(3), i32(1)])
+            llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, i64(8 + k))))
         for k in range(4):
             w = load(builder.add(w_a, builder.mul(stride, i64(k))), v16i, 4)
             low = builder.and_(w, mask)

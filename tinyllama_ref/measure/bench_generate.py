@@ -4,7 +4,7 @@ Default: rows shaped like llama.cpp's `llama-bench -p 64,512 -n 16`, so the two 
   ppN   prompt processing: one forward pass over N random prompt tokens from an empty cache, tokens/s
   tgN   text generation: N decode passes of one token each after a one-token prompt, tokens/s
 each the median of --repetitions runs, with what the same run measured of the machine: the memory read
-bandwidth (kernels/bandwidth.py) and the float32 GEMM rate of the BLAS NumPy uses (a [512, dim] x [dim, hidden]
+bandwidth (measure/bandwidth.py) and the float32 GEMM rate of the BLAS NumPy uses (a [512, dim] x [dim, hidden]
 product), so a ppN row also reads as a fraction of BLAS (GEMM GFLOP/s: 2 x tokens x linear weights / time) and a
 tgN row as a fraction of the bandwidth (weights GB/s: packed bytes of every layer and the head per token).
 Also reported: the BLAS library and kernel in use (threadpoolctl; OPENBLAS_CORETYPE forces the kernel), the
@@ -35,9 +35,8 @@ from ..platform import io_read_bytes
 def bench(checkpoint, batches=(1, 8, 32), prompt_tokens=64, new_tokens=8, backend="numba", max_memory=None,
           seed=0, gptq_mode="exact"):
     from .. import load
-    from .bandwidth import disk_read_gbps
+    from .bandwidth import disk_read_gbps, memory_read_gbps
     from ..generate import run
-    from ..kernels.bandwidth import memory_read_gbps
     from ..sampling import Sampler, SamplingParams
     t = time.perf_counter()
     model = load(checkpoint, backend=backend, max_memory=max_memory, gptq_mode=gptq_mode)
@@ -220,7 +219,7 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
     import numba
     from .. import load
     from ..kernels import cpu
-    from ..kernels.bandwidth import memory_read_gbps
+    from .bandwidth import memory_read_gbps
     from ..kernels.compile_note import compile_seconds
     load_before = os.getloadavg()
     starts = []
@@ -247,7 +246,8 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
             r["fraction_of_memory_bw"] = round(r["weights_gbps"] / mem_gbps, 3)
     weights = sum(model.layers.file_bytes) + model.lm_head.nbytes
     return {"checkpoint": checkpoint, "backend": backend, "gptq_mode": gptq_mode,
-            "cpu_tier": model.cpu or "numpy", "cpu_tier_note": cpu.describe(), "cpu_name": cpu.host_name(),
+            "cpu_tier": (model.cpu or cpu.process_tier()) if backend == "numba" else "numpy",
+            "cpu_tier_note": cpu.describe(), "cpu_name": cpu.host_name(),
             "threads": numba.get_num_threads(), "thread_choice": model.threads.describe(),
             "weights_bytes": int(weights),
             "layers_resident": model.layers.n_resident, "n_layers": model.layers.n_layers,

@@ -36,7 +36,7 @@ def describe(checkpoint, max_memory=None, measure=True):
         "decoder weights": f"{human(weight_bytes)} ({human(weight_bytes / c.n_layers)} per layer)",
         "kv cache": f"{human(KVCache.bytes_needed(c.n_layers, 1, 1024, c.n_kv_heads, c.head_dim))} per 1024 tokens",
         "memory plan": src.describe(),
-        "kernels": f"CPU tier {model.cpu} ({cpu_describe()}; docs/kernels.md)",
+        "kernels": f"CPU tier {cpu_describe()} (docs/kernels.md)",
     }
     if os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
         tok = model.tokenizer
@@ -45,8 +45,7 @@ def describe(checkpoint, max_memory=None, measure=True):
     else:
         info["tokenizer"] = "none (tokenizer.model missing: use --prompt-ids)"
     if measure:
-        from .bandwidth import disk_read_gbps
-        from ..kernels.bandwidth import memory_read_gbps
+        from .bandwidth import disk_read_gbps, memory_read_gbps
         mem = memory_read_gbps(256 * 2**20, repeats=5)
         biggest = max(ckpt.files, key=lambda p: ckpt.files[p].size)
         disk = disk_read_gbps(biggest, 256 * 2**20)
