@@ -57,6 +57,19 @@ def read_quant_config_if_any(path):
     return read_quant_config(path)
 
 
+def place_sequences(cache, slots, chunks, max_seq_len):
+    """[(slot, start, n)]: where each sequence's n new tokens go in its cache slot; a GenerationError when they
+    would not fit the cache or the model's context. (Model.forward and the pipeline's forward both use it.)"""
+    seqs = []
+    for slot, toks in zip(slots, chunks):
+        start = int(cache.lengths[slot])
+        if start + len(toks) > min(cache.max_len, max_seq_len):
+            raise GenerationError(f"sequence of {start + len(toks)} tokens does not fit the context of "
+                                  f"{min(cache.max_len, max_seq_len)} positions")
+        seqs.append((int(slot), start, len(toks)))
+    return seqs
+
+
 class Model:
     """A loaded checkpoint's forward pass. `tinyllama_ref.load(path)` wraps it with its tokenizer (text.py)."""
 
@@ -67,9 +80,7 @@ class Model:
         self.path = path
         self.backend = backend
         self.threads = chooser_for(backend, threads)         # threads per pass (threads.py)
-        # The kernels' CPU tier (kernels/cpu.py): a name given is checked now; None is this process's tier,
-        # probed when the first GPTQ layer is built (a dense model never needs it).
-        self.cpu = check_cpu(cpu) if backend == "numba" and cpu is not None else None
+        self.cpu = check_cpu(cpu) if backend == "numba" else None    # the kernels' CPU tier (kernels/cpu.py)
         self.gptq_mode = check_gptq_mode(gptq_mode, self.cpu)
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.
@@ -140,13 +151,7 @@ class Model:
         chunks: one int array of new token ids per sequence; slots: the cache slot of each sequence.
         Returns logits [sum of lengths, V] when all_logits, else the last position's [len(chunks), V].
         """
-        seqs = []
-        for slot, toks in zip(slots, chunks):
-            start = int(cache.lengths[slot])
-            if start + len(toks) > min(cache.max_len, self.cfg.max_seq_len):
-                raise GenerationError(f"sequence of {start + len(toks)} tokens does not fit the context of "
-                                      f"{min(cache.max_len, self.cfg.max_seq_len)} positions")
-            seqs.append((slot, start, len(toks)))
+        seqs = place_sequences(cache, slots, chunks, self.cfg.max_seq_len)
         ids = np.concatenate([self.check_ids(t) for t in chunks])    # [N]
         longest = max(start + n for _, start, n in seqs)
         # The workspace stays reserved after the pass: it is the high-water mark the allocator keeps.

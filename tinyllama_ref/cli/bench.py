@@ -26,7 +26,7 @@ def bench():
 @bench.command(context_settings=PASS_THROUGH, add_help_option=False)
 @click.pass_context
 def kernels(ctx):
-    """GPTQ GEMV/prefill kernels on the 70B layer shapes (see tools/bench_kernels.py)."""
+    """GPTQ GEMV/prefill kernels on the 70B layer shapes (see tinyllama_ref/measure/bench_kernels.py)."""
     from ..measure.bench_kernels import main
     main(ctx.args)
 

@@ -21,8 +21,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..config import load_config, with_vocab
-from ..errors import GenerationError
-from ..model import Model
+from ..model import Model, place_sequences
 from ..streaming import Reservation
 from ..weights import embedding_info, layer_tensor_names
 from .cluster import DistributedError, check_fits, connect, remote_error
@@ -160,13 +159,7 @@ class PipelineModel:
 
     def forward(self, chunks, cache, slots, all_logits=False):
         """model.Model.forward, through the stages: logits [sum of lengths, V] or [len(chunks), V]."""
-        seqs = []
-        for slot, toks in zip(slots, chunks):
-            start = int(cache.lengths[slot])
-            if start + len(toks) > min(cache.max_len, self.cfg.max_seq_len):
-                raise GenerationError(f"sequence of {start + len(toks)} tokens does not fit the context of "
-                                      f"{min(cache.max_len, self.cfg.max_seq_len)} positions")
-            seqs.append((int(slot), start, len(toks)))
+        seqs = place_sequences(cache, slots, chunks, self.cfg.max_seq_len)
         ids = [self.check_ids(t) for t in chunks]
         groups = contiguous_split([n for _, _, n in seqs], self.micro_batches)   # [(first seq, stop seq)]
         outs = []

@@ -1,9 +1,26 @@
-"""Disk read bandwidth of the disk that holds a checkpoint, measured uncached."""
+"""The bandwidths every benchmark reports its figures against, measured in the same run (a shared
+machine's memory and disk rates move from minute to minute): the memory's read rate over every core, and the
+read rate of the disk that holds a checkpoint, uncached."""
 
 import os
 import time
 
+import numpy as np
+
 from ..platform import drop_cached
+
+
+def memory_read_gbps(nbytes=512 * 2**20, repeats=7):
+    """Median GB/s of reading a float64 array of `nbytes` once, on every thread (a parallel Numba sum)."""
+    from ..kernels.bandwidth import _parallel_sum
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    _parallel_sum(a[:1024])                          # compile outside the timing
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _parallel_sum(a)
+        times.append(time.perf_counter() - t)
+    return a.nbytes / float(np.median(times)) / 1e9
 
 
 def disk_read_gbps(path, nbytes=512 * 2**20, chunk=8 * 2**20):

@@ -1,9 +1,9 @@
-"""GPTQ kernel benchmark on the Llama-2-70B layer shapes (`tinyllama-ref bench kernels`, tools/bench_kernels.py).
+"""GPTQ kernel benchmark on the Llama-2-70B layer shapes (`tinyllama-ref bench kernels`).
 
 For each shape, bit width and group size (act-order, like every Meditron-70B GPTQ branch) a random layer is
 built in memory and run through GPTQLinear's Numba backend:
   - decode (1 activation row): median time, GB/s of packed weights read (qweight + qzeros + scales), and the
-    memory read bandwidth measured just before, in the same run (kernels/bandwidth.py), with their ratio;
+    memory read bandwidth measured just before, in the same run (measure/bandwidth.py), with their ratio;
   - prefill (64 and 512 rows): GFLOP/s (2 * rows * in * out / time) next to float32 BLAS on the same shapes
     (x @ W with W a dense float32 [in, out]) measured in the same run, with their ratio.
 The load-time preparation (act-order repack) is timed too. Modes: "exact" (the default float32 path) and, with
@@ -12,9 +12,9 @@ The load-time preparation (act-order repack) is timed too. Modes: "exact" (the d
 (prepare(..., repack=False): qweight read as stored, no load-time copy, for layers streamed from disk) or both;
 every result names its layout.
 
-    python tools/bench_kernels.py                       # the full table (a few minutes)
-    python tools/bench_kernels.py --quick --json        # one shape, JSON lines
-    python tools/bench_kernels.py --layout both --shapes 8192x28672,28672x8192 --groups 128 --rows 1,8
+    tinyllama-ref bench kernels                         # the full table (a few minutes)
+    tinyllama-ref bench kernels --quick --json          # one shape, JSON lines
+    tinyllama-ref bench kernels --layout both --shapes 8192x28672,28672x8192 --groups 128 --rows 1,8
 """
 
 import argparse
@@ -92,7 +92,7 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
         modes=("exact",), layouts=("repacked",), kernel=None):
     """kernel: a name of kernels/table.py's KERNELS to time instead of the one the table chooses."""
     from ..kernels import gptq, table
-    from ..kernels.bandwidth import memory_read_gbps
+    from .bandwidth import memory_read_gbps
     from ..quant import GPTQLinear
     rng = np.random.default_rng(seed)
     accuracy = int8_model_accuracy(seed) if "int8" in modes else {}
