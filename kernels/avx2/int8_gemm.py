@@ -1,0 +1,185 @@
+"""Opt-in, NOT exact: the int8-activation prefill GEMM (vnni/int8_gemm.py) on AVX2, with the same integer sums.
+
+What it computes is vnni/int8_gemm.py's, bit for bit (its module docstring is the statement; the NumPy reference
+is in tests/test_kernels_int8_gemm.py and tests/test_kernels_avx2_prefill.py):
+    tot[n, b, j] = sum_{i in block b} xq[n, i] * q[i, j]                an exact integer
+    acc[n, j]    = sum over the blocks of a segment, in order, of float32(tot) * d[n, b]   (multiply, then add)
+    y[n, j]     += s[g, j] * (acc[n, j] - z[g, j] * sumx[n, s])           per segment, in order
+The activations are rounded, packed and summed by vnni/int8_gemm.quantize_rows (block-major xw [blocks, N, 8]:
+each 8-input word's bytes as inputs 0, 2, 4, 6 | 1, 3, 5, 7), the 3-bit codes transcoded to the 4-bit packing by
+its _transcode_3bit, the last width % 8 columns taken by its _scalar_columns: imported, not copied.
+
+Only the integer dot product changes. AVX2 has no vpdpbusd (four u8 x s8 products summed into an int32); it has
+    vpmaddubsw (llvm.x86.avx2.pmadd.ub.sw): u8 x s8 products, adjacent pairs summed into int16 (saturating);
+    vpmaddwd   (llvm.x86.avx2.pmadd.wd):    int16 x int16 products, adjacent pairs summed into int32.
+Per block of 32 inputs and 8 columns (one ymm of packed words per 4 packed rows), the 8 nibble vectors are the
+VNNI kernel's (w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F), and for each row
+    h = sum_{k < 8} pmaddubsw(nibbles_k, broadcast x word k)      (int16 lanes, vpaddw)
+    tot = pmaddwd(h, 1)                                            (int32 lanes: the block's 32 products)
+Bounds, exactly: codes q are 0..15 (3-bit: 0..7), xq is in [-127, 127] (quantize_rows clips; -128 never occurs),
+so one pmaddubsw lane is q0 x0 + q1 x1 with |.| <= 2 * 15 * 127 = 3810 < 32767 (no saturation), and the 8 lanes
+added into one int16 lane of h are the 16 products of that lane's inputs: |h| <= 16 * 15 * 127 = 30480 < 32767
+(no wrap). pmaddwd(h, 1) adds two int16 lanes into int32 exactly: the 32 products of the block, = tot.
+Integer sums are exact in any order, and the float steps are the VNNI kernel's in its order (no fastmath, no
+fused multiply-add), so y is bit-equal to vnni/int8_gemm.py's.
+
+Register tile: ROWS rows x 8 columns (one ymm of 8 int32 / float32 lanes). Per block: 8 nibble vectors (shared
+by the rows), and per row 1 int16 sum, 1 product, 1 broadcast x, and the row's float accumulator, which stays in
+a register for the whole segment: 8 + ROWS + 3 + the ones of pmaddwd <= 16 at ROWS = 4.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import llvm
+from ..generic.gptq_gemv import _unpack_zero_row
+from ..generic.half import f16_to_f32
+from ..vnni.int8_gemm import (BLOCK, ROW_BLOCK, STRIP, _scalar_columns, _transcode_3bit, quantize_rows,
+                              segment_blocks, supports)
+
+LANES = 8           # int32 / float32 lanes of a ymm register: columns per register tile
+ROWS = 4            # activation rows per register tile (see the module docstring's budget)
+
+__all__ = ["gptq_matmul_int8_gemm", "supports", "gemm_int8", "LANES", "ROWS"]
+
+
+def _make_tile(rows):
+    """An intrinsic that computes one register tile (`rows` rows x 8 columns) over one segment and folds it into
+    y: vnni/int8_gemm._make_tile's arguments and float steps, with the block's integer sums on pmaddubsw +
+    pmaddwd (module docstring)."""
+
+    @intrinsic
+    def tile(typingctx, y_addr, y_row_bytes, w_addr, w_row_bytes, x_addr, x_row_bytes, x_block_bytes, d_addr,
+             d_row_bytes, d_block_bytes, n_blocks, s_addr, z_addr, sx_addr, sx_row_bytes):
+        def codegen(context, builder, signature, args):
+            (y_a, y_stride, w_a, w_stride, x_a, x_stride, x_block, d_a, d_stride, d_block, nb, s_a, z_a, sx_a,
+             sx_stride) = args
+            I32, I64 = llvm.I32, llvm.I64
+            vi, vf = llvm.vec(I32, LANES), llvm.vec(llvm.F32, LANES)
+            vb, vw = llvm.vec(llvm.I8, 4 * LANES), llvm.vec(llvm.I16, 2 * LANES)
+            mask = ir.Constant(vi, [0x0F0F0F0F] * LANES)
+            four = ir.Constant(vi, [4] * LANES)
+            ones = ir.Constant(vw, [1] * 2 * LANES)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(rows)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index                                            # block of the segment
+                w_b = builder.add(w_a, builder.mul(b, builder.mul(w_stride, I64(4))))
+                nibbles = []
+                for k in range(4):                                        # the block's 4 packed words
+                    w = llvm.load(builder, builder.add(w_b, builder.mul(w_stride, I64(k))), vi)
+                    nibbles.append(builder.bitcast(builder.and_(w, mask), vb))                    # 8k + 0,2,4,6
+                    nibbles.append(builder.bitcast(builder.and_(builder.lshr(w, four), mask), vb))  # 8k + 1,3,5,7
+                for r in range(rows):
+                    x_rb = builder.add(builder.add(x_a, builder.mul(x_stride, I64(r))), builder.mul(b, x_block))
+                    h = None
+                    for k in range(8):                                    # 4 words x (even, odd) inputs
+                        xk = builder.bitcast(llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_rb, 4 * k),
+                                                                           I32), vi), vb)
+                        p = llvm.call(builder, "llvm.x86.avx2.pmadd.ub.sw", [nibbles[k], xk], vw)
+                        h = p if h is None else builder.add(h, p)         # |h| <= 30480: exact in int16
+                    total = llvm.call(builder, "llvm.x86.avx2.pmadd.wd", [h, ones], vi)   # the block's tot
+                    d = llvm.load(builder, builder.add(builder.add(d_a, builder.mul(d_stride, I64(r))),
+                                                       builder.mul(b, d_block)), llvm.F32)
+                    part = builder.fmul(builder.sitofp(total, vf), llvm.splat(builder, d, vf))
+                    builder.store(builder.fadd(builder.load(accs[r]), part), accs[r])
+            s = llvm.load(builder, s_a, vf)
+            z = llvm.load(builder, z_a, vf)
+            for r in range(rows):
+                y_r = builder.add(y_a, builder.mul(y_stride, I64(r)))
+                sx = llvm.load(builder, builder.add(sx_a, builder.mul(sx_stride, I64(r))), llvm.F32)
+                zsx = builder.fmul(z, llvm.splat(builder, sx, vf))
+                folded = builder.fmul(s, builder.fsub(builder.load(accs[r]), zsx))
+                llvm.store(builder, builder.fadd(llvm.load(builder, y_r, vf), folded), y_r)
+            return context.get_dummy_value()
+
+        return types.void(*([types.intp] * 15)), codegen
+
+    return tile
+
+
+_tile_rows = _make_tile(ROWS)
+_tile_one = _make_tile(1)
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y):
+    """y [N, out] = the module docstring's sum for a 4- or 3-bit "segments" plan: vnni/int8_gemm.gemm_int8's
+    arguments and loop order (prange over strips of STRIP columns, rows in blocks of row_block, segment by
+    segment), with register tiles of ROWS rows (then single rows) x 8 columns. Columns past the last multiple
+    of 8 take _scalar_columns, as there."""
+    n_rows = xw.shape[1]
+    n_out = qw.shape[1]
+    n_blocks = seg_blocks[seg_blocks.shape[0] - 1]
+    x_row_bytes, x_block_bytes = 32, n_rows * 32                         # xw [blocks, N, 8] int32
+    d_row_bytes, d_block_bytes = 4, n_rows * 4                            # xscale [blocks, N]
+    sx_row_bytes = sumx.shape[1] * 4
+    y_row_bytes = n_out * 4
+    base_x = np.int64(xw.ctypes.data)
+    base_d, base_sx, base_y = np.int64(xscale.ctypes.data), np.int64(sumx.ctypes.data), np.int64(y.ctypes.data)
+    codes = xw.view(np.int8)                                              # [blocks, N, 32]
+    for t in prange((n_out + STRIP - 1) // STRIP):
+        j0 = t * STRIP
+        width = min(n_out, j0 + STRIP) - j0
+        vec = width // LANES * LANES
+        s_buf = np.empty(STRIP, dtype=np.float32)
+        z_buf = np.empty(STRIP, dtype=np.float32)
+        s_addr, z_addr = np.int64(s_buf.ctypes.data), np.int64(z_buf.ctypes.data)
+        words = np.empty((n_blocks * 4 if bits == 3 else 0, STRIP), dtype=np.uint32)   # [blocks * 4, STRIP]
+        if bits == 3:
+            _transcode_3bit(qw, j0, width, words)
+            base_w, w_row_bytes, col = np.int64(words.ctypes.data), STRIP * 4, 0
+        else:
+            base_w, w_row_bytes, col = np.int64(qw.ctypes.data), n_out * 4, j0
+        for n in range(n_rows):
+            for j in range(width):
+                y[n, j0 + j] = 0.0
+        for rb in range(0, n_rows, row_block):
+            rb_end = min(n_rows, rb + row_block)
+            for s in range(seg_group.shape[0]):
+                g = seg_group[s]
+                b0, nb = seg_blocks[s], seg_blocks[s + 1] - seg_blocks[s]
+                for j in range(width):
+                    s_buf[j] = f16_to_f32(scales[g, j0 + j])
+                if const_zero >= 0:
+                    z_buf[:width] = np.float32(const_zero)
+                else:
+                    _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
+                for c in range(0, vec, LANES):
+                    w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
+                    r0 = rb
+                    while r0 < rb_end:
+                        rows = ROWS if r0 + ROWS <= rb_end else 1
+                        args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
+                                base_x + r0 * x_row_bytes + b0 * x_block_bytes, x_row_bytes, x_block_bytes,
+                                base_d + r0 * d_row_bytes + b0 * d_block_bytes, d_row_bytes, d_block_bytes, nb,
+                                s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
+                        if rows == ROWS:
+                            _tile_rows(*args)
+                        else:
+                            _tile_one(*args)
+                        r0 += rows
+                if vec < width:
+                    if bits == 3:
+                        _scalar_columns(words, vec, width, 0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j0, y,
+                                        j0, rb, rb_end)
+                    else:
+                        _scalar_columns(qw, j0 + vec, j0 + width, j0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s,
+                                        j0, y, j0, rb, rb_end)
+
+
+def gptq_matmul_int8_gemm(plan, xp):
+    """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block:
+    vnni/int8_gemm.gptq_matmul_int8_gemm's contract and result, on AVX2 (supports(plan) must hold)."""
+    n_rows, n_padded = xp.shape
+    xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
+    xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
+    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
+    blocks = segment_blocks(plan)                                        # [S + 1]
+    quantize_rows(xp, blocks, xw, xscale, sumx)
+    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
+              plan.zero_add, plan.const_zero, ROW_BLOCK, y)
+    return y
