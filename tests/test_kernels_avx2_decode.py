@@ -206,3 +206,33 @@ def test_avx2_build_has_no_avx512_register(tmp_path):
     assert [name for name, *_ in lines] == ["split8", "int8"], out.stdout
     for name, zmm, maddubs, dpbusd in lines:
         assert (int(zmm), int(dpbusd)) == (0, 0) and int(maddubs) > 0, (name, zmm, maddubs, dpbusd)
+
+
+def test_gemv_code_conversion_is_the_unsigned_one():
+    """kernels/generic/gptq_passes.py converts codes without an unsigned conversion where the target has none
+    (a word's top code through 2^(23 + o) | q): every mask of every bit width, on words whose codes take every
+    value, gives float32(word & mask) exactly, as NumPy's unsigned conversion does."""
+    from numba import njit
+
+    from tinyllama_ref.kernels.generic.gptq_passes import funnel_f32, masked_f32
+
+    @njit
+    def convert(words, out):
+        for j in range(words.shape[0]):
+            w = words[j]
+            out[0, j] = masked_f32(w, 0xF0000000)
+            out[1, j] = masked_f32(w, 0xC0000000)
+            out[2, j] = masked_f32(w, 0xFF000000)
+            out[3, j] = masked_f32(w, 0x0F000000)
+            out[4, j] = masked_f32(w, 0x38000000)
+            out[5, j] = funnel_f32(w, words[words.shape[0] - 1 - j], 30, 7)
+
+    rng = np.random.default_rng(2)
+    words = np.concatenate([np.arange(256, dtype=np.uint32) * np.uint32(0x01010101),
+                            rng.integers(0, 2 ** 32, size=1000, dtype=np.uint64).astype(np.uint32)])
+    out = np.empty((6, words.shape[0]), dtype=np.float32)
+    convert(words, out)
+    for row, mask in enumerate([0xF0000000, 0xC0000000, 0xFF000000, 0x0F000000, 0x38000000]):
+        np.testing.assert_array_equal(out[row], (words & np.uint32(mask)).astype(np.float32))
+    both = words.astype(np.uint64) | (words[::-1].astype(np.uint64) << np.uint64(32))
+    np.testing.assert_array_equal(out[5], ((both >> np.uint64(30)) & np.uint64(7)).astype(np.float32))

@@ -11,7 +11,8 @@ How one code costs one AND, one int->float conversion and one fused multiply-add
     most 8 significant bits), so multiplying it by c_t = x_t * 2**-o (made once per pass, outside the column
     loop) gives x_t * q exactly. (x * 2**-o only loses bits for |x| < 2**-95, far below what float32 sums
     can see.) masked_f32 keeps the AND and the conversion in 32-bit lanes: Numba's own integer arithmetic
-    widens to 64 bits, which halves the SIMD width.
+    widens to 64 bits, which halves the SIMD width. The conversion is a signed one (no AVX2 instruction
+    converts unsigned integers); only a word's top code needs more, 3 operations without AVX-512 (_code_f32).
   - 3 bits: a unit of 3 words holds 32 codes, two of which straddle a word boundary. Words 1 and 2 are
     shifted right by 1 and 2 bits first, so the 30 whole codes of all three words sit at offsets 0, 3, ..., 27
     and share 10 masks (fewer live registers); each straddler is cut out of the two words it spans with one
@@ -52,31 +53,82 @@ def _i32(builder, value):
     return builder.trunc(value, i32) if width > 32 else builder.zext(value, i32) if width < 32 else value
 
 
-@intrinsic
+def _unsigned_conversion_is_one_instruction():
+    """True when LLVM compiles for AVX-512F (vcvtudq2ps): what Numba targets, NUMBA_CPU_FEATURES if given,
+    else the host's features. A CPU named by NUMBA_CPU_NAME without features counts as without it (the other
+    conversion below is exact too, one instruction longer there)."""
+    from llvmlite import binding
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+def _code_f32(builder, value, mask):
+    """float32(value & mask) for a 32-bit lane, exactly, without an unsigned conversion where it is costly.
+
+    An unsigned int -> float conversion is one instruction on AVX-512 (vcvtudq2ps) but none on AVX2, where
+    LLVM expands it to 5 operations. A masked code below 2^31 converts as a signed number (vcvtdq2ps, the
+    same float). The top code of a word (mask >= 2^31, its lowest bit at offset o), where the target lacks
+    vcvtudq2ps, is shifted down and ORed into the mantissa of 2^(23 + o), whose last place is worth 2^o:
+    that float is 2^(23 + o) + q 2^o, and subtracting 2^(23 + o) leaves q 2^o exactly (the 2^23 | q of
+    kernels/avx512/gptq_tiles.py, scaled): shift, OR, subtract, the same float bit for bit. (float32(word >>
+    o) * 2^o is exact too, but LLVM folds it back into the unsigned conversion.) On AVX2 this takes the
+    4-bit GEMV's inner loop from 149 to 134 instructions per 256 weights (haswell target, LLVM 22)."""
+    f32 = ir.FloatType()
+    if mask < 2 ** 31:
+        return builder.sitofp(builder.and_(value, ir.Constant(value.type, mask)), f32)
+    if _unsigned_conversion_is_one_instruction():
+        return builder.uitofp(builder.and_(value, ir.Constant(value.type, mask)), f32)
+    offset = (mask & -mask).bit_length() - 1                      # the code's lowest bit
+    top = builder.lshr(value, ir.Constant(value.type, offset))
+    if mask != (0xFFFFFFFF >> offset) << offset:                  # bits above the code: mask them too
+        top = builder.and_(top, ir.Constant(value.type, mask >> offset))
+    magic = np.float32(2.0 ** (23 + offset))
+    with_code = builder.or_(top, ir.Constant(value.type, int(magic.view(np.uint32))))
+    return builder.fsub(builder.bitcast(with_code, f32), ir.Constant(f32, float(magic)))
+
+
+def _literal(ty):
+    """The value of an integer literal type (a mask written as a constant in the pass source), else None."""
+    return ty.literal_value if isinstance(ty, types.IntegerLiteral) else None
+
+
+@intrinsic(prefer_literal=True)
 def masked_f32(typingctx, word, mask):
-    """float32(word & mask) computed on 32-bit unsigned integers (AVX-512: vpandd + vcvtudq2ps)."""
+    """float32(word & mask) computed on 32-bit integers: AND and a signed conversion (vpandd + vcvtdq2ps),
+    the top code shifted instead (_code_f32)."""
     if not isinstance(word, types.Integer) or not isinstance(mask, types.Integer):
         return None
+    constant = _literal(mask)
 
     def codegen(context, builder, signature, args):
         w, m = (_i32(builder, a) for a in args)
-        return builder.uitofp(builder.and_(w, m), ir.FloatType())
+        if constant is None:
+            return builder.uitofp(builder.and_(w, m), ir.FloatType())
+        return _code_f32(builder, w, constant & 0xFFFFFFFF)
     return types.float32(word, mask), codegen
 
 
-@intrinsic
+@intrinsic(prefer_literal=True)
 def funnel_f32(typingctx, low, high, shift, mask):
     """float32(((high:low) >> shift) & mask) on 32-bit lanes: the bits of a code that starts at bit `shift` of
     word `low` and ends in word `high` (llvm.fshr; AVX-512 VBMI2: vpshrdd)."""
     if not all(isinstance(a, types.Integer) for a in (low, high, shift, mask)):
         return None
+    constant = _literal(mask)
 
     def codegen(context, builder, signature, args):
         lo, hi, s, m = (_i32(builder, a) for a in args)
         i32 = ir.IntType(32)
         fshr = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32, i32, i32]),
                                               "llvm.fshr.i32")
-        return builder.uitofp(builder.and_(builder.call(fshr, [hi, lo, s]), m), ir.FloatType())
+        both = builder.call(fshr, [hi, lo, s])
+        if constant is None:
+            return builder.uitofp(builder.and_(both, m), ir.FloatType())
+        return _code_f32(builder, both, constant & 0xFFFFFFFF)
     return types.float32(low, high, shift, mask), codegen
 
 
