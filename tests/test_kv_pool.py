@@ -41,8 +41,9 @@ def pool(cfg, n_blocks, kv_dtype="f32", n_slots=2, prefix_cache=True):
 
 # -- numerics -------------------------------------------------------------------------------------------------
 def test_paged_logits_equal_the_contiguous_cache_bit_for_bit(model):
-    """A sequence whose blocks are scattered over the pool (another sequence takes every other block) gets
-    the logits a contiguous KVCache slot gives, chunk by chunk; float16 storage moves them only slightly."""
+    """A sequence read out of the pool, its blocks consecutive or scattered (another sequence growing beside
+    it takes every other block), gets the logits a contiguous KVCache slot gives, chunk by chunk; float16
+    storage moves them only slightly."""
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, 70)
     chunks = (5, 20, 1, 30, 14)
 
@@ -62,11 +63,15 @@ def test_paged_logits_equal_the_contiguous_cache_bit_for_bit(model):
 
     with model.new_cache(1, 100) as contiguous:
         reference = run(contiguous)
-    paged = pool(model.cfg, 40)
-    paged.open(0, 100)
-    paged.open(1, 200)
-    assert np.array_equal(run(paged, other=1), reference)
-    assert paged.tables[0] != list(range(paged.tables[0][0], paged.tables[0][0] + len(paged.tables[0])))
+    for placed in (True, False):        # each sequence on its own run of blocks (read as a view), or not
+        paged = pool(model.cfg, 40)
+        if not placed:
+            paged._place = lambda need: range(0)
+        paged.open(0, 100)
+        paged.open(1, 200)
+        assert np.array_equal(run(paged, other=1), reference)
+        table = paged.tables[0]
+        assert (table == list(range(table[0], table[0] + len(table)))) == placed, table
     half = pool(model.cfg, 40, "f16")
     half.open(0, 100)
     half.open(1, 200)
@@ -213,7 +218,7 @@ def test_shared_blocks_are_counted_and_evicted_least_recently_used_deepest_first
     assert c.match(2, a[:2 * B + 4] + [99], 2 * B + 4) == 2 * B + 4
     tail_a = c.tables[2][2]
     c.close(2)
-    assert list(c.cached) == [3, 2, 4, 1, 0] and c.free == [5]    # deepest first: the prefix is most recent
+    assert list(c.cached) == [3, 2, 4, 1, 0] and c.free == {5}    # deepest first: the prefix is most recent
     # unrelated sequences need blocks: the free one, then the least recently used cached ones
     c.open(0, 2 * B)
     fill(c, 0, list(range(500, 500 + 2 * B)))

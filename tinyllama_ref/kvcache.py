@@ -15,7 +15,6 @@ memory known up front so it can be counted in the memory budget. Reading a paged
 into one [S, KV, hd] float32 array, so attention computes exactly what it computes on a KVCache slot.
 """
 
-import bisect
 import hashlib
 import math
 from collections import OrderedDict
@@ -192,7 +191,7 @@ class PagedKVCache:
         B, KV, hd = plan.block_size, cfg.n_kv_heads, cfg.head_dim
         dtype = KV_DTYPES[plan.kv_dtype]
         # np.zeros asks the OS for zeroed pages: they take memory only once a block is first written, and
-        # the free list hands out low-numbered blocks first, so a lightly used pool stays small.
+        # low-numbered blocks are handed out first, so a lightly used pool stays small.
         self.k = [np.zeros((plan.n_blocks, B, KV, hd), dtype=dtype) for _ in range(cfg.n_layers)]  # [NB, B, KV, hd]
         self.v = [np.zeros((plan.n_blocks, B, KV, hd), dtype=dtype) for _ in range(cfg.n_layers)]
         self.plan, self.block_size, self.n_blocks = plan, B, plan.n_blocks
@@ -204,7 +203,9 @@ class PagedKVCache:
         self.chain = [[] for _ in range(n_slots)]                   # slot -> keys of its full blocks
         self.recorded = [0] * n_slots                               # positions whose tokens filled() knows
         self.promised = [0] * n_slots                               # blocks a slot may still take
-        self.free = list(range(self.n_blocks - 1, -1, -1))          # descending: pop() gives the lowest
+        self.free = set(range(self.n_blocks))                       # blocks with nothing in them
+        self.runs = [range(0)] * n_slots                            # slot -> free blocks it was placed on
+        self.placed = [None] * self.n_blocks                        # block -> the slot placed on it
         self.refs = [0] * self.n_blocks
         self.tokens = [[] for _ in range(self.n_blocks)]            # block -> its tokens so far
         self.parent = [None] * self.n_blocks                        # block -> key of the block before it
@@ -257,6 +258,9 @@ class PagedKVCache:
             raise MemoryBudgetError(f"KV slot {slot} is in use, or {positions} positions do not fit the pool")
         self.promised[slot] = self.blocks_for(positions)
         self.lengths[slot], self.recorded[slot] = 0, 0
+        self.runs[slot] = self._place(self.promised[slot])
+        for b in self.runs[slot]:
+            self.placed[b] = slot
 
     def close(self, slot=None):
         """close(slot): the sequence is over, its blocks go back (indexed ones stay cached, deepest first).
@@ -275,7 +279,9 @@ class PagedKVCache:
                 self.cached[b] = None                               # newest at the end
             else:                                                   # unindexed (a duplicate full block)
                 self._forget(b)
-        self.tables[slot], self.chain[slot] = [], []
+        for b in self.runs[slot]:
+            self.placed[b] = None
+        self.tables[slot], self.chain[slot], self.runs[slot] = [], [], range(0)
         self.promised[slot] = 0
         self.lengths[slot] = self.recorded[slot] = 0
 
@@ -338,18 +344,43 @@ class PagedKVCache:
 
     # -- blocks -------------------------------------------------------------------------------------------------
     def _take(self, slot, keep=None):
-        """A block with nothing in it for the slot, out of its promise: a free one, else the least recently
-        used cached one (never `keep`, the block about to be copied from)."""
+        """A block with nothing in it for the slot, out of its promise: a free one (_pick), else the least
+        recently used cached one (never `keep`, the block about to be copied from)."""
         if self.promised[slot] <= 0:
             raise MemoryBudgetError(f"KV slot {slot} grew past the {len(self.tables[slot])} blocks promised to it")
         if not self.free:
             victim = next(b for b in self.cached if b != keep)
             del self.cached[victim]
             self._forget(victim)
-        b = self.free.pop()
+        b = self._pick(slot)
+        self.free.remove(b)
         self.promised[slot] -= 1
         self.refs[b] = 1
         return b
+
+    # A sequence whose blocks are consecutive is read as a view, not gathered (read()): that saves copying
+    # its keys and values in every layer of every pass. So each sequence is placed on a run of free blocks
+    # when it opens, and grows into it while it can; sequences growing side by side do not interleave.
+    def _place(self, need):
+        """The first run of `need` free blocks no other sequence is placed on (an empty range if none)."""
+        length = 0
+        for b in range(self.n_blocks):
+            length = length + 1 if b in self.free and self.placed[b] is None else 0
+            if length == need:
+                return range(b - need + 1, b + 1)
+        return range(0)
+
+    def _pick(self, slot):
+        """Which free block the slot takes: the one after its last, else the first of its run, else the
+        lowest free block no other sequence is placed on, else the lowest free block."""
+        table = self.tables[slot]
+        if table and table[-1] + 1 in self.free and self.placed[table[-1] + 1] in (None, slot):
+            return table[-1] + 1
+        for b in self.runs[slot]:
+            if b in self.free:
+                return b
+        unplaced = [b for b in self.free if self.placed[b] is None]
+        return min(unplaced or self.free)
 
     def _hold(self, slot, b):
         """Share full block b: it becomes the slot's next block."""
@@ -387,7 +418,7 @@ class PagedKVCache:
         if self.key[b] is not None:
             del self.full[self.key[b]]
         self.tokens[b], self.parent[b], self.key[b], self.refs[b] = [], None, None, 0
-        bisect.insort(self.free, b, key=lambda x: -x)
+        self.free.add(b)
 
     # -- numbers for /metrics and the log -----------------------------------------------------------------------
     @property
