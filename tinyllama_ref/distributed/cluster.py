@@ -58,6 +58,15 @@ def check_fits(ray, n_actors, cpus, what):
                                f"use fewer, fewer CPUs each, or add nodes (`ray start --address HEAD:6379`)")
 
 
+def stop_actors(ray, actors):
+    """Kill every actor (workers or stages: their memory goes back to their nodes); ones already gone are fine."""
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:                     # already gone
+            pass
+
+
 def remote_error(error):
     """The TinyLlamaError inside a Ray task error (so the CLI prints its one line), else the error itself."""
     cause = getattr(error, "cause", None)

@@ -24,7 +24,7 @@ from ..config import load_config, with_vocab
 from ..model import Model, place_sequences
 from ..streaming import Reservation
 from ..weights import embedding_info, layer_tensor_names
-from .cluster import DistributedError, check_fits, connect, remote_error
+from .cluster import DistributedError, check_fits, connect, remote_error, stop_actors
 from .shard import contiguous_split
 from .stage import start_stage
 
@@ -175,9 +175,5 @@ class PipelineModel:
 
     def close(self):
         """Stop the stages (their memory goes back to their nodes)."""
-        for s in self.stages:
-            try:
-                self.ray.kill(s, no_restart=True)
-            except Exception:                     # already gone
-                pass
+        stop_actors(self.ray, self.stages)
         self.stages = []

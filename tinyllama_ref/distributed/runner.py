@@ -14,7 +14,7 @@ error in the work itself (a prompt too long for the context) is not retried: it 
 import os
 from collections import deque
 
-from .cluster import DistributedError, check_fits, connect, remote_error
+from .cluster import DistributedError, check_fits, connect, remote_error, stop_actors
 from .shard import chunk_ranges
 from .workers import start_worker
 
@@ -135,11 +135,7 @@ class DataParallel:
 
     def close(self):
         """Stop the workers (their memory goes back to their nodes)."""
-        for a in self.actors:
-            try:
-                self.ray.kill(a, no_restart=True)
-            except Exception:                     # already gone
-                pass
+        stop_actors(self.ray, self.actors)
         self.actors = []
 
     def __enter__(self):
