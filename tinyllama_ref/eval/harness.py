@@ -128,8 +128,8 @@ class TinyLlamaLM(TemplateLM):
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
         """The prompt text for lm-eval's [{"role", "content"}, ...], as its hf backend makes it:
-        continue_final_message when no generation prompt is wanted, and after a template error (Llama-2's
-        refusing a system message it cannot place, say) a second try without the system messages."""
+        continue_final_message when no generation prompt is wanted, and after a template error (Mistral-
+        instruct's and Gemma's refuse a system message) a second try without the system messages."""
         def text(history):
             return render(history, self.template, add_generation_prompt, tokenizer=self.tokenizer,
                           continue_final_message=not add_generation_prompt)
