@@ -100,7 +100,8 @@ def test_none_joins_contents():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(GenerationError, match="unknown chat template 'alpaca'; choose one of checkpoint, chatml, llama2, none"):
+    with pytest.raises(GenerationError,
+                       match="unknown chat template 'alpaca'; choose one of checkpoint, chatml, llama2, none"):
         render(CONVERSATIONS[0], "alpaca")
     with pytest.raises(GenerationError, match="empty"):
         render([], "chatml")
