@@ -13,12 +13,14 @@ Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in split
 each block of packed words from memory once. Each row's sums are still added in the same order, so the
 loop order changes no bit.
 
-Register budget for one block of 16 columns: 2 int16 accumulators (one per half of 8 columns), 4 code
-vectors of one packed row, 2 broadcast activation words, the 0x0F mask: 9 of the 16 ymm registers.
+Register budget, per half of 16 columns (8 columns, one ymm): the block's 8 code vectors (decoded once for
+all rows), 1 int16 accumulator, 2 broadcast activation words: 11 of the 16 ymm registers. Per row and 256
+weights: 8 vpmaddubsw, 7 vpaddw, 1 vpmaddwd, 8 broadcasts (loads) and the fold.
 """
 
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
@@ -31,35 +33,33 @@ from .maddubs import code_bytes, dot_block
 PREFETCH_BLOCKS = 2        # the same 16 columns this many blocks ahead are asked for (as vnni/int8.py does)
 
 
-def _block16(prefetch):
-    """The intrinsic for 16 columns and one block of 4 packed rows (see _int8_block16)."""
-    @intrinsic
-    def block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, scale):
-        def codegen(context, builder, signature, args):
-            acc_a, w_a, stride, xw_a, sc = args
-            v8f = vec(F32, 8)
-            if prefetch:
-                for k in range(4 * PREFETCH_BLOCKS, 4 * PREFETCH_BLOCKS + 4):
-                    llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, I64(k))))
-            d = llvm.splat(builder, sc, v8f)
-            for h in range(2):                                                      # 8 columns each
-                codes = code_bytes(builder, llvm.offset(builder, w_a, 32 * h), stride)
-                t = dot_block(builder, codes, xw_a, 1)                              # [1] int32 sums
-                addr = llvm.offset(builder, acc_a, 32 * h)
+@intrinsic
+def _int8_rows16(typingctx, acc_addr, acc_row_bytes, w_addr, row_bytes, xw_addr, xscale_addr, n_rows):
+    """For 16 columns, one block of 4 packed rows and every row n of the batch:
+        acc[n, 0:16] += d_n * sum over the block of (int8 x_n) . (4-bit codes)
+    acc_addr: row 0's float32 accumulators, the next rows `acc_row_bytes` further; w_addr: the block's first
+    packed word of the 16 columns, the next packed rows `row_bytes` further; xw_addr: row 0's 8 int32 (int8
+    activations packed in fours: inputs 0,2,4,6 | 1,3,5,7 of each word), the next rows 32 bytes further;
+    xscale_addr: row 0's block scale d (float32), the next rows 4 bytes further. Each half of 8 columns
+    decodes the block's codes once and runs every row over them; asks for the same columns PREFETCH_BLOCKS
+    blocks ahead, as vnni/int8.py does. LLVM IR because Numba has no vector types."""
+    def codegen(context, builder, signature, args):
+        acc_a, acc_stride, w_a, stride, xw_a, xsc_a, rows = args
+        v8f = vec(F32, 8)
+        for k in range(4 * PREFETCH_BLOCKS, 4 * PREFETCH_BLOCKS + 4):
+            llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, I64(k))))
+        for h in range(2):                                                      # 8 columns each
+            codes = code_bytes(builder, llvm.offset(builder, w_a, 32 * h), stride)
+            with cgutils.for_range(builder, rows) as loop:
+                n = loop.index
+                t = dot_block(builder, codes, builder.add(xw_a, builder.mul(n, I64(32))), 1)   # [1] int32
+                d = llvm.splat(builder, llvm.load(builder, builder.add(xsc_a, builder.mul(n, I64(4))), F32), v8f)
+                addr = builder.add(acc_a, builder.add(builder.mul(n, acc_stride), I64(32 * h)))
                 scaled = builder.fmul(builder.sitofp(t[0], v8f), d)
                 llvm.store(builder, builder.fadd(llvm.load(builder, addr, v8f), scaled), addr)
-            return context.get_dummy_value()
-        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.float32)
-        return sig, codegen
-    return block16
-
-
-# acc[0:16] += scale * sum over 4 packed rows of (int8 x) . (4-bit codes): acc_addr float32 accumulators;
-# w_addr the first packed word of the 16 columns in the block's first row, the next rows `row_bytes`
-# further; xw_addr 8 int32, the block's int8 activations packed in fours (inputs 0,2,4,6 | 1,3,5,7 of each
-# word). The first row of a batch also asks for the same columns PREFETCH_BLOCKS blocks ahead.
-_int8_block16 = _block16(prefetch=True)
-_int8_block16_cached = _block16(prefetch=False)
+        return context.get_dummy_value()
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+    return sig, codegen
 
 
 def gemv_int8_numpy(codes, xq, d):
@@ -81,8 +81,8 @@ def gemv_int8_numpy(codes, xq, d):
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
     """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: prange over
-    column blocks; per segment, block of 4 packed rows and 16 columns, every row's integer dot product while
-    those words are in L1, then the fold per row. Columns past the last multiple of 16 of a block take
+    column blocks; per segment, block of 4 packed rows and 16 columns, every row's integer dot product on
+    codes decoded once (_int8_rows16), then the fold per row. Columns past the last multiple of 16 of a block take
     gemv_int8's scalar loop. xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S] from quantize_rows."""
     n_rows = xw.shape[1]
     n_out = qw.shape[1]
@@ -90,6 +90,7 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
     n_blocks = (n_out + block - 1) // block
     base_w = np.int64(qw.ctypes.data)
     base_x = np.int64(xw.ctypes.data)
+    base_sc = np.int64(xscale.ctypes.data)
     codes = xw.view(np.int8)                                                  # [blocks, N, 32]
     for b in prange(n_blocks):
         j0 = b * block
@@ -105,10 +106,8 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
                 w_row = base_w + r * row_bytes + j0 * 4
                 x_blk = base_x + (r // 4) * n_rows * 32
                 for jj in range(0, vec16, 16):
-                    _int8_block16(base_acc + jj * 4, w_row + jj * 4, row_bytes, x_blk, xscale[r // 4, 0])
-                    for n in range(1, n_rows):                                # the 4 x 16 words are in L1
-                        _int8_block16_cached(base_acc + (n * width + jj) * 4, w_row + jj * 4, row_bytes,
-                                             x_blk + n * 32, xscale[r // 4, n])
+                    _int8_rows16(base_acc + jj * 4, width * 4, w_row + jj * 4, row_bytes, x_blk,
+                                 base_sc + (r // 4) * n_rows * 4, n_rows)
                 for j in range(vec16, width):
                     for n in range(n_rows):
                         total = 0

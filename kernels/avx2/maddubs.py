@@ -54,10 +54,9 @@ def dot_block(builder, codes, x_addr, pieces):
     the row, as split8's and int8's layouts pack them), each broadcast to every column.
 
     Register budget (16 ymm): `pieces` int16 accumulators (4 for split8), the 8 code vectors of the block
-    (even and odd bytes of 4 packed rows; LLVM may keep fewer live and rebuild), 2 broadcast activations, the
-    0x0F mask: 15 for split8, 12 for the int8 mode. The callers run the two halves of 16 columns one after
-    the other (the first half's store comes between), so a half's registers are free for the next: two
-    halves at once would need 8 accumulators and 16 code vectors, and LLVM spilled them to the stack."""
+    (even and odd bytes of 4 packed rows, code_bytes: decoded once, then reused by every row of a batch),
+    2 broadcast activation words: 14 for split8, 11 for the int8 mode. The callers run the two halves of 16
+    columns one after the other: both at once would need 16 code vectors and 8 accumulators."""
     sums = [None] * pieces
     for k in range(WORDS):
         even, odd = codes[k]

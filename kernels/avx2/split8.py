@@ -10,16 +10,18 @@ int16 sums of a block are at most 8 * 2 * 15 * 127 = 30480 <= 32767, so nothing 
 integer sums are equal, the float32 steps after them are the same instructions in the same order, so y is
 bit for bit vnni.split8.gemv_split's on the same inputs (tests/test_kernels_avx2_decode.py).
 
-Register budget for one block of 16 columns (two ymm halves): 8 int16 accumulators (4 pieces x 2 halves),
-4 code vectors of one packed row, 2 broadcast activation words, the 0x0F mask: 15 of the 16 ymm registers.
-Cost per block of 32 inputs and 8 columns (256 weights), per row: 32 vpmaddubsw, 28 vpaddw, 4 vpmaddwd,
-16 broadcasts (shared by the two halves) and the fold; the 4 loads, 4 ANDs and 4 shifts of the codes are
-paid again per row but hit L1 for every row after the first.
+Register budget, per half of 16 columns (8 columns, one ymm): the block's 8 code vectors (even and odd
+bytes of 4 packed rows, decoded once for all rows), 4 int16 accumulators (one per piece), 2 broadcast
+activation words: 14 of the 16 ymm registers (LLVM spills one). Per row and 256 weights (32 inputs x 8
+columns): 32 vpmaddubsw, 28 vpaddw, 4 vpmaddwd, 32 broadcasts (loads) and the fold, 116 instructions (the
+float GEMV: 134, all of them per row). The two halves run one after the other: both at once would need
+16 code vectors and 8 accumulators.
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
@@ -31,40 +33,40 @@ from .maddubs import V8I, code_bytes, dot_block
 PREFETCH_BLOCKS = 2        # the same 16 columns this many blocks ahead are asked for (as vnni/split8.py does)
 
 
-def _block16(prefetch):
-    """The intrinsic for 16 columns and one block of 4 packed rows (see _split_block16)."""
-    @intrinsic
-    def block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, xs_addr):
-        def codegen(context, builder, signature, args):
-            acc_a, w_a, stride, xw_a, xs_a = args
-            v8f = vec(F32, 8)
-            if prefetch:
-                for k in range(4 * PREFETCH_BLOCKS, 4 * PREFETCH_BLOCKS + 4):
-                    llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, I64(k))))
-            seven = ir.Constant(V8I, [STEP] * 8)
-            s1 = llvm.splat(builder, llvm.load(builder, xs_a, F32), v8f)
-            s3 = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, xs_a, 4), F32), v8f)
-            for h in range(2):                                                      # 8 columns each
-                codes = code_bytes(builder, llvm.offset(builder, w_a, 32 * h), stride)
-                t = dot_block(builder, codes, xw_a, PIECES)                         # [piece] int32 sums
+@intrinsic
+def _split_rows16(typingctx, acc_addr, acc_row_bytes, w_addr, row_bytes, xw_addr, xs_addr, n_rows):
+    """For 16 columns, one block of 4 packed rows and every row n of the batch:
+        acc[n, 0:16] += s1_n * (128 t0 + t1) + s3_n * (128 t2 + t3)
+    acc_addr: row 0's float32 accumulators, the next rows `acc_row_bytes` further; w_addr: the block's first
+    packed word of the 16 columns, the next packed rows `row_bytes` further; xw_addr, xs_addr: row 0's
+    4 x 8 int32 pieces and its s1, s3, the next rows 128 and 8 bytes further (the [blocks, N, ...] layout).
+    Each half of 8 columns decodes the block's codes once (8 registers) and runs every row over them, so a
+    row costs only its vpmaddubsw/vpaddw/vpmaddwd and fold (116 instructions per 256 weights, haswell
+    target, of which 34 are broadcasts from L1). Asks for the same columns PREFETCH_BLOCKS blocks ahead,
+    as vnni/split8.py does. LLVM IR because Numba has no vector types."""
+    def codegen(context, builder, signature, args):
+        acc_a, acc_stride, w_a, stride, xw_a, xs_a, rows = args
+        v8f = vec(F32, 8)
+        for k in range(4 * PREFETCH_BLOCKS, 4 * PREFETCH_BLOCKS + 4):
+            llvm.prefetch(builder, builder.add(w_a, builder.mul(stride, I64(k))))
+        seven = ir.Constant(V8I, [STEP] * 8)
+        for h in range(2):                                                      # 8 columns each
+            codes = code_bytes(builder, llvm.offset(builder, w_a, 32 * h), stride)
+            with cgutils.for_range(builder, rows) as loop:
+                n = loop.index
+                xs_n = builder.add(xs_a, builder.mul(n, I64(8)))
+                t = dot_block(builder, codes, builder.add(xw_a, builder.mul(n, I64(128))), PIECES)
+                s1 = llvm.splat(builder, llvm.load(builder, xs_n, F32), v8f)
+                s3 = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, xs_n, 4), F32), v8f)
                 hi = builder.add(builder.shl(t[0], seven), t[1])                    # |.| < 2^24: exact
                 lo = builder.add(builder.shl(t[2], seven), t[3])
                 part = builder.fadd(builder.fmul(builder.sitofp(hi, v8f), s1),
                                     builder.fmul(builder.sitofp(lo, v8f), s3))
-                addr = llvm.offset(builder, acc_a, 32 * h)
+                addr = builder.add(acc_a, builder.add(builder.mul(n, acc_stride), I64(32 * h)))
                 llvm.store(builder, builder.fadd(llvm.load(builder, addr, v8f), part), addr)
-            return context.get_dummy_value()
-        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
-        return sig, codegen
-    return block16
-
-
-# acc[0:16] += s1 * (128 t0 + t1) + s3 * (128 t2 + t3) over one block of 4 packed rows, 16 columns: acc_addr
-# float32 accumulators; w_addr the block's first packed word of the 16 columns, the next rows `row_bytes`
-# further; xw_addr the block's 4 x 8 int32 pieces; xs_addr its s1, s3. The first row of a batch also asks
-# for the same columns PREFETCH_BLOCKS blocks ahead; the other rows find the words in L1.
-_split_block16 = _block16(prefetch=True)
-_split_block16_cached = _block16(prefetch=False)
+        return context.get_dummy_value()
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+    return sig, codegen
 
 
 def gemv_split_numpy(codes, pieces, s0):
@@ -87,9 +89,9 @@ def gemv_split_numpy(codes, pieces, s0):
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
     """vnni.split8.gemv_split on AVX2 (same arguments, same result bit for bit): prange over column blocks;
-    per segment, block of 4 packed rows and 16 columns, every row's integer dot products while those words
-    are in L1 (rows innermost: N rows read the weights from memory once), then the fold per row. Columns past
-    the last multiple of 16 of a block take split8's scalar loop."""
+    per segment, block of 4 packed rows and 16 columns, every row's integer dot products on codes decoded
+    once (_split_rows16: rows innermost, so N rows read the weights from memory once), then the fold per
+    row. Columns past the last multiple of 16 of a block take split8's scalar loop."""
     n_rows = xw.shape[1]
     n_out = qw.shape[1]
     row_bytes = n_out * 4
@@ -111,11 +113,8 @@ def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add,
                 w_row = base_w + r * row_bytes + j0 * 4
                 x_blk = (r // 4) * n_rows
                 for jj in range(0, vec16, 16):
-                    _split_block16(base_acc + jj * 4, w_row + jj * 4, row_bytes, base_x + x_blk * 128,
-                                   base_s + x_blk * 8)
-                    for n in range(1, n_rows):                            # the 4 x 16 words are in L1
-                        _split_block16_cached(base_acc + (n * width + jj) * 4, w_row + jj * 4, row_bytes,
-                                              base_x + (x_blk + n) * 128, base_s + (x_blk + n) * 8)
+                    _split_rows16(base_acc + jj * 4, width * 4, w_row + jj * 4, row_bytes, base_x + x_blk * 128,
+                                  base_s + x_blk * 8, n_rows)
                 for j in range(vec16, width):
                     for n in range(n_rows):
                         hi, lo = 0, 0
