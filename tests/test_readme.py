@@ -178,9 +178,17 @@ def test_the_marker_convention_is_read_as_documented():
         strip_unrun("pip install 'tinyllama-ref[serve]'")
 
 
-def test_the_first_command_is_safe_to_repeat():
+def test_the_first_command_is_safe_to_repeat(tmp_path):
     line, lang, code, marker = runnable()[0]
-    assert "synth" in code and marker.group(1), "the set-up command runs twice in test_readme_block"
+    assert "synth" in code and "--exist-ok" in code and marker.group(1), "the set-up command runs twice"
+    # --exist-ok keeps only the checkpoint these settings make; another one in the directory is still an error
+    from tinyllama_ref.errors import CheckpointError
+    from tinyllama_ref.make.synth import synthesize
+    out = str(tmp_path / "ckpt")
+    assert not synthesize(out, bits=4, group_size=32, quiet=True, exist_ok=True)["kept"]
+    assert synthesize(out, bits=4, group_size=32, quiet=True, exist_ok=True)["kept"]
+    with pytest.raises(CheckpointError, match="not empty"):
+        synthesize(out, bits=3, group_size=32, quiet=True, exist_ok=True)
 
 
 @pytest.mark.parametrize("index", range(len(runnable())),
