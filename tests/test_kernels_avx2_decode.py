@@ -127,6 +127,18 @@ def test_split8_non_finite_rows_are_nan_and_zero_rows_zero():
         np.testing.assert_array_equal(y, vnni_split8.gptq_matmul_split(plan, xp, 32))
 
 
+def test_a_row_does_not_depend_on_its_batch():
+    """Rows run innermost over codes decoded once per block, each with its own sums in a fixed order: a row's
+    output is the same bit for bit alone or in a batch of 8 or 17, for split8 and the int8 mode."""
+    rng, layer, plan = _layer(384, 93, 128, True, False, 11)
+    xp = gptq.permute_x(plan, _wide(rng, (17, 384)))
+    alone = [avx2_split8.gptq_matmul_split(plan, xp[n:n + 1], 32) for n in range(17)]
+    np.testing.assert_array_equal(avx2_split8.gptq_matmul_split(plan, xp, 32), np.concatenate(alone))
+    np.testing.assert_array_equal(avx2_split8.gptq_matmul_split(plan, xp[3:11], 32), np.concatenate(alone[3:11]))
+    alone = [_int8_matmul(avx2_int8, plan, xp[n:n + 1], 32) for n in range(17)]
+    np.testing.assert_array_equal(_int8_matmul(avx2_int8, plan, xp, 32), np.concatenate(alone))
+
+
 def _int8_matmul(module, plan, xp, block):
     return module.gptq_matmul_int8(plan, xp, np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32), block)
 
