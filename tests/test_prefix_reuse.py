@@ -104,3 +104,50 @@ def test_greedy_text_is_the_same_with_and_without_prefix_reuse(ckpt, model):
     # the repeated first prompt alone reuses all but its last token
     assert m_on["tinyllama_prefix_reused_tokens_total"] >= len(tok.encode(first, add_bos=True)) - 1
     assert m_on["tinyllama_prefill_tokens_total"] + m_on["tinyllama_prefix_reused_tokens_total"] == prompt_tokens
+
+
+def test_multiple_choice_loglikelihood_requests_reuse_the_shots(ckpt, model):
+    """The way lm-evaluation-harness scores multiple choice through /v1/completions: echo, max_tokens 0,
+    logprobs 1, one request per option. 8 items x 3 options share the shots; each option shares its item's
+    question. The prompt logprobs come back as the model's own (log-softmax of the full prompt's logits)."""
+    import numpy as np
+    from tinyllama_ref.ops import log_softmax
+    tok = model.tokenizer
+    requests = [SHOTS + item + f" {letter}" for item in ITEMS[:8] for letter in "ABC"]
+    prompts = [tok.encode(r, add_bos=True) for r in requests]
+    prefix = len(tok.encode(SHOTS, add_bos=True))
+    questions = [len(tok.encode(SHOTS + item, add_bos=True)) for item in ITEMS[:8]]
+    # the shots once, each question once, each option's last tokens, plus the one position a logprob request
+    # computes again past what it takes from the pool
+    expected = prefix + sum(q - prefix for q in questions) + sum(len(p) - q + 1 for p, q in
+                                                                 zip(prompts, np.repeat(questions, 3)))
+    proc, url = start_server(ckpt, "--max-batch", 8, "--prefill-chunk", 64, backend="numpy")
+    try:
+        out = [None] * len(requests)
+
+        def ask(i):
+            r = httpx.post(url + "/v1/completions", timeout=300, json={"prompt": requests[i], "max_tokens": 0,
+                                                                       "echo": True, "logprobs": 1})
+            assert r.status_code == 200, r.text
+            out[i] = r.json()["choices"][0]["logprobs"]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        m = counters(url)
+    finally:
+        code, err = stop_server(proc)
+    assert code == 0, err
+    computed, reused = m["tinyllama_prefill_tokens_total"], m["tinyllama_prefix_reused_tokens_total"]
+    assert computed + reused == sum(len(p) for p in prompts)
+    assert computed <= 1.2 * expected, (computed, expected)
+    for i in (0, 1, 5, 23):
+        ids = prompts[i]
+        ref = log_softmax(model.logits(ids).astype(np.float64), axis=-1)          # [T, V]
+        lp = out[i]
+        assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
+        np.testing.assert_allclose(lp["token_logprobs"][1:], [ref[j - 1, ids[j]] for j in range(1, len(ids))],
+                                   atol=1e-4)
+        for j in range(1, len(ids)):
+            assert max(lp["top_logprobs"][j].values()) == pytest.approx(ref[j - 1].max(), abs=1e-4)

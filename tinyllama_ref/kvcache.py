@@ -208,6 +208,7 @@ class PagedKVCache:
         self.placed = [None] * self.n_blocks                        # block -> the slot placed on it
         self.refs = [0] * self.n_blocks
         self.tokens = [[] for _ in range(self.n_blocks)]            # block -> its tokens so far
+        self.notes = [[] for _ in range(self.n_blocks)]             # block -> per row: what the caller noted
         self.parent = [None] * self.n_blocks                        # block -> key of the block before it
         self.key = [None] * self.n_blocks                           # block -> its key once full and indexed
         self.full = {}                                              # key -> the block indexed under it
@@ -290,9 +291,10 @@ class PagedKVCache:
         while len(self.tables[slot]) * self.block_size < int(self.lengths[slot]) + n:
             self.tables[slot].append(self._take(slot))
 
-    def filled(self, slot, tokens):
+    def filled(self, slot, tokens, notes=None):
         """After a pass: the slot's positions written by it hold these tokens. Blocks become visible to
-        match(), the full ones under their key."""
+        match(), the full ones under their key. notes: one object per token that the pool keeps with its row
+        (the server's prompt logprobs) and hands back with it (notes_of); None where there is none."""
         B, start = self.block_size, self.recorded[slot]
         if start + len(tokens) != int(self.lengths[slot]):
             raise ValueError(f"slot {slot}: {len(tokens)} tokens recorded after {start}, but "
@@ -301,15 +303,17 @@ class PagedKVCache:
             p = start + i
             b = self.tables[slot][p // B]
             self.tokens[b].append(int(t))
+            self.notes[b].append(None if notes is None else notes[i])
             if p % B == 0:
                 self._index(b, self.chain[slot][-1] if self.chain[slot] else ROOT)
             if len(self.tokens[b]) == B:
                 self.chain[slot].append(self._index_full(b))
         self.recorded[slot] = start + len(tokens)
 
-    def match(self, slot, tokens, limit):
+    def match(self, slot, tokens, limit, need_notes=False):
         """Take what the pool already holds of the slot's next tokens (tokens: the whole sequence, of which
-        lengths[slot] are in the cache), up to position `limit`. Returns how many positions were added."""
+        lengths[slot] are in the cache), up to position `limit`. Returns how many positions were added.
+        need_notes: only rows that carry a note."""
         if not self.prefix_cache:
             return 0
         B, start = self.block_size, int(self.lengths[slot])
@@ -319,7 +323,7 @@ class PagedKVCache:
             parent = self.chain[slot][-1] if self.chain[slot] else ROOT
             if r == 0 and a + B <= limit:                            # a whole block: share it
                 b = self.full.get(block_key(parent, tokens[a:a + B]))
-                if b is not None:
+                if b is not None and (not need_notes or None not in self.notes[b]):
                     self._hold(slot, b)
                     continue
             want = tokens[a:min(a + B, limit)]
@@ -327,6 +331,8 @@ class PagedKVCache:
             for c in self.children.get(parent, ()):
                 if not self.tables[slot] or c != self.tables[slot][-1]:
                     n = common_prefix(self.tokens[c], want)
+                    if need_notes and None in self.notes[c][:n]:
+                        n = self.notes[c].index(None)
                     if n > m:
                         best, m = c, n
             if best is None or (r == 0 and not self.free and list(self.cached) == [best]):
@@ -338,9 +344,46 @@ class PagedKVCache:
                 k[own, r:m] = k[best, r:m]                           # [m - r, KV, hd]
                 v[own, r:m] = v[best, r:m]
             self.lengths[slot] = a + m
-            self.filled(slot, tokens[L:a + m])
+            self.filled(slot, tokens[L:a + m], self.notes[best][r:m])
             self._touch(best)
         return int(self.lengths[slot]) - start
+
+    def notes_of(self, slot, start, end):
+        """The notes kept with the slot's positions start..end-1."""
+        B, table = self.block_size, self.tables[slot]
+        return [self.notes[table[p // B]][p % B] for p in range(start, end)]
+
+    def back_off(self, slot):
+        """Drop the slot's last position, so the next pass computes it again (its logits are wanted). A block
+        others hold too is replaced by a copy of its other rows."""
+        B, table = self.block_size, self.tables[slot]
+        b, r = table[-1], (int(self.lengths[slot]) - 1) % B
+        if self.refs[b] > 1:                                         # shared: keep rows 0..r-1 in our own
+            self.promised[slot] += 1                                 # the promise _hold took back
+            own = self._take(slot, keep=b)
+            for k, v in zip(self.k, self.v):
+                k[own, :r] = k[b, :r]                                # [r, KV, hd]
+                v[own, :r] = v[b, :r]
+            self.refs[b] -= 1
+            table[-1] = own
+            self.chain[slot].pop()
+            self.tokens[own], self.notes[own] = self.tokens[b][:r], self.notes[b][:r]
+            if r:
+                self._index(own, self.chain[slot][-1] if self.chain[slot] else ROOT)
+        else:                                                        # ours alone: shorten it
+            if self.key[b] is not None:
+                del self.full[self.key[b]]
+                self.key[b] = None
+            if len(self.tokens[b]) == B:
+                self.chain[slot].pop()
+            self.tokens[b].pop()
+            self.notes[b].pop()
+            if not self.tokens[b]:                                   # empty: back to the free blocks
+                table.pop()
+                self._forget(b)
+                self.promised[slot] += 1
+        self.lengths[slot] -= 1
+        self.recorded[slot] -= 1
 
     # -- blocks -------------------------------------------------------------------------------------------------
     def _take(self, slot, keep=None):
@@ -402,8 +445,16 @@ class PagedKVCache:
         self.children.setdefault(parent, set()).add(b)
 
     def _index_full(self, b):
+        """Index a full block under its key; a block with notes replaces one without (the same K/V)."""
         key = block_key(self.parent[b], self.tokens[b])
-        if key not in self.full:
+        old = self.full.get(key)
+        if old is not None and None in self.notes[old] and None not in self.notes[b]:
+            self.key[old] = None
+            if self.refs[old] == 0:                                  # cached: nothing else would free it
+                del self.cached[old]
+                self._forget(old)
+            old = None
+        if old is None:
             self.full[key] = b
             self.key[b] = key
         return key
@@ -417,7 +468,7 @@ class PagedKVCache:
                 del self.children[self.parent[b]]
         if self.key[b] is not None:
             del self.full[self.key[b]]
-        self.tokens[b], self.parent[b], self.key[b], self.refs[b] = [], None, None, 0
+        self.tokens[b], self.notes[b], self.parent[b], self.key[b], self.refs[b] = [], [], None, None, 0
         self.free.add(b)
 
     # -- numbers for /metrics and the log -----------------------------------------------------------------------

@@ -38,6 +38,9 @@ from ..templates import StopStrings
 from .jobs import Failed, Finished, PromptDone, ServeError, Token
 
 
+KEPT_TOP = 5       # prompt alternatives the KV pool keeps per position (OpenAI's logprobs go to 5, TGI asks 0)
+
+
 def top_alternatives(logp, k):
     """The k most likely (id, logprob) pairs of a log-softmax row [V], most likely first."""
     if k <= 0:
@@ -64,6 +67,7 @@ class Sequence:
     prompt_logprobs: list = None
     prompt_top: list = None
     carry: object = None           # log-softmax row that predicts the next prompt token (chunk boundary)
+    next_note: tuple = None        # (logprob, top) of the next prompt token, when the pool gave it (_reuse)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -205,9 +209,9 @@ class Scheduler:
                 matcher=StopStrings(job.stop_strings),
                 prompt_logprobs=[None] if job.prompt_logprobs >= 0 else None,
                 prompt_top=[None] if job.prompt_logprobs >= 0 else None)
-            if self.prefix_cache and job.prompt_logprobs < 0:
-                for o in self.active:      # prompts still being fed that start like this one
-                    if o.prefilling:
+            if self.prefix_cache and job.prompt_logprobs <= KEPT_TOP:
+                for o in self.active:      # prompts still being fed that start like this one (and give the
+                    if o.prefilling and (job.prompt_logprobs < 0 or o.job.prompt_logprobs >= 0):  # logprobs)
                         n = common_prefix(o.job.prompt_ids, job.prompt_ids)
                         if n > 0:
                             seq.leaders[o] = n
@@ -216,11 +220,25 @@ class Scheduler:
 
     def _reuse(self, s):
         """Before planning a prompt piece: take what the pool holds of it. True if s should wait this pass
-        for an earlier sequence that is still computing positions s could take from it."""
-        if not self.prefix_cache or s.job.prompt_logprobs >= 0:   # prompt logprobs need every position's logits
+        for an earlier sequence that is still computing positions s could take from it.
+
+        A job that wants its prompt's logprobs takes only positions that come with them (the notes
+        _score_prompt leaves in the pool) and one position fewer than it could: the last one is computed
+        again, since its logits give the next prompt token's logprob."""
+        k = s.job.prompt_logprobs
+        if not self.prefix_cache or k > KEPT_TOP:
             return False
         limit = len(s.job.prompt_ids) - 1          # the last prompt token is always computed: its logits
-        got = self.cache.match(s.slot, s.job.prompt_ids, limit)  # give the first new token
+        got = self.cache.match(s.slot, s.job.prompt_ids, limit, need_notes=k >= 0)  # give the first new token
+        if got and k >= 0:
+            notes = self.cache.notes_of(s.slot, s.fed, s.fed + got)      # positions fed .. fed + got - 1
+            self.cache.back_off(s.slot)
+            got -= 1
+            for p, (logprob, top) in zip(range(s.fed, s.fed + got), notes):
+                if p > 0:                          # nothing predicts the first token: it stays None
+                    s.prompt_logprobs.append(logprob)
+                    s.prompt_top.append(top[:k])
+            s.next_note = notes[-1] if s.fed + got > 0 else None
         if got:
             s.fed += got
             s.reused += got
@@ -256,16 +274,14 @@ class Scheduler:
         logits = self.model.forward([c for _, c in plan], self.cache, [s.slot for s, _ in plan],
                                     all_logits=all_logits)     # [sum of lengths or B, V]
         seconds = time.perf_counter() - t
-        for s, chunk in plan:
-            self.cache.filled(s.slot, chunk)                   # the written blocks' tokens, for prefix reuse
         if self.metrics:
             self.metrics.prefill_done(sum(len(c) for s, c in plan if s.prefilling))
         ends = np.cumsum([len(c) for _, c in plan])            # [B] one past each sequence's last row
         for k, (s, chunk) in enumerate(plan):
             rows = logits[ends[k] - len(chunk):ends[k]] if all_logits else logits[k:k + 1]   # [n or 1, V]
+            notes = self._score_prompt(s, rows, chunk) if s.prefilling and s.prompt_logprobs is not None else None
+            self.cache.filled(s.slot, chunk, notes)            # the written blocks' tokens, for prefix reuse
             if s.prefilling:
-                if s.prompt_logprobs is not None:
-                    self._score_prompt(s, rows, chunk)
                 s.fed += len(chunk)
                 if s.prefilling:
                     continue
@@ -279,17 +295,27 @@ class Scheduler:
                 self.metrics.pass_done(seconds, len(plan), len(self.waiting), len(self.active))
 
     def _score_prompt(self, s, rows, chunk):
-        """Log p(prompt token | tokens before it) for this chunk, as OpenAI's echo and TGI's prefill show."""
+        """Log p(prompt token | tokens before it) for this chunk, as OpenAI's echo and TGI's prefill show.
+        Returns each position's (logprob, top KEPT_TOP alternatives): the pool keeps them with its row."""
         logp = log_softmax(rows.astype(np.float64), axis=-1)   # [n, V]: row i predicts prompt[fed + i + 1]
-        pairs = list(zip(logp[:-1], chunk[1:]))
-        if s.fed > 0:                                          # chunk[0] was predicted by the last chunk
-            pairs.insert(0, (s.carry, chunk[0]))
-        for row, target in pairs:
-            s.prompt_logprobs.append(float(row[target]))
-            s.prompt_top.append(top_alternatives(row, s.job.prompt_logprobs))
+        k, notes = s.job.prompt_logprobs, []
+        for i, target in enumerate(chunk):
+            p = s.fed + i
+            if p == 0:
+                note = (None, [])                              # nothing predicts the first token
+            elif i == 0 and s.next_note is not None:
+                note, s.next_note = s.next_note, None          # the pool's, with the positions before it
+            else:                                              # chunk[0] was predicted by the last chunk
+                row = s.carry if i == 0 else logp[i - 1]
+                note = (float(row[target]), top_alternatives(row, max(k, KEPT_TOP)))
+            notes.append(note)
+            if p > 0:
+                s.prompt_logprobs.append(note[0])
+                s.prompt_top.append(note[1][:k])
         s.carry = logp[-1]
         if s.fed + len(chunk) == len(s.job.prompt_ids):
             self._emit(s.job, PromptDone(s.prompt_logprobs, s.prompt_top))
+        return notes
 
     def _sample(self, s, row):
         """Draw the next token, turn it into text, and decide whether the sequence is over."""
