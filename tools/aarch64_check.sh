@@ -74,9 +74,14 @@ mount_into_root() {
         fi
     done
 }
-in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+# pip in the root trusts what this host trusts (a registry proxy's certificate authority among them).
+HOST_CA=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+in_root() {
+    chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+        PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"
+}
 
-if [ ! -e "$ROOT/.aarch64-root-ready" ]; then
+if [ ! -e "$ROOT/.aarch64-debootstrap-done" ]; then
     M=$(mirror)
     [ -n "$M" ] || { echo "no Debian mirror found in /etc/apt; set MIRROR" >&2; exit 2; }
     log "debootstrap --foreign --arch=arm64 $SUITE into $ROOT"
@@ -88,7 +93,11 @@ if [ ! -e "$ROOT/.aarch64-root-ready" ]; then
     log "debootstrap second stage (under emulation)"
     chroot "$ROOT" /debootstrap/debootstrap --second-stage >> "$ROOT.debootstrap.log" 2>&1 \
         || { tail -20 "$ROOT.debootstrap.log"; exit 1; }
-    cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+    touch "$ROOT/.aarch64-debootstrap-done"
+fi
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+cp "$HOST_CA" "$ROOT/etc/ssl/certs/host-ca.crt"
+if [ ! -e "$ROOT/.aarch64-root-ready" ]; then
     mount_into_root
     log "venv with Debian's $(in_root /usr/bin/python3 --version)"
     in_root /usr/bin/python3 -m venv /opt/venv
@@ -96,7 +105,6 @@ if [ ! -e "$ROOT/.aarch64-root-ready" ]; then
     touch "$ROOT/.aarch64-root-ready"
 fi
 BOOTSTRAPPED=$(( $(date +%s) - START ))
-cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 mount_into_root
 [ "$(in_root uname -m)" = aarch64 ] || { echo "the root does not run as aarch64" >&2; exit 1; }
 
