@@ -231,3 +231,44 @@ def test_shared_blocks_are_counted_and_evicted_least_recently_used_deepest_first
     c.open(2, 3 * B)
     assert c.match(2, b, len(b) - 1) == 2 * B
     assert c.tables[2] == [0, 1]
+
+
+def test_notes_travel_with_their_rows_and_back_off_gives_back_one_position():
+    """Prompt-logprob requests: only rows with notes are taken (need_notes), copied rows bring their notes,
+    and back_off drops the last position, copying a block others share instead of shortening it."""
+    cfg = preset("tiny")
+    c = pool(cfg, 10, n_slots=4)
+    B = BLOCK_SIZE
+    c.k[0][:] = np.random.default_rng(0).standard_normal(c.k[0].shape)     # rows to recognise copies by
+    toks = list(range(100, 100 + 2 * B + 6))
+    c.open(0, 3 * B)
+    c.grow(0, len(toks))
+    c.lengths[0] = len(toks)
+    c.filled(0, toks, notes=[("note", p) for p in range(len(toks))])
+    c.open(3, 3 * B)                                          # the same tokens without notes
+    fill(c, 3, toks[:B])
+    assert c.full[c.chain[0][0]] == c.tables[0][0]            # the noted block stays the indexed one
+    c.open(1, 3 * B)
+    assert c.match(1, toks, len(toks) - 1, need_notes=True) == 2 * B + 5      # 2 shared, 5 rows copied
+    assert c.notes_of(1, 0, 2 * B + 5) == [("note", p) for p in range(2 * B + 5)]
+    own = c.tables[1][2]
+    c.back_off(1)                                             # our own block: just shorter
+    assert c.lengths[1] == 2 * B + 4 and c.tokens[own] == toks[2 * B:2 * B + 4] and c.tables[1][2] == own
+    c.open(2, 3 * B)
+    assert c.match(2, toks[:2 * B] + [999], 2 * B, need_notes=True) == 2 * B
+    shared = c.tables[2][1]
+    assert c.refs[shared] == 3
+    c.back_off(2)                                             # shared: replaced by a copy of its first B-1 rows
+    copy = c.tables[2][1]
+    assert copy != shared and c.refs[shared] == 2 and c.lengths[2] == 2 * B - 1
+    assert c.tokens[copy] == toks[B:2 * B - 1] and len(c.chain[2]) == 1
+    assert np.array_equal(c.k[0][copy, :B - 1], c.k[0][shared, :B - 1])
+    for slot in range(4):
+        c.close(slot)
+    plain = list(range(500, 500 + B + 6))                     # a prompt scored without logprobs
+    c.open(0, 2 * B)
+    fill(c, 0, plain)
+    c.close(0)
+    c.open(1, 2 * B)
+    assert c.match(1, plain, len(plain) - 1, need_notes=True) == 0     # its rows carry no logprobs
+    assert c.match(1, plain, len(plain) - 1) == B + 5
