@@ -28,6 +28,7 @@ from .ops import rms_norm, rope_tables, swiglu
 from .quant import check_cpu, check_gptq_mode, read_quant_config
 from .streaming import LayerSource
 from .threads import chooser_for, using_threads
+from .token_ids import check_token_ids
 from .validate import validate_checkpoint
 from .weights import embedding_info, load_head
 
@@ -106,17 +107,8 @@ class Model:
 
     # -- the pieces ---------------------------------------------------------------------------------------
     def check_ids(self, ids):
-        try:
-            ids = np.asarray(ids)
-        except (ValueError, TypeError):                       # ragged lists, objects numpy cannot hold
-            raise GenerationError("token ids must be a flat list of integers") from None
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise GenerationError("token ids must be a flat list of integers")
-        bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
-        if bad.size:
-            raise GenerationError(f"token id {int(bad[0])} is outside the model's vocabulary "
-                                  f"(0..{self.cfg.vocab_size - 1}, the embedding's rows)")
-        return ids.astype(np.int64)
+        """ids as an int64 array [N], or a GenerationError when they are not token ids this model can embed."""
+        return check_token_ids(ids, self.cfg.vocab_size, GenerationError)
 
     def embed(self, ids):
         """Gather embedding rows straight from the memory map: [N] -> [N, D] float32."""

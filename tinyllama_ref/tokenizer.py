@@ -22,11 +22,11 @@ import os
 import re
 from dataclasses import dataclass
 
-import numpy as np
 
 from .config import check_regular_file, config_ids, json_type, read_json
 from .errors import TokenizerConfigError, TokenizerError
 from .sampling import read_generation_config
+from .token_ids import as_token_ids, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -264,22 +264,18 @@ class Tokenizer:
         return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
 
     def check_ids(self, ids):
-        """Refuse ids the model cannot embed (at or past vocab_size), naming the token."""
+        """Refuse ids the model cannot embed (at or past vocab_size), naming the token (token_ids.py)."""
         limit = self.vocab_size
         if limit is None:                        # model size unknown: every id the tokenizer names is fine
             limit = max(self.n_sp, max(self.added_by_id, default=0) + 1)
-        for i in as_token_ids(ids):
-            if 0 <= i < limit:
-                continue
-            try:
-                name = repr(self.id_to_piece(i))
-            except TokenizerError:
-                name = "no token"
-            if i < 0:
-                raise TokenizerError(f"token id {i} ({name}) is negative; token ids start at 0")
-            raise TokenizerError(f"token id {i} ({name}) is past the model's {limit}-row embedding; "
-                                 f"this checkpoint cannot read it")
+        check_token_ids(ids, limit, TokenizerError, name=self._describe_id)
         return ids
+
+    def _describe_id(self, i):
+        try:
+            return repr(self.id_to_piece(i))
+        except TokenizerError:
+            return "no token"
 
     # ---- encoding ----
 
@@ -354,21 +350,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=False):
         """Text for ids. Control tokens (<s>, </s>) give no text; other added tokens give their own text
         unless skip_special_tokens drops the special ones; ids that name no token give no text."""
-        ids = as_token_ids(ids)
+        ids = as_token_ids(ids, TokenizerError)
         stream = self.stream_decoder(skip_special_tokens)
         return "".join(stream.push(i) for i in ids) + stream.flush()
-
-
-def as_token_ids(ids):
-    """A flat sequence of integer token ids as a list of Python ints; anything else is a TokenizerError."""
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-        raise TokenizerError(f"token ids must be a flat list of integers, got {type(ids).__name__}")
-    out = []
-    for i in ids:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TokenizerError(f"token ids must be a flat list of integers, found {i!r}")
-        out.append(int(i))
-    return out
 
 
 def _utf8_length(lead):
