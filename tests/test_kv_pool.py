@@ -272,3 +272,71 @@ def test_notes_travel_with_their_rows_and_back_off_gives_back_one_position():
     c.open(1, 2 * B)
     assert c.match(1, plain, len(plain) - 1, need_notes=True) == 0     # its rows carry no logprobs
     assert c.match(1, plain, len(plain) - 1) == B + 5
+
+
+def test_random_sequences_keep_the_pool_consistent():
+    """Sequences open, take prefixes (with and without notes), back off, grow and close at random in a small
+    pool. After every step: reference counts match the block tables, every block is held, cached or free,
+    promises can be kept, the index keys match block contents, and every sequence reads, at each of its
+    positions, the row written for its own tokens up to there (K and notes)."""
+    import random
+    from tinyllama_ref.kvcache import block_key
+    cfg = preset("tiny")
+    B, n_slots = BLOCK_SIZE, 4
+
+    def row_id(tokens):                       # what a position's K/V depend on: every token up to it
+        return hash(tuple(tokens)) % 100003
+
+    for seed in range(60):
+        rng = random.Random(seed)
+        c = pool(cfg, rng.randint(8, 30), n_slots=n_slots)
+        seqs = {}
+        for step in range(200):
+            op, free_slots = rng.random(), [s for s in range(n_slots) if s not in seqs]
+            if op < 0.3 and free_slots:
+                base = rng.choice([[5] * 20, [6] * 7 + [5] * 13, list(range(40)), []])
+                toks = base[:rng.randint(0, len(base))] + [rng.choice((1, 2, 3)) for _ in range(rng.randint(1, 60))]
+                total = len(toks) + rng.randint(0, 30)
+                if c.can_open(total):
+                    c.open(free_slots[0], total)
+                    seqs[free_slots[0]] = (toks + [9] * total, total, rng.random() < 0.5)
+            elif op < 0.5 and seqs:
+                s = rng.choice(list(seqs))
+                toks, total, notes = seqs[s]
+                prompt = len(toks) - total                            # the part before the 9s
+                if int(c.lengths[s]) < prompt - 1 and c.match(s, toks, prompt - 1, need_notes=notes) and notes:
+                    c.back_off(s)
+            elif op < 0.85 and seqs:
+                s = rng.choice(list(seqs))
+                toks, total, notes = seqs[s]
+                L = int(c.lengths[s])
+                n = min(rng.randint(1, 20), total - L)
+                if n > 0:
+                    c.grow(s, n)
+                    kv = np.zeros((n, cfg.n_kv_heads, cfg.head_dim), np.float32)   # [n, KV, hd]
+                    kv[:, 0, 0] = [row_id(toks[:L + i + 1]) for i in range(n)]
+                    c.write(0, s, L, kv, kv)
+                    c.lengths[s] += n
+                    c.filled(s, toks[L:L + n], [row_id(toks[:L + i + 1]) for i in range(n)] if notes else None)
+            elif seqs:
+                s = rng.choice(list(seqs))
+                c.close(s)
+                del seqs[s]
+            refs = [0] * c.n_blocks
+            for table in c.tables:
+                for b in table:
+                    refs[b] += 1
+            assert refs == c.refs
+            held = {b for b in range(c.n_blocks) if refs[b]}
+            assert not held & c.free and not held & set(c.cached) and not c.free & set(c.cached)
+            assert len(held) + len(c.free) + len(c.cached) == c.n_blocks
+            assert sum(c.promised) <= len(c.free) + len(c.cached)
+            assert all(c.key[b] == k and block_key(c.parent[b], c.tokens[b]) == k for k, b in c.full.items())
+            for s, (toks, total, notes) in seqs.items():
+                L = int(c.lengths[s])
+                assert c.recorded[s] == L and len(c.chain[s]) == L // B
+                if L:
+                    want = [row_id(toks[:p + 1]) for p in range(L)]
+                    assert list(c.read(0, s, L)[0][:, 0, 0]) == want, (seed, step)
+                    got = c.notes_of(s, 0, L)
+                    assert all(n in (None, w) for n, w in zip(got, want)) and (not notes or None not in got)
