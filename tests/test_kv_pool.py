@@ -295,7 +295,7 @@ def test_random_sequences_keep_the_pool_consistent():
             op, free_slots = rng.random(), [s for s in range(n_slots) if s not in seqs]
             if op < 0.3 and free_slots:
                 base = rng.choice([[5] * 20, [6] * 7 + [5] * 13, list(range(40)), []])
-                toks = base[:rng.randint(0, len(base))] + [rng.choice((1, 2, 3)) for _ in range(rng.randint(1, 60))]
+                toks = base[:rng.randint(0, len(base))] + rng.choices((1, 2, 3), k=rng.randint(1, 60))
                 total = len(toks) + rng.randint(0, 30)
                 if c.can_open(total):
                     c.open(free_slots[0], total)

@@ -184,7 +184,12 @@ class PagedKVCache:
     starts with some of its next tokens has those rows copied into a block of its own (copy on write).
     Closed sequences leave their indexed blocks in the pool as cached; a block nobody holds is evicted least
     recently used first when a new one is needed. A sequence's blocks go back deepest first, so a shared
-    prefix outlives the continuations hanging off it.
+    prefix outlives the continuations hanging off it. prefix_cache=False: no sharing, blocks go straight back.
+
+    Notes: the caller may leave one object per position with its row (filled), which travels with the row
+    when it is shared or copied (notes_of). The server keeps each prompt position's logprobs there, so a
+    request that wants them takes only rows that have them (match(need_notes=True)), then gives back its
+    last position (back_off) to compute it again for the logits that follow it.
     """
 
     def __init__(self, cfg, plan, n_slots, reservation=None, prefix_cache=True):
@@ -192,8 +197,9 @@ class PagedKVCache:
         dtype = KV_DTYPES[plan.kv_dtype]
         # np.zeros asks the OS for zeroed pages: they take memory only once a block is first written, and
         # low-numbered blocks are handed out first, so a lightly used pool stays small.
-        self.k = [np.zeros((plan.n_blocks, B, KV, hd), dtype=dtype) for _ in range(cfg.n_layers)]  # [NB, B, KV, hd]
-        self.v = [np.zeros((plan.n_blocks, B, KV, hd), dtype=dtype) for _ in range(cfg.n_layers)]
+        shape = (plan.n_blocks, B, KV, hd)
+        self.k = [np.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]   # [NB, B, KV, hd] each
+        self.v = [np.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
         self.plan, self.block_size, self.n_blocks = plan, B, plan.n_blocks
         self.max_len = plan.max_context
         self.lengths = np.zeros(n_slots, dtype=np.int64)            # positions written, per slot

@@ -101,7 +101,8 @@ class Metrics:
                     f"tinyllama_prefix_reused_tokens_total {self.reused_tokens}",
                     "# HELP tinyllama_kv_blocks KV pool blocks by state.",
                     "# TYPE tinyllama_kv_blocks gauge"]
-            out += [f'tinyllama_kv_blocks{{state="{k}"}} {n}' for k, n in zip(("held", "cached", "free"), self.pool)]
+            out += [f'tinyllama_kv_blocks{{state="{k}"}} {n}'
+                    for k, n in zip(("held", "cached", "free"), self.pool)]
             out += ["# HELP tinyllama_queue_depth Sequences waiting for a place in the batch and KV blocks.",
                     "# TYPE tinyllama_queue_depth gauge", f"tinyllama_queue_depth {self.queue_depth}",
                     "# HELP tinyllama_active_sequences Sequences in the running batch.",
