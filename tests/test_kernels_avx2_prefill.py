@@ -207,7 +207,7 @@ def test_int8_gemm_equals_the_numpy_integer_reference(bits, n_in, n_out, group_s
     layer = make_layer(rng, n_in, n_out, bits, group_size, act_order=act_order, sym=sym, checkpoint_format=fmt)
     plan = _plan(layer, bits, fmt)
     assert avx2_int8.supports(plan)
-    for n_rows in (1, 9, 33, 70):                       # single rows, tiles of 4 and a remainder
+    for n_rows in (1, 9, 33, 70):                       # single rows, tiles of 8 and a remainder
         x = rng.normal(size=(n_rows, n_in)).astype(F32)
         x[0, :32] = 0.0                                 # an all-zero block
         x[-1] *= 40.0                                   # a row with large activations
