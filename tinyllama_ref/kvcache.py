@@ -152,6 +152,59 @@ def plan_pool(cfg, free, weight_bytes, window_bytes, max_batch, max_context, kv_
     return PoolPlan(int(n_blocks), block_size, kv_dtype, int(n_blocks * per_block), max_context)
 
 
+# -- the server's interface over whole slots --------------------------------------------------------------------
+class SlotKVCache:
+    """PagedKVCache's interface over a cache of whole slots (model.new_cache), for a model that keeps its keys
+    and values elsewhere (distributed/pipeline.py: on its stages). One "block" of max_len positions per
+    sequence; no prefix reuse. Model.forward gets this object: what it asks for (lengths, the stages' cache
+    id) is the wrapped cache's."""
+
+    prefix_cache = False
+
+    def __init__(self, cache, cfg):
+        self.inner, self.lengths, self.max_len = cache, cache.lengths, cache.max_len
+        n = len(cache.lengths)
+        self.plan = PoolPlan(n, cache.max_len, "f32", n * cache.max_len * bytes_per_position(cfg), cache.max_len)
+        self.n_blocks, self.block_size, self.nbytes = n, cache.max_len, self.plan.nbytes
+        self.used = [False] * n
+
+    def __getattr__(self, name):
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def blocks_for(self, positions):
+        return 1
+
+    def available(self):
+        return self.n_blocks - sum(self.used)
+
+    def can_open(self, positions):
+        return self.available() >= 1
+
+    def open(self, slot, positions):
+        self.used[slot], self.lengths[slot] = True, 0
+
+    def close(self, slot=None):
+        if slot is None:
+            self.inner.close()
+        else:
+            self.used[slot], self.lengths[slot] = False, 0
+
+    def grow(self, slot, n):
+        pass
+
+    def filled(self, slot, tokens, notes=None):
+        pass
+
+    def match(self, slot, tokens, limit, need_notes=False):
+        return 0
+
+    def usage(self):
+        return sum(self.used), 0, self.n_blocks - sum(self.used)
+
+
 # -- the paged cache -----------------------------------------------------------------------------------------
 ROOT = b""               # the key "before" a sequence's first block
 

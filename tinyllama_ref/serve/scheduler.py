@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MemoryBudgetError, TinyLlamaError
-from ..kvcache import MIN_REUSE, PagedKVCache, common_prefix, plan_pool
+from ..kvcache import MIN_REUSE, PagedKVCache, SlotKVCache, common_prefix, plan_pool
 from ..memory import human
 from ..ops import log_softmax
 from ..sampling import Sampler
@@ -93,6 +93,12 @@ class Scheduler:
         gathered = 2 * self.max_context * c.n_kv_heads * c.head_dim * 4           # [S, KV, hd] K and V
         layers.reserve("activations", model.workspace_bytes(prefill_chunk + max_batch, self.max_context,
                                                             all_logits=True) + gathered)
+        self.rope = None
+        if not hasattr(layers, "window_bytes"):              # keys and values live elsewhere (distributed/)
+            self.cache = SlotKVCache(model.new_cache(max_batch, self.max_context), c)
+            self.prefix_cache = False
+            self._queues(max_batch)
+            return
         self.rope = model.new_cache(0, self.max_context)    # no slots: the RoPE tables for max_context, counted
         free = layers.budget - layers._fixed()
         try:
@@ -107,6 +113,9 @@ class Scheduler:
                                     f"raise --max-memory)") from None
         self.cache = PagedKVCache(c, plan, max_batch, reservation, prefix_cache)
         self.prefix_cache = prefix_cache
+        self._queues(max_batch)
+
+    def _queues(self, max_batch):
         self.free = list(range(max_batch))
         self.waiting = deque()
         self.active = []               # Sequences in the order they joined
@@ -180,7 +189,8 @@ class Scheduler:
                     for seq in list(self.active):
                         self._leave(seq, Failed(f"generation failed: {message}"), "failed")
         self.cache.close()
-        self.rope.close()
+        if self.rope is not None:
+            self.rope.close()
 
     def _positions(self, job):
         """The most positions a job's sequence can fill: its prompt and every token it may generate."""
