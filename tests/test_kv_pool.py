@@ -340,3 +340,23 @@ def test_random_sequences_keep_the_pool_consistent():
                     assert list(c.read(0, s, L)[0][:, 0, 0]) == want, (seed, step)
                     got = c.notes_of(s, 0, L)
                     assert all(n in (None, w) for n, w in zip(got, want)) and (not notes or None not in got)
+
+
+def test_serve_kv_flags(ckpt, model):
+    """--kv-pool and --kv-dtype f16 reach the pool (the startup line says its size), and it serves."""
+    import re
+    import httpx
+    from test_serve import start_server, stop_server
+    proc, url = start_server(ckpt, "--kv-pool", "2MB", "--kv-dtype", "f16", "--max-context", "256",
+                             "--no-prefix-cache", backend="numpy")
+    try:
+        r = httpx.post(url + "/generate", timeout=120, json={"inputs": "Aspirin is",
+                                                             "parameters": {"max_new_tokens": 4}})
+        assert r.status_code == 200, r.text
+    finally:
+        code, err = stop_server(proc)
+    assert code == 0, err
+    blocks = 2 * 10**6 // (BLOCK_SIZE * bytes_per_position(model.cfg, "f16"))
+    assert f"KV cache {blocks // (256 // BLOCK_SIZE)} sequences x 256 positions (a pool of " \
+           f"{blocks * BLOCK_SIZE:,} positions in {blocks:,} blocks of 16" in err, err
+    assert re.search(r"blocks of 16, [0-9.]+ MB f16\), no prefix reuse", err), err
