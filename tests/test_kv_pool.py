@@ -360,3 +360,16 @@ def test_serve_kv_flags(ckpt, model):
     assert f"KV cache {blocks // (256 // BLOCK_SIZE)} sequences x 256 positions (a pool of " \
            f"{blocks * BLOCK_SIZE:,} positions in {blocks:,} blocks of 16" in err, err
     assert re.search(r"blocks of 16, [0-9.]+ MB f16\), no prefix reuse", err), err
+
+
+def test_a_kv_pool_larger_than_the_budget_names_the_flag(ckpt):
+    from tinyllama_ref.memory import current_rss
+    from tinyllama_ref.serve.scheduler import Scheduler
+    small = tinyllama_ref.load(ckpt, backend="numpy", max_memory=str(current_rss() + 150 * 10**6))
+    with pytest.raises(MemoryBudgetError, match="was set by --kv-pool: lower it, or raise --max-memory"):
+        Scheduler(small, kv_pool=10**9, log=lambda line: None)
+    assert not any(k.startswith("KV cache") for k in small.layers.reserved)    # nothing left reserved
+    sch = Scheduler(small, kv_pool=10**7, log=lambda line: None)
+    assert small.layers.reserved["KV cache pool"] == sch.cache.nbytes <= 10**7
+    sch.cache.close()
+    sch.rope.close()

@@ -104,13 +104,15 @@ class Scheduler:
         try:
             plan = plan_pool(c, free, sum(layers.file_bytes), layers.window_bytes(), max_batch, self.max_context,
                              kv_dtype, kv_pool)
+        except MemoryBudgetError:
+            self.rope.close()
+            raise
+        try:                                                 # only a --kv-pool larger than the budget fails here
             reservation = layers.reserve("KV cache pool", plan.nbytes)
         except MemoryBudgetError as e:
             self.rope.close()
-            if kv_pool is None:
-                raise
-            raise MemoryBudgetError(f"{e} (the KV pool of {human(kv_pool)} was set by --kv-pool: lower it, or "
-                                    f"raise --max-memory)") from None
+            raise MemoryBudgetError(f"{e} (the KV pool of {human(plan.nbytes)} was set by --kv-pool: lower it, "
+                                    f"or raise --max-memory)") from None
         self.cache = PagedKVCache(c, plan, max_batch, reservation, prefix_cache)
         self.prefix_cache = prefix_cache
         self._queues(max_batch)
