@@ -136,8 +136,8 @@ def test_tiles_narrow_slabs(monkeypatch, repack):
 
 @pytest.mark.parametrize("repack", [True, False], ids=["segments", "inplace"])
 def test_tiles_a_row_gets_the_same_numbers_in_any_tile(repack):
-    """Register tiles of 6 and 4 rows (and packed tiles of 12, 8, 4) do each row's arithmetic in the same
-    order: a row's numbers do not depend on the other rows of the call."""
+    """Register tiles of 6 and 4 rows (packed tiles of 12, 8, 4) do each row's arithmetic in the same order: a
+    row's numbers do not depend on the other rows of the call."""
     rng = np.random.default_rng(21)
     layer = make_layer(rng, 256, 64, 4, 64, act_order=True, sym=False)
     plan = _plan(layer, 4, repack=repack)
@@ -266,7 +266,7 @@ _ASM_SCRIPT = textwrap.dedent("""
                 tiles.tiles_matmul(plan, x)
                 if repack:
                     int8_gemm.gptq_matmul_int8_gemm(plan, gptq.permute_x(plan, x))
-    for f in (tiles.tile_segments, tiles.tile_inplace, int8_gemm.gemm_int8):
+    for f in (tiles.decode_panel, tiles.panel_tile, int8_gemm.gemm_int8):
         for sig in f.signatures:
             asm = f.inspect_asm(sig)
             print(f.__name__, len(re.findall(r"%zmm", asm)), len(re.findall(r"vfmadd\\w+\\s+[^\\n]*%ymm", asm)),
@@ -275,19 +275,20 @@ _ASM_SCRIPT = textwrap.dedent("""
 
 
 def test_avx2_kernels_compile_without_zmm(tmp_path):
-    """Compiled for haswell (AVX2 + FMA + F16C, no AVX-512): no zmm register anywhere, ymm FMAs in the float
-    tiles and vpmaddubsw in the int8 GEMM."""
+    """Compiled for haswell (AVX2 + FMA + F16C, no AVX-512): no zmm register anywhere (panel decode, register
+    tiles, int8 GEMM), ymm FMAs in the float tiles and vpmaddubsw in the int8 GEMM."""
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
     env.pop("TINYLLAMA_CPU", None)
     tests = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run([sys.executable, "-c", _ASM_SCRIPT.format(tests=tests)], env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split() for line in out.stdout.splitlines() if re.match(r"^(tile_|gemm_)", line)]
-    assert {r[0] for r in rows} == {"tile_segments", "tile_inplace", "gemm_int8"}
+    rows = [line.split() for line in out.stdout.splitlines()
+            if re.match(r"^(decode_panel|panel_tile|gemm_int8) ", line)]
+    assert {r[0] for r in rows} == {"decode_panel", "panel_tile", "gemm_int8"}
     for name, zmm, fma, maddubs in rows:
         assert int(zmm) == 0, name
-        if name.startswith("tile_"):
+        if name == "panel_tile":
             assert int(fma) > 0, name
-        else:
+        elif name == "gemm_int8":
             assert int(maddubs) > 0, name

@@ -1,19 +1,22 @@
 """Exact many-row GPTQ matmuls on register tiles shaped for AVX2's 16 ymm registers.
 
 What it computes is avx512/gptq_tiles.py's, to the bit: the same NumPy statement (y = x @ W, W = s * (q - z)),
-the same decode, the same runs, the same order of every rounding. Only the register tile is reshaped:
+the same decoded values, the same runs, the same order of every rounding. Only the register tile is reshaped,
+and the decode moved out of it:
 
-    avx512/gptq_tiles.py: 12 rows x 32 columns = 24 accumulators of 16 floats, 48 ymm registers on AVX2
-                          (which has 16): the compiled loop spilled an accumulator on nearly every FMA.
-    here:                 6 rows x 16 columns (2 vectors of 8 floats): 12 accumulators + 2 decoded weights
-                          + 1 broadcast x = 15 ymm; the decode constants (mask, 2**23) and the zeros take the
-                          16th or are read from the stack as memory operands.
-Compiled for haswell (by the LLVM llvmlite ships), the loop over one unit of 4-bit codes (8 inputs, 96 FMAs)
-holds about 45 stack loads (mostly those invariant memory operands) and 9 stack stores (an accumulator that LLVM
-rotates through the stack); the 12 x 32 tile spent about 650 stack moves on 384 FMAs. Tried and dropped: 12 x 8
-(one vector, 12 accumulators: 4 decode operations for 12 FMAs, but 12 broadcasts; measured slower), 4 x 24,
-volatile re-reads of the words and constants to free registers (LLVM's scheduler then spilled the broadcasts),
-int -> float conversion instead of 2**23 | q (one constant fewer; no measurable gain).
+    avx512/gptq_tiles.py: 12 rows x 32 columns = 24 accumulators of 16 floats (48 ymm registers on AVX2, which
+                          has 16: the compiled loop spent about 650 stack moves on 384 FMAs), each weight
+                          decoded inside the tile, once per tile of rows.
+    here:                 per run (at most 128 inputs) and 16 columns, the weights are decoded ONCE into a panel
+                          [inputs, 16] float32 (8 KB, stays in L1, decode_panel), and every tile of rows reads
+                          it: the register tile is 6 rows x 16 columns (2 vectors of 8 floats), 12 accumulators
+                          + 2 weights + 1 broadcast x = 15 ymm, no constants. Compiled for haswell, its loop is
+                          24 instructions per input: 2 panel loads, 6 broadcasts, 12 FMAs, no stack access.
+Decoding inside a 6 x 16 tile (shift, AND, OR, subtract per vector: 8 operations per 12 FMAs, competing with
+them for the vector pipes; LLVM also rotated an accumulator through the stack) ran at 57-62 GFLOP/s on one
+core against 76-83 with the panel (Zen 4 capped to AVX2, 4096 x 4096, 64 and 512 rows); 12 x 8 and 4 x 24
+register tiles, volatile re-reads of the constants, and int -> float conversion instead of 2**23 | q were
+slower or no better.
 
 For every output (row r, column j) the arithmetic is the 12 x 32 tile's: one fused multiply-add per input into
 one float32 accumulator, over the same runs (split_runs / FLUSH_CODES) in the same order, folded into y the same
@@ -27,9 +30,10 @@ Every product is rounded once; every output is a sum of runs of at most 128 prod
 
 Layout, shared with the 12 x 32 tiles (imported from avx512/gptq_tiles.py, not copied): x is packed once per
 call by pack_x into xpk [tiles, inputs, SLOTS=12] for row tiles of 12, 8 or 4 (row_tiles); a packed tile is run
-as sub-tiles of ROWS rows (the slot offset moves, the packing does not). Chunks of inputs (chunk_runs), slab
-widths (slab_columns), per-tile scales and zeros of in-place layers (_fill_tile_groups, [32-column tile, G, 32])
-are the 12 x 32 tiles' too.
+as register tiles of 6 or 4 rows (the slot offset moves, the packing does not). Chunks of inputs (chunk_runs),
+slab widths (slab_columns), per-tile scales and zeros of in-place layers (_fill_tile_groups, [32-column tile,
+G, 32]) are the 12 x 32 tiles' too. Loop order within a slab: chunk of inputs (all rows' x of it stays in L2)
+-> 16 columns -> run (decode its panel) -> every tile of rows.
 """
 
 import numpy as np
@@ -48,32 +52,31 @@ from ..generic.half import f16_to_f32
 
 LANES = 8              # float32 lanes of a ymm register
 VECS = 2               # vectors per tile: 16 output columns
-ROWS = 6               # rows per register tile: 6 x 2 = 12 accumulators + 2 decoded weights + 1 broadcast x
+ROWS = 6               # rows per register tile: 6 x 2 = 12 accumulators + 2 panel weights + 1 broadcast x
 SUB_ROWS = (6, 4, 2)   # register tiles generated: a packed tile of 12 rows runs as 6 + 6, of 8 as 4 + 4, 4 as 4
 COLUMNS = LANES * VECS
 
-__all__ = ["tiles_matmul", "supports", "slab_segments", "slab_inplace", "pack_x", "row_tiles"]
+__all__ = ["tiles_matmul", "matmul_on", "supports", "slab_segments", "slab_inplace", "decode_panel",
+           "panel_tile"]
 
 
-def _tile(bits, rows, inplace, zero_once):
-    """An LLVM intrinsic: one run of units [u0, u1) of packed words for a tile of `rows` rows x COLUMNS columns.
-
-    Register budget (ymm, 8 floats): rows * VECS accumulators, VECS decoded weights, 1 broadcast x; at
-    rows = 6, VECS = 2 that is 15 of 16, and the constants (mask, 2**23 + z, the in-place scales) are read as
-    memory operands from L1. Arguments and arithmetic as avx512/gptq_tiles._tile (one FMA per input into each
-    accumulator; segments: y = fma(acc, s, y); inplace: d = (q - z[g]) * s[g], y += acc), with x at slot r of
-    xp (xp already offset to the sub-tile's first slot)."""
+def _panel(bits, inplace, zero_once):
+    """An LLVM intrinsic: decode units [u0, u1) of a run for COLUMNS columns into panel [inputs, COLUMNS] float32
+    (64 bytes a row): d = q - z (segments) or s[g_i] * (q - z[g_i]) (inplace), the very values (both exact) that
+    avx512/gptq_tiles._tile decodes in its registers, by the same steps. Arguments (int64 byte addresses and
+    strides, as _tile's): panel; w (packed word row 0, the first column), w_row; u0, u1; sc, sc_row (inplace:
+    float32 scales of group 0 in a [G, 32] block); zm, zm_row (float32 rows of 2**23 + zero; zero_once: one
+    row); gi (inplace: g_idx at input 0); ahead (bytes from a packed word to the one to prefetch).
+    Registers: the unit's packed words (2 or 6), the constants, one decoded vector at a time."""
     unit_words, unit_codes = unit_shape(bits)
     places = _code_places(bits)
 
     @intrinsic
-    def tile(typingctx, y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead):
+    def panel(typingctx, pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead):
         def codegen(context, builder, signature, args):
-            y_a, y_stride, xp_a, w_a, w_stride, u_lo, u_hi, sc_a, sc_stride, zm_a, zm_stride, gi_a, ahead_b = args
-            I64, F32 = llvm.I64, llvm.F32
-            vi, vf = llvm.vec(llvm.I32, LANES), llvm.vec(F32, LANES)
-            vs = llvm.vec(llvm.I16, LANES)
-            vh = llvm.vec(ir.HalfType(), LANES)
+            pn_a, w_a, w_stride, u_lo, u_hi, sc_a, sc_stride, zm_a, zm_stride, gi_a, ahead_b = args
+            I64 = llvm.I64
+            vi, vf = llvm.vec(llvm.I32, LANES), llvm.vec(llvm.F32, LANES)
 
             def at(addr, nbytes):
                 return builder.add(addr, nbytes if not isinstance(nbytes, int) else I64(nbytes))
@@ -81,24 +84,16 @@ def _tile(bits, rows, inplace, zero_once):
             def vconst(value):
                 return ir.Constant(vi, [value] * LANES)
 
-            # The accumulators live in allocas that LLVM promotes to registers (mem2reg).
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(VECS)]
-                   for _ in range(rows)]
-            if zero_once:                                # one zero row: its 2**23 + z, loaded once
+            if zero_once:
                 zmv = [llvm.load(builder, at(zm_a, 4 * LANES * v), vf) for v in range(VECS)]
             with cgutils.for_range(builder, builder.sub(u_hi, u_lo)) as loop:
                 u = builder.add(u_lo, loop.index)
                 wu = at(w_a, builder.mul(builder.mul(u, I64(unit_words)), w_stride))
-                words = []
-                for v in range(VECS):
-                    per_v = []
-                    for k in range(unit_words):
-                        addr = at(at(wu, builder.mul(I64(k), w_stride)), 4 * LANES * v)
-                        if (4 * LANES * v) % 64 == 0:    # one prefetch per 64-byte line of the packed row
-                            llvm.prefetch(builder, at(addr, ahead_b))
-                        per_v.append(llvm.load(builder, addr, vi))
-                    words.append(per_v)
-                xu = at(xp_a, builder.mul(u, I64(4 * SLOTS * unit_codes)))
+                for k in range(unit_words):                 # the 16 columns' 64 bytes: one line per row
+                    llvm.prefetch(builder, at(at(wu, builder.mul(I64(k), w_stride)), ahead_b))
+                words = [[llvm.load(builder, at(at(wu, builder.mul(I64(k), w_stride)), 4 * LANES * v), vi)
+                          for k in range(unit_words)] for v in range(VECS)]
+                row0 = at(pn_a, builder.mul(loop.index, I64(4 * COLUMNS * unit_codes)))
                 for t in range(unit_codes):
                     k, off, straddles = places[t]
                     if inplace:
@@ -107,23 +102,53 @@ def _tile(bits, rows, inplace, zero_once):
                         sc_g = at(sc_a, builder.mul(g, sc_stride))
                         if not zero_once:
                             zm_g = at(zm_a, builder.mul(g, zm_stride))
-                    d = []
                     for v in range(VECS):
                         if straddles:
                             q = llvm.call(builder, "llvm.fshr.v8i32", [words[v][k + 1], words[v][k], vconst(off)], vi)
                         else:
                             q = builder.lshr(words[v][k], vconst(off)) if off else words[v][k]
                         q = builder.bitcast(builder.or_(builder.and_(q, vconst((1 << bits) - 1)), vconst(MAGIC)), vf)
-                        if inplace:                                                   # s * (q - z), exact
+                        if inplace:
                             z = zmv[v] if zero_once else llvm.load(builder, at(zm_g, 4 * LANES * v), vf)
-                            d.append(builder.fmul(builder.fsub(q, z), llvm.load(builder, at(sc_g, 4 * LANES * v), vf)))
+                            d = builder.fmul(builder.fsub(q, z), llvm.load(builder, at(sc_g, 4 * LANES * v), vf))
                         else:
-                            d.append(builder.fsub(q, zmv[v]))                         # q - z, exact
-                    for r in range(rows):
-                        xb = llvm.splat(builder, llvm.load(builder, at(xu, 4 * (SLOTS * t + r)), F32), vf)
-                        for v in range(VECS):
-                            builder.store(llvm.call(builder, "llvm.fma.v8f32", [xb, d[v], builder.load(acc[r][v])], vf),
-                                          acc[r][v])
+                            d = builder.fsub(q, zmv[v])
+                        llvm.store(builder, d, at(row0, 4 * (COLUMNS * t + LANES * v)))
+            return context.get_dummy_value()
+        return types.void(*([types.intp] * 11)), codegen
+    return panel
+
+
+def _ptile(rows, inplace):
+    """An LLVM intrinsic: a tile of `rows` rows x COLUMNS columns over n inputs of a decoded panel: per input
+    the panel's 2 vectors are loaded once and every row adds fma(x, d, acc); then y = fma(acc, s, y) (segments,
+    s the fp16 scales at sc) or y += acc (inplace). Register budget (ymm, 8 floats): rows x 2 accumulators
+    (12 at 6 rows) + 2 weights + 1 broadcast x, no constants: 15 of 16. Arguments: y (row 0, the tile's first
+    column), y_row; xp (packed x of the register tile's first slot at the run's first input); panel; n inputs;
+    sc (segments: the group's fp16 scales at the tile's first column)."""
+
+    @intrinsic
+    def ptile(typingctx, y, y_row, xp, pn, n, sc):
+        def codegen(context, builder, signature, args):
+            y_a, y_stride, xp_a, pn_a, n_in, sc_a = args
+            I64, F32 = llvm.I64, llvm.F32
+            vf, vs, vh = llvm.vec(F32, LANES), llvm.vec(llvm.I16, LANES), llvm.vec(ir.HalfType(), LANES)
+
+            def at(addr, nbytes):
+                return builder.add(addr, nbytes if not isinstance(nbytes, int) else I64(nbytes))
+
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(VECS)]
+                   for _ in range(rows)]
+            with cgutils.for_range(builder, n_in) as loop:
+                i = loop.index
+                row = at(pn_a, builder.mul(i, I64(4 * COLUMNS)))
+                d = [llvm.load(builder, at(row, 4 * LANES * v), vf) for v in range(VECS)]
+                xi = at(xp_a, builder.mul(i, I64(4 * SLOTS)))
+                for r in range(rows):
+                    xb = llvm.splat(builder, llvm.load(builder, at(xi, 4 * r), F32), vf)
+                    for v in range(VECS):
+                        builder.store(llvm.call(builder, "llvm.fma.v8f32", [xb, d[v], builder.load(acc[r][v])], vf),
+                                      acc[r][v])
             for r in range(rows):
                 for v in range(VECS):
                     addr = at(at(y_a, builder.mul(I64(r), y_stride)), 4 * LANES * v)
@@ -136,22 +161,15 @@ def _tile(bits, rows, inplace, zero_once):
                         new = llvm.call(builder, "llvm.fma.v8f32", [a, s, old], vf)
                     llvm.store(builder, new, addr)
             return context.get_dummy_value()
-        return types.void(*([types.intp] * 13)), codegen
-    return tile
+        return types.void(*([types.intp] * 6)), codegen
+    return ptile
 
 
-_seg4 = [_tile(4, r, False, True) for r in SUB_ROWS]
-_seg3 = [_tile(3, r, False, True) for r in SUB_ROWS]
-_inp4 = [_tile(4, r, True, False) for r in SUB_ROWS]
-_inp3 = [_tile(3, r, True, False) for r in SUB_ROWS]
-_sym4 = [_tile(4, r, True, True) for r in SUB_ROWS]
-_sym3 = [_tile(3, r, True, True) for r in SUB_ROWS]
-_s4a, _s4b, _s4c = _seg4
-_s3a, _s3b, _s3c = _seg3
-_i4a, _i4b, _i4c = _inp4
-_i3a, _i3b, _i3c = _inp3
-_z4a, _z4b, _z4c = _sym4
-_z3a, _z3b, _z3c = _sym3
+_pd_s4, _pd_s3 = _panel(4, False, True), _panel(3, False, True)
+_pd_i4, _pd_i3 = _panel(4, True, False), _panel(3, True, False)
+_pd_z4, _pd_z3 = _panel(4, True, True), _panel(3, True, True)
+_pt_s6, _pt_s4, _pt_s2 = (_ptile(r, False) for r in SUB_ROWS)
+_pt_i6, _pt_i4, _pt_i2 = (_ptile(r, True) for r in SUB_ROWS)
 _RA, _RB = SUB_ROWS[0], SUB_ROWS[1]
 
 
@@ -167,64 +185,62 @@ def _sub_rows(rows):
 
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
-def tile_segments(bits, rows, y, y_row, xp, w, w_row, u0, u1, sc, zm, ahead):
-    """The segments register tile of (bits, rows): one group's run of units (see _tile)."""
-    if bits == 4:
-        if rows == _RA:
-            _s4a(y, y_row, xp, w, w_row, u0, u1, sc, 0, zm, 0, 0, ahead)
-        elif rows == _RB:
-            _s4b(y, y_row, xp, w, w_row, u0, u1, sc, 0, zm, 0, 0, ahead)
+def decode_panel(bits, inplace, pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead):
+    """The panel decode of (bits, layout) (_panel); inplace with zm_row == 0: one zero for every group."""
+    if not inplace:
+        if bits == 4:
+            _pd_s4(pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
         else:
-            _s4c(y, y_row, xp, w, w_row, u0, u1, sc, 0, zm, 0, 0, ahead)
+            _pd_s3(pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+    elif zm_row == 0:
+        if bits == 4:
+            _pd_z4(pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+        else:
+            _pd_z3(pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
     else:
-        if rows == _RA:
-            _s3a(y, y_row, xp, w, w_row, u0, u1, sc, 0, zm, 0, 0, ahead)
-        elif rows == _RB:
-            _s3b(y, y_row, xp, w, w_row, u0, u1, sc, 0, zm, 0, 0, ahead)
+        if bits == 4:
+            _pd_i4(pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
         else:
-            _s3c(y, y_row, xp, w, w_row, u0, u1, sc, 0, zm, 0, 0, ahead)
+            _pd_i3(pn, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
 
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
-def tile_inplace(bits, rows, y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead):
-    """The inplace register tile of (bits, rows); zm_row == 0 means one zero for every group."""
-    if zm_row == 0:
-        if bits == 4:
-            if rows == _RA:
-                _z4a(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, 0, gi, ahead)
-            elif rows == _RB:
-                _z4b(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, 0, gi, ahead)
-            else:
-                _z4c(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, 0, gi, ahead)
-        else:
-            if rows == _RA:
-                _z3a(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, 0, gi, ahead)
-            elif rows == _RB:
-                _z3b(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, 0, gi, ahead)
-            else:
-                _z3c(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, 0, gi, ahead)
-    elif bits == 4:
+def panel_tile(inplace, rows, y, y_row, xp, pn, n, sc):
+    """The register tile of (layout, rows) over one panel (_ptile)."""
+    if inplace:
         if rows == _RA:
-            _i4a(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+            _pt_i6(y, y_row, xp, pn, n, sc)
         elif rows == _RB:
-            _i4b(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+            _pt_i4(y, y_row, xp, pn, n, sc)
         else:
-            _i4c(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+            _pt_i2(y, y_row, xp, pn, n, sc)
     else:
         if rows == _RA:
-            _i3a(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+            _pt_s6(y, y_row, xp, pn, n, sc)
         elif rows == _RB:
-            _i3b(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+            _pt_s4(y, y_row, xp, pn, n, sc)
         else:
-            _i3c(y, y_row, xp, w, w_row, u0, u1, sc, sc_row, zm, zm_row, gi, ahead)
+            _pt_s2(y, y_row, xp, pn, n, sc)
+
+
+@njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def _panel_rows(inplace, rows_start, y_base, y_row, x_base, x_tile, pn, i0, n, sc):
+    """One decoded panel (inputs i0..i0+n, COLUMNS columns) into every row tile."""
+    for t in range(rows_start.shape[0] - 1):
+        rows_t = rows_start[t + 1] - rows_start[t]
+        sub = _sub_rows(rows_t)
+        for r0 in range(0, rows_t, sub):
+            panel_tile(inplace, sub, y_base + (rows_start[t] + r0) * y_row, y_row,
+                       x_base + t * x_tile + 4 * r0 + 4 * SLOTS * i0, pn, n, sc)
 
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
 def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, bits, zero_add, const_zero,
                   j0, j1, zm, y):
     """y[:, j0:j1] = x @ W[:, j0:j1] for a "segments" plan, on the calling thread (GIL released): the arguments
-    and loop order of avx512/gptq_tiles.slab_segments, with register tiles of ROWS x COLUMNS. Columns past the
-    last multiple of COLUMNS take the same arithmetic one at a time."""
+    of avx512/gptq_tiles.slab_segments, and for every output the same products and sums in the same order;
+    the decode done once per (run, 16 columns) into a panel that every tile of rows reads. Columns past the
+    last multiple of 16 take the same arithmetic one at a time."""
     unit_words, unit_codes = unit_shape(bits)
     width = j1 - j0
     full = width // COLUMNS * COLUMNS
@@ -233,26 +249,24 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     zm_row = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
     for n in range(y.shape[0]):
         y[n, j0:j1] = 0.0
+    pn = np.empty((FLUSH_CODES + 32) * COLUMNS, dtype=np.float32)    # one run's panel [inputs, 16]: 8 KB
+    pn_a = np.int64(pn.ctypes.data)
     w_row = np.int64(4 * n_out)
+    ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
     sc_row = np.int64(2 * n_out)
     y_row = np.int64(y.strides[0])
     x_tile = np.int64(xpk.strides[0])
-    ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
     base_y, base_x = np.int64(y.ctypes.data), np.int64(xpk.ctypes.data)
     base_w, base_s, base_z = np.int64(qw.ctypes.data), np.int64(scales.ctypes.data), np.int64(zm.ctypes.data)
     for c in range(chunks.shape[0] - 1):
-        for t in range(row_start.shape[0] - 1):
-            rows_t = row_start[t + 1] - row_start[t]
-            sub = _sub_rows(rows_t)
-            for r0 in range(0, rows_t, sub):
-                yt = base_y + (row_start[t] + r0) * y_row + 4 * j0
-                xt = base_x + t * x_tile + 4 * r0
-                for m in range(0, full, COLUMNS):
-                    for s in range(chunks[c], chunks[c + 1]):
-                        g = run_group[s]
-                        tile_segments(bits, sub, yt + 4 * m, y_row, xt, base_w + 4 * (j0 + m), w_row, runs[s],
-                                      runs[s + 1], base_s + g * sc_row + 2 * (j0 + m), base_z + g * zm_row + 4 * m,
-                                      ahead)
+        for m in range(0, full, COLUMNS):
+            for s in range(chunks[c], chunks[c + 1]):
+                g = run_group[s]
+                decode_panel(bits, False, pn_a, base_w + 4 * (j0 + m), w_row, runs[s], runs[s + 1], 0, 0,
+                             base_z + g * zm_row + 4 * m, 0, 0, ahead)
+                _panel_rows(False, row_start, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
+                            runs[s] * unit_codes, (runs[s + 1] - runs[s]) * unit_codes,
+                            base_s + g * sc_row + 2 * (j0 + m))
     for j in range(j0 + full, j1):                      # the last columns, one at a time
         for t in range(row_start.shape[0] - 1):
             for r in range(row_start[t + 1] - row_start[t]):
@@ -268,9 +282,10 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
 def slab_inplace(qw, xpk, row_start, gi, n_units, scales, qzeros, bits, zero_add, const_zero, j0, j1, sc, zm, y):
-    """y[:, j0:j1] = x @ W[:, j0:j1] for an "inplace" plan: the arguments, scratch (sc, zm [32-column tiles, G,
-    32], _fill_tile_groups) and loop order of avx512/gptq_tiles.slab_inplace, with register tiles of ROWS x
-    COLUMNS (a tile at column m reads lanes m % 32.. of the 32-column tile m // 32)."""
+    """y[:, j0:j1] = x @ W[:, j0:j1] for an "inplace" plan (qw in the checkpoint's row order, gi the group of
+    every input): the arguments and scratch of avx512/gptq_tiles.slab_inplace (sc, zm [32-column tiles, G, 32],
+    _fill_tile_groups), the same products and sums; the decode (s[g_i] * (q - z[g_i])) done once per (run of
+    FLUSH_CODES inputs, 16 columns) into a panel that every tile of rows reads."""
     unit_words, unit_codes = unit_shape(bits)
     width = j1 - j0
     full = width // COLUMNS * COLUMNS
@@ -280,30 +295,28 @@ def slab_inplace(qw, xpk, row_start, gi, n_units, scales, qzeros, bits, zero_add
         y[n, j0:j1] = 0.0
     flush = max(1, FLUSH_CODES // unit_codes)
     per_chunk = max(1, CHUNK_INPUTS // FLUSH_CODES) * flush
+    pn = np.empty((FLUSH_CODES + 32) * COLUMNS, dtype=np.float32)    # one run's panel [inputs, 16]: 8 KB
+    pn_a = np.int64(pn.ctypes.data)
     w_row = np.int64(4 * n_out)
+    ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
     y_row = np.int64(y.strides[0])
     x_tile = np.int64(xpk.strides[0])
     sc_row, sc_tile = np.int64(sc.strides[1]), np.int64(sc.strides[0])
     zm_row = np.int64(zm.strides[1]) if const_zero < 0 else np.int64(0)
     zm_tile = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
-    ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
     base_y, base_x, base_g = np.int64(y.ctypes.data), np.int64(xpk.ctypes.data), np.int64(gi.ctypes.data)
     base_w, base_s, base_z = np.int64(qw.ctypes.data), np.int64(sc.ctypes.data), np.int64(zm.ctypes.data)
     for c0 in range(0, n_units, per_chunk):
         c1 = min(n_units, c0 + per_chunk)
-        for t in range(row_start.shape[0] - 1):
-            rows_t = row_start[t + 1] - row_start[t]
-            sub = _sub_rows(rows_t)
-            for r0 in range(0, rows_t, sub):
-                yt = base_y + (row_start[t] + r0) * y_row + 4 * j0
-                xt = base_x + t * x_tile + 4 * r0
-                for m in range(0, full, COLUMNS):
-                    tile, lane = m // PACK_COLUMNS, 4 * (m % PACK_COLUMNS)
-                    z_at = base_z + tile * zm_tile + (lane if const_zero < 0 else 0)
-                    for u0 in range(c0, c1, flush):
-                        tile_inplace(bits, sub, yt + 4 * m, y_row, xt, base_w + 4 * (j0 + m), w_row, u0,
-                                     min(c1, u0 + flush), base_s + tile * sc_tile + lane, sc_row, z_at, zm_row,
-                                     base_g, ahead)
+        for m in range(0, full, COLUMNS):
+            tile, lane = m // PACK_COLUMNS, 4 * (m % PACK_COLUMNS)
+            z_at = base_z + tile * zm_tile + (lane if const_zero < 0 else 0)
+            for u0 in range(c0, c1, flush):
+                u1 = min(c1, u0 + flush)
+                decode_panel(bits, True, pn_a, base_w + 4 * (j0 + m), w_row, u0, u1, base_s + tile * sc_tile + lane,
+                             sc_row, z_at, zm_row, base_g, ahead)
+                _panel_rows(True, row_start, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a, u0 * unit_codes,
+                            (u1 - u0) * unit_codes, 0)
     for j in range(full, width):                        # the last columns, one at a time
         m, lane = j // PACK_COLUMNS, j % PACK_COLUMNS
         for t in range(row_start.shape[0] - 1):
