@@ -131,6 +131,7 @@ import numpy as np
 
 import tinyllama_ref
 from tinyllama_ref.memory import current_rss
+from tinyllama_ref.streaming import JIT_RESERVE, SAFETY, SAFETY_FRACTION
 
 SHORT = "Aspirin is"
 LONG = ("Gout is a form of inflammatory arthritis that develops in some people who have high levels of uric "
@@ -190,10 +191,13 @@ for backend in ("numpy", "numba"):
     ref = tinyllama_ref.load("deep", backend="numpy")
     want_logits = ref.model.logits(prompts[1])
     want_ids = ref.model.generate([prompts[1]], max_new_tokens=8, stop_ids=[])
-    src = ref.model.layers
-    need = (src.head_bytes + (256 * 10**6 if backend == "numba" else 0) + src.scratch + 16 * 10**6
-            + src.window_bytes() + sum(src.file_bytes) // 2)
-    budget = int((current_rss() + need) / 0.99)
+    probe = tinyllama_ref.load("deep", backend=backend)     # this backend's head, temporaries, activations
+    probe.model.logits(prompts[1])
+    src, c = probe.model.layers, probe.model.cfg
+    kv = 2 * c.n_layers * len(prompts[1]) * c.n_kv_heads * c.head_dim * 4       # what logits() reserves
+    need = (src.head_bytes + (JIT_RESERVE if backend == "numba" else 0) + src.scratch + SAFETY
+            + kv + src.reserved.get("activations", 0) + src.window_bytes() + sum(src.file_bytes) // 2)
+    budget = int((current_rss() + need) / (1 - SAFETY_FRACTION))
     m = tinyllama_ref.load("deep", backend=backend, max_memory=budget)
     layers = m.model.layers
     logits = m.model.logits(prompts[1])
