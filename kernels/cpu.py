@@ -85,9 +85,9 @@ def _compiler_tier():
 
 
 def _amx_permitted():
-    """Linux gives a process the AMX tile state only on request; ask once (kernels/amx/amx.py)."""
-    from .amx.amx import request_permission
-    return request_permission()
+    """Linux gives a process the AMX tile state only on request; ask once (tinyllama_ref/platform.py)."""
+    from ..platform import request_amx_tiles
+    return request_amx_tiles()
 
 
 @functools.lru_cache(maxsize=None)

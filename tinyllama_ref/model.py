@@ -81,7 +81,9 @@ class Model:
         self.path = path
         self.backend = backend
         self.threads = chooser_for(backend, threads)         # threads per pass (threads.py)
-        self.cpu = check_cpu(cpu) if backend == "numba" else None    # the kernels' CPU tier (kernels/cpu.py)
+        # The kernels' CPU tier (kernels/cpu.py): a name given is checked now; None is this process's tier,
+        # probed when the first GPTQ layer is built (a dense model never needs it).
+        self.cpu = check_cpu(cpu) if backend == "numba" and cpu is not None else None
         self.gptq_mode = check_gptq_mode(gptq_mode, self.cpu)
         self.ckpt = Checkpoint(path)
         # config.json first: it says hidden_size, which the embedding's shape is checked against.

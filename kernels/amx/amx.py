@@ -25,12 +25,10 @@ Layouts (all made per call, in L2-sized pieces; nothing the size of the weights)
      that tdpbf16ps multiplies with x's pair (x[2k], x[2k + 1]) ("VNNI" order).
   C  4 accumulator tiles: 32 rows x 32 columns, loaded from / stored to y between blocks of KC inputs.
 
-Linux gives a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM);
-request_permission() asks, once, from kernels/cpu.py; where it is refused the CPU's tier is vnni.
+Linux gives a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); kernels/cpu.py
+asks once (tinyllama_ref/platform.py); where it is refused the CPU's tier is vnni and nothing here runs.
 """
 
-import ctypes
-import sys
 
 import numpy as np
 from llvmlite import ir
@@ -48,22 +46,6 @@ COLS = 32           # columns of it (2 tiles of 16 float32)
 KC = 1024           # inputs per block: a slab's float32 and split blocks (KC x SLAB x 4 B each = 512 KB)
                     # and 32 rows of x (3 x 32 x KC x 2 B = 192 KB) stay in L2 while they are reused
 SLAB = 128          # columns per slab (one thread's unit of work), a multiple of COLS
-
-_ARCH_REQ_XCOMP_PERM = 0x1023
-_XFEATURE_XTILEDATA = 18
-_SYS_ARCH_PRCTL = 158                 # x86-64
-
-
-def request_permission():
-    """Ask Linux for the AMX tile state (kernels/cpu.py does, once, when the CPU has AMX): True if granted.
-    Other systems, and kernels or VMs that refuse, get False, and the CPU's tier is then vnni."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def _tile_config():

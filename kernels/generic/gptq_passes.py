@@ -54,16 +54,11 @@ def _i32(builder, value):
 
 
 def _unsigned_conversion_is_one_instruction():
-    """True when LLVM compiles for AVX-512F (vcvtudq2ps): what Numba targets, NUMBA_CPU_FEATURES if given,
-    else the host's features. A CPU named by NUMBA_CPU_NAME without features counts as without it (the other
-    conversion below is exact too, one instruction longer there)."""
-    from llvmlite import binding
-    from numba.core import config
-    if config.CPU_FEATURES is not None:
-        return "+avx512f" in config.CPU_FEATURES.split(",")
-    if config.CPU_NAME not in (None, "host"):
-        return False
-    return bool(binding.get_host_cpu_features().get("avx512f", False))
+    """True unless LLVM compiles for an x86 CPU below AVX-512F (kernels/cpu.py's process tier): AVX-512 has
+    vcvtudq2ps and aarch64 ucvtf, while AVX2 and SSE expand an unsigned conversion to about 20 operations."""
+    from ..cpu import at_least, process_tier
+    from ...platform import is_x86_64
+    return not is_x86_64() or at_least(process_tier(), "avx512")
 
 
 def _code_f32(builder, value, mask):
