@@ -182,17 +182,20 @@ def test_long_prefill_is_interleaved_with_decoding(ckpt):
     sch.cache.close()
 
 
-def test_kv_cache_for_every_slot_is_reserved_in_the_budget(ckpt):
-    from tinyllama_ref.errors import MemoryBudgetError
+def test_kv_pool_is_reserved_in_the_budget_whatever_max_batch(ckpt):
+    """--max-batch no longer reserves a whole context per slot: the pool is sized by the budget (kvcache.plan_pool),
+    reserved in it, and a --max-batch whose contiguous slots would not fit still starts (tests/test_kv_pool.py
+    covers the refusals)."""
     from tinyllama_ref.kvcache import KVCache
     from tinyllama_ref.memory import current_rss
     from tinyllama_ref.serve.scheduler import Scheduler
     model = tinyllama_ref.load(ckpt, backend="numpy", max_memory=str(current_rss() + 150 * 10**6))
     c = model.cfg
     per_slot = KVCache.bytes_needed(c.n_layers, 1, c.max_seq_len, c.n_kv_heads, c.head_dim)   # 1 MB here
-    with pytest.raises(MemoryBudgetError, match="lower either"):
-        Scheduler(model, max_batch=int(200 * 10**6 // per_slot))       # 200 MB of cache cannot fit
-    sch = Scheduler(model, max_batch=4)                                # a small one can
-    assert sch.cache.nbytes >= 4 * per_slot
-    assert sum(v for k, v in model.layers.reserved.items() if k.startswith("KV cache")) >= sch.cache.nbytes
-    sch.cache.close()
+    many = int(200 * 10**6 // per_slot)                                  # 200 MB of contiguous slots
+    sch = Scheduler(model, max_batch=many)
+    try:
+        reserved = sum(v for k, v in model.layers.reserved.items() if k.startswith("KV"))
+        assert 0 < sch.cache.nbytes <= reserved < 150 * 10**6
+    finally:
+        sch.cache.close()
