@@ -147,6 +147,18 @@ def test_tiles_a_row_gets_the_same_numbers_in_any_tile(repack):
         np.testing.assert_array_equal(tiles.tiles_matmul(plan, x[lo:hi]), batch[lo:hi])
 
 
+@pytest.mark.parametrize("repack", [True, False], ids=["segments", "inplace"])
+def test_tiles_rows_in_several_blocks(repack):
+    """More rows than one block of BLOCK_TILES packed tiles (the panel goes round each block in turn)."""
+    rng = np.random.default_rng(8)
+    layer = make_layer(rng, 512, 72, 4, 128, act_order=True, sym=False)
+    plan = _plan(layer, 4, repack=repack)
+    x = rng.normal(size=(12 * tiles.BLOCK_TILES * 2 + 29, 512)).astype(F32)
+    y = tiles.tiles_matmul(plan, x)
+    _close(y, x, layer["W"])
+    np.testing.assert_array_equal(y, _tiles_12x32(plan, x))
+
+
 def test_tiles_sum_no_less_accurately_than_float32_matmul():
     """Against float64 on a deep layer: within a small multiple of a float32 matmul's error."""
     rng = np.random.default_rng(70)

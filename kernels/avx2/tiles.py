@@ -32,8 +32,9 @@ Layout, shared with the 12 x 32 tiles (imported from avx512/gptq_tiles.py, not c
 call by pack_x into xpk [tiles, inputs, SLOTS=12] for row tiles of 12, 8 or 4 (row_tiles); a packed tile is run
 as register tiles of 6 or 4 rows (the slot offset moves, the packing does not). Chunks of inputs (chunk_runs),
 slab widths (slab_columns), per-tile scales and zeros of in-place layers (_fill_tile_groups, [32-column tile,
-G, 32]) are the 12 x 32 tiles' too. Loop order within a slab: chunk of inputs (all rows' x of it stays in L2)
--> 16 columns -> run (decode its panel) -> every tile of rows.
+G, 32]) are the 12 x 32 tiles' too. Loop order within a slab: chunk of inputs -> block of BLOCK_TILES packed
+tiles of rows (their x of the chunk stays in L2) -> 16 columns -> run (decode its panel) -> every tile of rows
+of the block.
 """
 
 import numpy as np
@@ -55,6 +56,8 @@ VECS = 2               # vectors per tile: 16 output columns
 ROWS = 6               # rows per register tile: 6 x 2 = 12 accumulators + 2 panel weights + 1 broadcast x
 SUB_ROWS = (6, 4, 2)   # register tiles generated: a packed tile of 12 rows runs as 6 + 6, of 8 as 4 + 4, 4 as 4
 COLUMNS = LANES * VECS
+BLOCK_TILES = 11       # packed tiles of rows (132 rows) that share a decoded panel: their chunk of x (132 x 512
+                       # floats, 264 KB) stays in L2 while the panel goes round them
 
 __all__ = ["tiles_matmul", "matmul_on", "supports", "slab_segments", "slab_inplace", "decode_panel",
            "panel_tile"]
@@ -224,9 +227,9 @@ def panel_tile(inplace, rows, y, y_row, xp, pn, n, sc):
 
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
-def _panel_rows(inplace, rows_start, y_base, y_row, x_base, x_tile, pn, i0, n, sc):
-    """One decoded panel (inputs i0..i0+n, COLUMNS columns) into every row tile."""
-    for t in range(rows_start.shape[0] - 1):
+def _panel_rows(inplace, rows_start, t0, t1, y_base, y_row, x_base, x_tile, pn, i0, n, sc):
+    """One decoded panel (inputs i0..i0+n, COLUMNS columns) into the packed row tiles t0..t1."""
+    for t in range(t0, t1):
         rows_t = rows_start[t + 1] - rows_start[t]
         sub = _sub_rows(rows_t)
         for r0 in range(0, rows_t, sub):
@@ -258,15 +261,18 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     x_tile = np.int64(xpk.strides[0])
     base_y, base_x = np.int64(y.ctypes.data), np.int64(xpk.ctypes.data)
     base_w, base_s, base_z = np.int64(qw.ctypes.data), np.int64(scales.ctypes.data), np.int64(zm.ctypes.data)
+    n_tiles = row_start.shape[0] - 1
     for c in range(chunks.shape[0] - 1):
-        for m in range(0, full, COLUMNS):
-            for s in range(chunks[c], chunks[c + 1]):
-                g = run_group[s]
-                decode_panel(bits, False, pn_a, base_w + 4 * (j0 + m), w_row, runs[s], runs[s + 1], 0, 0,
-                             base_z + g * zm_row + 4 * m, 0, 0, ahead)
-                _panel_rows(False, row_start, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
-                            runs[s] * unit_codes, (runs[s + 1] - runs[s]) * unit_codes,
-                            base_s + g * sc_row + 2 * (j0 + m))
+        for t0 in range(0, n_tiles, BLOCK_TILES):
+            t1 = min(n_tiles, t0 + BLOCK_TILES)
+            for m in range(0, full, COLUMNS):
+                for s in range(chunks[c], chunks[c + 1]):
+                    g = run_group[s]
+                    decode_panel(bits, False, pn_a, base_w + 4 * (j0 + m), w_row, runs[s], runs[s + 1], 0, 0,
+                                 base_z + g * zm_row + 4 * m, 0, 0, ahead)
+                    _panel_rows(False, row_start, t0, t1, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
+                                runs[s] * unit_codes, (runs[s + 1] - runs[s]) * unit_codes,
+                                base_s + g * sc_row + 2 * (j0 + m))
     for j in range(j0 + full, j1):                      # the last columns, one at a time
         for t in range(row_start.shape[0] - 1):
             for r in range(row_start[t + 1] - row_start[t]):
@@ -306,17 +312,20 @@ def slab_inplace(qw, xpk, row_start, gi, n_units, scales, qzeros, bits, zero_add
     zm_tile = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
     base_y, base_x, base_g = np.int64(y.ctypes.data), np.int64(xpk.ctypes.data), np.int64(gi.ctypes.data)
     base_w, base_s, base_z = np.int64(qw.ctypes.data), np.int64(sc.ctypes.data), np.int64(zm.ctypes.data)
+    n_tiles = row_start.shape[0] - 1
     for c0 in range(0, n_units, per_chunk):
         c1 = min(n_units, c0 + per_chunk)
-        for m in range(0, full, COLUMNS):
-            tile, lane = m // PACK_COLUMNS, 4 * (m % PACK_COLUMNS)
-            z_at = base_z + tile * zm_tile + (lane if const_zero < 0 else 0)
-            for u0 in range(c0, c1, flush):
-                u1 = min(c1, u0 + flush)
-                decode_panel(bits, True, pn_a, base_w + 4 * (j0 + m), w_row, u0, u1, base_s + tile * sc_tile + lane,
-                             sc_row, z_at, zm_row, base_g, ahead)
-                _panel_rows(True, row_start, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a, u0 * unit_codes,
-                            (u1 - u0) * unit_codes, 0)
+        for t0 in range(0, n_tiles, BLOCK_TILES):
+            t1 = min(n_tiles, t0 + BLOCK_TILES)
+            for m in range(0, full, COLUMNS):
+                tile, lane = m // PACK_COLUMNS, 4 * (m % PACK_COLUMNS)
+                z_at = base_z + tile * zm_tile + (lane if const_zero < 0 else 0)
+                for u0 in range(c0, c1, flush):
+                    u1 = min(c1, u0 + flush)
+                    decode_panel(bits, True, pn_a, base_w + 4 * (j0 + m), w_row, u0, u1,
+                                 base_s + tile * sc_tile + lane, sc_row, z_at, zm_row, base_g, ahead)
+                    _panel_rows(True, row_start, t0, t1, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
+                                u0 * unit_codes, (u1 - u0) * unit_codes, 0)
     for j in range(full, width):                        # the last columns, one at a time
         m, lane = j // PACK_COLUMNS, j % PACK_COLUMNS
         for t in range(row_start.shape[0] - 1):
