@@ -79,6 +79,12 @@ def main():
     ap.add_argument("--gptq-mode", default="exact", help="exact, int8, or both: exact,int8")
     ap.add_argument("-p", default="64,512")
     ap.add_argument("-n", default="16")
+    ap.add_argument("--record", default=None, metavar="JSONL",
+                    help="append one record per mode in docs/perf's format (tools/perf_tables.py), e.g. "
+                         "docs/perf/avx2.jsonl; --machine and --model describe the run")
+    ap.add_argument("--machine", default=None, help="for --record, e.g. '2-vCPU AMD EPYC (Zen 4), 24 GB'")
+    ap.add_argument("--model", default="7B 4-bit g128 act-order, resident", help="for --record")
+    ap.add_argument("--note", default=None, help="for --record")
     a = ap.parse_args()
     modes = [m.strip() for m in a.gptq_mode.split(",") if m.strip()]
     if not modes or set(modes) - {"exact", "int8"}:
@@ -112,6 +118,26 @@ def main():
           f"{last['blas_gemm_gflops']} GFLOP/s, memory {last['memory_gbps']} GB/s; 1-minute load average "
           f"{', '.join(f'{v:.2f}' for v in load)}")
     print(json.dumps({"llama_cpp": theirs, "ours": ours, "load": load}))
+    if a.record:
+        write_records(a, recs, theirs, ours, load, modes)
+
+
+def write_records(a, recs, theirs, ours, load, modes):
+    """One line per mode: the last bench generate record of that mode with the medians of every round, and
+    the fields tools/perf_tables.py adds (tier, date, commit, machine, load, llama_cpp, model, note)."""
+    import datetime
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    with open(a.record, "a") as f:
+        for mode in modes:
+            rec = dict([r for r in recs if r["gptq_mode"] == mode][-1])
+            rec["rows"] = [dict(r, tokens_per_s=round(statistics.median(ours[mode][r["test"]]), 2))
+                           for r in rec["rows"]]
+            rec.update(tier=rec.get("cpu_tier"), date=datetime.date.today().isoformat(), commit=commit,
+                       machine=a.machine or rec.get("cpu_name"), load=[round(min(load), 2), round(max(load), 2)],
+                       model=a.model, llama_cpp={k: round(statistics.median(v), 2) for k, v in theirs.items()},
+                       note=a.note or f"side_by_side.py --rounds {a.rounds}" + (f" --tier {a.tier}" if a.tier else ""))
+            f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def cli_threads():
     return ctx.meta.get(THREADS) if ctx is not None else None
 
 
-def _cap_cpu(ctx, param, value):
+def cap_cpu(ctx, param, value):
     """--cpu TIER caps the kernels' CPU tier for this process, as TINYLLAMA_CPU does (kernels/cpu.py): it must
     act before anything compiles, so it applies as the option is read."""
     if value is None:
@@ -57,7 +57,7 @@ def _cap_cpu(ctx, param, value):
 
 def model_options(f):
     """Options shared by every command that runs a model."""
-    f = click.option("--cpu", default=None, metavar="TIER", expose_value=False, callback=_cap_cpu,
+    f = click.option("--cpu", default=None, metavar="TIER", expose_value=False, callback=cap_cpu,
                      is_eager=True, help="Cap the kernels' CPU tier: generic, avx2, avx512, vnni or amx (default: "
                                          "this CPU's; the same as TINYLLAMA_CPU). See docs/kernels.md.")(f)
     f = click.option("--threads", default=None, metavar="N|auto", expose_value=False, callback=_check_threads,

@@ -5,6 +5,7 @@ import sys
 import click
 
 from ..errors import TinyLlamaError
+from .common import cap_cpu
 
 
 @click.command()
@@ -33,6 +34,8 @@ from ..errors import TinyLlamaError
 @click.option("--gptq-mode", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
               help="exact: float32 GPTQ kernels; int8: opt-in approximate decode (4-bit layers only).")
 @click.option("--backend", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True)
+@click.option("--cpu", default=None, metavar="TIER", expose_value=False, callback=cap_cpu, is_eager=True,
+              help="Cap the kernels' CPU tier: generic, avx2, avx512, vnni or amx (as TINYLLAMA_CPU).")
 @click.option("--model-name", default=None, help="Name in /v1/models and /info (default: the directory name).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds running requests may take to finish after Ctrl-C / SIGTERM.")
