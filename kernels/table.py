@@ -32,6 +32,10 @@ SPLIT_AMX_MAX_ROWS = 3     # with AMX, "segments" 4-bit layers leave split8 for 
                            # (70B shapes: tie to 1.4x at 4 rows, 1.7-2.5x at 8; split8 0.56-0.63x the float
                            # GEMV's time at 1-16 rows on the Xeon)
 
+AVX2_TILES_MIN_ROWS = 12  # AVX2: from this many rows the 6 x 16 tiles beat split8 in decode too (a panel of codes
+                           # decoded once, then one FMA a row); 4096 x 11008 4-bit g128, one thread capped to
+                           # AVX2 on Zen 4: 8 rows split8 15.2 ms, tiles 16.8; 16 rows 28.7 against 23.1
+
 ALL_BITS = (2, 3, 4, 8)
 ANY_ROWS = (1, None)
 DECODE = (1, GEMV_MAX_ROWS)
@@ -131,6 +135,7 @@ TABLE = (
     Rule("segments", "exact", (4,), ("amx",), (1, SPLIT_AMX_MAX_ROWS), "split8", "4-bit blocks, 32-col"),
     Rule("segments", "exact", (4,), ("amx",), (SPLIT_AMX_MAX_ROWS + 1, None), "amx_codes", "4-bit blocks, 32-col"),
     Rule("segments", "exact", (4,), ("vnni", "amx"), DECODE, "split8", "whole blocks"),
+    Rule("segments", "exact", (3, 4), ("avx2",), (AVX2_TILES_MIN_ROWS, GEMV_MAX_ROWS), "tiles_avx2", "whole units"),
     Rule("segments", "exact", (4,), ("avx2", "avx512"), DECODE, "split8_avx2", "whole blocks"),
     Rule("segments", "exact", ALL_BITS, TIERS, DECODE, "gemv"),
     Rule("segments", "exact", (2, 3, 4), ("amx",), PREFILL, "amx_slabs", "32-column"),
