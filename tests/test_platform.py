@@ -151,7 +151,10 @@ def test_linux_memory_figures_are_proc_s():
         pytest.skip("no /proc here")
     assert abs(current_rss() - field("/proc/self/status", "VmRSS")) < 8 * 2**20
     assert peak_rss() >= field("/proc/self/status", "VmRSS")
-    assert abs(available_memory() - field("/proc/meminfo", "MemAvailable")) < 256 * 2**20
+    before = field("/proc/meminfo", "MemAvailable")       # other processes move it: read it around the call
+    got = available_memory()
+    after = field("/proc/meminfo", "MemAvailable")
+    assert min(before, after) - 64 * 2**20 <= got <= max(before, after) + 64 * 2**20
 
 
 # -- the thread chooser ------------------------------------------------------------------------------------------
