@@ -130,7 +130,7 @@ def _previous_records(path, header, resume):
     old, records, ends = read_partial(path)
     if old is None:                                  # not even a whole header line: start again
         return None
-    why = _mismatch(old, header)
+    why = _mismatch(old, json.loads(json.dumps(header)))     # as the file holds it: tuples read back as lists
     if why:
         raise ResumeError(f"cannot resume {path}: {why}. Remove it, or write to another -o")
     return records, ends
