@@ -12,13 +12,13 @@ from ..platform import drop_cached
 
 def memory_read_gbps(nbytes=512 * 2**20, repeats=7):
     """Median GB/s of reading a float64 array of `nbytes` once, on every thread (a parallel Numba sum)."""
-    from ..kernels.bandwidth import _parallel_sum
+    from ..kernels.bandwidth import parallel_sum
     a = np.ones(nbytes // 8, dtype=np.float64)
-    _parallel_sum(a[:1024])                          # compile outside the timing
+    parallel_sum(a[:1024])                          # compile outside the timing
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        _parallel_sum(a)
+        parallel_sum(a)
         times.append(time.perf_counter() - t)
     return a.nbytes / float(np.median(times)) / 1e9
 
