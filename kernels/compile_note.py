@@ -25,7 +25,10 @@ def _magic_tuple():
 
 
 def is_cached(dispatcher):
-    """Whether Numba's cache holds a build of this dispatcher for this target CPU and its current source."""
+    """Whether this dispatcher has a build at hand: compiled in this process already, or in Numba's cache for
+    this target CPU and its current source."""
+    if dispatcher.signatures:
+        return True
     try:
         cache = dispatcher._cache
         index = cache._cache_file._load_index()               # {} when missing or stale (source changed)
@@ -37,7 +40,7 @@ def is_cached(dispatcher):
 
 def before_call(dispatchers, what="kernels"):
     """Print one line to stderr if a dispatcher about to run has no cached build (at most once per process)."""
-    cold = [d for d in dispatchers if id(d) not in _warm and not d.signatures and not is_cached(d)]
+    cold = [d for d in dispatchers if id(d) not in _warm and not is_cached(d)]
     _warm.update(id(d) for d in dispatchers)
     if cold and not _said:
         _said["at"] = time.perf_counter()
