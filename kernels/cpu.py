@@ -177,6 +177,18 @@ def describe():
     return f"{top}{note}"
 
 
+def cap_option(parser, value):
+    """An argparse command's --cpu TIER: the cap applied (and left in the environment for the children it
+    starts), or the command's usage error naming what this CPU runs."""
+    if value is None:
+        return
+    try:
+        apply_cap(value)
+    except TierError as e:
+        parser.error(str(e))
+    os.environ["TINYLLAMA_CPU"] = value
+
+
 def _cap_from_environment():
     """TINYLLAMA_CPU, read once when kernels/ is imported (kernels/__init__.py)."""
     wanted = os.environ.get("TINYLLAMA_CPU", "").strip().lower()

@@ -316,13 +316,8 @@ def main(argv=None):
                     help="cap the kernels' CPU tier for this run and its --fresh children (TINYLLAMA_CPU)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    if a.cpu is not None:
-        from ..kernels import cpu
-        try:
-            cpu.apply_cap(a.cpu)
-        except cpu.TierError as e:
-            ap.error(str(e))
-        os.environ["TINYLLAMA_CPU"] = a.cpu          # the --fresh children cap themselves the same way
+    from ..kernels.cpu import cap_option
+    cap_option(ap, a.cpu)                             # the --fresh children cap themselves the same way
     if a.threads is not None:
         from ..errors import TinyLlamaError
         from ..threads import ENV, parse_threads

@@ -197,12 +197,8 @@ def main(argv=None):
                         help="time this kernel of kernels/table.py (exact mode) instead of the table's choice, "
                              "e.g. blas_slabs against tiles_avx2")
     args = parser.parse_args(argv)
-    if args.cpu is not None:
-        from ..kernels import cpu
-        try:
-            cpu.apply_cap(args.cpu)
-        except cpu.TierError as e:
-            parser.error(str(e))
+    from ..kernels.cpu import cap_option
+    cap_option(parser, args.cpu)
     if args.kernel is not None:
         from ..kernels import table
         if args.kernel not in table.KERNELS:
