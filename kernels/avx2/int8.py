@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
-from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from ..generic.gptq_gemv import fold_rows
 from ..llvm import F32, I64, vec
 from ..vnni.int8 import BLOCK, _xq
 from ..vnni.int8_gemm import quantize_rows, segment_blocks
@@ -116,16 +116,7 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
                             for t in range(8):
                                 total += ((word >> (4 * t)) & 15) * np.int64(_xq(codes, n, (r + k) * 8 + t))
                         acc[n, j] += np.float32(total) * xscale[r // 4, n]
-            g = seg_group[s]
-            if const_zero < 0:
-                _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
-            for n in range(n_rows):
-                out = y[n, j0:j0 + width]
-                if const_zero >= 0:
-                    _fold_segment_const_zero(out, acc[n], scales[g, j0:j0 + width], np.float32(const_zero),
-                                             sumx[n, s])
-                else:
-                    _fold_segment(out, acc[n], scales[g, j0:j0 + width], zbuf, sumx[n, s])
+            fold_rows(y, acc, s, seg_group[s], j0, width, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
 
 
 def supports(plan):

@@ -42,6 +42,20 @@ def _unpack_zero_row(zrow, j0, width, bits, zero_add, z_out):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
+def fold_rows(y, acc, s, g, j0, width, scales, qzeros, bits, zero_add, const_zero, sumx, zbuf):
+    """Every row's fold of one segment (group g) into y[:, j0:j0 + width]: y += s_g (acc - z_g sum x), the
+    step the integer decode kernels (split8, int8; VNNI and AVX2) share after their dot products."""
+    if const_zero < 0:
+        _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, zbuf)
+    for n in range(acc.shape[0]):
+        out = y[n, j0:j0 + width]
+        if const_zero >= 0:
+            _fold_segment_const_zero(out, acc[n], scales[g, j0:j0 + width], np.float32(const_zero), sumx[n, s])
+        else:
+            _fold_segment(out, acc[n], scales[g, j0:j0 + width], zbuf, sumx[n, s])
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def _fold_segment(out, acc, scales_row, zeros_row, sum_x):
     """out[j] += s_j * (acc[j] - z_j * sum_x): scale and zero applied once per segment and column; acc is
     cleared in the same pass for the next segment."""

@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
+from ..generic.gptq_gemv import fold_rows
 from .. import llvm
 
 BLOCK = 32                 # inputs per block: 4 packed words of 4-bit codes
@@ -229,16 +229,7 @@ def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add,
                                 lo += q * (np.int64(codes[r // 4, n, 2, 8 * k + slot]) * 128
                                            + np.int64(codes[r // 4, n, 3, 8 * k + slot]))
                         acc[n, j] += (np.float32(hi) * xs[r // 4, n, 0] + np.float32(lo) * xs[r // 4, n, 1])
-            g = seg_group[s]
-            if const_zero < 0:
-                _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
-            for n in range(n_rows):
-                out = y[n, j0:j0 + width]
-                if const_zero >= 0:
-                    _fold_segment_const_zero(out, acc[n], scales[g, j0:j0 + width], np.float32(const_zero),
-                                             sumx[n, s])
-                else:
-                    _fold_segment(out, acc[n], scales[g, j0:j0 + width], zbuf, sumx[n, s])
+            fold_rows(y, acc, s, seg_group[s], j0, width, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
 
 
 def supports(plan):
