@@ -529,9 +529,9 @@ def _split8(plan, x):
     return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
 
 
-def _split8_avx2(plan, x):
-    from .avx2 import split8 as split8_avx2
-    return split8_avx2.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
+def _gemv_avx2(plan, x):
+    from .avx2 import gemv as gemv_avx2
+    return gemv_avx2.gptq_matmul_fma(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
 
 
 def _int8_gemv(plan, x):
@@ -585,7 +585,7 @@ def _amx_slabs_inplace(plan, x):
 
 RUN = {
     "gemv": _gemv, "gemv_inplace": _gemv_inplace, "blas_slabs": _blas_slabs,
-    "blas_slabs_inplace": _blas_slabs_inplace, "split8": _split8, "split8_avx2": _split8_avx2,
+    "blas_slabs_inplace": _blas_slabs_inplace, "split8": _split8, "gemv_avx2": _gemv_avx2,
     "tiles": _tiles_matmul, "tiles_inplace": _tiles_matmul, "tiles_avx2": _tiles_avx2,
     "tiles_avx2_inplace": _tiles_avx2, "int8_gemv": _int8_gemv, "int8_gemv_avx2": _int8_gemv_avx2,
     "int8_gemm": _int8_gemm, "int8_gemm_avx2": _int8_gemm_avx2, "int8_repacked": _int8_repacked,

@@ -32,9 +32,10 @@ SPLIT_AMX_MAX_ROWS = 3     # with AMX, "segments" 4-bit layers leave split8 for 
                            # (70B shapes: tie to 1.4x at 4 rows, 1.7-2.5x at 8; split8 0.56-0.63x the float
                            # GEMV's time at 1-16 rows on the Xeon)
 
-AVX2_TILES_MIN_ROWS = 12  # AVX2: from this many rows the 6 x 16 tiles beat split8 in decode too (a panel of codes
-                           # decoded once, then one FMA a row); 4096 x 11008 4-bit g128, one thread capped to
-                           # AVX2 on Zen 4: 8 rows split8 15.2 ms, tiles 16.8; 16 rows 28.7 against 23.1
+AVX2_TILES_MIN_ROWS = 24  # AVX2: from this many rows the 6 x 16 tiles (a panel of codes decoded once into L1, then
+                           # 12 FMAs per 2 panel loads and 6 broadcasts) match avx2/gemv.py in decode; a 7B layer's
+                           # seven 4-bit g128 matmuls, 2 threads, Zen 4 capped to AVX2: 16 rows 58 against 70 ms,
+                           # 24 rows 86 against 84, 32 rows 114 against 108
 
 ALL_BITS = (2, 3, 4, 8)
 ANY_ROWS = (1, None)
@@ -61,8 +62,8 @@ KERNELS = {
                            ("generic.gptq_inplace:gemv_inplace",)),
     "blas_slabs_inplace": Kernel("generic/gptq_inplace.py", "slabs dequantized through g_idx, then BLAS",
                                  ("generic.gptq_inplace:dequantize_slab_inplace",)),
-    "split8_avx2": Kernel("avx2/split8.py", "exact decode: x in four int8 pieces, maddubs/madd dot products",
-                          ("vnni.split8:split_rows", "avx2.split8:gemv_split")),
+    "gemv_avx2": Kernel("avx2/gemv.py", "exact decode: codes decoded once by AND + convert, one FMA a row",
+                        ("avx2.gemv:scale_rows", "avx2.gemv:gemv_fma")),
     "tiles_avx2": Kernel("avx2/tiles.py", "6 x 16 float32 register tiles decoding the codes",
                          ("avx512.gptq_tiles:pack_x", "avx2.tiles:slab_segments")),
     "tiles_avx2_inplace": Kernel("avx2/tiles.py", "6 x 16 register tiles, codes read through g_idx",
@@ -136,7 +137,7 @@ TABLE = (
     Rule("segments", "exact", (4,), ("amx",), (SPLIT_AMX_MAX_ROWS + 1, None), "amx_codes", "4-bit blocks, 32-col"),
     Rule("segments", "exact", (4,), ("vnni", "amx"), DECODE, "split8", "whole blocks"),
     Rule("segments", "exact", (3, 4), ("avx2",), (AVX2_TILES_MIN_ROWS, GEMV_MAX_ROWS), "tiles_avx2", "whole units"),
-    Rule("segments", "exact", (4,), ("avx2", "avx512"), DECODE, "split8_avx2", "whole blocks"),
+    Rule("segments", "exact", (4,), ("avx2", "avx512"), DECODE, "gemv_avx2"),
     Rule("segments", "exact", ALL_BITS, TIERS, DECODE, "gemv"),
     Rule("segments", "exact", (2, 3, 4), ("amx",), PREFILL, "amx_slabs", "32-column"),
     Rule("segments", "exact", (3, 4), ("avx512", "vnni"), PREFILL, "tiles", "whole units"),
@@ -189,8 +190,10 @@ def _matches(rule, layer, rows, mode, tier):
             and (not rule.when or CONDITIONS[rule.when](layer)))
 
 
+@functools.lru_cache(maxsize=4096)
 def choose(layer, rows, mode="exact", tier="generic"):
-    """The name of the kernel (a key of KERNELS) for `rows` activation rows of this layer."""
+    """The name of the kernel (a key of KERNELS) for `rows` activation rows of this layer (remembered: a 7B
+    decode step asks 224 times, for a handful of distinct layers)."""
     modes = ("int8", "exact") if mode == "int8" else ("exact",)
     for m in modes:
         for rule in TABLE:

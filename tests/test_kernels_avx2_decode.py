@@ -1,9 +1,10 @@
-"""AVX2 decode (kernels/avx2/split8.py, int8.py): VNNI's integer dot products on vpmaddubsw/vpmaddwd.
+"""AVX2 decode: the exact float kernel (kernels/avx2/gemv.py) and the int8 mode (kernels/avx2/int8.py).
 
-Both kernels must give the VNNI kernels' results bit for bit (the same integer sums, the same float32 steps):
-checked against them where this CPU has AVX512-VNNI and Numba compiles for it, and everywhere with AVX2
-against the NumPy statement beside each kernel (int64 sums, the same float32 fold) on layers whose scales
-are powers of two and zeros 0, where the fold adds no rounding of its own. Run this file also as an AVX2
+The float kernel is checked against x @ W in float64 from the independent packer, bit for bit where float32 is
+exact (integer activations, power-of-two scales), and for batch invariance. The int8 kernel must give the VNNI
+kernel's results bit for bit (the same integer sums, the same float32 steps): checked against it where this
+CPU has AVX512-VNNI and Numba compiles for it, and everywhere with AVX2 against the NumPy statement beside it
+(int64 sums, the same float32 fold) on layers whose scales are powers of two and zeros 0. Run this file also as an AVX2
 CPU, `NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES="" NUMBA_CACHE_DIR=/tmp/numba-avx2 pytest ...`; the last
 test compiles the kernels that way in a subprocess and checks no AVX-512 register is used."""
 
@@ -18,9 +19,8 @@ from llvmlite import binding
 from gptq_packer import make_layer
 from tinyllama_ref.kernels import gptq
 from tinyllama_ref.kernels.avx2 import int8 as avx2_int8
-from tinyllama_ref.kernels.avx2 import split8 as avx2_split8
+from tinyllama_ref.kernels.avx2 import gemv as avx2_gemv
 from tinyllama_ref.kernels.vnni import int8 as vnni_int8
-from tinyllama_ref.kernels.vnni import split8 as vnni_split8
 
 
 def _host_has(*flags):
@@ -52,7 +52,7 @@ def _layer(n_in, n_out, group_size, act_order, sym, seed):
     rng = np.random.default_rng(seed)
     layer = make_layer(rng, n_in, n_out, 4, group_size, act_order=act_order, sym=sym)
     plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-    assert avx2_split8.supports(plan) and avx2_int8.supports(plan)
+    assert avx2_gemv.supports(plan) and avx2_int8.supports(plan)
     return rng, layer, plan
 
 
@@ -82,59 +82,64 @@ def _fold_numpy(plan, scales, accumulate):
     return y
 
 
-@needs_vnni
 @pytest.mark.parametrize("n_in,n_out,group_size,act_order,sym", LAYERS)
 @pytest.mark.parametrize("block", [32, 40])
-def test_split8_equals_vnni_split8(n_in, n_out, group_size, act_order, sym, block):
-    """Same inputs, same plan: y bit for bit VNNI's, for 1 to 17 rows; `block` 40 leaves 8 columns of every
-    thread's block to the scalar loop."""
+def test_gemv_is_float32_x_at_w(n_in, n_out, group_size, act_order, sym, block):
+    """The float kernel against x @ W in float64 from the packer's own W: within float32 rounding of
+    sum |x| |w| (one rounding per input of a segment, per segment and per fold), for 1 to 17 rows; `block` 40
+    leaves 8 columns of every thread's block to the scalar loop."""
     rng, layer, plan = _layer(n_in, n_out, group_size, act_order, sym, n_in + n_out)
+    w64 = layer["W"].astype(np.float64)                                        # [in, out]
     for n_rows in ROWS:
-        xp = gptq.permute_x(plan, _wide(rng, (n_rows, n_in)))
-        y = avx2_split8.gptq_matmul_split(plan, xp, block)
-        np.testing.assert_array_equal(y, vnni_split8.gptq_matmul_split(plan, xp, block))
+        x = _wide(rng, (n_rows, n_in))
+        y = avx2_gemv.gptq_matmul_fma(plan, gptq.permute_x(plan, x), block)
+        x64 = x.astype(np.float64)
+        bound = (n_in + 2 * len(plan.seg_group) + 4) * 2.0 ** -24 * (np.abs(x64) @ np.abs(w64))
+        assert (np.abs(y - x64 @ w64) <= bound).all()
 
 
 @pytest.mark.parametrize("n_in,n_out,group_size", [(256, 77, 64), (512, 40, 512), (128, 93, 32)])
-def test_split8_is_the_integer_arithmetic(n_in, n_out, group_size):
-    """Per block the four exact integer dot products, paired, converted, scaled, added: every float32 step
-    repeated in NumPy (gemv_split_numpy), compared for equality; several segments, odd widths, 1-17 rows."""
+def test_gemv_is_exact_where_float32_is(n_in, n_out, group_size):
+    """Small integer activations, power-of-two scales, zero 0: every product and partial sum is an integer
+    below 2^24, so any correct order of float32 operations gives the int64 result exactly. Every code value
+    sits in every nibble, the top one included (read by a shift, not a mask)."""
     rng = np.random.default_rng(n_in * 3 + n_out)
     codes, scales, plan = _codes_layer(rng, n_in, n_out, group_size)
     for n_rows in ROWS:
-        x = _wide(rng, (n_rows, n_in))
-        pieces, s0 = vnni_split8.split_activations(x)                      # [N, B, 4, 32], [N, B]
-        expected = _fold_numpy(plan, scales, lambda b0, b1: avx2_split8.gemv_split_numpy(
-            codes[32 * b0:32 * b1], pieces[:, b0:b1], s0[:, b0:b1]))
+        x = rng.integers(-40, 41, size=(n_rows, n_in))
+        expected = np.zeros((n_rows, n_out))
+        for g in range(n_in // group_size):
+            part = x[:, g * group_size:(g + 1) * group_size] @ codes[g * group_size:(g + 1) * group_size]
+            expected += scales[g].astype(np.float64) * part
         for block in (32, 40):
-            np.testing.assert_array_equal(avx2_split8.gptq_matmul_split(plan, x, block), expected)
+            y = avx2_gemv.gptq_matmul_fma(plan, x.astype(np.float32), block)
+            np.testing.assert_array_equal(y, expected.astype(np.float32))
 
 
-def test_split8_non_finite_rows_are_nan_and_zero_rows_zero():
-    """A NaN or an infinity anywhere in a row makes the whole row NaN, an all-zero row gives zeros (and VNNI's
-    result where it can run)."""
+def test_gemv_non_finite_rows_are_nan_and_zero_rows_zero():
+    """A NaN or an infinity in a row's input reaches its outputs (every column of the row), an all-zero row
+    gives zeros, and the other rows are unaffected."""
     rng, layer, plan = _layer(256, 77, 64, True, False, 5)
     x = rng.standard_normal((4, 256)).astype(np.float32)
     x[0, 100] = np.nan
     x[1, 7] = np.inf
     x[2] = 0.0
-    xp = gptq.permute_x(plan, x)
-    y = avx2_split8.gptq_matmul_split(plan, xp, 32)
-    assert np.isnan(y[0]).all() and np.isnan(y[1]).all()
+    y = avx2_gemv.gptq_matmul_fma(plan, gptq.permute_x(plan, x), 32)
+    assert np.isnan(y[0]).all() and not np.isfinite(y[1]).any()
     np.testing.assert_array_equal(y[2], np.zeros(77, dtype=np.float32))
     assert np.isfinite(y[3]).all()
-    if VNNI:
-        np.testing.assert_array_equal(y, vnni_split8.gptq_matmul_split(plan, xp, 32))
 
 
 def test_a_row_does_not_depend_on_its_batch():
-    """Rows run innermost over codes decoded once per block, each with its own sums in a fixed order: a row's
-    output is the same bit for bit alone or in a batch of 8 or 17, for split8 and the int8 mode."""
+    """Each row has its own sums in a fixed order whatever the chunk of rows it runs in (one row alone takes
+    a wider strip): a row's output is the same bit for bit alone or in a batch of 8 or 17, for the float
+    kernel and the int8 mode, with and without the scalar column tail."""
     rng, layer, plan = _layer(384, 93, 128, True, False, 11)
     xp = gptq.permute_x(plan, _wide(rng, (17, 384)))
-    alone = [avx2_split8.gptq_matmul_split(plan, xp[n:n + 1], 32) for n in range(17)]
-    np.testing.assert_array_equal(avx2_split8.gptq_matmul_split(plan, xp, 32), np.concatenate(alone))
-    np.testing.assert_array_equal(avx2_split8.gptq_matmul_split(plan, xp[3:11], 32), np.concatenate(alone[3:11]))
+    for block in (32, 40, 96):
+        alone = [avx2_gemv.gptq_matmul_fma(plan, xp[n:n + 1], block) for n in range(17)]
+        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, xp, block), np.concatenate(alone))
+        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, xp[3:11], block), np.concatenate(alone[3:11]))
     alone = [_int8_matmul(avx2_int8, plan, xp[n:n + 1], 32) for n in range(17)]
     np.testing.assert_array_equal(_int8_matmul(avx2_int8, plan, xp, 32), np.concatenate(alone))
 
@@ -193,31 +198,34 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from gptq_packer import make_layer
 from tinyllama_ref.kernels import gptq
-from tinyllama_ref.kernels.avx2 import int8, split8
+from tinyllama_ref.kernels.avx2 import gemv, int8
 from tinyllama_ref.kernels.generic import gptq_gemv
 rng = np.random.default_rng(0)
 layer = make_layer(rng, 256, 40, 4, 64, act_order=True, sym=False)
 plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
 xp = gptq.permute_x(plan, rng.standard_normal((2, 256)).astype(np.float32))
-split8.gptq_matmul_split(plan, xp, 32)
+gemv.gptq_matmul_fma(plan, xp, 32)
 int8.gptq_matmul_int8(plan, xp, np.empty((2, 40), np.float32), 32)
-for name, fn in (("split8", split8.gemv_split), ("int8", int8.gemv_int8)):
+for name, fn in (("gemv", gemv.gemv_fma), ("int8", int8.gemv_int8)):
     for asm in fn.inspect_asm().values():
-        print(name, len(re.findall("zmm", asm)), asm.count("vpmaddubsw"), asm.count("vpdpbusd"))
+        print(name, len(re.findall("zmm", asm)), asm.count("vpmaddubsw"), asm.count("vpdpbusd"),
+              asm.count("vfmadd"), asm.count("vcvtdq2ps"))
 """
 
 
 def test_avx2_build_has_no_avx512_register(tmp_path):
     """Compiled as for an AVX2-only CPU (Numba's target capped to haswell, no extra features), the kernels
-    hold no zmm register and no vpdpbusd, and do use vpmaddubsw."""
+    hold no zmm register and no vpdpbusd; the int8 mode does use vpmaddubsw, the float kernel ymm FMAs and
+    conversions."""
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
     script = _ASM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line.split() for line in out.stdout.splitlines() if line.startswith(("split8", "int8"))]
-    assert [name for name, *_ in lines] == ["split8", "int8"], out.stdout
-    for name, zmm, maddubs, dpbusd in lines:
-        assert (int(zmm), int(dpbusd)) == (0, 0) and int(maddubs) > 0, (name, zmm, maddubs, dpbusd)
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith(("gemv", "int8"))]
+    assert [name for name, *_ in lines] == ["gemv", "int8"], out.stdout
+    for name, zmm, maddubs, dpbusd, fma, cvt in lines:
+        assert (int(zmm), int(dpbusd)) == (0, 0), (name, zmm, dpbusd)
+        assert int(maddubs) > 0 if name == "int8" else (int(fma) > 0 and int(cvt) > 0), (name, maddubs, fma, cvt)
 
 
 def test_gemv_code_conversion_is_the_unsigned_one():

@@ -9,8 +9,8 @@ vpdpbusd's there and vpmaddubsw + vpmaddwd's here (maddubs.py: |xq| <= 127, so a
 at most 8 * 2 * 15 * 127 = 30480 <= 32767 and exact), the float32 steps after it are the same instructions
 in the same order, so y is bit for bit vnni.int8.gemv_int8's on the same inputs.
 
-Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in split8: a batch of N rows reads
-each block of packed words from memory once. Each row's sums are still added in the same order, so the
+Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in vnni/split8.py: a batch of N rows
+reads each block of packed words from memory once. Each row's sums are still added in the same order, so the
 loop order changes no bit.
 
 Register budget, per half of 16 columns (8 columns, one ymm): the block's 8 code vectors (decoded once for

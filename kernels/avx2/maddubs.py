@@ -1,17 +1,16 @@
 """The integer dot product of VNNI's vpdpbusd on AVX2: vpmaddubsw into int16, vpmaddwd into int32.
 
-VNNI's decode kernels (kernels/vnni/split8.py, int8.py) add, per 32-bit lane (one column), four products of
-an unsigned byte (a 4-bit code, 0..15) and a signed byte (an int8 activation piece) with one vpdpbusd. AVX2
+VNNI's int8-mode kernels (kernels/vnni/int8.py, int8_gemm.py) add, per 32-bit lane (one column), four
+products of an unsigned byte (a 4-bit code, 0..15) and a signed byte (an int8 activation piece) with one vpdpbusd. AVX2
 does it in two steps:
     vpmaddubsw(codes u8, x s8) -> int16 lanes  c_2i x_2i + c_2i+1 x_2i+1      (saturating, see below)
     vpmaddwd(v, ones)          -> int32 lanes  v_2i + v_2i+1
 so one lane of 32 bits gets the same four products, and because the codes are small, several vpmaddubsw
 results are added in int16 before the one vpmaddwd, which is where AVX2 saves work.
 
-Exactness bound. Codes are 0..15 and every activation byte is in [-127, 127] (split8's first piece and the
-int8 mode's codes; split8's later pieces are in [-64, 64]). One vpmaddubsw lane is then at most
-2 * 15 * 127 = 3810 in magnitude, far from the int16 saturation at 32767 (no saturation, so the lane is the
-exact sum). A block of 32 inputs is 4 packed words, each split into its even and odd nibbles: 8 vpmaddubsw
+Exactness bound. Codes are 0..15 and every activation byte is in [-127, 127] (the int8 mode's rounded x).
+One vpmaddubsw lane is then at most 2 * 15 * 127 = 3810 in magnitude, far from the int16 saturation at
+32767 (no saturation, so the lane is the exact sum). A block of 32 inputs is 4 packed words, each split into its even and odd nibbles: 8 vpmaddubsw
 results per lane, at most 8 * 3810 = 30480 <= 32767, so their int16 sum (vpaddw, which wraps) is exact.
 vpmaddwd then adds two such lanes into int32: at most 60960, exact. The int32 sums are therefore exactly the
 vpdpbusd sums over the same block, whatever the order of the additions.
@@ -51,12 +50,12 @@ def dot_block(builder, codes, x_addr, pieces):
     """int32 sums per piece (<8 x i32> each) of one block and 8 columns: for each piece p, column j,
         t_pj = sum over the block's 32 inputs i of x_pi * code_ij,
     the bytes x of piece p at x_addr + 32 p: 8 int32, two per packed row k (inputs 0, 2, 4, 6 | 1, 3, 5, 7 of
-    the row, as split8's and int8's layouts pack them), each broadcast to every column.
+    the row, as the int8 mode's layout packs them), each broadcast to every column.
 
-    Register budget (16 ymm): `pieces` int16 accumulators (4 for split8), the 8 code vectors of the block
+    Register budget (16 ymm): `pieces` int16 accumulators (1 for the int8 mode), the 8 code vectors of the block
     (even and odd bytes of 4 packed rows, code_bytes: decoded once, then reused by every row of a batch),
-    2 broadcast activation words: 14 for split8, 11 for the int8 mode. The callers run the two halves of 16
-    columns one after the other: both at once would need 16 code vectors and 8 accumulators."""
+    2 broadcast activation words: 11. The callers run the two halves of 16 columns one after the other: both
+    at once would need 16 code vectors."""
     sums = [None] * pieces
     for k in range(WORDS):
         even, odd = codes[k]

@@ -1,0 +1,213 @@
+"""Exact decode on AVX2: the float GEMV with each code decoded once for all rows, by one AND and one conversion.
+
+The float GEMV (generic/gptq_gemv.py) forms acc_j += x_i * q_ij per row, shifting every code down to 0..15
+first. Here the shift goes: for a packed word w holding the codes of inputs 8u .. 8u + 7 of one column,
+
+    w & (15 << 4t) = q_t * 16^t          (t = 0 .. 6: below 2^28, a non-negative int32, exact in float32)
+
+so one vpand and one vcvtdq2ps give the code times a power of two, and the activations are scaled once per
+call by the inverse: xs_i = x_i * 16^-(i mod 8). The top code (t = 7) would read as a negative int32, so it
+is shifted down (vpsrld 28) and its x is left as it is. A power-of-two scaling changes no rounding, so every
+product (q * 16^t) * (x * 16^-t) is the float32 product q * x (for |x| >= 2^-102: smaller activations lose
+bits of x * 16^-t, an absolute error below 2^-120).
+
+Per segment of packed rows of one group g (kernels/gptq.py's "segments" layout) and strip of 8 C columns,
+every row n of a chunk of R rows keeps C vectors of 8 float32 accumulators in registers over the whole
+segment (an LLVM loop with the accumulators in phi nodes), then folds them into y once:
+
+    acc_nj = sum_i xs_ni * (code_ij * 16^t)        y_nj += s_gj * (acc_nj - z_gj * sum_i x_ni)
+
+Per 8 weights the decode is 2 instructions shared by the R rows of the chunk, and each row adds one FMA and
+1/C of a broadcast of its x: one row costs 3 instructions per 8 weights, 8 rows 1.25 a row.
+
+Register budget (16 ymm): R x C accumulators + C packed words + one decoded vector + one broadcast x.
+One row: C = 4 (32 columns: 4 + 4 + 2 = 10). More rows: chunks of up to 4 rows and C = 2 (16 columns:
+8 + 2 + 2 = 12), the chunks of one strip one after the other while its packed words (16 rows x 64 bytes
+for a 128-input group) stay in L1.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .. import llvm
+from ..generic.gptq_gemv import _zero_code
+from ..generic.gptq_inplace import fma_f32
+from ..generic.half import f16_to_f32
+from ..llvm import F32, I16, I32, I64, vec
+
+LANES = 8                     # float32 lanes of a ymm register
+V8F, V8I = vec(F32, LANES), vec(I32, LANES)
+X_SCALE = np.array([16.0 ** -t for t in range(7)] + [1.0], dtype=np.float32)   # xs_i = x_i * X_SCALE[i % 8]
+
+
+def _strip(rows, vecs):
+    """The kernel for one segment, one strip of 8 * vecs columns and `rows` activation rows (compile-time)."""
+    @intrinsic
+    def strip(typingctx, y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, const_zero):
+        """y_a: row 0's y at the strip's first column (the next rows y_st bytes further); w_a: the segment's
+        first packed word of the strip (the next packed rows w_st further), n_packed packed rows; x_a: row 0's
+        scaled x at the segment's first input (x_st between rows); sx_a: row 0's sum of x over the segment
+        (sx_st between rows); sc_a: the group's fp16 scales of the strip; z_a: its first qzeros word;
+        zero_add 1 for AutoGPTQ's stored zero - 1; const_zero >= 0: every zero is that, qzeros unread."""
+        def codegen(context, builder, signature, args):
+            y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, const_zero = args
+            zero = ir.Constant(V8F, [0.0] * LANES)
+            pre = builder.block
+            loop = builder.append_basic_block("packed_rows")
+            fold = builder.append_basic_block("fold")
+            builder.cbranch(builder.icmp_signed(">", n_packed, I64(0)), loop, fold)
+
+            builder.position_at_end(loop)
+            i = builder.phi(I64)
+            i.add_incoming(I64(0), pre)
+            acc = [[builder.phi(V8F) for _ in range(vecs)] for _ in range(rows)]
+            for r in range(rows):
+                for c in range(vecs):
+                    acc[r][c].add_incoming(zero, pre)
+            w_row = builder.add(w_a, builder.mul(i, w_st))
+            words = [llvm.load(builder, llvm.offset(builder, w_row, 32 * c), V8I) for c in range(vecs)]
+            x_row = [builder.add(builder.add(x_a, builder.mul(I64(r), x_st)), builder.mul(i, I64(32)))
+                     for r in range(rows)]
+            new = [list(acc[r]) for r in range(rows)]
+            for t in range(8):
+                xb = [llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_row[r], 4 * t), F32), V8F)
+                      for r in range(rows)]
+                for c in range(vecs):
+                    if t < 7:
+                        code = builder.and_(words[c], ir.Constant(V8I, [15 << (4 * t)] * LANES))
+                    else:
+                        code = builder.lshr(words[c], ir.Constant(V8I, [28] * LANES))
+                    f = builder.sitofp(code, V8F)                                   # q * 16^t, exact
+                    for r in range(rows):
+                        new[r][c] = llvm.call(builder, "llvm.fma.v8f32", [f, xb[r], new[r][c]], V8F)
+            i_next = builder.add(i, I64(1))
+            end = builder.block
+            builder.cbranch(builder.icmp_signed("<", i_next, n_packed), loop, fold)
+            i.add_incoming(i_next, end)
+            for r in range(rows):
+                for c in range(vecs):
+                    acc[r][c].add_incoming(new[r][c], end)
+
+            builder.position_at_end(fold)
+            done = [[builder.phi(V8F) for _ in range(vecs)] for _ in range(rows)]
+            for r in range(rows):
+                for c in range(vecs):
+                    done[r][c].add_incoming(zero, pre)
+                    done[r][c].add_incoming(new[r][c], end)
+            shifts = ir.Constant(V8I, [4 * k for k in range(LANES)])
+            fifteen = ir.Constant(V8I, [15] * LANES)
+            use_const = builder.fcmp_ordered(">=", const_zero, ir.Constant(F32, 0.0))
+            add = llvm.splat(builder, builder.trunc(zero_add, I32), V8I)
+            for c in range(vecs):
+                s = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_a, 16 * c), vec(I16, LANES)))
+                word = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, z_a, 4 * c), I32), V8I)
+                unpacked = builder.sitofp(builder.and_(builder.add(builder.lshr(word, shifts), add), fifteen), V8F)
+                z = builder.select(use_const, llvm.splat(builder, const_zero, V8F), unpacked)
+                for r in range(rows):
+                    sx = llvm.splat(builder, llvm.load(builder, builder.add(sx_a, builder.mul(I64(r), sx_st)), F32),
+                                    V8F)
+                    d = builder.fsub(done[r][c], builder.fmul(z, sx))
+                    y_addr = builder.add(builder.add(y_a, builder.mul(I64(r), y_st)), I64(32 * c))
+                    llvm.store(builder, builder.fadd(llvm.load(builder, y_addr, V8F), builder.fmul(s, d)), y_addr)
+            return context.get_dummy_value()
+        sig = types.void(*([types.intp] * 12), types.float32)
+        return sig, codegen
+    return strip
+
+
+_one_row = _strip(1, 4)
+_rows1, _rows2, _rows3, _rows4 = (_strip(r, 2) for r in range(1, 5))
+
+
+@njit(error_model="numpy", cache=True, boundscheck=False)
+def scale_rows(xp, seg_start, xs, sumx):
+    """xs[n, i] = xp[n, i] * X_SCALE[i % 8] and sumx[n, s] = sum of xp[n] over segment s (units of 8 inputs)."""
+    scale = X_SCALE
+    for n in range(xp.shape[0]):
+        for s in range(seg_start.shape[0] - 1):
+            total = np.float32(0.0)
+            for i in range(seg_start[s] * 8, seg_start[s + 1] * 8):
+                v = xp[n, i]
+                total += v
+                xs[n, i] = v * scale[i & 7]
+            sumx[n, s] = total
+
+
+@njit(inline="always")
+def _chunk(nr, y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz):
+    if nr == 4:
+        _rows4(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+    elif nr == 3:
+        _rows3(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+    elif nr == 2:
+        _rows2(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+    else:
+        _rows1(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
+    """y [N, out] = x @ W for 4-bit "segments" plans: prange over column blocks (one per thread); per
+    segment, strip of columns and chunk of rows, the intrinsic above; columns past the last whole strip of a
+    block take a scalar loop with the same arithmetic."""
+    n_rows = xs.shape[0]
+    n_out = qw.shape[1]
+    strip = 32 if n_rows == 1 else 16
+    w_st, x_st, y_st, sx_st = n_out * 4, xs.strides[0], y.shape[1] * 4, sumx.shape[1] * 4
+    base_w, base_x, base_y = np.int64(qw.ctypes.data), np.int64(xs.ctypes.data), np.int64(y.ctypes.data)
+    base_sx, base_sc, base_z = np.int64(sumx.ctypes.data), np.int64(scales.ctypes.data), np.int64(qzeros.ctypes.data)
+    sc_st, z_st = scales.shape[1] * 2, qzeros.shape[1] * 4
+    cz = np.float32(const_zero)
+    n_blocks = (n_out + block - 1) // block
+    for b in prange(n_blocks):
+        j0 = b * block
+        width = min(n_out, j0 + block) - j0
+        wide = width // strip * strip
+        for n in range(n_rows):
+            y[n, j0:j0 + width] = 0.0
+        for s in range(seg_group.shape[0]):
+            u0, u1 = seg_start[s], seg_start[s + 1]
+            g = seg_group[s]
+            for jj in range(j0, j0 + wide, strip):
+                w_a = base_w + u0 * w_st + jj * 4
+                sc_a = base_sc + g * sc_st + jj * 2
+                z_a = base_z + g * z_st + (jj // 8) * 4
+                if n_rows == 1:
+                    _one_row(base_y + jj * 4, y_st, w_a, w_st, u1 - u0, base_x + u0 * 32, x_st, base_sx + s * 4,
+                             sx_st, sc_a, z_a, zero_add, cz)
+                else:
+                    for n0 in range(0, n_rows, 4):
+                        _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, u1 - u0,
+                               base_x + n0 * x_st + u0 * 32, x_st, base_sx + n0 * sx_st + s * 4, sx_st, sc_a,
+                               z_a, zero_add, cz)
+            for j in range(j0 + wide, j0 + width):
+                z = cz if cz >= 0 else np.float32((_zero_code(qzeros[g], j, 4, qzeros.shape[1]) + zero_add) & 15)
+                sc = f16_to_f32(scales[g, j])
+                for n in range(n_rows):
+                    acc = np.float32(0.0)
+                    for u in range(u0, u1):
+                        word = np.int64(qw[u, j])
+                        for t in range(8):
+                            q = word & (np.int64(15) << (4 * t)) if t < 7 else word >> 28
+                            acc = fma_f32(np.float32(q), xs[n, 8 * u + t], acc)
+                    y[n, j] += sc * (acc - z * sumx[n, s])
+
+
+def supports(plan):
+    """A "segments" plan of 4-bit codes."""
+    return plan.layout == "segments" and plan.bits == 4
+
+
+def gptq_matmul_fma(plan, xp, block):
+    """y [N, out] float32 = xp @ W for xp [N, padded] already in plan order (supports(plan) must hold)."""
+    n_rows, n_padded = xp.shape
+    # rows one cache line longer than the inputs, so that the rows of a chunk do not share L1 sets
+    xs = np.empty((n_rows, n_padded + 16), dtype=np.float32)[:, :n_padded]  # [N, padded]
+    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
+    scale_rows(xp, plan.seg_start, xs, sumx)
+    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)              # [N, out]
+    gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
+             plan.const_zero, block, y)
+    return y
