@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import compile_note, cpu, table
+from .table import GEMV_MAX_ROWS
 from .amx import amx, amx_codes
 from .avx512 import gptq_tiles
 from .generic.gptq_gemv import gemv
@@ -458,15 +459,28 @@ def _amx_codes_matmul(plan, xp):
     return y
 
 
+@njit(inline="always")
+def _gather_row(x, gather, xp, r):
+    n_in = x.shape[1]
+    for t in range(gather.shape[0]):
+        g = gather[t]
+        xp[r, t] = x[r, g] if g < n_in else np.float32(0.0)
+
+
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gather_columns(x, gather, xp):
     """xp[r, t] = x[r, gather[t]], or 0 where gather[t] == x.shape[1] (padding). prange over rows: a 512-row
     prefill permutes its activations on both cores (np.take ran on one: about 1 s of a 25 s 7B pp512)."""
-    n_in = x.shape[1]
     for r in prange(x.shape[0]):
-        for t in range(gather.shape[0]):
-            g = gather[t]
-            xp[r, t] = x[r, g] if g < n_in else np.float32(0.0)
+        _gather_row(x, gather, xp, r)
+
+
+@njit(error_model="numpy", cache=True, boundscheck=False)
+def gather_rows(x, gather, xp):
+    """gather_columns on this thread, for a few decode rows: waking the other threads costs more (a 7B decode
+    step permutes 224 times; 10-200 us each through prange on a 2-core machine, 2-3 us here)."""
+    for r in range(x.shape[0]):
+        _gather_row(x, gather, xp, r)
 
 
 def permute_x(plan, x):
@@ -477,7 +491,7 @@ def permute_x(plan, x):
         return xp
     # Padding rows point one past the last input (plan.gather, made once in prepare()).
     xp = np.empty((x.shape[0], plan.n_padded), dtype=np.float32)             # [N, padded]
-    gather_columns(x, plan.gather, xp)
+    (gather_rows if x.shape[0] <= GEMV_MAX_ROWS else gather_columns)(x, plan.gather, xp)
     return xp
 
 
@@ -531,7 +545,7 @@ def _split8(plan, x):
 
 def _gemv_avx2(plan, x):
     from .avx2 import gemv as gemv_avx2
-    return gemv_avx2.gptq_matmul_fma(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
+    return gemv_avx2.gptq_matmul_fma(plan, x, gemv_block(plan.qw.shape[1]))
 
 
 def _int8_gemv(plan, x):

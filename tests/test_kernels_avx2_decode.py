@@ -92,7 +92,7 @@ def test_gemv_is_float32_x_at_w(n_in, n_out, group_size, act_order, sym, block):
     w64 = layer["W"].astype(np.float64)                                        # [in, out]
     for n_rows in ROWS:
         x = _wide(rng, (n_rows, n_in))
-        y = avx2_gemv.gptq_matmul_fma(plan, gptq.permute_x(plan, x), block)
+        y = avx2_gemv.gptq_matmul_fma(plan, x, block)
         x64 = x.astype(np.float64)
         bound = (n_in + 2 * len(plan.seg_group) + 4) * 2.0 ** -24 * (np.abs(x64) @ np.abs(w64))
         assert (np.abs(y - x64 @ w64) <= bound).all()
@@ -124,7 +124,7 @@ def test_gemv_non_finite_rows_are_nan_and_zero_rows_zero():
     x[0, 100] = np.nan
     x[1, 7] = np.inf
     x[2] = 0.0
-    y = avx2_gemv.gptq_matmul_fma(plan, gptq.permute_x(plan, x), 32)
+    y = avx2_gemv.gptq_matmul_fma(plan, x, 32)
     assert np.isnan(y[0]).all() and not np.isfinite(y[1]).any()
     np.testing.assert_array_equal(y[2], np.zeros(77, dtype=np.float32))
     assert np.isfinite(y[3]).all()
@@ -135,11 +135,12 @@ def test_a_row_does_not_depend_on_its_batch():
     a wider strip): a row's output is the same bit for bit alone or in a batch of 8 or 17, for the float
     kernel and the int8 mode, with and without the scalar column tail."""
     rng, layer, plan = _layer(384, 93, 128, True, False, 11)
-    xp = gptq.permute_x(plan, _wide(rng, (17, 384)))
+    x = _wide(rng, (17, 384))
     for block in (32, 40, 96):
-        alone = [avx2_gemv.gptq_matmul_fma(plan, xp[n:n + 1], block) for n in range(17)]
-        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, xp, block), np.concatenate(alone))
-        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, xp[3:11], block), np.concatenate(alone[3:11]))
+        alone = [avx2_gemv.gptq_matmul_fma(plan, x[n:n + 1], block) for n in range(17)]
+        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, x, block), np.concatenate(alone))
+        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, x[3:11], block), np.concatenate(alone[3:11]))
+    xp = gptq.permute_x(plan, x)
     alone = [_int8_matmul(avx2_int8, plan, xp[n:n + 1], 32) for n in range(17)]
     np.testing.assert_array_equal(_int8_matmul(avx2_int8, plan, xp, 32), np.concatenate(alone))
 
@@ -203,8 +204,9 @@ from tinyllama_ref.kernels.generic import gptq_gemv
 rng = np.random.default_rng(0)
 layer = make_layer(rng, 256, 40, 4, 64, act_order=True, sym=False)
 plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-xp = gptq.permute_x(plan, rng.standard_normal((2, 256)).astype(np.float32))
-gemv.gptq_matmul_fma(plan, xp, 32)
+x = rng.standard_normal((2, 256)).astype(np.float32)
+xp = gptq.permute_x(plan, x)
+gemv.gptq_matmul_fma(plan, x, 32)
 int8.gptq_matmul_int8(plan, xp, np.empty((2, 40), np.float32), 32)
 for name, fn in (("gemv", gemv.gemv_fma), ("int8", int8.gemv_int8)):
     for asm in fn.inspect_asm().values():

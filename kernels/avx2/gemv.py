@@ -122,14 +122,18 @@ _rows1, _rows2, _rows3, _rows4 = (_strip(r, 2) for r in range(1, 5))
 
 
 @njit(error_model="numpy", cache=True, boundscheck=False)
-def scale_rows(xp, seg_start, xs, sumx):
-    """xs[n, i] = xp[n, i] * X_SCALE[i % 8] and sumx[n, s] = sum of xp[n] over segment s (units of 8 inputs)."""
+def scale_rows(x, gather, seg_start, xs, sumx):
+    """x [N, in] in input order -> xs [N, padded] in plan order, scaled: xs[n, i] = x[n, gather[i]] *
+    X_SCALE[i % 8] (0 where gather[i] == in: padding), and sumx[n, s] = the sum of x over segment s. One pass
+    on one thread: the 1-row case is a few microseconds, less than waking the other threads."""
     scale = X_SCALE
-    for n in range(xp.shape[0]):
+    n_in = x.shape[1]
+    for n in range(x.shape[0]):
         for s in range(seg_start.shape[0] - 1):
             total = np.float32(0.0)
             for i in range(seg_start[s] * 8, seg_start[s + 1] * 8):
-                v = xp[n, i]
+                src = gather[i]
+                v = x[n, src] if src < n_in else np.float32(0.0)
                 total += v
                 xs[n, i] = v * scale[i & 7]
             sumx[n, s] = total
@@ -200,13 +204,17 @@ def supports(plan):
     return plan.layout == "segments" and plan.bits == 4
 
 
-def gptq_matmul_fma(plan, xp, block):
-    """y [N, out] float32 = xp @ W for xp [N, padded] already in plan order (supports(plan) must hold)."""
-    n_rows, n_padded = xp.shape
+def gptq_matmul_fma(plan, x, block):
+    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold)."""
+    n_rows = x.shape[0]
+    gather = plan.__dict__.get("_gather_fma")
+    if gather is None:                                                      # [padded] input of each plan row
+        gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
+        plan.__dict__["_gather_fma"] = gather
     # rows one cache line longer than the inputs, so that the rows of a chunk do not share L1 sets
-    xs = np.empty((n_rows, n_padded + 16), dtype=np.float32)[:, :n_padded]  # [N, padded]
+    xs = np.empty((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]   # [N, padded]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
-    scale_rows(xp, plan.seg_start, xs, sumx)
+    scale_rows(x, gather, plan.seg_start, xs, sumx)
     y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)              # [N, out]
     gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
              plan.const_zero, block, y)
