@@ -6,8 +6,9 @@ is in tests/test_kernels_int8_gemm.py and tests/test_kernels_avx2_prefill.py):
     acc[n, j]    = sum over the blocks of a segment, in order, of float32(tot) * d[n, b]   (multiply, then add)
     y[n, j]     += s[g, j] * (acc[n, j] - z[g, j] * sumx[n, s])           per segment, in order
 The activations are rounded, packed and summed by vnni/int8_gemm.quantize_rows (block-major xw [blocks, N, 8]:
-each 8-input word's bytes as inputs 0, 2, 4, 6 | 1, 3, 5, 7), the 3-bit codes transcoded to the 4-bit packing by
-its _transcode_3bit, the last width % 8 columns taken by its _scalar_columns: imported, not copied.
+each 8-input word's bytes as inputs 0, 2, 4, 6 | 1, 3, 5, 7), and the loops around the register tile are its
+gemm_strips (strips of columns, blocks of rows, segments; the 3-bit codes transcoded to the 4-bit packing, the
+last width % 8 columns taken by _scalar_columns): imported, not copied. Only the tile below is this file's.
 
 Only the integer dot product changes. AVX2 has no vpdpbusd (four u8 x s8 products summed into an int32); it has
     vpmaddubsw (llvm.x86.avx2.pmadd.ub.sw): u8 x s8 products, adjacent pairs summed into int16 (saturating);
@@ -33,15 +34,12 @@ shared by twice the rows: measured 10-20% faster than ROWS = 4 (7B shapes, 512 r
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
-from ..generic.gptq_gemv import _unpack_zero_row
-from ..generic.half import f16_to_f32
-from ..vnni.int8_gemm import (BLOCK, ROW_BLOCK, STRIP, _scalar_columns, _transcode_3bit, quantize_rows,
-                              segment_blocks, supports)
+from ..vnni.int8_gemm import ROW_BLOCK, gemm_strips, round_activations, supports
 
 LANES = 8           # int32 / float32 lanes of a ymm register: columns per register tile
 ROWS = 8            # activation rows per register tile (see the module docstring's budget)
@@ -109,80 +107,18 @@ _tile_one = _make_tile(1)
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y):
-    """y [N, out] = the module docstring's sum for a 4- or 3-bit "segments" plan: vnni/int8_gemm.gemm_int8's
-    arguments and loop order (prange over strips of STRIP columns, rows in blocks of row_block, segment by
-    segment), with register tiles of ROWS rows (then single rows) x 8 columns. Columns past the last multiple
-    of 8 take _scalar_columns, as there."""
-    n_rows = xw.shape[1]
-    n_out = qw.shape[1]
-    n_blocks = seg_blocks[seg_blocks.shape[0] - 1]
-    x_row_bytes, x_block_bytes = 32, n_rows * 32                         # xw [blocks, N, 8] int32
-    d_row_bytes, d_block_bytes = 4, n_rows * 4                            # xscale [blocks, N]
-    sx_row_bytes = sumx.shape[1] * 4
-    y_row_bytes = n_out * 4
-    base_x = np.int64(xw.ctypes.data)
-    base_d, base_sx, base_y = np.int64(xscale.ctypes.data), np.int64(sumx.ctypes.data), np.int64(y.ctypes.data)
-    codes = xw.view(np.int8)                                              # [blocks, N, 32]
-    for t in prange((n_out + STRIP - 1) // STRIP):
-        j0 = t * STRIP
-        width = min(n_out, j0 + STRIP) - j0
-        vec = width // LANES * LANES
-        s_buf = np.empty(STRIP, dtype=np.float32)
-        z_buf = np.empty(STRIP, dtype=np.float32)
-        s_addr, z_addr = np.int64(s_buf.ctypes.data), np.int64(z_buf.ctypes.data)
-        words = np.empty((n_blocks * 4 if bits == 3 else 0, STRIP), dtype=np.uint32)   # [blocks * 4, STRIP]
-        if bits == 3:
-            _transcode_3bit(qw, j0, width, words)
-            base_w, w_row_bytes, col = np.int64(words.ctypes.data), STRIP * 4, 0
-        else:
-            base_w, w_row_bytes, col = np.int64(qw.ctypes.data), n_out * 4, j0
-        for n in range(n_rows):
-            for j in range(width):
-                y[n, j0 + j] = 0.0
-        for rb in range(0, n_rows, row_block):
-            rb_end = min(n_rows, rb + row_block)
-            for s in range(seg_group.shape[0]):
-                g = seg_group[s]
-                b0, nb = seg_blocks[s], seg_blocks[s + 1] - seg_blocks[s]
-                for j in range(width):
-                    s_buf[j] = f16_to_f32(scales[g, j0 + j])
-                if const_zero >= 0:
-                    z_buf[:width] = np.float32(const_zero)
-                else:
-                    _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
-                for c in range(0, vec, LANES):
-                    w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
-                    r0 = rb
-                    while r0 < rb_end:
-                        rows = ROWS if r0 + ROWS <= rb_end else 1
-                        args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
-                                base_x + r0 * x_row_bytes + b0 * x_block_bytes, x_row_bytes, x_block_bytes,
-                                base_d + r0 * d_row_bytes + b0 * d_block_bytes, d_row_bytes, d_block_bytes, nb,
-                                s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
-                        if rows == ROWS:
-                            _tile_rows(*args)
-                        else:
-                            _tile_one(*args)
-                        r0 += rows
-                if vec < width:
-                    if bits == 3:
-                        _scalar_columns(words, vec, width, 0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s, j0, y,
-                                        j0, rb, rb_end)
-                    else:
-                        _scalar_columns(qw, j0 + vec, j0 + width, j0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s,
-                                        j0, y, j0, rb, rb_end)
+    """vnni/int8_gemm.gemm_int8 on this file's register tiles (ROWS rows, then single rows, x 8 columns): the
+    same driver, vnni/int8_gemm.gemm_strips (arguments, loop order, _scalar_columns past the last multiple of
+    8 columns), inlined here with these tiles."""
+    gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y,
+                LANES, ROWS, _tile_rows, _tile_one)
 
 
 def gptq_matmul_int8_gemm(plan, xp):
     """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block:
     vnni/int8_gemm.gptq_matmul_int8_gemm's contract and result, on AVX2 (supports(plan) must hold)."""
-    n_rows, n_padded = xp.shape
-    xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
-    xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
-    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
-    blocks = segment_blocks(plan)                                        # [S + 1]
-    quantize_rows(xp, blocks, xw, xscale, sumx)
-    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    xw, xscale, sumx, blocks = round_activations(plan, xp)
+    y = np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32)      # [N, out]
     gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, ROW_BLOCK, y)
     return y

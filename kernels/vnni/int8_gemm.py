@@ -194,15 +194,22 @@ def _scalar_columns(words, c0, c1, col, codes, xscale, sumx, b0, nb, s_buf, z_bu
             y[n, j] = y[n, j] + s_buf[j - j_lo] * (acc - z_buf[j - j_lo] * sumx[n, s])
 
 
-@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
-def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y):
+@njit(inline="always")
+def gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y,
+                lanes, tile_height, tile_rows, tile_one):
     """y [N, out] = the module docstring's sum, for a 4- or 3-bit "segments" plan (seg_blocks [S + 1]: the
-    first block of 32 inputs of each segment).
+    first block of 32 inputs of each segment), on register tiles of `lanes` columns: tile_rows computes
+    `tile_height` rows of one, tile_one a single row (intrinsics with _make_tile's arguments).
 
-    prange over strips of STRIP columns; in each, register tiles of ROWS rows (then single rows) x 16 columns
-    run segment by segment. 3-bit strips are first transcoded to the 4-bit packing (_transcode_3bit) in a
-    scratch of blocks x 4 x STRIP words. Columns past the last multiple of 16 take _scalar_columns.
-    """
+    prange over strips of STRIP columns; in each, rows in blocks of row_block, segment by segment, register
+    tiles of tile_height rows (then single rows). 3-bit strips are first transcoded to the 4-bit packing
+    (_transcode_3bit) in a scratch of blocks x 4 x STRIP words. Columns past the last multiple of `lanes` take
+    _scalar_columns.
+
+    The driver of every tier's gemm_int8 (this file's, avx2/int8_gemm.py's): inlined into it by Numba
+    (inline="always", before typing), so each tier's compiled loop calls its own tile intrinsics directly and is
+    cached with its own file. A factory closing over the intrinsics would not be: Numba keys a closure's cache
+    on its pickled cells, and an intrinsic pickles with a fresh uuid in every process."""
     n_rows = xw.shape[1]
     n_out = qw.shape[1]
     n_blocks = seg_blocks[seg_blocks.shape[0] - 1]
@@ -216,7 +223,7 @@ def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros,
     for t in prange((n_out + STRIP - 1) // STRIP):
         j0 = t * STRIP
         width = min(n_out, j0 + STRIP) - j0
-        vec = width // LANES * LANES
+        vec = width // lanes * lanes
         s_buf = np.empty(STRIP, dtype=np.float32)
         z_buf = np.empty(STRIP, dtype=np.float32)
         s_addr, z_addr = np.int64(s_buf.ctypes.data), np.int64(z_buf.ctypes.data)
@@ -240,19 +247,19 @@ def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros,
                     z_buf[:width] = np.float32(const_zero)
                 else:
                     _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
-                for c in range(0, vec, LANES):
+                for c in range(0, vec, lanes):
                     w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
                     r0 = rb
                     while r0 < rb_end:
-                        rows = ROWS if r0 + ROWS <= rb_end else 1
+                        rows = tile_height if r0 + tile_height <= rb_end else 1
                         args = (base_y + r0 * y_row_bytes + (j0 + c) * 4, y_row_bytes, w_addr, w_row_bytes,
                                 base_x + r0 * x_row_bytes + b0 * x_block_bytes, x_row_bytes, x_block_bytes,
                                 base_d + r0 * d_row_bytes + b0 * d_block_bytes, d_row_bytes, d_block_bytes, nb,
                                 s_addr + c * 4, z_addr + c * 4, base_sx + r0 * sx_row_bytes + s * 4, sx_row_bytes)
-                        if rows == ROWS:
-                            _tile_rows(*args)
+                        if rows == tile_height:
+                            tile_rows(*args)
                         else:
-                            _tile_one(*args)
+                            tile_one(*args)
                         r0 += rows
                 if vec < width:
                     if bits == 3:
@@ -261,6 +268,13 @@ def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros,
                     else:
                         _scalar_columns(qw, j0 + vec, j0 + width, j0, codes, xscale, sumx, b0, nb, s_buf, z_buf, s,
                                         j0, y, j0, rb, rb_end)
+
+
+@njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
+def gemm_int8(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y):
+    """gemm_strips on this file's register tiles: ROWS rows (then single rows) x 16 columns."""
+    gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzeros, zero_add, const_zero, row_block, y,
+                LANES, ROWS, _tile_rows, _tile_one)
 
 
 def segment_blocks(plan):
@@ -277,15 +291,23 @@ def supports(plan):
     return plan.bits == 3 or (plan.bits == 4 and plan.whole_blocks)
 
 
-def gptq_matmul_int8_gemm(plan, xp):
-    """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block."""
+def round_activations(plan, xp):
+    """xp [N, padded] (plan order) rounded to int8 per block by quantize_rows, as every int8-mode kernel (decode
+    and prefill, VNNI and AVX2) reads it: (xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S], and the
+    segments' first blocks [S + 1])."""
     n_rows, n_padded = xp.shape
     xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
     xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
     blocks = segment_blocks(plan)                                        # [S + 1]
     quantize_rows(xp, blocks, xw, xscale, sumx)
-    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    return xw, xscale, sumx, blocks
+
+
+def gptq_matmul_int8_gemm(plan, xp):
+    """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block."""
+    xw, xscale, sumx, blocks = round_activations(plan, xp)
+    y = np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32)      # [N, out]
     gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, ROW_BLOCK, y)
     return y
