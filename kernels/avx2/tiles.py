@@ -32,7 +32,7 @@ Layout, shared with the 12 x 32 tiles (imported from avx512/gptq_tiles.py, not c
 call by pack_x into xpk [tiles, inputs, SLOTS=12] for row tiles of 12, 8 or 4 (row_tiles); a packed tile is run
 as register tiles of 6 or 4 rows (the slot offset moves, the packing does not). Chunks of inputs (chunk_runs),
 slab widths (slab_columns), per-tile scales and zeros of in-place layers (_fill_tile_groups, [32-column tile,
-G, 32]) are the 12 x 32 tiles' too. Loop order within a slab: chunk of inputs -> block of BLOCK_TILES packed
+G, 32]) and the scalar loops of a slab's last columns (_tail_segments, _tail_inplace) are the 12 x 32 tiles' too. Loop order within a slab: chunk of inputs -> block of BLOCK_TILES packed
 tiles of rows (their x of the chunk stays in L2) -> 16 columns -> run (decode its panel) -> every tile of rows
 of the block.
 """
@@ -44,12 +44,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
-from ..avx512.gptq_tiles import (AHEAD_UNITS, CHUNK_INPUTS, FLUSH_CODES, MAGIC, SLOTS, _code, _fill_tile_groups,
-                                 _fill_zeros, chunk_runs, pack_x, row_tiles, slab_columns, split_runs, supports)
+from ..avx512.gptq_tiles import (AHEAD_UNITS, CHUNK_INPUTS, FLUSH_CODES, MAGIC, SLOTS, _fill_tile_groups, _fill_zeros,
+                                 _tail_inplace, _tail_segments, chunk_runs, pack_x, row_tiles, slab_columns,
+                                 split_runs, supports)
 from ..avx512.gptq_tiles import TILE_COLUMNS as PACK_COLUMNS     # the [.., G, 32] blocks of _fill_tile_groups
-from ..generic.gptq_inplace import _code_places, fma_f32
+from ..generic.gptq_inplace import _code_places
 from ..generic.gptq_passes import PASS_MATH, unit_shape
-from ..generic.half import f16_to_f32
 
 LANES = 8              # float32 lanes of a ymm register
 VECS = 2               # vectors per tile: 16 output columns
@@ -273,17 +273,7 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
                     _panel_rows(False, row_start, t0, t1, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
                                 runs[s] * unit_codes, (runs[s + 1] - runs[s]) * unit_codes,
                                 base_s + g * sc_row + 2 * (j0 + m))
-    for j in range(j0 + full, j1):                      # the last columns, one at a time
-        for t in range(row_start.shape[0] - 1):
-            for r in range(row_start[t + 1] - row_start[t]):
-                n = row_start[t] + r
-                for s in range(runs.shape[0] - 1):
-                    g = run_group[s]
-                    zg = zm[g if const_zero < 0 else 0, j - j0] - np.float32(2.0 ** 23)
-                    acc = np.float32(0.0)
-                    for i in range(runs[s] * unit_codes, runs[s + 1] * unit_codes):
-                        acc = fma_f32(xpk[t, i, r], np.float32(_code(qw, i, j, bits)) - zg, acc)
-                    y[n, j] = fma_f32(acc, f16_to_f32(scales[g, j]), y[n, j])
+    _tail_segments(qw, xpk, row_start, runs, run_group, scales, bits, const_zero, j0, j0 + full, j1, zm, y)
 
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
@@ -326,19 +316,7 @@ def slab_inplace(qw, xpk, row_start, gi, n_units, scales, qzeros, bits, zero_add
                                  base_s + tile * sc_tile + lane, sc_row, z_at, zm_row, base_g, ahead)
                     _panel_rows(True, row_start, t0, t1, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
                                 u0 * unit_codes, (u1 - u0) * unit_codes, 0)
-    for j in range(full, width):                        # the last columns, one at a time
-        m, lane = j // PACK_COLUMNS, j % PACK_COLUMNS
-        for t in range(row_start.shape[0] - 1):
-            for r in range(row_start[t + 1] - row_start[t]):
-                n = row_start[t] + r
-                for u0 in range(0, n_units, flush):
-                    acc = np.float32(0.0)
-                    for i in range(u0 * unit_codes, min(n_units, u0 + flush) * unit_codes):
-                        g = gi[i]
-                        z = zm[m, g, lane] if const_zero < 0 else zm[0, 0, 0]
-                        d = (np.float32(_code(qw, i, j0 + j, bits)) - (z - np.float32(2.0 ** 23))) * sc[m, g, lane]
-                        acc = fma_f32(xpk[t, i, r], d, acc)
-                    y[n, j0 + j] += acc
+    _tail_inplace(qw, xpk, row_start, gi, n_units, bits, const_zero, j0, full, width, sc, zm, y)
 
 
 def tiles_matmul(plan, x):

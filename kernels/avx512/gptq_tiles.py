@@ -323,17 +323,7 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
                     _tile_segments(bits, rows, yt + 4 * m, y_row, xt, base_w + 4 * (j0 + m), w_row, runs[s],
                                    runs[s + 1], base_s + g * sc_row + 2 * (j0 + m), base_z + g * zm_row + 4 * m,
                                    ahead)
-    for j in range(j0 + full, j1):                      # the last columns, one at a time
-        for t in range(row_start.shape[0] - 1):
-            for r in range(row_start[t + 1] - row_start[t]):
-                n = row_start[t] + r
-                for s in range(runs.shape[0] - 1):
-                    g = run_group[s]
-                    zg = zm[g if const_zero < 0 else 0, j - j0] - np.float32(2.0 ** 23)
-                    acc = np.float32(0.0)
-                    for i in range(runs[s] * unit_codes, runs[s + 1] * unit_codes):
-                        acc = fma_f32(xpk[t, i, r], np.float32(_code(qw, i, j, bits)) - zg, acc)
-                    y[n, j] = fma_f32(acc, f16_to_f32(scales[g, j]), y[n, j])
+    _tail_segments(qw, xpk, row_start, runs, run_group, scales, bits, const_zero, j0, j0 + full, j1, zm, y)
 
 
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
@@ -389,7 +379,36 @@ def slab_inplace(qw, xpk, row_start, gi, n_units, scales, qzeros, bits, zero_add
                     _tile_inplace(bits, rows, yt + 4 * m, y_row, xt, base_w + 4 * (j0 + m), w_row, u0,
                                   min(c1, u0 + flush), base_s + tile * sc_tile, sc_row, base_z + tile * zm_tile,
                                   zm_row, base_g, ahead)
-    for j in range(full, width):                        # the last columns, one at a time
+    _tail_inplace(qw, xpk, row_start, gi, n_units, bits, const_zero, j0, full, width, sc, zm, y)
+
+
+@njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def _tail_segments(qw, xpk, row_start, runs, run_group, scales, bits, const_zero, j0, j_lo, j1, zm, y):
+    """slab_segments' columns j_lo..j1 (past the last whole tile of the slab j0..j1), one at a time with the
+    tile's arithmetic: per run, acc = sum of fma(x, q - z), then y = fma(acc, s, y). zm as slab_segments fills
+    it; shared by avx2/tiles.py, whose tiles are narrower but whose arithmetic is the same."""
+    unit_codes = unit_shape(bits)[1]
+    for j in range(j_lo, j1):
+        for t in range(row_start.shape[0] - 1):
+            for r in range(row_start[t + 1] - row_start[t]):
+                n = row_start[t] + r
+                for s in range(runs.shape[0] - 1):
+                    g = run_group[s]
+                    zg = zm[g if const_zero < 0 else 0, j - j0] - np.float32(2.0 ** 23)
+                    acc = np.float32(0.0)
+                    for i in range(runs[s] * unit_codes, runs[s + 1] * unit_codes):
+                        acc = fma_f32(xpk[t, i, r], np.float32(_code(qw, i, j, bits)) - zg, acc)
+                    y[n, j] = fma_f32(acc, f16_to_f32(scales[g, j]), y[n, j])
+
+
+@njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
+def _tail_inplace(qw, xpk, row_start, gi, n_units, bits, const_zero, j0, j_lo, j_hi, sc, zm, y):
+    """slab_inplace's columns j0 + j_lo..j0 + j_hi (past the last whole tile of the slab), one at a time with the
+    tile's arithmetic: per run of FLUSH_CODES inputs, acc = sum of fma(x, s[g_i] (q - z[g_i])), then y += acc.
+    sc, zm as _fill_tile_groups fills them; shared by avx2/tiles.py, as _tail_segments."""
+    unit_codes = unit_shape(bits)[1]
+    flush = max(1, FLUSH_CODES // unit_codes)
+    for j in range(j_lo, j_hi):
         m, lane = j // TILE_COLUMNS, j % TILE_COLUMNS
         for t in range(row_start.shape[0] - 1):
             for r in range(row_start[t + 1] - row_start[t]):
