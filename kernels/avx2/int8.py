@@ -9,9 +9,9 @@ vpdpbusd's there and vpmaddubsw + vpmaddwd's here (maddubs.py: |xq| <= 127, so a
 at most 8 * 2 * 15 * 127 = 30480 <= 32767 and exact), the float32 steps after it are the same instructions
 in the same order, so y is bit for bit vnni.int8.gemv_int8's on the same inputs.
 
-Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in vnni/split8.py: a batch of N rows
-reads each block of packed words from memory once. Each row's sums are still added in the same order, so the
-loop order changes no bit.
+Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in vnni/split8.py (both run the loops
+of generic/block_decode.py): a batch of N rows reads each block of packed words from memory once. Each row's
+sums are still added in the same order, so the loop order changes no bit.
 
 Register budget, per half of 16 columns (8 columns, one ymm): the block's 8 code vectors (decoded once for
 all rows), 1 int16 accumulator, 2 broadcast activation words: 11 of the 16 ymm registers. Per row and 256
@@ -19,15 +19,15 @@ weights: 8 vpmaddubsw, 7 vpaddw, 1 vpmaddwd, 8 broadcasts (loads) and the fold.
 """
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
-from ..generic.gptq_gemv import fold_rows
+from ..generic.block_decode import decode_blocks
 from ..llvm import F32, I64, vec
-from ..vnni.int8 import BLOCK, _xq
-from ..vnni.int8_gemm import quantize_rows, segment_blocks
+from ..vnni.int8 import _block_sum
+from ..vnni.int8_gemm import round_activations
 from .maddubs import code_bytes, dot_block
 
 PREFETCH_BLOCKS = 2        # the same 16 columns this many blocks ahead are asked for (as vnni/int8.py does)
@@ -78,45 +78,23 @@ def gemv_int8_numpy(codes, xq, d):
     return acc
 
 
+@njit(inline="always")
+def _int8_column(qw, r, j, codes, xscale, acc, jj):
+    """acc[n, jj] += d_n * the block's integer sum (rows r..r+3, column j) for every row n: the scalar form of
+    _int8_rows16, for the columns past the last multiple of 16 (vnni/int8.py's sum)."""
+    for n in range(acc.shape[0]):
+        acc[n, jj] += np.float32(_block_sum(qw, r, j, codes, n)) * xscale[r // 4, n]
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
-    """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: prange over
-    column blocks; per segment, block of 4 packed rows and 16 columns, every row's integer dot product on
-    codes decoded once (_int8_rows16), then the fold per row. Columns past the last multiple of 16 of a block take
-    gemv_int8's scalar loop. xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S] from quantize_rows."""
-    n_rows = xw.shape[1]
-    n_out = qw.shape[1]
-    row_bytes = n_out * 4
-    n_blocks = (n_out + block - 1) // block
-    base_w = np.int64(qw.ctypes.data)
-    base_x = np.int64(xw.ctypes.data)
-    base_sc = np.int64(xscale.ctypes.data)
-    codes = xw.view(np.int8)                                                  # [blocks, N, 32]
-    for b in prange(n_blocks):
-        j0 = b * block
-        width = min(n_out, j0 + block) - j0
-        vec16 = width // 16 * 16
-        acc = np.zeros((n_rows, width), dtype=np.float32)                     # [N, width]
-        zbuf = np.empty(width, dtype=np.float32)
-        base_acc = np.int64(acc.ctypes.data)
-        for n in range(n_rows):
-            y[n, j0:j0 + width] = 0.0
-        for s in range(seg_group.shape[0]):
-            for r in range(seg_start[s], seg_start[s + 1], 4):               # packed words; multiples of 4
-                w_row = base_w + r * row_bytes + j0 * 4
-                x_blk = base_x + (r // 4) * n_rows * 32
-                for jj in range(0, vec16, 16):
-                    _int8_rows16(base_acc + jj * 4, width * 4, w_row + jj * 4, row_bytes, x_blk,
-                                 base_sc + (r // 4) * n_rows * 4, n_rows)
-                for j in range(vec16, width):
-                    for n in range(n_rows):
-                        total = 0
-                        for k in range(4):
-                            word = np.int64(qw[r + k, j0 + j])
-                            for t in range(8):
-                                total += ((word >> (4 * t)) & 15) * np.int64(_xq(codes, n, (r + k) * 8 + t))
-                        acc[n, j] += np.float32(total) * xscale[r // 4, n]
-            fold_rows(y, acc, s, seg_group[s], j0, width, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
+    """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: generic/
+    block_decode's loops (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every
+    row's integer dot product on codes decoded once, then the fold per row) with this file's steps
+    (_int8_rows16, and _int8_column past the last multiple of 16 columns). xw [blocks, N, 8] int32, xscale
+    [blocks, N], sumx [N, S] from quantize_rows."""
+    decode_blocks(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
+                  _int8_rows16, _int8_column)
 
 
 def supports(plan):
@@ -127,11 +105,7 @@ def supports(plan):
 def gptq_matmul_int8(plan, xp, y, block):
     """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp [N, padded] already in plan order):
     vnni.int8.gptq_matmul_int8's contract and result, for CPUs with AVX2 (supports(plan) must hold)."""
-    n_rows, n_padded = xp.shape
-    xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
-    xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
-    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
-    quantize_rows(xp, segment_blocks(plan), xw, xscale, sumx)
+    xw, xscale, sumx, _ = round_activations(plan, xp)
     gemv_int8(plan.qw, xw, xscale, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, block, y)
     return y

@@ -25,7 +25,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
-from .int8_gemm import quantize_rows, segment_blocks
+from .int8_gemm import round_activations
 from .. import llvm
 
 BLOCK = 32                 # inputs per activation scale (4 packed words)
@@ -130,12 +130,7 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
                         _vnni_block16(base_acc + jj * 4, base_w + r * row_bytes + (j0 + jj) * 4, row_bytes,
                                       x_addr, d)
                     for j in range(vec, width):
-                        total = 0
-                        for k in range(4):
-                            word = np.int64(qw[r + k, j0 + j])
-                            for t in range(8):
-                                total += ((word >> (4 * t)) & 15) * np.int64(_xq(codes, n, (r + k) * 8 + t))
-                        acc[j] += np.float32(total) * d
+                        acc[j] += np.float32(_block_sum(qw, r, j0 + j, codes, n)) * d
                 g = seg_group[s]
                 if const_zero >= 0:
                     _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero),
@@ -143,6 +138,18 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
                 else:
                     _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
                     _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sumx[n, s])
+
+
+@njit(inline="always")
+def _block_sum(qw, r, j, codes, n):
+    """The exact integer sum over one block (packed rows r..r+3) of column j's codes times row n's int8
+    activations: one lane of _vnni_block16's vpdpbusd sums, for the columns past the last multiple of 16."""
+    total = 0
+    for k in range(4):
+        word = np.int64(qw[r + k, j])
+        for t in range(8):
+            total += ((word >> (4 * t)) & 15) * np.int64(_xq(codes, n, (r + k) * 8 + t))
+    return total
 
 
 @njit(inline="always")
@@ -160,11 +167,7 @@ def supports(plan):
 
 def gptq_matmul_int8(plan, xp, y, block):
     """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp already in plan order)."""
-    n_rows, n_padded = xp.shape
-    xw = np.empty((n_padded // BLOCK, n_rows, 8), dtype=np.int32)        # [blocks, N, 8]
-    xscale = np.empty((n_padded // BLOCK, n_rows), dtype=np.float32)     # [blocks, N]
-    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)     # [N, segments]
-    quantize_rows(xp, segment_blocks(plan), xw, xscale, sumx)
+    xw, xscale, sumx, _ = round_activations(plan, xp)
     gemv_int8(plan.qw, xw, xscale, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, block, y)
     return y

@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..generic.gptq_gemv import fold_rows
+from ..generic.block_decode import decode_blocks
 from .. import llvm
 
 BLOCK = 32                 # inputs per block: 4 packed words of 4-bit codes
@@ -185,51 +185,40 @@ def _split_block16(typingctx, acc_addr, w_addr, row_bytes, xw_addr, xs_addr):
     return sig, codegen
 
 
+@njit(inline="always")
+def _split_rows16(acc_addr, acc_row_bytes, w_addr, row_bytes, xw_addr, xs_addr, n_rows):
+    """_split_block16 for every row of the batch, rows innermost: the block's 4 x 16 words stay in L1."""
+    for n in range(n_rows):
+        _split_block16(acc_addr + n * acc_row_bytes, w_addr, row_bytes, xw_addr + n * 128, xs_addr + n * 8)
+
+
+@njit(inline="always")
+def _split_column(qw, r, j, codes, xs, acc, jj):
+    """acc[n, jj] += the block's two pairs of dot products (rows r..r+3, column j) for every row n: the scalar
+    form of _split_block16, for the columns past the last multiple of 16."""
+    for n in range(acc.shape[0]):
+        hi, lo = 0, 0
+        for k in range(4):
+            word = np.int64(qw[r + k, j])
+            for t in range(8):
+                slot = (t // 2) if t % 2 == 0 else 4 + t // 2
+                q = (word >> (4 * t)) & 15
+                hi += q * (np.int64(codes[r // 4, n, 0, 8 * k + slot]) * 128
+                           + np.int64(codes[r // 4, n, 1, 8 * k + slot]))
+                lo += q * (np.int64(codes[r // 4, n, 2, 8 * k + slot]) * 128
+                           + np.int64(codes[r // 4, n, 3, 8 * k + slot]))
+        acc[n, jj] += (np.float32(hi) * xs[r // 4, n, 0] + np.float32(lo) * xs[r // 4, n, 1])
+
+
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
-    """y [N, out] for a 4-bit "segments" plan whose segments hold whole blocks: prange over column blocks; per
-    segment, block of 4 packed rows and 16 columns, every row's integer dot products (_split_block16) while
-    those words are in L1 (so N rows read the weights from memory once), then the fold of the float path
-    per row. Columns past the last multiple of 16 of a block take a scalar loop with the same arithmetic.
-    Each row's sums are added in the same order whatever N is."""
-    n_rows = xw.shape[1]
-    n_out = qw.shape[1]
-    row_bytes = n_out * 4
-    n_blocks = (n_out + block - 1) // block
-    base_w = np.int64(qw.ctypes.data)
-    base_x, base_s = np.int64(xw.ctypes.data), np.int64(xs.ctypes.data)
-    codes = xw.view(np.int8)                                              # [blocks, N, 4, 32]
-    for b in prange(n_blocks):
-        j0 = b * block
-        width = min(n_out, j0 + block) - j0
-        vec = width // 16 * 16
-        acc = np.zeros((n_rows, width), dtype=np.float32)                 # [N, width]
-        zbuf = np.empty(width, dtype=np.float32)
-        base_acc = np.int64(acc.ctypes.data)
-        for n in range(n_rows):
-            y[n, j0:j0 + width] = 0.0
-        for s in range(seg_group.shape[0]):
-            for r in range(seg_start[s], seg_start[s + 1], 4):
-                w_row = base_w + r * row_bytes + j0 * 4
-                x_blk = (r // 4) * n_rows
-                for jj in range(0, vec, 16):
-                    for n in range(n_rows):                               # the 4 x 16 words stay in L1
-                        _split_block16(base_acc + (n * width + jj) * 4, w_row + jj * 4, row_bytes,
-                                       base_x + (x_blk + n) * 128, base_s + (x_blk + n) * 8)
-                for j in range(vec, width):
-                    for n in range(n_rows):
-                        hi, lo = 0, 0
-                        for k in range(4):
-                            word = np.int64(qw[r + k, j0 + j])
-                            for t in range(8):
-                                slot = (t // 2) if t % 2 == 0 else 4 + t // 2
-                                q = (word >> (4 * t)) & 15
-                                hi += q * (np.int64(codes[r // 4, n, 0, 8 * k + slot]) * 128
-                                           + np.int64(codes[r // 4, n, 1, 8 * k + slot]))
-                                lo += q * (np.int64(codes[r // 4, n, 2, 8 * k + slot]) * 128
-                                           + np.int64(codes[r // 4, n, 3, 8 * k + slot]))
-                        acc[n, j] += (np.float32(hi) * xs[r // 4, n, 0] + np.float32(lo) * xs[r // 4, n, 1])
-            fold_rows(y, acc, s, seg_group[s], j0, width, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
+    """y [N, out] for a 4-bit "segments" plan whose segments hold whole blocks: generic/block_decode's loops
+    (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every row's integer dot
+    products while those words are in L1, then the fold of the float path per row) with this file's steps
+    (_split_rows16, and _split_column past the last multiple of 16 columns). Each row's sums are added in the
+    same order whatever N is."""
+    decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
+                  _split_rows16, _split_column)
 
 
 def supports(plan):
