@@ -19,7 +19,10 @@ Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepa
               Runs of whole "units" of packed rows (1 word for 2/4/8 bits, 3 words = 32 codes for 3 bits)
               that belong to one group form the segments; for a repacked layer perm holds the original input
               of each sorted row (-1 for padding: every group is padded to a multiple of 32 inputs). Per call
-              x is permuted once (`in` floats) instead of touching the weights.
+              x is permuted once (`in` floats) instead of touching the weights. On the tiers of
+              table.strips_for a repacked 4-bit copy is stored in strips of 32 columns instead of row-major
+              (generic/strips.py: qw [S * R, W], a decode thread's columns one run of memory); the table
+              calls it the "strips" layout.
   "inplace"   (prepare(..., repack=False), for act-order layers streamed from disk every token, where the
               repack would cost more than reading the layer): qw is qweight exactly as mapped and g_idx is
               kept; see gptq_inplace.py. Same float32 results up to summation order; slower per decode call.
@@ -45,6 +48,7 @@ from .generic.gptq_inplace import dequantize_slab_inplace, gemv_inplace
 from .generic.gptq_passes import or_code_u32, unit_shape
 from .generic.gptq_prefill import dequantize_slab
 from .generic.slabs import run_slabs
+from .generic import strips
 from .vnni import split8
 
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
@@ -102,16 +106,19 @@ def repack_words(qw, perm, bits, new_qw):
     """repack_rows for 2, 4 and 8 bits, where every code lies inside one word: each new word is assembled
     from its 32 // bits source codes in a row buffer (32-bit lanes, 16 columns per instruction) and written
     once. Measured on the 7B shapes: about 10x faster than repack_rows, which matters because every resident
-    act-order layer is repacked when a process first uses it (7B: 224 matrices)."""
+    act-order layer is repacked when a process first uses it (7B: 224 matrices).
+
+    new_qw [S * R2, W] in either layout of generic/strips.py (row-major: [R2, out]), zero-filled."""
     per_word = 32 // bits
     mask = (1 << bits) - 1
     n_out = qw.shape[1]
+    width, n_new = strips.shape_of(new_qw, n_out)
     strip = 256                          # the strip's source rows (in x 1 KB / per_word) stay in L2
     for c in prange((n_out + strip - 1) // strip):
         c0 = c * strip
         cw = min(n_out, c0 + strip) - c0
         buf = np.empty(cw, dtype=np.uint32)
-        for dw in range(new_qw.shape[0]):
+        for dw in range(n_new):
             buf[:] = 0
             for k in range(per_word):
                 src = perm[dw * per_word + k]
@@ -121,7 +128,13 @@ def repack_words(qw, perm, bits, new_qw):
                 row = qw[pos >> 5, c0:c0 + cw]
                 for j in range(np.uint64(cw)):
                     buf[j] = or_code_u32(buf[j], row[j], pos & 31, mask, k * bits)
-            new_qw[dw, c0:c0 + cw] = buf
+            j = 0
+            while j < cw:                                   # one piece per strip the 256 columns touch
+                col = c0 + j
+                piece = min(cw - j, width - col % width)
+                r = (col // width) * n_new + dw
+                new_qw[r, col % width:col % width + piece] = buf[j:j + piece]
+                j += piece
 
 
 @dataclass(repr=False)
@@ -142,7 +155,14 @@ class SegmentsPlan:
     perm: np.ndarray = None     # repacked: [padded] int64 original input of each sorted row, -1 for padding
     gather: np.ndarray = None   # repacked: perm with padding pointing at an extra zero column (permute_x)
     tier: str = "generic"       # the CPU tier whose kernels run this layer (cpu.py, table.py)
+    n_out: int = 0              # output columns
+    strip: int = 0              # columns per strip of qw (generic/strips.py): n_out for the row-major layout
     layout = "segments"
+
+    @property
+    def n_packed(self):
+        """Packed rows R of the layer: qw is [S * R, W] (generic/strips.py)."""
+        return self.qw.shape[0] // (self.n_out // self.strip)
 
     @functools.cached_property
     def whole_blocks(self):
@@ -151,7 +171,8 @@ class SegmentsPlan:
         return bool(np.all(self.seg_start % 4 == 0))
 
     def __repr__(self):
-        return (f"SegmentsPlan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}, "
+        strips = f", strips of {self.strip}" if self.strip != self.n_out else ""
+        return (f"SegmentsPlan(bits={self.bits}, segments={len(self.seg_group)}, repacked={self.repacked}{strips}, "
                 f"tier={self.tier}, prepare={self.prepare_note})")
 
 
@@ -170,9 +191,15 @@ class InplacePlan:
     const_zero: int
     prepare_note: str = "in place (act-order read through g_idx)"
     tier: str = "generic"
+    n_out: int = 0
     layout = "inplace"
     repacked = False
     perm = None
+
+    @property
+    def n_packed(self):
+        """Packed rows R of the layer (qw [R, out], row-major as in the checkpoint)."""
+        return self.qw.shape[0]
 
     def __repr__(self):
         return f"InplacePlan(bits={self.bits}, groups={self.n_groups}, tier={self.tier}, prepare={self.prepare_note})"
@@ -213,7 +240,7 @@ def kernels_for(plan, mode="exact", max_rows=None):
     return [d for name in names for d in table.dispatchers(name)]
 
 
-def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None):
+def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None, strips_ok=True):
     """The kernel layout for one validated layer (see the module docstring).
 
     Zero-copy when every unit of packed rows lies in one group and groups come in few runs (no act-order, or
@@ -222,6 +249,8 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     tier: the CPU tier whose kernels run the layer (cpu.resolve; None: this process's).
+    A repacked layer is stored in column strips (generic/strips.py) where table.strips_for says so, unless
+    strips_ok is False (tests and benchmarks compare the two layouts).
     """
     tier = cpu.resolve(tier)
     n_in, n_out = len(g_idx), qweight.shape[1]
@@ -243,7 +272,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
                                 seg_start=seg_start, seg_group=seg_group, scales=scales.view(np.uint16),
                                 qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
                                 zero_add=zero_add, const_zero=const_zero, repacked=False, prepare_note="zero-copy",
-                                tier=tier)
+                                tier=tier, n_out=n_out, strip=n_out)
             return plan
     if not repack:
         return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero, tier)
@@ -265,15 +294,18 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     keep = units > 0
     seg_group = np.flatnonzero(keep).astype(np.int64)                        # [S] non-empty groups
     seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
-    new_qw = np.zeros((int(units.sum()) * unit_words, n_out), dtype=np.uint32)   # [R2, out]
+    width = strips.STRIP if strips_ok and table.strips_for(tier, bits, n_out) else n_out
+    n_new = int(units.sum()) * unit_words
+    new_qw = np.zeros((n_out // width * n_new, width), dtype=np.uint32)     # [S * R2, W] (generic/strips.py)
     (repack_rows if bits == 3 else repack_words)(qw, perm, bits, new_qw)   # 3 bits: codes straddle words
     gather = np.where(perm >= 0, perm, n_in)                                 # [padded] see permute_x
     plan = SegmentsPlan(bits=bits, qw=new_qw, n_in=n_in, n_padded=len(perm), seg_start=seg_start,
                         seg_group=seg_group, scales=scales.view(np.uint16),
                         qzeros=np.ascontiguousarray(qzeros).view(np.uint32), zero_add=zero_add,
                         const_zero=const_zero, repacked=True,
-                        prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group", perm=perm,
-                        gather=gather, tier=tier)
+                        prepare_note=f"repacked {new_qw.nbytes / 1e6:.1f} MB sorted by group"
+                                     + (f" in strips of {width} columns" if width != n_out else ""), perm=perm,
+                        gather=gather, tier=tier, n_out=n_out, strip=width)
     return plan
 
 
@@ -287,7 +319,7 @@ def _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero, tier):
     gi[:n_in] = g
     return InplacePlan(bits=bits, qw=qw, n_in=n_in, n_padded=n_padded, g_idx=gi, n_groups=scales.shape[0],
                        scales=scales.view(np.uint16), qzeros=np.ascontiguousarray(qzeros).view(np.uint32),
-                       zero_add=zero_add, const_zero=const_zero, tier=tier)
+                       zero_add=zero_add, const_zero=const_zero, tier=tier, n_out=qw.shape[1])
 
 
 def inplace_block(n_out, n_groups):
@@ -323,7 +355,7 @@ def _tiles_matmul(plan, x):
     """Prefill on register tiles that decode the packed codes (kernels/avx512/gptq_tiles.py): x [N, in] packed once
     in the plan's row order, slabs of columns spread over the threads like the BLAS slabs. y is padded to
     whole tiles of rows while it is written."""
-    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    n_rows, n_out = x.shape[0], plan.n_out
     unit_codes = unit_shape(plan.bits)[1]
     row_start = np.concatenate([[0], np.cumsum(gptq_tiles.row_tiles(n_rows))]).astype(np.int64)   # [T + 1]
     gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
@@ -406,7 +438,7 @@ def _amx_matmul(x, n_out, product, make_extra=tuple):
 def _amx_gathered_matmul(plan, x):
     """Prefill of a 4-bit "inplace" plan on AMX (amx_codes.product_gathered): x put in group order once, the
     codes gathered per segment and slab, slabs of amx_codes.SLAB columns spread over the threads."""
-    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    n_rows, n_out = x.shape[0], plan.n_out
     src, seg_start, seg_group = amx_codes.group_order(plan.g_idx, plan.n_in, plan.n_groups)
     xg = np.empty((n_rows, len(src)), dtype=np.float32)                      # [N, Kp] x in group order
     gather_columns(x, np.where(src >= 0, src, plan.n_in), xg)
@@ -436,7 +468,7 @@ def _amx_codes_matmul(plan, xp):
     """Prefill of a 4-bit "segments" plan on AMX with the codes themselves as tiles (kernels/amx/amx_codes.py):
     xp [N, padded] split once (with the per-segment sums of x), slabs of amx_codes.SLAB columns spread over
     the threads like the BLAS slabs."""
-    n_rows, n_out = xp.shape[0], plan.qw.shape[1]
+    n_rows, n_out = xp.shape[0], plan.n_out
     xs = np.zeros((3, -(-n_rows // 32) * 2, xp.shape[1] // 32, 16, 32), dtype=np.uint16)   # x's parts, tiles
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)         # [N, S]
     amx_codes.split_x_paired(xp, plan.seg_start, xs, sumx)
@@ -507,15 +539,15 @@ def gemv_block(n_out):
 
 def _gemv(plan, x):
     xp = permute_x(plan, x)                                                  # [N, padded]
-    y = np.empty((x.shape[0], plan.qw.shape[1]), dtype=np.float32)           # [N, out]
+    y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
     gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-         plan.const_zero, gemv_block(plan.qw.shape[1]), y)
+         plan.const_zero, gemv_block(plan.n_out), y)
     return y
 
 
 def _gemv_inplace(plan, x):
     """x stays in input order; per-group sums of x are made per call."""
-    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    n_rows, n_out = x.shape[0], plan.n_out
     y = np.empty((n_rows, n_out), dtype=np.float32)                          # [N, out]
     # [N, padded] in rows one cache line longer, so that the rows do not share L1 sets (8192 inputs are
     # 32 KB: at 16 rows the GEMV ran 3-4x slower without it)
@@ -530,34 +562,34 @@ def _gemv_inplace(plan, x):
 
 
 def _blas_slabs(plan, x):
-    return _slab_matmul(permute_x(plan, x), plan.qw.shape[1], lambda j0, j1, t: dequantize_slab(
+    return _slab_matmul(permute_x(plan, x), plan.n_out, lambda j0, j1, t: dequantize_slab(
         plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add, j0, j1, t))
 
 
 def _blas_slabs_inplace(plan, x):
-    return _slab_matmul(x, plan.qw.shape[1], lambda j0, j1, t: dequantize_slab_inplace(
+    return _slab_matmul(x, plan.n_out, lambda j0, j1, t: dequantize_slab_inplace(
         plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in, j0, j1, t))
 
 
 def _split8(plan, x):
-    return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.qw.shape[1]))
+    return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.n_out))
 
 
 def _gemv_avx2(plan, x):
     from .avx2 import gemv as gemv_avx2
-    return gemv_avx2.gptq_matmul_fma(plan, x, gemv_block(plan.qw.shape[1]))
+    return gemv_avx2.gptq_matmul_fma(plan, x, gemv_block(plan.n_out))
 
 
 def _int8_gemv(plan, x):
     from .vnni import int8
-    y = np.empty((x.shape[0], plan.qw.shape[1]), dtype=np.float32)           # [N, out]
-    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.qw.shape[1]))
+    y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
+    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out))
 
 
 def _int8_gemv_avx2(plan, x):
     from .avx2 import int8 as int8_avx2
-    y = np.empty((x.shape[0], plan.qw.shape[1]), dtype=np.float32)           # [N, out]
-    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.qw.shape[1]))
+    y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
+    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out))
 
 
 def _int8_gemm(plan, x):
@@ -585,13 +617,13 @@ def _amx_codes(plan, x):
 
 
 def _amx_slabs(plan, x):
-    return _amx_matmul(permute_x(plan, x), plan.qw.shape[1], lambda xs, j0, j1, tile, bv, y: amx.product_segments(
+    return _amx_matmul(permute_x(plan, x), plan.n_out, lambda xs, j0, j1, tile, bv, y: amx.product_segments(
         amx.CONFIG, xs, plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits,
         plan.zero_add, j0, j1, tile, bv, y))
 
 
 def _amx_slabs_inplace(plan, x):
-    return _amx_matmul(x, plan.qw.shape[1], lambda xs, j0, j1, tile, bv, widened, y: amx.product_inplace(
+    return _amx_matmul(x, plan.n_out, lambda xs, j0, j1, tile, bv, widened, y: amx.product_inplace(
         amx.CONFIG, xs, plan.qw, plan.g_idx, plan.scales, plan.qzeros, plan.bits, plan.zero_add, plan.n_in,
         j0, j1, widened[0], widened[1], tile, bv, y),
         lambda: (np.empty((2, plan.n_groups, amx.SLAB), dtype=np.float32),))   # scales, zeros [G, SLAB]
@@ -612,6 +644,8 @@ def run(name, plan, x):
     """Run the kernel `name` of the table on x [N, in] float32 (C-contiguous) -> y [N, out] float32, saying so
     first if it is about to compile (compile_note.py). gptq_matmul chooses the name; tests and benchmarks may
     name one directly to compare kernels on the same layer."""
+    if name not in table.kernels_reading(table.layer_of(plan).layout):
+        raise ValueError(f"kernel {name} does not read the {table.layer_of(plan).layout} layout")
     compile_note.before_call(table.dispatchers(name), "GPTQ kernels")
     return RUN[name](plan, x)
 

@@ -37,6 +37,11 @@ AVX2_TILES_MIN_ROWS = 24  # AVX2: from this many rows the 6 x 16 tiles (a panel 
                            # seven 4-bit g128 matmuls, 2 threads, Zen 4 capped to AVX2: 16 rows 58 against 70 ms,
                            # 24 rows 86 against 84, 32 rows 114 against 108
 
+STRIP_TIERS = ("avx2",)   # tiers whose repacked 4-bit layers are stored in column strips (generic/strips.py): a
+                           # decode thread reads its columns as one run of memory. A 7B layer's seven matmuls,
+                           # 1 row, 2 threads, Zen 4 capped to AVX2 (avx2/gemv.py on both layouts, one process):
+                           # 4.5-5.2 against 5.2-5.9 ms at a quiet hour, 8.3 against 13.4 on a contended host
+
 ALL_BITS = (2, 3, 4, 8)
 ANY_ROWS = (1, None)
 DECODE = (1, GEMV_MAX_ROWS)
@@ -97,7 +102,8 @@ KERNELS = {
 
 @dataclass(frozen=True)
 class Rule:
-    layout: str              # "segments" (resident, sorted by group) or "inplace" (streamed act-order)
+    layout: str              # "segments" (resident, sorted by group), "strips" (the same in column strips) or
+                             # "inplace" (streamed act-order)
     mode: str                # "exact" (float32, the default) or "int8" (opt-in, approximate)
     bits: tuple              # bit widths served
     tiers: tuple             # tiers this row is for
@@ -107,7 +113,7 @@ class Rule:
 
 
 def _whole_blocks(layer):
-    return layer.layout == "segments" and layer.whole_blocks
+    return layer.layout in ("segments", "strips") and layer.whole_blocks
 
 
 def _amx_codes(layer):
@@ -132,6 +138,11 @@ TABLE = (
          "3-bit or whole blocks"),
     Rule("inplace", "int8", (4,), ("amx",), (INT8_GEMV_MAX_ROWS + 1, None), "amx_gathered", "32-column"),
     Rule("inplace", "int8", (3, 4), ("avx2",) + ABOVE_AVX2, (INT8_GEMV_MAX_ROWS + 1, None), "int8_repacked"),
+    # repacked 4-bit layers in column strips (strips_for): only kernels that read both layouts
+    Rule("strips", "int8", (4,), ("avx2",), (1, INT8_GEMV_MAX_ROWS), "int8_gemv_avx2", "whole blocks"),
+    Rule("strips", "int8", (4,), ("avx2",), (INT8_GEMV_MAX_ROWS + 1, None), "int8_gemm_avx2", "whole blocks"),
+    Rule("strips", "exact", (4,), ("avx2",), (1, AVX2_TILES_MIN_ROWS - 1), "gemv_avx2"),
+    Rule("strips", "exact", (4,), ("avx2",), (AVX2_TILES_MIN_ROWS, None), "tiles_avx2", "whole units"),
     # exact, resident layers ("segments")
     Rule("segments", "exact", (4,), ("amx",), (1, SPLIT_AMX_MAX_ROWS), "split8", "4-bit blocks, 32-col"),
     Rule("segments", "exact", (4,), ("amx",), (SPLIT_AMX_MAX_ROWS + 1, None), "amx_codes", "4-bit blocks, 32-col"),
@@ -159,7 +170,9 @@ TABLE = (
 
 @dataclass(frozen=True)
 class Layer:
-    """What the table looks at in a layer: made from a plan (layer_of) or by hand (the budget, the docs)."""
+    """What the table looks at in a layer: made from a plan (layer_of) or by hand (the budget, the docs).
+    layout: "segments" (resident, sorted by group, row-major), "strips" (the same in column strips) or
+    "inplace" (streamed act-order)."""
     layout: str
     bits: int
     n_out: int
@@ -178,9 +191,11 @@ def layer_of(plan):
 def _layer_of(plan):
     from .generic.gptq_passes import unit_shape
     unit_words, unit_codes = unit_shape(plan.bits)
-    whole_blocks = plan.layout == "segments" and plan.whole_blocks
-    return Layer(plan.layout, plan.bits, plan.qw.shape[1], whole_blocks,
-                 plan.qw.shape[0] >= plan.n_padded // unit_codes * unit_words)
+    whole_units = plan.n_packed >= plan.n_padded // unit_codes * unit_words
+    if plan.layout == "inplace":
+        return Layer("inplace", plan.bits, plan.n_out, False, whole_units)
+    return Layer("strips" if plan.strip != plan.n_out else "segments", plan.bits, plan.n_out, plan.whole_blocks,
+                 whole_units)
 
 
 def _matches(rule, layer, rows, mode, tier):
@@ -230,6 +245,18 @@ def int8_copies(layer, tier):
     """Whether int8 mode copies a streamed ("inplace") layer of this shape in group order for its many-row calls
     (the memory budget reserves the largest copy)."""
     return choose(layer, INT8_GEMV_MAX_ROWS + 1, "int8", tier) == "int8_repacked"
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_reading(layout):
+    """The kernels the table names for a layout: gptq.run refuses any other (a kernel that reads row-major
+    words would compute garbage from a plan in strips)."""
+    return frozenset(rule.kernel for rule in TABLE if rule.layout == layout)
+
+
+def strips_for(tier, bits, n_out):
+    """Whether a repacked layer of this tier, bit width and width is stored in column strips (STRIP_TIERS)."""
+    return tier in STRIP_TIERS and bits == 4 and n_out % 32 == 0
 
 
 def int8_available(tier):

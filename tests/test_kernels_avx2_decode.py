@@ -146,7 +146,7 @@ def test_a_row_does_not_depend_on_its_batch():
 
 
 def _int8_matmul(module, plan, xp, block):
-    return module.gptq_matmul_int8(plan, xp, np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32), block)
+    return module.gptq_matmul_int8(plan, xp, np.empty((xp.shape[0], plan.n_out), dtype=np.float32), block)
 
 
 @needs_vnni

@@ -27,6 +27,7 @@ import pytest
 from gptq_packer import make_layer
 from tinyllama_ref import quant
 from tinyllama_ref.kernels import gptq
+from tinyllama_ref.kernels.generic import strips
 
 
 def _tiers():
@@ -188,7 +189,8 @@ def _int8_reference(plan, xp):
     """y [N, out]: per block of 32 inputs an int64 dot product in NumPy, then the float32 fold in the kernels'
     order: acc = acc + f32(tot) * d per block; y = y + s * (acc - z * sumx) per segment."""
     xq, d = _round_rows(xp)
-    q = quant.unpack_columns(plan.qw.view(np.int32), plan.bits, plan.n_padded).astype(np.int64)   # [padded, out]
+    words = strips.to_rows(plan.qw, plan.n_out)                             # [R, out], either layout
+    q = quant.unpack_columns(words.view(np.int32), plan.bits, plan.n_padded).astype(np.int64)   # [padded, out]
     scales = plan.scales.view(np.float16).astype(F32)                       # [G, out]
     n_out = q.shape[1]
     zeros = quant.unpack_zeros(plan.qzeros.view(np.int32), plan.bits, n_out)

@@ -12,6 +12,7 @@ import pytest
 from gptq_packer import make_layer
 from tinyllama_ref import quant
 from tinyllama_ref.kernels import gptq, table
+from tinyllama_ref.kernels.generic import strips
 from tiers import RUNNABLE, below, needs
 from tinyllama_ref.kernels.vnni import int8, int8_gemm
 
@@ -33,7 +34,8 @@ def _round_rows(xp):
 
 def _plan_codes(plan):
     """The plan's integer codes [padded, out] in its own row order (each column one bit stream)."""
-    return quant.unpack_columns(plan.qw.view(np.int32), plan.bits, plan.n_padded).astype(np.int64)
+    words = strips.to_rows(plan.qw, plan.n_out)                             # [R, out], either layout
+    return quant.unpack_columns(words.view(np.int32), plan.bits, plan.n_padded).astype(np.int64)
 
 
 def _reference(plan, xp):

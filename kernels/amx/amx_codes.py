@@ -234,7 +234,7 @@ def gathers(bits, n_out):
 def supports(plan):
     """A 4-bit "segments" plan whose segments hold whole blocks of 32 inputs (4 packed rows), and whose
     columns come in whole 32-column blocks."""
-    return (plan.layout == "segments" and plan.bits == 4 and plan.qw.shape[1] % COLS == 0
+    return (plan.layout == "segments" and plan.bits == 4 and plan.n_out % COLS == 0
             and plan.whole_blocks)
 
 

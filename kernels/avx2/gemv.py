@@ -11,7 +11,8 @@ is shifted down (vpsrld 28) and its x is left as it is. A power-of-two scaling c
 product (q * 16^t) * (x * 16^-t) is the float32 product q * x (for |x| >= 2^-102: smaller activations lose
 bits of x * 16^-t, an absolute error below 2^-120).
 
-Per segment of packed rows of one group g (kernels/gptq.py's "segments" layout) and strip of 8 C columns,
+Per segment of packed rows of one group g (kernels/gptq.py's "segments" layout, row-major or in column strips:
+generic/strips.py) and strip of 8 C columns,
 every row n of a chunk of R rows keeps C vectors of 8 float32 accumulators in registers over the whole
 segment (an LLVM loop with the accumulators in phi nodes), then folds them into y once:
 
@@ -34,6 +35,7 @@ from numba.extending import intrinsic
 from .. import llvm
 from ..generic.gptq_gemv import _zero_code
 from ..generic.gptq_inplace import fma_f32
+from ..generic import strips
 from ..generic.half import f16_to_f32
 from ..llvm import F32, I16, I32, I64, vec
 
@@ -159,13 +161,17 @@ def _chunk(nr, y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
-    """y [N, out] = x @ W for 4-bit "segments" plans: prange over column blocks (one per thread); per
-    segment, strip of columns and chunk of rows, the intrinsic above; columns past the last whole strip of a
-    block take a scalar loop with the same arithmetic."""
+    """y [N, out] = x @ W for 4-bit "segments" plans, qw [S * R, W] in either layout of generic/strips.py:
+    prange over column blocks (one per thread); per group of columns, segment, strip of 8 C columns and chunk of
+    rows, the intrinsic above; columns past the last whole strip of a block take a scalar loop with the same
+    arithmetic. A group of columns is one strip of the layout (all its packed rows, then the next strip: the
+    thread reads one run of memory) or, row-major, the whole block (segment by segment, each of its packed rows
+    a stream of its own). Each output's sum runs over the segments in order either way."""
     n_rows = xs.shape[0]
-    n_out = qw.shape[1]
+    n_out = y.shape[1]
+    width, n_packed = strips.shape_of(qw, n_out)
     strip = 32 if n_rows == 1 else 16
-    w_st, x_st, y_st, sx_st = n_out * 4, xs.strides[0], y.shape[1] * 4, sumx.shape[1] * 4
+    w_st, x_st, y_st, sx_st = width * 4, xs.strides[0], n_out * 4, sumx.shape[1] * 4
     base_w, base_x, base_y = np.int64(qw.ctypes.data), np.int64(xs.ctypes.data), np.int64(y.ctypes.data)
     base_sx, base_sc, base_z = np.int64(sumx.ctypes.data), np.int64(scales.ctypes.data), np.int64(qzeros.ctypes.data)
     sc_st, z_st = scales.shape[1] * 2, qzeros.shape[1] * 4
@@ -173,34 +179,39 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
         j0 = b * block
-        width = min(n_out, j0 + block) - j0
-        wide = width // strip * strip
+        bw = min(n_out, j0 + block) - j0
+        wide = bw // strip * strip
+        group = max(strip, min(width, wide))
         for n in range(n_rows):
-            y[n, j0:j0 + width] = 0.0
+            y[n, j0:j0 + bw] = 0.0
+        for c0 in range(j0, j0 + wide, group):
+            for s in range(seg_group.shape[0]):
+                u0, u1 = seg_start[s], seg_start[s + 1]
+                g = seg_group[s]
+                for jj in range(c0, min(j0 + wide, c0 + group), strip):
+                    w_a = base_w + strips.word_offset(width, n_packed, u0, jj)
+                    sc_a = base_sc + g * sc_st + jj * 2
+                    z_a = base_z + g * z_st + (jj // 8) * 4
+                    if n_rows == 1:
+                        _one_row(base_y + jj * 4, y_st, w_a, w_st, u1 - u0, base_x + u0 * 32, x_st,
+                                 base_sx + s * 4, sx_st, sc_a, z_a, zero_add, cz)
+                    else:
+                        for n0 in range(0, n_rows, 4):
+                            _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, u1 - u0,
+                                   base_x + n0 * x_st + u0 * 32, x_st, base_sx + n0 * sx_st + s * 4, sx_st, sc_a,
+                                   z_a, zero_add, cz)
         for s in range(seg_group.shape[0]):
             u0, u1 = seg_start[s], seg_start[s + 1]
             g = seg_group[s]
-            for jj in range(j0, j0 + wide, strip):
-                w_a = base_w + u0 * w_st + jj * 4
-                sc_a = base_sc + g * sc_st + jj * 2
-                z_a = base_z + g * z_st + (jj // 8) * 4
-                if n_rows == 1:
-                    _one_row(base_y + jj * 4, y_st, w_a, w_st, u1 - u0, base_x + u0 * 32, x_st, base_sx + s * 4,
-                             sx_st, sc_a, z_a, zero_add, cz)
-                else:
-                    for n0 in range(0, n_rows, 4):
-                        _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, u1 - u0,
-                               base_x + n0 * x_st + u0 * 32, x_st, base_sx + n0 * sx_st + s * 4, sx_st, sc_a,
-                               z_a, zero_add, cz)
-            for j in range(j0 + wide, j0 + width):
+            for j in range(j0 + wide, j0 + bw):
                 z = cz if cz >= 0 else np.float32((_zero_code(qzeros[g], j, 4, qzeros.shape[1]) + zero_add) & 15)
                 sc = f16_to_f32(scales[g, j])
                 for n in range(n_rows):
                     acc = np.float32(0.0)
                     for u in range(u0, u1):
-                        word = np.int64(qw[u, j])
+                        w = np.int64(strips.word(qw, n_packed, u, j))
                         for t in range(8):
-                            q = word & (np.int64(15) << (4 * t)) if t < 7 else word >> 28
+                            q = w & (np.int64(15) << (4 * t)) if t < 7 else w >> 28
                             acc = fma_f32(np.float32(q), xs[n, 8 * u + t], acc)
                     y[n, j] += sc * (acc - z * sumx[n, s])
 
@@ -221,7 +232,7 @@ def gptq_matmul_fma(plan, x, block):
     xs = np.empty((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]   # [N, padded]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
     scale_rows(x, gather, plan.seg_start, xs, sumx)
-    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)              # [N, out]
+    y = np.empty((n_rows, plan.n_out), dtype=np.float32)                    # [N, out]
     gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
              plan.const_zero, block, y)
     return y

@@ -118,7 +118,7 @@ def gptq_matmul_int8_gemm(plan, xp):
     """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block:
     vnni/int8_gemm.gptq_matmul_int8_gemm's contract and result, on AVX2 (supports(plan) must hold)."""
     xw, xscale, sumx, blocks = round_activations(plan, xp)
-    y = np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32)      # [N, out]
+    y = np.empty((xp.shape[0], plan.n_out), dtype=np.float32)      # [N, out]
     gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, ROW_BLOCK, y)
     return y

@@ -48,6 +48,7 @@ from ..avx512.gptq_tiles import (AHEAD_UNITS, CHUNK_INPUTS, FLUSH_CODES, MAGIC, 
                                  _tail_inplace, _tail_segments, chunk_runs, pack_x, row_tiles, slab_columns,
                                  split_runs, supports)
 from ..avx512.gptq_tiles import TILE_COLUMNS as PACK_COLUMNS     # the [.., G, 32] blocks of _fill_tile_groups
+from ..generic import strips
 from ..generic.gptq_inplace import _code_places
 from ..generic.gptq_passes import PASS_MATH, unit_shape
 
@@ -243,18 +244,20 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     """y[:, j0:j1] = x @ W[:, j0:j1] for a "segments" plan, on the calling thread (GIL released): the arguments
     of avx512/gptq_tiles.slab_segments, and for every output the same products and sums in the same order;
     the decode done once per (run, 16 columns) into a panel that every tile of rows reads. Columns past the
-    last multiple of 16 take the same arithmetic one at a time."""
+    last multiple of 16 take the same arithmetic one at a time. qw [S * R, W] in either layout of
+    generic/strips.py (a plan in strips has whole strips of 32 columns, so no such last columns)."""
     unit_words, unit_codes = unit_shape(bits)
     width = j1 - j0
     full = width // COLUMNS * COLUMNS
-    n_out = qw.shape[1]
+    n_out = y.shape[1]
+    qw_width, n_packed = strips.shape_of(qw, n_out)                    # either layout of generic/strips.py
     _fill_zeros(qzeros, bits, zero_add, const_zero, j0, width, zm)
     zm_row = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
     for n in range(y.shape[0]):
         y[n, j0:j1] = 0.0
     pn = np.empty((FLUSH_CODES + 32) * COLUMNS, dtype=np.float32)    # one run's panel [inputs, 16]: 8 KB
     pn_a = np.int64(pn.ctypes.data)
-    w_row = np.int64(4 * n_out)
+    w_row = np.int64(4 * qw_width)
     ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
     sc_row = np.int64(2 * n_out)
     y_row = np.int64(y.strides[0])
@@ -268,7 +271,8 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
             for m in range(0, full, COLUMNS):
                 for s in range(chunks[c], chunks[c + 1]):
                     g = run_group[s]
-                    decode_panel(bits, False, pn_a, base_w + 4 * (j0 + m), w_row, runs[s], runs[s + 1], 0, 0,
+                    decode_panel(bits, False, pn_a, base_w + strips.word_offset(qw_width, n_packed, 0, j0 + m),
+                                 w_row, runs[s], runs[s + 1], 0, 0,
                                  base_z + g * zm_row + 4 * m, 0, 0, ahead)
                     _panel_rows(False, row_start, t0, t1, base_y + 4 * (j0 + m), y_row, base_x, x_tile, pn_a,
                                 runs[s] * unit_codes, (runs[s + 1] - runs[s]) * unit_codes,
@@ -331,7 +335,7 @@ def matmul_on(plan, x, segments, inplace):
     which take the same arguments (the tests compare the two tiles through the same steps)."""
     import numba
     from ..generic.slabs import run_slabs
-    n_rows, n_out = x.shape[0], plan.qw.shape[1]
+    n_rows, n_out = x.shape[0], plan.n_out
     unit_codes = unit_shape(plan.bits)[1]
     row_start = np.concatenate([[0], np.cumsum(row_tiles(n_rows))]).astype(np.int64)        # [T + 1]
     gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)

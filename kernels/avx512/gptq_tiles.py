@@ -38,6 +38,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..generic import strips
 from ..generic.gptq_gemv import _zero_code
 from ..generic.gptq_inplace import _code_places, fma_f32
 from ..generic.gptq_passes import PASS_MATH, unit_shape
@@ -296,16 +297,18 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     [S + 1] first unit of each run of one group, run_group [S]; chunks [C + 1] first run of each chunk of about
     CHUNK_INPUTS inputs; scales [G, out] uint16 fp16 bits; qzeros [G, words]; zm scratch [G or 1, >= j1 - j0]
     float32; y [Np, out] float32 (rows past the last real one are padding). Columns past the last multiple of
-    32 take the same arithmetic one at a time."""
+    32 take the same arithmetic one at a time. qw may also be in column strips (generic/strips.py: [S * R, 32],
+    whole strips, so never such last columns)."""
     unit_words, unit_codes = unit_shape(bits)
     width = j1 - j0
     full = width // TILE_COLUMNS * TILE_COLUMNS
-    n_out = qw.shape[1]
+    n_out = y.shape[1]
+    qw_width, n_packed = strips.shape_of(qw, n_out)                    # either layout of generic/strips.py
     _fill_zeros(qzeros, bits, zero_add, const_zero, j0, width, zm)
     zm_row = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
     for n in range(y.shape[0]):
         y[n, j0:j1] = 0.0
-    w_row = np.int64(4 * n_out)
+    w_row = np.int64(4 * qw_width)
     sc_row = np.int64(2 * n_out)
     y_row = np.int64(y.strides[0])
     x_tile = np.int64(xpk.strides[0])
@@ -320,7 +323,8 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
             for m in range(0, full, TILE_COLUMNS):
                 for s in range(chunks[c], chunks[c + 1]):
                     g = run_group[s]
-                    _tile_segments(bits, rows, yt + 4 * m, y_row, xt, base_w + 4 * (j0 + m), w_row, runs[s],
+                    _tile_segments(bits, rows, yt + 4 * m, y_row, xt,
+                                   base_w + strips.word_offset(qw_width, n_packed, 0, j0 + m), w_row, runs[s],
                                    runs[s + 1], base_s + g * sc_row + 2 * (j0 + m), base_z + g * zm_row + 4 * m,
                                    ahead)
     _tail_segments(qw, xpk, row_start, runs, run_group, scales, bits, const_zero, j0, j0 + full, j1, zm, y)
@@ -426,7 +430,7 @@ def _tail_inplace(qw, xpk, row_start, gi, n_units, bits, const_zero, j0, j_lo, j
 def supports(plan):
     """Whether a plan's layer can take the tiles: 3 or 4 bits, whole units of packed words for every input."""
     unit_words, unit_codes = unit_shape(plan.bits)
-    return plan.bits in BITS and plan.qw.shape[0] >= plan.n_padded // unit_codes * unit_words
+    return plan.bits in BITS and plan.n_packed >= plan.n_padded // unit_codes * unit_words
 
 
 def split_runs(seg_start, seg_group, bits):

@@ -6,35 +6,41 @@ output columns; per segment, per block of 4 packed rows, every activation row's 
 block's codes go into a float32 accumulator per row and column, 16 columns at a time while those words are in
 L1 (so a batch of N rows reads the weights from memory once), then the columns past the last multiple of 16 one
 at a time; per segment, fold_rows applies scale and zero. Each row's sums are added in the same order whatever N
-is, so a row's result does not depend on its batch.
+is, so a row's result does not depend on its batch. A plan in column strips (generic/strips.py) runs strip by
+strip (all segments of one strip, then the next), so a thread reads its columns as one run of memory; each
+output's sums are the same, in the same order.
 """
 
 import numpy as np
 from numba import njit, prange
 
+from . import strips
 from .gptq_gemv import fold_rows
 
 
 @njit(inline="always")
 def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
                   columns16, column):
-    """y [N, out] for qw [R, out] uint32 (4-bit codes), the activations of the kernel's own layout xw [blocks, N,
-    ...] int32 (int8 codes packed in fours) and xs [blocks, N, ...] float32 (their scales), sumx [N, S], and the
+    """y [N, out] for qw [S * R, W] uint32 (4-bit codes, either layout of generic/strips.py), the activations of
+    the kernel's own layout xw [blocks, N, ...] int32 (int8 codes packed in fours) and xs [blocks, N, ...] float32 (their scales), sumx [N, S], and the
     plan's segments (seg_start in packed rows, multiples of 4), scales, zeros; `block` output columns per task.
 
     The kernel's two steps, per block of 4 packed rows r..r+3 (block index r // 4):
         columns16(acc_addr, acc_row_bytes, w_addr, row_bytes, x_addr, s_addr, n_rows): 16 columns, every row:
             acc rows acc_row_bytes apart, packed words at w_addr (rows row_bytes apart), the block's row 0 of xw
             at x_addr and of xs at s_addr (an intrinsic, or an inline function calling one per row);
-        column(qw, r, j, codes, xs, acc, jj): column j of qw into acc[:, jj] for every row, codes the bytes of xw.
+        column(qw, r, j, codes, xs, acc, jj): column j of qw into acc[:, jj] for every row, codes the bytes of xw
+            (row-major qw: only the last columns of a block that are not a whole 16 take it, and a plan in strips
+            has whole strips of 32, table.strips_for).
 
     Inlined (Numba IR, before typing) into the kernel that calls it, with the kernel's compile flags, so the
     steps are called directly and the kernel is cached with its own file; a factory closing over the steps
     would not be: Numba keys a closure's cache on its pickled cells, and an intrinsic pickles with a fresh uuid
     in every process."""
     n_rows = xw.shape[1]
-    n_out = qw.shape[1]
-    row_bytes = n_out * 4
+    n_out = y.shape[1]
+    width, n_packed = strips.shape_of(qw, n_out)
+    row_bytes = width * 4
     n_blocks = (n_out + block - 1) // block
     base_w = np.int64(qw.ctypes.data)
     base_x, base_s = np.int64(xw.ctypes.data), np.int64(xs.ctypes.data)
@@ -42,19 +48,25 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
     codes = xw.view(np.int8)                                              # [blocks, N, ...] bytes
     for b in prange(n_blocks):
         j0 = b * block
-        width = min(n_out, j0 + block) - j0
-        vec = width // 16 * 16
-        acc = np.zeros((n_rows, width), dtype=np.float32)                 # [N, width]
-        zbuf = np.empty(width, dtype=np.float32)
-        base_acc = np.int64(acc.ctypes.data)
+        bw = min(n_out, j0 + block) - j0
+        vec = bw // 16 * 16
+        group = bw if width >= bw else width          # row-major: the whole block; strips: one strip at a time
+        buf = np.zeros(n_rows * group, dtype=np.float32)
+        zbuf = np.empty(group, dtype=np.float32)
         for n in range(n_rows):
-            y[n, j0:j0 + width] = 0.0
-        for s in range(seg_group.shape[0]):
-            for r in range(seg_start[s], seg_start[s + 1], 4):
-                w_row = base_w + r * row_bytes + j0 * 4
-                x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
-                for jj in range(0, vec, 16):
-                    columns16(base_acc + jj * 4, width * 4, w_row + jj * 4, row_bytes, x_a, s_a, n_rows)
-                for j in range(vec, width):
-                    column(qw, r, j0 + j, codes, xs, acc, j)
-            fold_rows(y, acc, s, seg_group[s], j0, width, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
+            y[n, j0:j0 + bw] = 0.0
+        for c0 in range(0, bw, group):
+            c1 = min(bw, c0 + group)
+            acc = buf[:n_rows * (c1 - c0)].reshape(n_rows, c1 - c0)     # [N, columns of the group]
+            base_acc = np.int64(acc.ctypes.data)
+            for s in range(seg_group.shape[0]):
+                for r in range(seg_start[s], seg_start[s + 1], 4):
+                    x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
+                    for jj in range(c0, min(vec, c1), 16):
+                        columns16(base_acc + (jj - c0) * 4, (c1 - c0) * 4,
+                                  base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
+                                  n_rows)
+                    for j in range(max(vec, c0), c1):     # row-major only: strips come in whole 32 columns
+                        column(qw, r, j0 + j, codes, xs, acc, j - c0)
+                fold_rows(y, acc, s, seg_group[s], j0 + c0, c1 - c0, scales, qzeros, 4, zero_add, const_zero, sumx,
+                          zbuf)

@@ -29,6 +29,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..generic import strips
 from ..generic.gptq_gemv import _unpack_zero_row
 from ..generic.half import f16_to_f32
 from .. import llvm
@@ -204,14 +205,16 @@ def gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzero
     prange over strips of STRIP columns; in each, rows in blocks of row_block, segment by segment, register
     tiles of tile_height rows (then single rows). 3-bit strips are first transcoded to the 4-bit packing
     (_transcode_3bit) in a scratch of blocks x 4 x STRIP words. Columns past the last multiple of `lanes` take
-    _scalar_columns.
+    _scalar_columns. 4-bit qw may be in either layout of generic/strips.py (a plan in strips has whole strips of 32
+    columns, so never a scalar column).
 
     The driver of every tier's gemm_int8 (this file's, avx2/int8_gemm.py's): inlined into it by Numba
     (inline="always", before typing), so each tier's compiled loop calls its own tile intrinsics directly and is
     cached with its own file. A factory closing over the intrinsics would not be: Numba keys a closure's cache
     on its pickled cells, and an intrinsic pickles with a fresh uuid in every process."""
     n_rows = xw.shape[1]
-    n_out = qw.shape[1]
+    n_out = y.shape[1]
+    qw_width, qw_packed = strips.shape_of(qw, n_out)                       # 4-bit qw in either layout
     n_blocks = seg_blocks[seg_blocks.shape[0] - 1]
     x_row_bytes, x_block_bytes = 32, n_rows * 32                         # xw [blocks, N, 8] int32
     d_row_bytes, d_block_bytes = 4, n_rows * 4                            # xscale [blocks, N]
@@ -230,9 +233,10 @@ def gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzero
         words = np.empty((n_blocks * 4 if bits == 3 else 0, STRIP), dtype=np.uint32)   # [blocks * 4, STRIP]
         if bits == 3:
             _transcode_3bit(qw, j0, width, words)
-            base_w, w_row_bytes, col = np.int64(words.ctypes.data), STRIP * 4, 0
+            base_w, w_width, w_packed, col = np.int64(words.ctypes.data), STRIP, n_blocks * 4, 0
         else:
-            base_w, w_row_bytes, col = np.int64(qw.ctypes.data), n_out * 4, j0
+            base_w, w_width, w_packed, col = np.int64(qw.ctypes.data), qw_width, qw_packed, j0
+        w_row_bytes = w_width * 4
         for n in range(n_rows):
             for j in range(width):
                 y[n, j0 + j] = 0.0
@@ -248,7 +252,7 @@ def gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzero
                 else:
                     _unpack_zero_row(qzeros[g], j0, width, bits, zero_add, z_buf)
                 for c in range(0, vec, lanes):
-                    w_addr = base_w + b0 * 4 * w_row_bytes + (col + c) * 4
+                    w_addr = base_w + strips.word_offset(w_width, w_packed, b0 * 4, col + c)
                     r0 = rb
                     while r0 < rb_end:
                         rows = tile_height if r0 + tile_height <= rb_end else 1
@@ -307,7 +311,7 @@ def round_activations(plan, xp):
 def gptq_matmul_int8_gemm(plan, xp):
     """y [N, out] float32 for xp [N, padded] (plan order) with the activations rounded to int8 per block."""
     xw, xscale, sumx, blocks = round_activations(plan, xp)
-    y = np.empty((xp.shape[0], plan.qw.shape[1]), dtype=np.float32)      # [N, out]
+    y = np.empty((xp.shape[0], plan.n_out), dtype=np.float32)      # [N, out]
     gemm_int8(plan.qw, plan.bits, xw, xscale, sumx, blocks, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, ROW_BLOCK, y)
     return y

@@ -233,7 +233,7 @@ def gptq_matmul_split(plan, xp, block):
     xs = np.empty((n_padded // BLOCK, n_rows, 2), dtype=np.float32)         # [blocks, N, 2]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
     split_rows(xp, plan.seg_start, xw, xs, sumx)
-    y = np.empty((n_rows, plan.qw.shape[1]), dtype=np.float32)              # [N, out]
+    y = np.empty((n_rows, plan.n_out), dtype=np.float32)              # [N, out]
     gemv_split(plan.qw, xw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
                plan.const_zero, block, y)
     return y
