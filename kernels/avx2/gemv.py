@@ -51,14 +51,16 @@ X_SCALE = np.array([16.0 ** -t for t in range(7)] + [1.0], dtype=np.float32)   #
 def _strip(rows, vecs):
     """The kernel for one segment, one strip of 8 * vecs columns and `rows` activation rows (compile-time)."""
     @intrinsic
-    def strip(typingctx, y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, const_zero):
+    def strip(typingctx, y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add,
+              const_zero):
         """y_a: row 0's y at the strip's first column (the next rows y_st bytes further); w_a: the segment's
-        first packed word of the strip (the next packed rows w_st further), n_packed packed rows; x_a: row 0's
+        first packed word of the strip (the next packed rows w_st further; each is asked for `ahead` bytes
+        before it is read), n_packed packed rows; x_a: row 0's
         scaled x at the segment's first input (x_st between rows); sx_a: row 0's sum of x over the segment
         (sx_st between rows); sc_a: the group's fp16 scales of the strip; z_a: its first qzeros word;
         zero_add 1 for AutoGPTQ's stored zero - 1; const_zero >= 0: every zero is that, qzeros unread."""
         def codegen(context, builder, signature, args):
-            y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, const_zero = args
+            y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, const_zero = args
             zero = ir.Constant(V8F, [0.0] * LANES)
             pre = builder.block
             loop = builder.append_basic_block("packed_rows")
@@ -74,7 +76,7 @@ def _strip(rows, vecs):
                     acc[r][c].add_incoming(zero, pre)
             w_row = builder.add(w_a, builder.mul(i, w_st))
             for line in range(0, 32 * vecs, 64):
-                llvm.prefetch(builder, llvm.offset(builder, w_row, PREFETCH_BYTES + line))
+                llvm.prefetch(builder, llvm.offset(builder, builder.add(w_row, ahead), line))
             words = [llvm.load(builder, llvm.offset(builder, w_row, 32 * c), V8I) for c in range(vecs)]
             x_row = [builder.add(builder.add(x_a, builder.mul(I64(r), x_st)), builder.mul(i, I64(32)))
                      for r in range(rows)]
@@ -120,7 +122,7 @@ def _strip(rows, vecs):
                     y_addr = builder.add(builder.add(y_a, builder.mul(I64(r), y_st)), I64(32 * c))
                     llvm.store(builder, builder.fadd(llvm.load(builder, y_addr, V8F), builder.fmul(s, d)), y_addr)
             return context.get_dummy_value()
-        sig = types.void(*([types.intp] * 12), types.float32)
+        sig = types.void(*([types.intp] * 13), types.float32)
         return sig, codegen
     return strip
 
@@ -148,15 +150,15 @@ def scale_rows(x, gather, seg_start, xs, sumx):
 
 
 @njit(inline="always")
-def _chunk(nr, y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz):
+def _chunk(nr, y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz):
     if nr == 4:
-        _rows4(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+        _rows4(y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
     elif nr == 3:
-        _rows3(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+        _rows3(y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
     elif nr == 2:
-        _rows2(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+        _rows2(y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
     else:
-        _rows1(y_a, y_st, w_a, w_st, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
+        _rows1(y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz)
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
@@ -176,12 +178,17 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     base_sx, base_sc, base_z = np.int64(sumx.ctypes.data), np.int64(scales.ctypes.data), np.int64(qzeros.ctypes.data)
     sc_st, z_st = scales.shape[1] * 2, qzeros.shape[1] * 4
     cz = np.float32(const_zero)
+    in_strips = width < n_out
+    # one row, in strips: strip by strip (one run of memory), each packed row asked for PREFETCH_BYTES ahead;
+    # more rows: segment by segment (the segment's x stays in L1), in strips each packed row asked for in the
+    # next strip, the word the next call reads
+    ahead = np.int64(PREFETCH_BYTES if n_rows == 1 or not in_strips else n_packed * w_st)
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
         j0 = b * block
         bw = min(n_out, j0 + block) - j0
         wide = bw // strip * strip
-        group = max(strip, min(width, wide))
+        group = max(strip, min(width, wide)) if n_rows == 1 else max(strip, wide)
         for n in range(n_rows):
             y[n, j0:j0 + bw] = 0.0
         for c0 in range(j0, j0 + wide, group):
@@ -193,11 +200,11 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
                     sc_a = base_sc + g * sc_st + jj * 2
                     z_a = base_z + g * z_st + (jj // 8) * 4
                     if n_rows == 1:
-                        _one_row(base_y + jj * 4, y_st, w_a, w_st, u1 - u0, base_x + u0 * 32, x_st,
+                        _one_row(base_y + jj * 4, y_st, w_a, w_st, ahead, u1 - u0, base_x + u0 * 32, x_st,
                                  base_sx + s * 4, sx_st, sc_a, z_a, zero_add, cz)
                     else:
                         for n0 in range(0, n_rows, 4):
-                            _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, u1 - u0,
+                            _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, ahead, u1 - u0,
                                    base_x + n0 * x_st + u0 * 32, x_st, base_sx + n0 * sx_st + s * 4, sx_st, sc_a,
                                    z_a, zero_add, cz)
         for s in range(seg_group.shape[0]):

@@ -7,14 +7,16 @@ block's codes go into a float32 accumulator per row and column, 16 columns at a 
 L1 (so a batch of N rows reads the weights from memory once), then the columns past the last multiple of 16 one
 at a time; per segment, fold_rows applies scale and zero. Each row's sums are added in the same order whatever N
 is, so a row's result does not depend on its batch. A plan in column strips (generic/strips.py) runs strip by
-strip (all segments of one strip, then the next), so a thread reads its columns as one run of memory; each
-output's sums are the same, in the same order.
+strip within each segment (the segment's packed rows of one strip are one run of memory; a plan in strips has
+whole strips of 32 columns, so no column takes the scalar step); each output's sums are the same, in the same
+order.
 """
 
 import numpy as np
 from numba import njit, prange
 
 from . import strips
+from .. import llvm
 from .gptq_gemv import fold_rows
 
 
@@ -50,23 +52,30 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
         j0 = b * block
         bw = min(n_out, j0 + block) - j0
         vec = bw // 16 * 16
-        group = bw if width >= bw else width          # row-major: the whole block; strips: one strip at a time
-        buf = np.zeros(n_rows * group, dtype=np.float32)
-        zbuf = np.empty(group, dtype=np.float32)
+        acc = np.zeros((n_rows, bw), dtype=np.float32)                    # [N, width]
+        zbuf = np.empty(bw, dtype=np.float32)
+        base_acc = np.int64(acc.ctypes.data)
         for n in range(n_rows):
             y[n, j0:j0 + bw] = 0.0
-        for c0 in range(0, bw, group):
-            c1 = min(bw, c0 + group)
-            acc = buf[:n_rows * (c1 - c0)].reshape(n_rows, c1 - c0)     # [N, columns of the group]
-            base_acc = np.int64(acc.ctypes.data)
-            for s in range(seg_group.shape[0]):
+        for s in range(seg_group.shape[0]):
+            if width >= bw:                 # row-major: per block of 4 packed rows, every 16 columns of the task
                 for r in range(seg_start[s], seg_start[s + 1], 4):
                     x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
-                    for jj in range(c0, min(vec, c1), 16):
-                        columns16(base_acc + (jj - c0) * 4, (c1 - c0) * 4,
-                                  base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
-                                  n_rows)
-                    for j in range(max(vec, c0), c1):     # row-major only: strips come in whole 32 columns
-                        column(qw, r, j0 + j, codes, xs, acc, j - c0)
-                fold_rows(y, acc, s, seg_group[s], j0 + c0, c1 - c0, scales, qzeros, 4, zero_add, const_zero, sumx,
-                          zbuf)
+                    for jj in range(0, vec, 16):
+                        columns16(base_acc + jj * 4, bw * 4, base_w + strips.word_offset(width, n_packed, r, j0 + jj),
+                                  row_bytes, x_a, s_a, n_rows)
+                    for j in range(vec, bw):
+                        column(qw, r, j0 + j, codes, xs, acc, j)
+            else:                           # strips: per strip, the segment's packed rows (one run of memory),
+                for c in range(0, bw, width):   # while the same rows of the next strip are asked for
+                    for r in range(seg_start[s], seg_start[s + 1], 4):
+                        if c + width < bw:
+                            ahead = base_w + strips.word_offset(width, n_packed, r, j0 + c + width)
+                            for line in range(0, 4 * row_bytes, 64):
+                                llvm.prefetch_line(ahead + line)
+                        x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
+                        for jj in range(c, c + width, 16):
+                            columns16(base_acc + jj * 4, bw * 4,
+                                      base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
+                                      n_rows)
+            fold_rows(y, acc, s, seg_group[s], j0, bw, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
