@@ -36,15 +36,20 @@ def to_rows(qw, n_out):
 
 @njit(inline="always")
 def shape_of(qw, n_out):
-    """(W, R): columns per strip and packed rows of qw [S * R, W] for a layer of n_out columns."""
+    """(W, R): columns per strip and packed rows of qw [S * R, W] for a layer of n_out columns (W is n_out, the
+    row-major layout, or STRIP)."""
     width = qw.shape[1]
     return width, qw.shape[0] // (n_out // width)
 
 
 @njit(inline="always")
 def word_offset(width, n_packed, u, j):
-    """Byte offset of word (u, j) from qw's first word; the next packed row is width * 4 bytes further."""
-    return (((j // width) * n_packed + u) * width + j % width) * 4
+    """Byte offset of word (u, j) from qw's first word; the next packed row is width * 4 bytes further. Asked
+    once per tile of columns in the kernels' inner loops, so no division: the row-major layout (or the first
+    strip) needs none, and a layout in strips has width STRIP, a power of two."""
+    if j < width:
+        return (u * width + j) * 4
+    return (((j // STRIP) * n_packed + u) * STRIP + j % STRIP) * 4
 
 
 @njit(inline="always")
