@@ -3,8 +3,8 @@
     python tools/perf_tables.py            # rewrite the tables between the marker comments
     python tools/perf_tables.py --check    # exit 1 if docs/performance.md is not what the records give
 
-Records: docs/perf/TIER.jsonl, one JSON object a line, one line per benchmark run (append; never edit a line
-that holds a past run: history is what it was). docs/performance.md has one table per CPU tier, between
+Records: docs/perf/TIER.jsonl, one JSON object a line, one line per benchmark run. A line is never edited: it
+is the run as it was. A rerun of the same tests on newer code replaces the lines it supersedes (git keeps them). docs/performance.md has one table per CPU tier, between
 `<!-- perf-table: TIER -->` and `<!-- /perf-table -->`; this script owns what lies between them.
 
 A line is the record `tinyllama-ref bench generate --json` printed, with these fields added:
