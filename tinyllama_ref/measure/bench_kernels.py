@@ -20,6 +20,7 @@ every result names its layout.
 import argparse
 import json
 import os
+import sys
 import statistics
 import time
 
@@ -106,6 +107,11 @@ def run(shapes, bits_list, groups, rows_list, repeats=9, prefill_repeats=3, seed
                     layer = GPTQLinear(qweight, qzeros, scales, g_idx, cfg, n_in, n_out, backend="numba", name=name,
                                        repack=layout == "repacked")
                     packed = qweight.nbytes + qzeros.nbytes + scales.nbytes
+                    plan_layout = table.layer_of(layer._plan).layout
+                    if kernel and kernel not in table.kernels_reading(plan_layout):
+                        print(f"{name} {bits}-bit g{group_size} {layout}: --kernel {kernel} does not read the "
+                              f"{plan_layout} layout this layer has at the {layer.tier} tier; skipped", file=sys.stderr)
+                        continue
                     for rows in rows_list:
                         x = rng.standard_normal((rows, n_in), dtype=np.float32)     # [rows, in]
                         mem = memory_read_gbps(256 * 2**20, repeats=5)
