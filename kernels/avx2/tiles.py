@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
-from ..avx512.gptq_tiles import (AHEAD_UNITS, CHUNK_INPUTS, FLUSH_CODES, MAGIC, SLOTS, _fill_tile_groups, _fill_zeros,
+from ..avx512.gptq_tiles import (AHEAD_UNITS, CHUNK_INPUTS, FLUSH_CODES, MAGIC, SLOTS, _fill_tile_groups, _start_slab,
                                  _tail_inplace, _tail_segments, chunk_runs, pack_x, row_tiles, slab_columns,
                                  split_runs, supports)
 from ..avx512.gptq_tiles import TILE_COLUMNS as PACK_COLUMNS     # the [.., G, 32] blocks of _fill_tile_groups
@@ -246,20 +246,12 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     the decode done once per (run, 16 columns) into a panel that every tile of rows reads. Columns past the
     last multiple of 16 take the same arithmetic one at a time. qw [S * R, W] in either layout of
     generic/strips.py (a plan in strips has whole strips of 32 columns, so no such last columns)."""
-    unit_words, unit_codes = unit_shape(bits)
-    width = j1 - j0
-    full = width // COLUMNS * COLUMNS
-    n_out = y.shape[1]
-    qw_width, n_packed = strips.shape_of(qw, n_out)                    # either layout of generic/strips.py
-    _fill_zeros(qzeros, bits, zero_add, const_zero, j0, width, zm)
-    zm_row = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
-    for n in range(y.shape[0]):
-        y[n, j0:j1] = 0.0
+    unit_codes = unit_shape(bits)[1]
+    full = (j1 - j0) // COLUMNS * COLUMNS
+    qw_width, n_packed, w_row, sc_row, zm_row, ahead = _start_slab(qw, qzeros, bits, zero_add, const_zero, j0, j1,
+                                                                   zm, y)
     pn = np.empty((FLUSH_CODES + 32) * COLUMNS, dtype=np.float32)    # one run's panel [inputs, 16]: 8 KB
     pn_a = np.int64(pn.ctypes.data)
-    w_row = np.int64(4 * qw_width)
-    ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
-    sc_row = np.int64(2 * n_out)
     y_row = np.int64(y.strides[0])
     x_tile = np.int64(xpk.strides[0])
     base_y, base_x = np.int64(y.ctypes.data), np.int64(xpk.ctypes.data)

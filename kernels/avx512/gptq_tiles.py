@@ -234,6 +234,22 @@ def _fill_zeros(qzeros, bits, zero_add, const_zero, j0, width, zm):
             zm[g, j] = magic + np.float32((_zero_code(qzeros[g], j0 + j, bits, qzeros.shape[1]) + zero_add) & mask)
 
 
+@njit(inline="always")
+def _start_slab(qw, qzeros, bits, zero_add, const_zero, j0, j1, zm, y):
+    """What slab_segments does first, here and in avx2/tiles.py: y[:, j0:j1] cleared, zm filled (_fill_zeros),
+    and the slab's byte strides for qw in either layout of generic/strips.py: (columns per strip W, packed rows
+    R, bytes between packed rows, bytes between groups' scales, bytes between zm rows (0: one zero), bytes from
+    a packed word to the one AHEAD_UNITS units later)."""
+    n_out = y.shape[1]
+    qw_width, n_packed = strips.shape_of(qw, n_out)
+    _fill_zeros(qzeros, bits, zero_add, const_zero, j0, j1 - j0, zm)
+    for n in range(y.shape[0]):
+        y[n, j0:j1] = 0.0
+    w_row = np.int64(4 * qw_width)
+    zm_row = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
+    return qw_width, n_packed, w_row, np.int64(2 * n_out), zm_row, np.int64(AHEAD_UNITS * unit_shape(bits)[0]) * w_row
+
+
 @njit(fastmath=PASS_MATH, error_model="numpy", cache=True, boundscheck=False, nogil=True)
 def _tile_segments(bits, rows, y, y_row, xp, w, w_row, u0, u1, sc, zm, ahead):
     """The segments tile of (bits, rows): one group's run of units (see _tile)."""
@@ -299,20 +315,11 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     float32; y [Np, out] float32 (rows past the last real one are padding). Columns past the last multiple of
     32 take the same arithmetic one at a time. qw may also be in column strips (generic/strips.py: [S * R, 32],
     whole strips, so never such last columns)."""
-    unit_words, unit_codes = unit_shape(bits)
-    width = j1 - j0
-    full = width // TILE_COLUMNS * TILE_COLUMNS
-    n_out = y.shape[1]
-    qw_width, n_packed = strips.shape_of(qw, n_out)                    # either layout of generic/strips.py
-    _fill_zeros(qzeros, bits, zero_add, const_zero, j0, width, zm)
-    zm_row = np.int64(zm.strides[0]) if const_zero < 0 else np.int64(0)
-    for n in range(y.shape[0]):
-        y[n, j0:j1] = 0.0
-    w_row = np.int64(4 * qw_width)
-    sc_row = np.int64(2 * n_out)
+    full = (j1 - j0) // TILE_COLUMNS * TILE_COLUMNS
+    qw_width, n_packed, w_row, sc_row, zm_row, ahead = _start_slab(qw, qzeros, bits, zero_add, const_zero, j0, j1,
+                                                                   zm, y)
     y_row = np.int64(y.strides[0])
     x_tile = np.int64(xpk.strides[0])
-    ahead = np.int64(AHEAD_UNITS * unit_words) * w_row
     base_y, base_x = np.int64(y.ctypes.data), np.int64(xpk.ctypes.data)
     base_w, base_s, base_z = np.int64(qw.ctypes.data), np.int64(scales.ctypes.data), np.int64(zm.ctypes.data)
     for c in range(chunks.shape[0] - 1):
