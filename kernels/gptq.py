@@ -240,8 +240,7 @@ def kernels_for(plan, mode="exact", max_rows=None):
     return [d for name in names for d in table.dispatchers(name)]
 
 
-def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None, mode="exact",
-            strips_ok=True):
+def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None, strips_ok=True):
     """The kernel layout for one validated layer (see the module docstring).
 
     Zero-copy when every unit of packed rows lies in one group and groups come in few runs (no act-order, or
@@ -250,9 +249,8 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     tier: the CPU tier whose kernels run the layer (cpu.resolve; None: this process's).
-    mode: the mode the layer will mostly run in ("exact" or "int8"); a repacked layer is stored in column strips
-    (generic/strips.py) where table.strips_for says so for the tier and mode, unless strips_ok is False (tests
-    and benchmarks compare the two layouts).
+    A repacked layer is stored in column strips (generic/strips.py) where table.strips_for says so, unless
+    strips_ok is False (tests and benchmarks compare the two layouts).
     """
     tier = cpu.resolve(tier)
     n_in, n_out = len(g_idx), qweight.shape[1]
@@ -296,7 +294,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     keep = units > 0
     seg_group = np.flatnonzero(keep).astype(np.int64)                        # [S] non-empty groups
     seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
-    width = strips.STRIP if strips_ok and table.strips_for(tier, bits, n_out, mode) else n_out
+    width = strips.STRIP if strips_ok and table.strips_for(tier, bits, n_out) else n_out
     n_new = int(units.sum()) * unit_words
     new_qw = np.zeros((n_out // width * n_new, width), dtype=np.uint32)     # [S * R2, W] (generic/strips.py)
     (repack_rows if bits == 3 else repack_words)(qw, perm, bits, new_qw)   # 3 bits: codes straddle words
@@ -344,7 +342,7 @@ def repack_inplace(plan):
     exact in-place slabs. The copy lives for one call; its bytes are counted in the memory budget
     (model.streamed_repack_bytes)."""
     return prepare(plan.qw, plan.qzeros, plan.scales, plan.g_idx[:plan.n_in], plan.bits,
-                   "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True, tier=plan.tier, mode="int8")
+                   "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True, tier=plan.tier)
 
 
 def int8_copies_inplace(bits, n_out, tier=None):

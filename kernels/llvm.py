@@ -10,9 +10,7 @@ amx/); kernels/table.py never lets a tier call a kernel above it, and kernels/cp
 """
 
 from llvmlite import ir
-from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32 = ir.FloatType()
@@ -103,11 +101,3 @@ def f16_to_f32(builder, bits):
     body = builder.select(builder.icmp_unsigned(">=", em, _const(i32, 0x7C00)), special, builder.bitcast(scaled, i32))
     return builder.bitcast(builder.or_(body, sign), f32)
 
-
-@intrinsic
-def prefetch_line(typingctx, addr):
-    """prefetch() callable from a Numba function: ask for the cache line at the int64 byte address addr."""
-    def codegen(context, builder, signature, args):
-        prefetch(builder, args[0])
-        return context.get_dummy_value()
-    return types.void(types.intp), codegen

@@ -41,8 +41,8 @@ STRIP_TIERS = ("avx2",)   # tiers whose repacked 4-bit layers are stored in colu
                            # decode thread reads its columns as one run of memory. A 7B layer's seven matmuls,
                            # 1 row, 2 threads, Zen 4 capped to AVX2 (avx2/gemv.py on both layouts, one process):
                            # 4.3-4.7 against 5.3-5.8 ms at a quiet hour, 8.3 against 13.4 on a contended host;
-                           # 8 rows 18.8 against 19.5. int8 mode's decode (avx2/int8.py) reads strips slower (1 row
-                           # 5.2-6.4 against 4.4-5.4 ms), so a model loaded for int8 keeps the row-major layout
+                           # 8 rows 18.3-18.8 against 18.6-19.5; int8 mode's decode (avx2/int8.py), 1 row
+                           # 3.6-4.2 against 4.2-4.5 ms, 8 rows 10.3-10.7 against 10.9-11.3
 
 ALL_BITS = (2, 3, 4, 8)
 ANY_ROWS = (1, None)
@@ -256,10 +256,9 @@ def kernels_reading(layout):
     return frozenset(rule.kernel for rule in TABLE if rule.layout == layout)
 
 
-def strips_for(tier, bits, n_out, mode="exact"):
-    """Whether a repacked layer of this tier, bit width and width, loaded for this mode, is stored in column
-    strips (STRIP_TIERS; exact mode only: int8 decode reads the row-major layout faster, see STRIP_TIERS)."""
-    return tier in STRIP_TIERS and mode == "exact" and bits == 4 and n_out % 32 == 0
+def strips_for(tier, bits, n_out):
+    """Whether a repacked layer of this tier, bit width and width is stored in column strips (STRIP_TIERS)."""
+    return tier in STRIP_TIERS and bits == 4 and n_out % 32 == 0
 
 
 def int8_available(tier):

@@ -68,11 +68,9 @@ def test_exact_kernels_are_float32_x_at_w(n_in, n_out, group_size, sym):
         assert (np.abs(gptq.gptq_matmul(in_strips, x) - x64 @ w64) <= bound).all()
 
 
-def test_only_whole_strips_of_4_bit_layers_for_exact_mode_are_stored_so():
+def test_only_whole_strips_of_4_bit_layers_are_stored_so():
     rng = np.random.default_rng(4)
-    for bits, n_out, tier, mode in [(3, 64, "avx2", "exact"), (4, 80, "avx2", "exact"), (4, 64, "generic", "exact"),
-                                    (4, 64, "avx2", "int8")]:
+    for bits, n_out, tier in [(3, 64, "avx2"), (4, 80, "avx2"), (4, 64, "generic")]:
         layer = make_layer(rng, 256, n_out, bits, 64, act_order=True)
-        plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq", tier=tier,
-                            mode=mode)
+        plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq", tier=tier)
         assert plan.repacked and plan.strip == n_out and table.layer_of(plan).layout == "segments"

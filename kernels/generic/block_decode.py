@@ -6,18 +6,22 @@ output columns; per segment, per block of 4 packed rows, every activation row's 
 block's codes go into a float32 accumulator per row and column, 16 columns at a time while those words are in
 L1 (so a batch of N rows reads the weights from memory once), then the columns past the last multiple of 16 one
 at a time; per segment, fold_rows applies scale and zero. Each row's sums are added in the same order whatever N
-is, so a row's result does not depend on its batch. A plan in column strips (generic/strips.py) runs strip by
-strip within each segment (the segment's packed rows of one strip are one run of memory; a plan in strips has
-whole strips of 32 columns, so no column takes the scalar step); each output's sums are the same, in the same
-order.
+is, so a row's result does not depend on its batch.
+
+A plan in column strips (generic/strips.py) runs strip by strip instead, all segments of one strip before the
+next, so a thread reads its columns as one run of memory; each strip's fold of each segment is an LLVM
+intrinsic (_fold32) with fold_rows' float32 steps. A plan in strips has whole strips of 32 columns, so no
+column takes the scalar step. Each output's sums are the same, in the same order, bit for bit.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import strips
 from .. import llvm
-from .gptq_gemv import fold_rows
+from .gptq_gemv import _zero_code, fold_rows
 
 
 @njit(inline="always")
@@ -52,30 +56,80 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
         j0 = b * block
         bw = min(n_out, j0 + block) - j0
         vec = bw // 16 * 16
-        acc = np.zeros((n_rows, bw), dtype=np.float32)                    # [N, width]
+        acc = np.zeros((n_rows, width if width < bw else bw), dtype=np.float32)   # [N, strip or task width]
         zbuf = np.empty(bw, dtype=np.float32)
         base_acc = np.int64(acc.ctypes.data)
         for n in range(n_rows):
             y[n, j0:j0 + bw] = 0.0
-        for s in range(seg_group.shape[0]):
-            if width >= bw:                 # row-major: per block of 4 packed rows, every 16 columns of the task
-                for r in range(seg_start[s], seg_start[s + 1], 4):
-                    x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
-                    for jj in range(0, vec, 16):
-                        columns16(base_acc + jj * 4, bw * 4, base_w + strips.word_offset(width, n_packed, r, j0 + jj),
-                                  row_bytes, x_a, s_a, n_rows)
-                    for j in range(vec, bw):
-                        column(qw, r, j0 + j, codes, xs, acc, j)
-            else:                           # strips: per strip, the segment's packed rows (one run of memory),
-                for c in range(0, bw, width):   # while the same rows of the next strip are asked for
+        if width < bw:                      # strips: strip by strip, each one run of memory
+            for c in range(0, bw, width):
+                for s in range(seg_group.shape[0]):
                     for r in range(seg_start[s], seg_start[s + 1], 4):
-                        if c + width < bw:
-                            ahead = base_w + strips.word_offset(width, n_packed, r, j0 + c + width)
-                            for line in range(0, 4 * row_bytes, 64):
-                                llvm.prefetch_line(ahead + line)
                         x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
                         for jj in range(c, c + width, 16):
-                            columns16(base_acc + jj * 4, bw * 4,
+                            columns16(base_acc + (jj - c) * 4, width * 4,
                                       base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
                                       n_rows)
+                    _fold_strip(y, acc, s, seg_group[s], j0 + c, width, scales, qzeros, zero_add, const_zero, sumx,
+                                zbuf)
+            continue
+        for s in range(seg_group.shape[0]):
+            for r in range(seg_start[s], seg_start[s + 1], 4):    # row-major: every 16 columns of the task
+                x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
+                for jj in range(0, vec, 16):
+                    columns16(base_acc + jj * 4, bw * 4, base_w + strips.word_offset(width, n_packed, r, j0 + jj),
+                              row_bytes, x_a, s_a, n_rows)
+                for j in range(vec, bw):
+                    column(qw, r, j0 + j, codes, xs, acc, j)
             fold_rows(y, acc, s, seg_group[s], j0, bw, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
+
+
+@njit(inline="always")
+def _fold_strip(y, acc, s, g, j0, width, scales, qzeros, zero_add, const_zero, sumx, zbuf):
+    """fold_rows for the `width` (= STRIP) columns of one strip from j0, acc [N, width] (cleared for the next
+    segment): one _fold32 per row, inlined into the kernel. A call to fold_rows per strip and segment, or Numba
+    slices of y and acc, cost as much as the strip's dot products (their reference counts are atomic)."""
+    if const_zero < 0:
+        for j in range(width):
+            zbuf[j] = np.float32((_zero_code(qzeros[g], j0 + j, 4, qzeros.shape[1]) + zero_add) & 15)
+    sc_a = np.int64(scales.ctypes.data) + (g * scales.shape[1] + j0) * 2
+    for n in range(acc.shape[0]):
+        y_a, acc_a = np.int64(y.ctypes.data) + (n * y.shape[1] + j0) * 4, np.int64(acc.ctypes.data) + n * width * 4
+        if const_zero >= 0:
+            _fold32_const(y_a, acc_a, sc_a, np.int64(zbuf.ctypes.data), np.float32(const_zero), sumx[n, s])
+        else:
+            _fold32_zeros(y_a, acc_a, sc_a, np.int64(zbuf.ctypes.data), np.float32(const_zero), sumx[n, s])
+
+
+def _fold32(const):
+    """An intrinsic for 32 columns: y += s * (acc - z * sum_x), then acc = 0: the float32 steps of
+    gptq_gemv._fold_segment (z from the float32 row at z_a) or, const, of _fold_segment_const_zero (z * sum_x
+    once, z = const_zero), each instruction with the fast-math flags those fastmath=True loops carry, so LLVM
+    fuses them the same way and the bits are theirs (tests/test_kernels_strips.py compares with fold_rows)."""
+    @intrinsic
+    def fold32(typingctx, y_a, acc_a, sc_a, z_a, const_zero, sum_x):
+        def codegen(context, builder, signature, args):
+            y_a, acc_a, sc_a, z_a, cz, sx = args
+            fast = ("fast",)
+            v8f = llvm.vec(llvm.F32, 8)
+            sx8 = llvm.splat(builder, sx, v8f)
+            z_sum = llvm.splat(builder, builder.fmul(cz, sx, flags=fast), v8f)
+            for c in range(4):
+                acc = llvm.load(builder, llvm.offset(builder, acc_a, 32 * c), v8f)
+                if const:
+                    d = builder.fsub(acc, z_sum, flags=fast)
+                else:
+                    z = llvm.load(builder, llvm.offset(builder, z_a, 32 * c), v8f)
+                    d = builder.fsub(acc, builder.fmul(z, sx8, flags=fast), flags=fast)
+                sc = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_a, 16 * c),
+                                                        llvm.vec(llvm.I16, 8)))
+                y_c = llvm.offset(builder, y_a, 32 * c)
+                llvm.store(builder, builder.fadd(llvm.load(builder, y_c, v8f), builder.fmul(sc, d, flags=fast),
+                                                 flags=fast), y_c)
+                llvm.store(builder, ir.Constant(v8f, [0.0] * 8), llvm.offset(builder, acc_a, 32 * c))
+            return context.get_dummy_value()
+        return types.void(types.intp, types.intp, types.intp, types.intp, types.float32, types.float32), codegen
+    return fold32
+
+
+_fold32_const, _fold32_zeros = _fold32(True), _fold32(False)
