@@ -166,9 +166,10 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     """y [N, out] = x @ W for 4-bit "segments" plans, qw [S * R, W] in either layout of generic/strips.py:
     prange over column blocks (one per thread); per group of columns, segment, strip of 8 C columns and chunk of
     rows, the intrinsic above; columns past the last whole strip of a block take a scalar loop with the same
-    arithmetic. A group of columns is one strip of the layout (all its packed rows, then the next strip: the
-    thread reads one run of memory) or, row-major, the whole block (segment by segment, each of its packed rows
-    a stream of its own). Each output's sum runs over the segments in order either way."""
+    arithmetic. One row in strips: a group is one strip of the layout (all its packed rows, then the next
+    strip: the thread reads one run of memory). Otherwise the group is the whole block, segment by segment (in
+    strips each packed row's word in the next strip is prefetched). Each output's sum runs over the segments in
+    order either way."""
     n_rows = xs.shape[0]
     n_out = y.shape[1]
     width, n_packed = strips.shape_of(qw, n_out)

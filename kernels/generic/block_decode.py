@@ -28,8 +28,9 @@ from .gptq_gemv import _zero_code, fold_rows
 def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
                   columns16, column):
     """y [N, out] for qw [S * R, W] uint32 (4-bit codes, either layout of generic/strips.py), the activations of
-    the kernel's own layout xw [blocks, N, ...] int32 (int8 codes packed in fours) and xs [blocks, N, ...] float32 (their scales), sumx [N, S], and the
-    plan's segments (seg_start in packed rows, multiples of 4), scales, zeros; `block` output columns per task.
+    the kernel's own layout xw [blocks, N, ...] int32 (int8 codes packed in fours) and xs [blocks, N, ...]
+    float32 (their scales), sumx [N, S], and the plan's segments (seg_start in packed rows, multiples of 4),
+    scales, zeros; `block` output columns per task.
 
     The kernel's two steps, per block of 4 packed rows r..r+3 (block index r // 4):
         columns16(acc_addr, acc_row_bytes, w_addr, row_bytes, x_addr, s_addr, n_rows): 16 columns, every row:
