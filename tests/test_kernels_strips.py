@@ -74,3 +74,12 @@ def test_only_whole_strips_of_4_bit_layers_are_stored_so():
         layer = make_layer(rng, 256, n_out, bits, 64, act_order=True)
         plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq", tier=tier)
         assert plan.repacked and plan.strip == n_out and table.layer_of(plan).layout == "segments"
+
+
+def test_a_kernel_that_reads_only_rows_is_refused_by_name():
+    """gptq.run names the kernel and the layout instead of computing from words it would misread."""
+    _, _, in_strips, row_major = _plans(256, 64, 32, True, 5)
+    x = np.ones((2, 256), dtype=np.float32)
+    with pytest.raises(ValueError, match="kernel gemv does not read the strips layout"):
+        gptq.run("gemv", in_strips, x)
+    np.testing.assert_array_equal(gptq.run("gemv", row_major, x).shape, (2, 64))
