@@ -16,9 +16,9 @@ sums are still added in the same order, so the loop order changes no bit.
 One row on a plan in column strips (generic/strips.py, the avx2 tier's act-order layers) takes its own loop,
 _one_row_strips: per strip of 32 columns and segment, one intrinsic keeps the 4 accumulators in registers over
 all the segment's blocks and folds them there, with the same float32 steps in the same order, so the same bits.
-In cache it runs 3x faster than decode_blocks' steps (their acc round trip through memory per block and
-scalar zeros); from memory, a 7B layer's seven matmuls at 2 threads read at the memory's rate, 1.1-1.3x faster
-(capped AVX2 on Zen 4).
+In cache it runs 2-3x faster than decode_blocks' steps (their acc round trip through memory per block and
+scalar zeros); from memory a 7B layer's seven matmuls at 2 threads took 3.0-3.3 ms against 3.7-4.0 (capped
+AVX2 on Zen 4, one process; a parallel sum read the same bytes in 2.9-3.1 ms).
 
 Register budget, per half of 16 columns (8 columns, one ymm): the block's 8 code vectors (decoded once for
 all rows), 1 int16 accumulator, 2 broadcast activation words: 11 of the 16 ymm registers. Per row and 256
@@ -37,12 +37,11 @@ from ..generic.block_decode import decode_blocks
 from ..llvm import F32, I16, I32, I64, vec
 from ..vnni.int8 import _block_sum
 from ..vnni.int8_gemm import round_activations
-from .maddubs import code_bytes, dot_block
+from .maddubs import code_bytes, dot_block, dot_strip
 
 PREFETCH_BLOCKS = 2        # the same 16 columns this many blocks ahead are asked for (as vnni/int8.py does)
-AHEAD_BYTES = 1024         # one row on strips: each block of 4 packed rows (512 bytes) is asked for two blocks
-                           # ahead (0, 512, 2048 and 4096 were within the noise; without the prefetches 1.3x
-                           # slower on a contended host)
+TASK_STRIPS = 16           # one row on strips: strips per parallel task (4 to 32 within 5%; one task per
+                           # thread, as the other GEMVs run, was 3-6% slower)
 
 
 @intrinsic
@@ -101,16 +100,17 @@ def _strip_one_row(const):
     block and its scalar zeros cost a tenth of the layer.
 
     y_a: y at the strip's first column; w_a: the segment's first packed word of the strip (the next packed rows
-    w_st bytes further, each block asked for `ahead` bytes before it is read); n_blocks blocks of 4 packed rows;
+    w_st bytes further); n_blocks blocks of 4 packed rows;
     x_a, d_a: the segment's first block of xw and xscale (the next blocks x_st, d_st bytes further); sc_a: the
     group's fp16 scales of the strip; z_a: its first qzeros word; zero_add, const_zero, sum_x as fold_rows.
-    Register budget (16 ymm): 4 accumulators, 2 decoded code vectors (dot_block of one packed row at a time
-    once LLVM schedules it), 1 int16 sum, 2 broadcast activation words, 1 block scale."""
+    Register budget (16 ymm): 4 float32 accumulators, 4 int16 sums, 2 broadcast activation words, 2 code
+    vectors (maddubs.dot_strip), the block scale, the nibble mask.
+    No software prefetch: a strip is one run of memory, which the hardware prefetchers follow; asking for each
+    block 0.5-4 KB ahead made a 7B layer 8-12% slower (capped AVX2 on Zen 4, quiet host)."""
     @intrinsic
-    def strip(typingctx, y_a, w_a, w_st, ahead, n_blocks, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, const_zero,
-              sum_x):
+    def strip(typingctx, y_a, w_a, w_st, n_blocks, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, const_zero, sum_x):
         def codegen(context, builder, signature, args):
-            y_a, w_a, w_st, ahead, n_blocks, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sx = args
+            y_a, w_a, w_st, n_blocks, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sx = args
             fast = ("fast",)
             v8f, v8i = vec(F32, 8), vec(I32, 8)
             zero = ir.Constant(v8f, [0.0] * 8)
@@ -126,16 +126,10 @@ def _strip_one_row(const):
             for a in acc:
                 a.add_incoming(zero, pre)
             w_blk = builder.add(w_a, builder.mul(b, builder.mul(w_st, I64(4))))
-            for k in range(4):
-                row = builder.add(builder.add(w_blk, builder.mul(w_st, I64(k))), ahead)
-                for line in (0, 64):
-                    llvm.prefetch(builder, llvm.offset(builder, row, line))
             x_b = builder.add(x_a, builder.mul(b, x_st))
             d = llvm.splat(builder, llvm.load(builder, builder.add(d_a, builder.mul(b, d_st)), F32), v8f)
-            new = []
-            for h in range(4):                                                  # 8 columns each
-                t = dot_block(builder, code_bytes(builder, llvm.offset(builder, w_blk, 32 * h), w_st), x_b, 1)
-                new.append(builder.fadd(acc[h], builder.fmul(builder.sitofp(t[0], v8f), d)))
+            t = dot_strip(builder, w_blk, w_st, x_b, 4)                         # 4 x 8 columns
+            new = [builder.fadd(acc[h], builder.fmul(builder.sitofp(t[h], v8f), d)) for h in range(4)]
             b_next = builder.add(b, I64(1))
             end = builder.block
             builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, fold)
@@ -165,7 +159,7 @@ def _strip_one_row(const):
                 llvm.store(builder, builder.fadd(llvm.load(builder, y_c, v8f), builder.fmul(sc, dz, flags=fast),
                                                  flags=fast), y_c)
             return context.get_dummy_value()
-        sig = types.void(*([types.intp] * 12), types.float32, types.float32)
+        sig = types.void(*([types.intp] * 11), types.float32, types.float32)
         return sig, codegen
     return strip
 
@@ -174,8 +168,7 @@ _strip_const, _strip_zeros = _strip_one_row(True), _strip_one_row(False)
 
 
 @njit(inline="always")
-def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
-                    ahead):
+def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
     """One activation row on a plan in strips: prange over column blocks; per strip, per segment, one
     _strip_one_row (the accumulators in registers over the segment, then the fold)."""
     n_out = y.shape[1]
@@ -199,11 +192,9 @@ def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, 
                 sc_a, z_a = base_sc + g * sc_st + c * 2, base_z + g * z_st + (c // 8) * 4
                 nb = (seg_start[s + 1] - u0) // 4
                 if cz >= 0:
-                    _strip_const(base_y + c * 4, w_a, w_st, ahead, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
-                                 sumx[0, s])
+                    _strip_const(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sumx[0, s])
                 else:
-                    _strip_zeros(base_y + c * 4, w_a, w_st, ahead, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
-                                 sumx[0, s])
+                    _strip_zeros(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sumx[0, s])
 
 
 @njit(inline="always")
@@ -222,8 +213,8 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
     (_int8_rows16, and _int8_column past the last multiple of 16 columns). xw [blocks, N, 8] int32, xscale
     [blocks, N], sumx [N, S] from quantize_rows."""
     if xw.shape[1] == 1 and qw.shape[1] < y.shape[1]:
-        _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
-                        np.int64(AHEAD_BYTES))
+        _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
+                        TASK_STRIPS * qw.shape[1], y)
     else:
         decode_blocks(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
                       _int8_rows16, _int8_column)

@@ -69,3 +69,29 @@ def dot_block(builder, codes, x_addr, pieces):
             sums[p] = both if sums[p] is None else builder.add(sums[p], both)   # |lane| <= 8 * 3810 = 30480
     ones = ir.Constant(V16S, [1] * 16)
     return [llvm.call(builder, MADDWD, [sums[p], ones], V8I) for p in range(pieces)]
+
+
+def dot_strip(builder, w_addr, row_bytes, x_addr, vecs):
+    """dot_block's int32 sums (one row, one piece) for `vecs` x 8 side-by-side columns, in the order that fits
+    16 registers when the columns are many: packed row by packed row, each row's two activation words broadcast
+    once and its codes decoded just before their two vpmaddubsw, into one int16 sum per 8 columns. Live: `vecs`
+    int16 sums, 2 activation words, 2 code vectors (dot_block over the columns one 8 after another would keep
+    each block's 8 activation words, and LLVM spilled). The integer sums are dot_block's exactly (int16 and
+    int32 additions are exact within maddubs.py's bound, in any order)."""
+    mask = ir.Constant(V8I, [0x0F0F0F0F] * 8)
+    four = ir.Constant(V8I, [4] * 8)
+    sums = [None] * vecs
+    for k in range(WORDS):
+        xe = builder.bitcast(llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_addr, 8 * k), I32), V8I),
+                             V32B)
+        xo = builder.bitcast(llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_addr, 8 * k + 4), I32),
+                                        V8I), V32B)
+        row = builder.add(w_addr, builder.mul(row_bytes, llvm.I64(k)))
+        for c in range(vecs):
+            w = llvm.load(builder, llvm.offset(builder, row, 32 * c), V8I)
+            even = builder.bitcast(builder.and_(w, mask), V32B)
+            odd = builder.bitcast(builder.and_(builder.lshr(w, four), mask), V32B)
+            both = builder.add(llvm.call(builder, MADDUBS, [even, xe], V16S), llvm.call(builder, MADDUBS, [odd, xo], V16S))
+            sums[c] = both if sums[c] is None else builder.add(sums[c], both)
+    ones = ir.Constant(V16S, [1] * 16)
+    return [llvm.call(builder, MADDWD, [sums[c], ones], V8I) for c in range(vecs)]
