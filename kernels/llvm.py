@@ -65,6 +65,39 @@ def prefetch(builder, addr):
     builder.call(fn, [builder.inttoptr(addr, I8P), I32(0), I32(3), I32(1)])
 
 
+def sum_loop(builder, n, count, vty, body, name="loop"):
+    """for i in 0 .. n - 1: accs = body(i, accs), `count` accumulators of type vty starting at zero, as an LLVM
+    loop that keeps them in phi nodes (so in registers, where a Numba loop around an intrinsic would send them
+    through memory each step). Returns the final accumulators (zero when n <= 0) with the builder after the
+    loop. body(i, accs) emits one step for the i64 counter i and returns the new accumulators."""
+    zero = _const(vty, 0.0)
+    pre = builder.block
+    loop = builder.append_basic_block(name)
+    after = builder.append_basic_block(name + "_done")
+    builder.cbranch(builder.icmp_signed(">", n, I64(0)), loop, after)
+    builder.position_at_end(loop)
+    i = builder.phi(I64)
+    i.add_incoming(I64(0), pre)
+    accs = [builder.phi(vty) for _ in range(count)]
+    for a in accs:
+        a.add_incoming(zero, pre)
+    new = body(i, accs)
+    i_next = builder.add(i, I64(1))
+    end = builder.block
+    builder.cbranch(builder.icmp_signed("<", i_next, n), loop, after)
+    i.add_incoming(i_next, end)
+    for a, v in zip(accs, new):
+        a.add_incoming(v, end)
+    builder.position_at_end(after)
+    done = []
+    for v in new:
+        d = builder.phi(vty)
+        d.add_incoming(zero, pre)
+        d.add_incoming(v, end)
+        done.append(d)
+    return done
+
+
 def _const(ty, value):
     """value as a constant of ty, a scalar type or a vector of it."""
     if isinstance(ty, ir.VectorType):

@@ -61,51 +61,30 @@ def _strip(rows, vecs):
         zero_add 1 for AutoGPTQ's stored zero - 1; const_zero >= 0: every zero is that, qzeros unread."""
         def codegen(context, builder, signature, args):
             y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, const_zero = args
-            zero = ir.Constant(V8F, [0.0] * LANES)
-            pre = builder.block
-            loop = builder.append_basic_block("packed_rows")
-            fold = builder.append_basic_block("fold")
-            builder.cbranch(builder.icmp_signed(">", n_packed, I64(0)), loop, fold)
 
-            builder.position_at_end(loop)
-            i = builder.phi(I64)
-            i.add_incoming(I64(0), pre)
-            acc = [[builder.phi(V8F) for _ in range(vecs)] for _ in range(rows)]
-            for r in range(rows):
-                for c in range(vecs):
-                    acc[r][c].add_incoming(zero, pre)
-            w_row = builder.add(w_a, builder.mul(i, w_st))
-            for line in range(0, 32 * vecs, 64):
-                llvm.prefetch(builder, llvm.offset(builder, builder.add(w_row, ahead), line))
-            words = [llvm.load(builder, llvm.offset(builder, w_row, 32 * c), V8I) for c in range(vecs)]
-            x_row = [builder.add(builder.add(x_a, builder.mul(I64(r), x_st)), builder.mul(i, I64(32)))
-                     for r in range(rows)]
-            new = [list(acc[r]) for r in range(rows)]
-            for t in range(8):
-                xb = [llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_row[r], 4 * t), F32), V8F)
-                      for r in range(rows)]
-                for c in range(vecs):
-                    if t < 7:
-                        code = builder.and_(words[c], ir.Constant(V8I, [15 << (4 * t)] * LANES))
-                    else:
-                        code = builder.lshr(words[c], ir.Constant(V8I, [28] * LANES))
-                    f = builder.sitofp(code, V8F)                                   # q * 16^t, exact
-                    for r in range(rows):
-                        new[r][c] = llvm.call(builder, "llvm.fma.v8f32", [f, xb[r], new[r][c]], V8F)
-            i_next = builder.add(i, I64(1))
-            end = builder.block
-            builder.cbranch(builder.icmp_signed("<", i_next, n_packed), loop, fold)
-            i.add_incoming(i_next, end)
-            for r in range(rows):
-                for c in range(vecs):
-                    acc[r][c].add_incoming(new[r][c], end)
+            def packed_row(i, flat):                                            # flat: [rows * vecs]
+                acc = [flat[r * vecs:(r + 1) * vecs] for r in range(rows)]
+                w_row = builder.add(w_a, builder.mul(i, w_st))
+                for line in range(0, 32 * vecs, 64):
+                    llvm.prefetch(builder, llvm.offset(builder, builder.add(w_row, ahead), line))
+                words = [llvm.load(builder, llvm.offset(builder, w_row, 32 * c), V8I) for c in range(vecs)]
+                x_row = [builder.add(builder.add(x_a, builder.mul(I64(r), x_st)), builder.mul(i, I64(32)))
+                         for r in range(rows)]
+                for t in range(8):
+                    xb = [llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_row[r], 4 * t), F32), V8F)
+                          for r in range(rows)]
+                    for c in range(vecs):
+                        if t < 7:
+                            code = builder.and_(words[c], ir.Constant(V8I, [15 << (4 * t)] * LANES))
+                        else:
+                            code = builder.lshr(words[c], ir.Constant(V8I, [28] * LANES))
+                        f = builder.sitofp(code, V8F)                               # q * 16^t, exact
+                        for r in range(rows):
+                            acc[r][c] = llvm.call(builder, "llvm.fma.v8f32", [f, xb[r], acc[r][c]], V8F)
+                return [a for row in acc for a in row]
 
-            builder.position_at_end(fold)
-            done = [[builder.phi(V8F) for _ in range(vecs)] for _ in range(rows)]
-            for r in range(rows):
-                for c in range(vecs):
-                    done[r][c].add_incoming(zero, pre)
-                    done[r][c].add_incoming(new[r][c], end)
+            flat = llvm.sum_loop(builder, n_packed, rows * vecs, V8F, packed_row, "packed_rows")
+            done = [flat[r * vecs:(r + 1) * vecs] for r in range(rows)]
             shifts = ir.Constant(V8I, [4 * k for k in range(LANES)])
             fifteen = ir.Constant(V8I, [15] * LANES)
             use_const = builder.fcmp_ordered(">=", const_zero, ir.Constant(F32, 0.0))

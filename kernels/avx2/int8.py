@@ -113,35 +113,15 @@ def _strip_one_row(const):
             y_a, w_a, w_st, n_blocks, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sx = args
             fast = ("fast",)
             v8f, v8i = vec(F32, 8), vec(I32, 8)
-            zero = ir.Constant(v8f, [0.0] * 8)
-            pre = builder.block
-            loop = builder.append_basic_block("blocks")
-            fold = builder.append_basic_block("fold")
-            builder.cbranch(builder.icmp_signed(">", n_blocks, I64(0)), loop, fold)
 
-            builder.position_at_end(loop)
-            b = builder.phi(I64)
-            b.add_incoming(I64(0), pre)
-            acc = [builder.phi(v8f) for _ in range(4)]
-            for a in acc:
-                a.add_incoming(zero, pre)
-            w_blk = builder.add(w_a, builder.mul(b, builder.mul(w_st, I64(4))))
-            x_b = builder.add(x_a, builder.mul(b, x_st))
-            d = llvm.splat(builder, llvm.load(builder, builder.add(d_a, builder.mul(b, d_st)), F32), v8f)
-            t = dot_strip(builder, w_blk, w_st, x_b, 4)                         # 4 x 8 columns
-            new = [builder.fadd(acc[h], builder.fmul(builder.sitofp(t[h], v8f), d)) for h in range(4)]
-            b_next = builder.add(b, I64(1))
-            end = builder.block
-            builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, fold)
-            b.add_incoming(b_next, end)
-            for h in range(4):
-                acc[h].add_incoming(new[h], end)
+            def block(b, acc):                                                  # one block of 4 packed rows
+                w_blk = builder.add(w_a, builder.mul(b, builder.mul(w_st, I64(4))))
+                x_b = builder.add(x_a, builder.mul(b, x_st))
+                d = llvm.splat(builder, llvm.load(builder, builder.add(d_a, builder.mul(b, d_st)), F32), v8f)
+                t = dot_strip(builder, w_blk, w_st, x_b, 4)                     # 4 x 8 columns
+                return [builder.fadd(acc[h], builder.fmul(builder.sitofp(t[h], v8f), d)) for h in range(4)]
 
-            builder.position_at_end(fold)
-            done = [builder.phi(v8f) for _ in range(4)]
-            for c in range(4):
-                done[c].add_incoming(zero, pre)
-                done[c].add_incoming(new[c], end)
+            done = llvm.sum_loop(builder, n_blocks, 4, v8f, block, "blocks")
             sx8 = llvm.splat(builder, sx, v8f)
             z_sum = llvm.splat(builder, builder.fmul(cz, sx, flags=fast), v8f)
             shifts = ir.Constant(v8i, [4 * k for k in range(8)])
