@@ -33,6 +33,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import llvm
+from ..generic.block_decode import zeros8_ir
 from ..generic.gptq_gemv import _zero_code
 from ..generic.gptq_inplace import fma_f32
 from ..generic import strips
@@ -85,14 +86,10 @@ def _strip(rows, vecs):
 
             flat = llvm.sum_loop(builder, n_packed, rows * vecs, V8F, packed_row, "packed_rows")
             done = [flat[r * vecs:(r + 1) * vecs] for r in range(rows)]
-            shifts = ir.Constant(V8I, [4 * k for k in range(LANES)])
-            fifteen = ir.Constant(V8I, [15] * LANES)
             use_const = builder.fcmp_ordered(">=", const_zero, ir.Constant(F32, 0.0))
-            add = llvm.splat(builder, builder.trunc(zero_add, I32), V8I)
             for c in range(vecs):
                 s = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_a, 16 * c), vec(I16, LANES)))
-                word = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, z_a, 4 * c), I32), V8I)
-                unpacked = builder.sitofp(builder.and_(builder.add(builder.lshr(word, shifts), add), fifteen), V8F)
+                unpacked = zeros8_ir(builder, z_a, c, zero_add)
                 z = builder.select(use_const, llvm.splat(builder, const_zero, V8F), unpacked)
                 for r in range(rows):
                     sx = llvm.splat(builder, llvm.load(builder, builder.add(sx_a, builder.mul(I64(r), sx_st)), F32),

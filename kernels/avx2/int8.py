@@ -26,15 +26,14 @@ weights: 8 vpmaddubsw, 7 vpaddw, 1 vpmaddwd, 8 broadcasts (loads) and the fold.
 """
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
 from ..generic import strips
-from ..generic.block_decode import decode_blocks
-from ..llvm import F32, I16, I32, I64, vec
+from ..generic.block_decode import decode_blocks, fold8_ir, zeros8_ir
+from ..llvm import F32, I64, vec
 from ..vnni.int8 import _block_sum
 from ..vnni.int8_gemm import round_activations
 from .maddubs import code_bytes, dot_block, dot_strip
@@ -93,10 +92,10 @@ def _strip_one_row(const):
     """An intrinsic for one activation row, one segment and one strip of 32 columns (generic/strips.py):
         acc[0:32] = sum over the segment's blocks b of d_b * float32(sum_{i in b} xq_i * q_ij)
         y[0:32] += s_j * (acc_j - z_j * sum_x)
-    the sums and steps of _int8_rows16 then block_decode._fold32 (const: every zero is const_zero), in the same
-    order with the same float32 instructions, so the bits are decode_blocks'. The 4 accumulators of 8 columns
-    stay in registers over the segment (an LLVM loop with them in phi nodes), and the 32 zeros are unpacked from
-    their 4 qzeros words with vector shifts: with one row, decode_blocks' acc round trip through memory per
+    the sums and steps of _int8_rows16 then block_decode's fold (fold8_ir; const: every zero is const_zero), in
+    the same order with the same float32 instructions, so the bits are decode_blocks'. The 4 accumulators of 8
+    columns stay in registers over the segment (llvm.sum_loop), and the 32 zeros are unpacked from their 4
+    qzeros words with vector shifts (zeros8_ir): with one row, decode_blocks' acc round trip through memory per
     block and its scalar zeros cost a tenth of the layer.
 
     y_a: y at the strip's first column; w_a: the segment's first packed word of the strip (the next packed rows
@@ -112,7 +111,7 @@ def _strip_one_row(const):
         def codegen(context, builder, signature, args):
             y_a, w_a, w_st, n_blocks, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sx = args
             fast = ("fast",)
-            v8f, v8i = vec(F32, 8), vec(I32, 8)
+            v8f = vec(F32, 8)
 
             def block(b, acc):                                                  # one block of 4 packed rows
                 w_blk = builder.add(w_a, builder.mul(b, builder.mul(w_st, I64(4))))
@@ -124,20 +123,10 @@ def _strip_one_row(const):
             done = llvm.sum_loop(builder, n_blocks, 4, v8f, block, "blocks")
             sx8 = llvm.splat(builder, sx, v8f)
             z_sum = llvm.splat(builder, builder.fmul(cz, sx, flags=fast), v8f)
-            shifts = ir.Constant(v8i, [4 * k for k in range(8)])
-            fifteen = ir.Constant(v8i, [15] * 8)
-            add = llvm.splat(builder, builder.trunc(zero_add, I32), v8i)
             for c in range(4):
-                if const:
-                    dz = builder.fsub(done[c], z_sum, flags=fast)
-                else:
-                    word = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, z_a, 4 * c), I32), v8i)
-                    z = builder.sitofp(builder.and_(builder.add(builder.lshr(word, shifts), add), fifteen), v8f)
-                    dz = builder.fsub(done[c], builder.fmul(z, sx8, flags=fast), flags=fast)
-                sc = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_a, 16 * c), vec(I16, 8)))
-                y_c = llvm.offset(builder, y_a, 32 * c)
-                llvm.store(builder, builder.fadd(llvm.load(builder, y_c, v8f), builder.fmul(sc, dz, flags=fast),
-                                                 flags=fast), y_c)
+                z_term = z_sum if const else builder.fmul(zeros8_ir(builder, z_a, c, zero_add), sx8, flags=fast)
+                fold8_ir(builder, done[c], z_term, llvm.offset(builder, sc_a, 16 * c),
+                         llvm.offset(builder, y_a, 32 * c))
             return context.get_dummy_value()
         sig = types.void(*([types.intp] * 11), types.float32, types.float32)
         return sig, codegen
@@ -172,9 +161,11 @@ def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, 
                 sc_a, z_a = base_sc + g * sc_st + c * 2, base_z + g * z_st + (c // 8) * 4
                 nb = (seg_start[s + 1] - u0) // 4
                 if cz >= 0:
-                    _strip_const(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sumx[0, s])
+                    _strip_const(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
+                                 sumx[0, s])
                 else:
-                    _strip_zeros(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz, sumx[0, s])
+                    _strip_zeros(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
+                                 sumx[0, s])
 
 
 @njit(inline="always")
@@ -190,8 +181,9 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
     """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: generic/
     block_decode's loops (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every
     row's integer dot product on codes decoded once, then the fold per row) with this file's steps
-    (_int8_rows16, and _int8_column past the last multiple of 16 columns). xw [blocks, N, 8] int32, xscale
-    [blocks, N], sumx [N, S] from quantize_rows."""
+    (_int8_rows16, and _int8_column past the last multiple of 16 columns); one row on a plan in strips runs
+    _one_row_strips instead (same bits). xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S] from
+    quantize_rows."""
     if xw.shape[1] == 1 and qw.shape[1] < y.shape[1]:
         _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
                         TASK_STRIPS * qw.shape[1], y)

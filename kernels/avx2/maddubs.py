@@ -91,7 +91,8 @@ def dot_strip(builder, w_addr, row_bytes, x_addr, vecs):
             w = llvm.load(builder, llvm.offset(builder, row, 32 * c), V8I)
             even = builder.bitcast(builder.and_(w, mask), V32B)
             odd = builder.bitcast(builder.and_(builder.lshr(w, four), mask), V32B)
-            both = builder.add(llvm.call(builder, MADDUBS, [even, xe], V16S), llvm.call(builder, MADDUBS, [odd, xo], V16S))
+            both = builder.add(llvm.call(builder, MADDUBS, [even, xe], V16S),
+                               llvm.call(builder, MADDUBS, [odd, xo], V16S))
             sums[c] = both if sums[c] is None else builder.add(sums[c], both)
     ones = ir.Constant(V16S, [1] * 16)
     return [llvm.call(builder, MADDWD, [sums[c], ones], V8I) for c in range(vecs)]

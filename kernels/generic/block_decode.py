@@ -103,11 +103,32 @@ def _fold_strip(y, acc, s, g, j0, width, scales, qzeros, zero_add, const_zero, s
             _fold32_zeros(y_a, acc_a, sc_a, np.int64(zbuf.ctypes.data), np.float32(const_zero), sumx[n, s])
 
 
+def zeros8_ir(builder, z_a, c, zero_add):
+    """LLVM IR: the true zeros of columns 8c .. 8c + 7 as <8 x float>, from 4-bit qzeros word c of the row at
+    z_a: (code + zero_add) & 15, what _zero_code and fold_rows give, by vector shifts."""
+    v8i = llvm.vec(llvm.I32, 8)
+    word = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, z_a, 4 * c), llvm.I32), v8i)
+    codes = builder.lshr(word, ir.Constant(v8i, [4 * k for k in range(8)]))
+    add = llvm.splat(builder, builder.trunc(zero_add, llvm.I32), v8i)
+    return builder.sitofp(builder.and_(builder.add(codes, add), ir.Constant(v8i, [15] * 8)), llvm.vec(llvm.F32, 8))
+
+
+def fold8_ir(builder, acc, z_term, sc_a, y_a):
+    """LLVM IR: y[0:8] += s * (acc - z_term) for the 8 float32 at y_a and the 8 fp16 scales at sc_a: fold_rows'
+    float32 steps (z_term is z * sum_x, or the one product of a layer's constant zero), each instruction with
+    the fast-math flags those fastmath=True loops carry, so LLVM fuses them the same way and the bits are
+    theirs (tests/test_kernels_strips.py compares with fold_rows)."""
+    fast = ("fast",)
+    d = builder.fsub(acc, z_term, flags=fast)
+    sc = llvm.f16_to_f32(builder, llvm.load(builder, sc_a, llvm.vec(llvm.I16, 8)))
+    y = llvm.load(builder, y_a, acc.type)
+    llvm.store(builder, builder.fadd(y, builder.fmul(sc, d, flags=fast), flags=fast), y_a)
+
+
 def _fold32(const):
-    """An intrinsic for 32 columns: y += s * (acc - z * sum_x), then acc = 0: the float32 steps of
+    """An intrinsic for 32 columns: y += s * (acc - z * sum_x), then acc = 0, by fold8_ir: the steps of
     gptq_gemv._fold_segment (z from the float32 row at z_a) or, const, of _fold_segment_const_zero (z * sum_x
-    once, z = const_zero), each instruction with the fast-math flags those fastmath=True loops carry, so LLVM
-    fuses them the same way and the bits are theirs (tests/test_kernels_strips.py compares with fold_rows)."""
+    once, z = const_zero)."""
     @intrinsic
     def fold32(typingctx, y_a, acc_a, sc_a, z_a, const_zero, sum_x):
         def codegen(context, builder, signature, args):
@@ -119,15 +140,10 @@ def _fold32(const):
             for c in range(4):
                 acc = llvm.load(builder, llvm.offset(builder, acc_a, 32 * c), v8f)
                 if const:
-                    d = builder.fsub(acc, z_sum, flags=fast)
+                    z_term = z_sum
                 else:
-                    z = llvm.load(builder, llvm.offset(builder, z_a, 32 * c), v8f)
-                    d = builder.fsub(acc, builder.fmul(z, sx8, flags=fast), flags=fast)
-                sc = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_a, 16 * c),
-                                                        llvm.vec(llvm.I16, 8)))
-                y_c = llvm.offset(builder, y_a, 32 * c)
-                llvm.store(builder, builder.fadd(llvm.load(builder, y_c, v8f), builder.fmul(sc, d, flags=fast),
-                                                 flags=fast), y_c)
+                    z_term = builder.fmul(llvm.load(builder, llvm.offset(builder, z_a, 32 * c), v8f), sx8, flags=fast)
+                fold8_ir(builder, acc, z_term, llvm.offset(builder, sc_a, 16 * c), llvm.offset(builder, y_a, 32 * c))
                 llvm.store(builder, ir.Constant(v8f, [0.0] * 8), llvm.offset(builder, acc_a, 32 * c))
             return context.get_dummy_value()
         return types.void(types.intp, types.intp, types.intp, types.intp, types.float32, types.float32), codegen
