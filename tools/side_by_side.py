@@ -122,6 +122,20 @@ def main():
         write_records(a, recs, theirs, ours, load, modes)
 
 
+def median_row(row, rounds):
+    """The last round's row of bench generate with the median tokens/s of every round (kept as
+    rounds_tokens_per_s), and what derives from tokens/s (seconds, GEMM GFLOP/s, weights GB/s and their
+    fractions of the machine) scaled to that median, so that one line states one run, not the last round."""
+    median = statistics.median(rounds)
+    f = median / row["tokens_per_s"]
+    out = {k: v for k, v in row.items() if k != "samples_s"}
+    out.update(tokens_per_s=round(median, 2), rounds_tokens_per_s=list(rounds), seconds=round(row["seconds"] / f, 4))
+    for k, digits in (("gemm_gflops", 1), ("weights_gbps", 2), ("fraction_of_blas", 3), ("fraction_of_memory_bw", 3)):
+        if k in row:
+            out[k] = round(row[k] * f, digits)
+    return out
+
+
 def write_records(a, recs, theirs, ours, load, modes):
     """One line per mode: the last bench generate record of that mode with the medians of every round, and
     the fields tools/perf_tables.py adds (tier, date, commit, machine, load, llama_cpp, model, note)."""
@@ -131,8 +145,7 @@ def write_records(a, recs, theirs, ours, load, modes):
     with open(a.record, "a") as f:
         for mode in modes:
             rec = dict([r for r in recs if r["gptq_mode"] == mode][-1])
-            rec["rows"] = [dict(r, tokens_per_s=round(statistics.median(ours[mode][r["test"]]), 2))
-                           for r in rec["rows"]]
+            rec["rows"] = [median_row(r, ours[mode][r["test"]]) for r in rec["rows"]]
             rec.update(tier=rec.get("cpu_tier"), date=datetime.date.today().isoformat(), commit=commit,
                        machine=a.machine or rec.get("cpu_name"), load=[round(min(load), 2), round(max(load), 2)],
                        model=a.model, llama_cpp={k: round(statistics.median(v), 2) for k, v in theirs.items()},
