@@ -197,6 +197,18 @@ def _cap_from_environment():
 
 
 
+@functools.lru_cache(maxsize=None)
+def fast_subnormals():
+    """Whether this CPU multiplies subnormal float32 operands at full speed (AMD Zen: yes; Intel cores take a
+    microcode assist), measured once by a timing probe (generic/subnormal.py). The AVX2 decode
+    (avx2/gemv.py) feeds codes to its FMAs as subnormal floats only where this holds; its results are the
+    same bits either way."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    from .generic.subnormal import subnormal_operands_fast
+    return subnormal_operands_fast()
+
+
 def host_name():
     """LLVM's name for this CPU (znver3, sapphirerapids, ...), for benchmark records."""
     import llvmlite.binding as ll

@@ -296,7 +296,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
     width = strips.STRIP if strips_ok and table.strips_for(tier, bits, n_out) else n_out
     n_new = int(units.sum()) * unit_words
-    new_qw = np.zeros((n_out // width * n_new, width), dtype=np.uint32)     # [S * R2, W] (generic/strips.py)
+    new_qw = strips.zeros_aligned((n_out // width * n_new, width), np.uint32)   # [S * R2, W] (generic/strips.py)
     (repack_rows if bits == 3 else repack_words)(qw, perm, bits, new_qw)   # 3 bits: codes straddle words
     gather = np.where(perm >= 0, perm, n_in)                                 # [padded] see permute_x
     plan = SegmentsPlan(bits=bits, qw=new_qw, n_in=n_in, n_padded=len(perm), seg_start=seg_start,

@@ -69,8 +69,10 @@ KERNELS = {
                            ("generic.gptq_inplace:gemv_inplace",)),
     "blas_slabs_inplace": Kernel("generic/gptq_inplace.py", "slabs dequantized through g_idx, then BLAS",
                                  ("generic.gptq_inplace:dequantize_slab_inplace",)),
-    "gemv_avx2": Kernel("avx2/gemv.py", "exact decode: codes decoded once by AND + convert, one FMA a row",
-                        ("avx2.gemv:scale_rows", "avx2.gemv:gemv_fma")),
+    "gemv_avx2": Kernel("avx2/gemv.py", "exact decode: codes decoded once by AND + convert, one FMA a row "
+                        "(one row where subnormal operands are fast: AND + FMA on 64 columns)",
+                        ("avx2.gemv:scale_rows", "avx2.gemv:scale_rows_subnormal", "avx2.gemv:gemv_fma",
+                         "generic.subnormal:_multiply_add")),
     "tiles_avx2": Kernel("avx2/tiles.py", "6 x 16 float32 register tiles decoding the codes",
                          ("avx512.gptq_tiles:pack_x", "avx2.tiles:slab_segments")),
     "tiles_avx2_inplace": Kernel("avx2/tiles.py", "6 x 16 register tiles, codes read through g_idx",

@@ -145,6 +145,85 @@ def test_a_row_does_not_depend_on_its_batch():
     np.testing.assert_array_equal(_int8_matmul(avx2_int8, plan, xp, 32), np.concatenate(alone))
 
 
+# layers for the one-row kernel on subnormal codes: row-major with a 13-column tail, strips (symmetric and not)
+SUBNORMAL_LAYERS = [(256, 77, 32, True, False), (512, 128, 128, True, True), (1024, 352, 128, True, False),
+                    (384, 256, 128, False, False)]
+
+
+def _prepared(n_in, n_out, group_size, act_order, sym, seed):
+    rng = np.random.default_rng(seed)
+    layer = make_layer(rng, n_in, n_out, 4, group_size, act_order=act_order, sym=sym)
+    return rng, gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                             tier="avx2")
+
+
+@pytest.mark.parametrize("n_in,n_out,group_size,act_order,sym", SUBNORMAL_LAYERS)
+def test_one_row_on_subnormal_codes_has_the_conversion_kernels_bits(n_in, n_out, group_size, act_order, sym):
+    """The one-row kernel that reads masked codes as subnormal floats scales every product and partial sum by
+    the same power of two as the kernel that converts them: the same bits, for blocks that hold pairs of
+    strips and leftovers (64, 96, 160, the whole layer), activations over many binades, and those scaled up
+    to about 2^82 and down to 2^-80."""
+    rng, plan = _prepared(n_in, n_out, group_size, act_order, sym, n_in + 3 * n_out)
+    for scale in (1.0, 2.0 ** 60, 2.0 ** -60):
+        x = (_wide(rng, (1, n_in)) * scale).astype(np.float32)
+        for block in (64, 96, 160, n_out):
+            np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, x, block, subnormal=True),
+                                          avx2_gemv.gptq_matmul_fma(plan, x, block, subnormal=False))
+
+
+def test_one_row_pairs_read_only_their_own_activations():
+    """With every column in pairs of strips, the result comes from the subnormal-code kernel alone: the
+    conversion kernel's activations are NaN and the output is still the exact one (so the test above compares
+    two kernels, not one with itself)."""
+    rng, plan = _prepared(512, 128, 128, True, False, 4)
+    x = _wide(rng, (1, 512))
+    gather = np.where(plan.perm >= 0, plan.perm, plan.n_in)
+    xs = np.full((1, plan.n_padded), np.nan, dtype=np.float32)
+    sumx = np.empty((1, len(plan.seg_group)), dtype=np.float32)
+    avx2_gemv.scale_rows(x, gather, plan.seg_start, np.empty_like(xs), sumx)
+    xsub, unscale = np.empty((1, plan.n_padded), dtype=np.float32), np.empty(1, dtype=np.float32)
+    avx2_gemv.scale_rows_subnormal(x, gather, xsub, unscale)
+    y = np.empty((1, 128), dtype=np.float32)
+    avx2_gemv.gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
+                       plan.const_zero, 128, y, xsub, unscale, avx2_gemv.SUB_MASKS)
+    np.testing.assert_array_equal(y, avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=False))
+    assert plan.qw.ctypes.data % 64 == 0                      # repacked strips start on a cache line
+
+
+def test_one_row_on_subnormal_codes_with_denormals_are_zero_set():
+    """A thread whose MXCSR has DAZ set (flush-to-zero asked for by another library) reads subnormal operands as
+    zero: the kernel clears DAZ for its task and puts it back after. One thread, so that the task runs on
+    the thread whose DAZ is set here."""
+    import numba
+    from numba import njit
+
+    @njit
+    def product(a, b):
+        return a * b
+
+    @njit
+    def set_daz(on):
+        old = avx2_gemv._clear_daz()                          # returns MXCSR as it was, DAZ now cleared
+        avx2_gemv._restore_mxcsr((old | avx2_gemv.DAZ) if on else (old & ~avx2_gemv.DAZ))
+
+    rng, plan = _prepared(512, 128, 128, True, False, 6)
+    x = _wide(rng, (1, 512))
+    expected = avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=False)
+    tiny = np.float32(1e-40)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        set_daz(True)
+        assert product(tiny, np.float32(1e30)) == 0.0        # DAZ is on for this thread
+        y = avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=True)
+        assert product(tiny, np.float32(1e30)) == 0.0        # and still on after the kernel
+    finally:
+        set_daz(False)
+        numba.set_num_threads(threads)
+    assert product(tiny, np.float32(1e30)) > 0.0
+    np.testing.assert_array_equal(y, expected)
+
+
 def _int8_matmul(module, plan, xp, block):
     return module.gptq_matmul_int8(plan, xp, np.empty((xp.shape[0], plan.n_out), dtype=np.float32), block)
 

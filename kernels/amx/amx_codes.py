@@ -35,6 +35,7 @@ from numba.extending import intrinsic
 from .amx import _bits, _c_end, _call, _configure, _hi_rest, _ptr, _release, COLS, ROWS
 from ..generic.gptq_gemv import _unpack_zero_row
 from ..generic.half import f16_to_f32
+from ..generic import strips
 from .. import llvm
 
 SLAB = 512            # columns per thread task (its accumulator blocks share each row block's x tiles). Wider
@@ -45,9 +46,7 @@ STACKED_ROWS = 32     # up to STACKED_ROWS // 3 rows of x, its three parts go in
 
 def aligned(n_bytes, align=64):
     """A uint8 scratch array of n_bytes whose first byte is `align`-aligned (for the code tiles)."""
-    raw = np.empty(n_bytes + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start:start + n_bytes]
+    return strips.zeros_aligned((n_bytes,), np.uint8, align)
 
 # The bfloat16 of 0..15, twice: vpermw indexes 32 entries with 5 bits and bit 4 belongs to the next code.
 _TABLE = np.tile((np.arange(16, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16), 2)

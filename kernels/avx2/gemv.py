@@ -25,14 +25,35 @@ Register budget (16 ymm): R x C accumulators + C packed words + one decoded vect
 One row: C = 4 (32 columns: 4 + 4 + 2 = 10). More rows: chunks of up to 4 rows and C = 2 (16 columns:
 8 + 2 + 2 = 12), the chunks of one strip one after the other while its packed words (16 rows x 64 bytes
 for a 128-input group) stay in L1.
+
+One row, where the CPU multiplies subnormal floats at full speed (cpu.fast_subnormals: AMD Zen), takes 64
+columns a call without the conversion: a masked code read as a float32 bit pattern is the subnormal number
+q * 2^(b - 149), exact, so one vpand and one FMA per 8 weights remain (the conversion unit was the limit: one a
+cycle). Codes 0-4 are masked in place (b = 4t, below bit 20, under the exponent field), codes 5 and 6 after a
+shift by 12 (b = 8, 12), code 7 by a shift of 28 (b = 0), and the activations are scaled to match:
+
+    xsub_i = x_i * 2^(S - b(i mod 8))      (x_i * 2^S below 2^125, S from the row's largest |x|)
+    acc_j  = sum_i xsub_i * (q_ij * 2^(b - 149)) = 2^(S - 149) * sum_i x_i * q_ij
+
+Every product and partial sum is the cvt kernel's times the power of two 2^(S - 149), so the sums have its
+bits, and acc * 2^(149 - S) before the fold gives its result exactly (while they stay above 2^-126 after
+scaling: partial sums below about 2^-102 of the row's largest |x| may differ; and |x| must stay below 2^100).
+Eight chains of FMAs (64 columns: two strips of 32) hide their latency; the packed words are read again from
+L1 for each code, which leaves the 16 registers to 8 accumulators, a mask, a broadcast x and temporaries.
+A thread whose MXCSR has DAZ set (something in the process asked for flush-to-zero) would read the codes as
+zero, so each task clears DAZ for its duration and restores the register after.
 """
+
+import math
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
+from ..cpu import fast_subnormals
 from ..generic.block_decode import zeros8_ir
 from ..generic.gptq_gemv import _zero_code
 from ..generic.gptq_inplace import fma_f32
@@ -47,6 +68,9 @@ PREFETCH_BYTES = 512          # each packed row of the segment is asked for this
                               # 6.4-7.6 ms; no change when the host is quiet)
 V8F, V8I = vec(F32, LANES), vec(I32, LANES)
 X_SCALE = np.array([16.0 ** -t for t in range(7)] + [1.0], dtype=np.float32)   # xs_i = x_i * X_SCALE[i % 8]
+SUB_SHIFT = np.array([0, 4, 8, 12, 16, 8, 12, 0], dtype=np.int64)    # code t as the integer q * 2^SUB_SHIFT[t]
+SUB_MASKS = np.array([[15 << b] * LANES for b in (0, 4, 8, 12, 16)], dtype=np.int32)   # [5, 8]: the masks, row b/4
+DAZ = 0x40                    # MXCSR's denormals-are-zero bit
 
 
 def _strip(rows, vecs):
@@ -107,6 +131,102 @@ _one_row = _strip(1, 4)
 _rows1, _rows2, _rows3, _rows4 = (_strip(r, 2) for r in range(1, 5))
 
 
+@intrinsic
+def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_a, sc_a, sc_st, z_a, z_st, zero_add,
+                    const_zero, unscale):
+    """One row, 64 columns, every segment: 32 columns at w_a and 32 at w_a + w_hi (the next strip, or the next
+    32 words of a row-major layout), the codes fed to the FMAs as subnormal floats (module docstring). w_a:
+    packed row 0 of the columns (packed row u is u * w_st further); seg_a: the plan's seg_start (n_seg + 1
+    int64) and then its seg_group (n_seg); x_a: the row's xsub; m_a: SUB_MASKS; sx_a: the row's sums of x per segment; sc_a, z_a: the columns' scales and qzeros
+    in group 0 (group g sc_st, z_st bytes further); unscale: 2^(149 - S). Per segment _strip's fold, on
+    acc * unscale; the next segment's scales and zeros are asked for first."""
+    def codegen(context, builder, signature, args):
+        (y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_a, sc_a, sc_st, z_a, z_st, zero_add, const_zero,
+         unscale) = args
+        barrier = ir.FunctionType(ir.VoidType(), [])
+        group_a = builder.add(seg_a, builder.mul(builder.add(n_seg, I64(1)), I64(8)))
+        use_const = builder.fcmp_ordered(">=", const_zero, ir.Constant(F32, 0.0))
+        back = llvm.splat(builder, unscale, V8F)
+
+        def segment(s, _):
+            u0 = llvm.load(builder, builder.add(seg_a, builder.mul(s, I64(8))), I64)
+            u1 = llvm.load(builder, builder.add(seg_a, builder.mul(builder.add(s, I64(1)), I64(8))), I64)
+            g = llvm.load(builder, builder.add(group_a, builder.mul(s, I64(8))), I64)
+            last = builder.icmp_signed(">=", builder.add(s, I64(1)), n_seg)
+            g_next = llvm.load(builder, builder.add(group_a, builder.mul(
+                builder.select(last, s, builder.add(s, I64(1))), I64(8))), I64)
+            sc_next = builder.add(sc_a, builder.mul(g_next, sc_st))
+            for line in (sc_next, llvm.offset(builder, sc_next, 64), builder.add(z_a, builder.mul(g_next, z_st))):
+                llvm.prefetch(builder, line)
+            w_seg = builder.add(w_a, builder.mul(u0, w_st))
+            x_seg = builder.add(x_a, builder.mul(u0, I64(32)))
+
+            def packed_row(i, acc):                                         # acc: [8] vectors of 8 columns
+                acc = list(acc)
+                w_row = builder.add(w_seg, builder.mul(i, w_st))
+                addr = [llvm.offset(builder, w_row if c < 4 else builder.add(w_row, w_hi), 32 * (c % 4))
+                        for c in range(8)]
+                x_row = builder.add(x_seg, builder.mul(i, I64(32)))
+                for t in range(8):
+                    xb = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_row, 4 * t), F32), V8F)
+                    if t < 7:
+                        mask = llvm.load(builder, llvm.offset(builder, m_a, 8 * int(SUB_SHIFT[t])), V8I)
+                    for c in range(8):
+                        word = llvm.load(builder, addr[c], V8I)             # again from L1: no register kept
+                        if t < 5:
+                            code = builder.and_(word, mask)                 # q * 2^(4t)
+                        elif t < 7:
+                            code = builder.and_(builder.lshr(word, ir.Constant(V8I, [12] * LANES)), mask)
+                        else:
+                            code = builder.lshr(word, ir.Constant(V8I, [28] * LANES))
+                        f = builder.bitcast(code, V8F)                      # q * 2^(b - 149), subnormal
+                        acc[c] = llvm.call(builder, "llvm.fma.v8f32", [f, xb, acc[c]], V8F)
+                    if t < 7:                                               # the next code reads memory again
+                        builder.asm(barrier, "", "~{memory}", [], True)
+                return acc
+
+            done = llvm.sum_loop(builder, builder.sub(u1, u0), 8, V8F, packed_row, "packed_rows")
+            sx8 = llvm.splat(builder, llvm.load(builder, builder.add(sx_a, builder.mul(s, I64(4))), F32), V8F)
+            sc_g = builder.add(sc_a, builder.mul(g, sc_st))
+            z_g = builder.add(z_a, builder.mul(g, z_st))
+            for c in range(8):
+                sc = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_g, 16 * c), vec(I16, LANES)))
+                z = builder.select(use_const, llvm.splat(builder, const_zero, V8F), zeros8_ir(builder, z_g, c, zero_add))
+                d = builder.fsub(builder.fmul(done[c], back), builder.fmul(z, sx8))
+                y_addr = llvm.offset(builder, y_a, 32 * c)
+                llvm.store(builder, builder.fadd(llvm.load(builder, y_addr, V8F), builder.fmul(sc, d)), y_addr)
+            return []
+
+        llvm.sum_loop(builder, n_seg, 0, V8F, segment, "segments")
+        return context.get_dummy_value()
+    sig = types.void(*([types.intp] * 14), types.float32, types.float32)
+    return sig, codegen
+
+
+@intrinsic
+def _clear_daz(typingctx):
+    """MXCSR as it was (int32), with its DAZ bit now cleared on this thread."""
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once(builder, I32)
+        llvm.call(builder, "llvm.x86.sse.stmxcsr", [builder.bitcast(slot, llvm.I8P)])
+        old = builder.load(slot)
+        builder.store(builder.and_(old, I32(~DAZ & 0xFFFFFFFF)), slot)
+        llvm.call(builder, "llvm.x86.sse.ldmxcsr", [builder.bitcast(slot, llvm.I8P)])
+        return old
+    return types.int32(), codegen
+
+
+@intrinsic
+def _restore_mxcsr(typingctx, old):
+    """MXCSR = old on this thread."""
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once(builder, I32)
+        builder.store(args[0], slot)
+        llvm.call(builder, "llvm.x86.sse.ldmxcsr", [builder.bitcast(slot, llvm.I8P)])
+        return context.get_dummy_value()
+    return types.void(types.int32), codegen
+
+
 @njit(error_model="numpy", cache=True, boundscheck=False)
 def scale_rows(x, gather, seg_start, xs, sumx):
     """x [N, in] in input order -> xs [N, padded] in plan order, scaled: xs[n, i] = x[n, gather[i]] *
@@ -125,6 +245,28 @@ def scale_rows(x, gather, seg_start, xs, sumx):
             sumx[n, s] = total
 
 
+@njit(error_model="numpy", cache=True, boundscheck=False)
+def scale_rows_subnormal(x, gather, xsub, unscale):
+    """The activations of the subnormal-code kernel: xsub [N, padded] = x[n, gather[i]] * 2^(S_n - SUB_SHIFT[i % 8])
+    (0 for padding) and unscale[n] = 2^(149 - S_n), with e_n the exponent of the
+    row's largest |x| below 2^e_n (so |x| * 2^S_n < 2^125), S_n = 125 - e_n kept within [22, 126] so that both
+    powers are float32 numbers. A NaN or an infinity leaves S_n at 125 and reaches the row's outputs."""
+    n_in = x.shape[1]
+    for n in range(x.shape[0]):
+        top = np.float32(0.0)
+        for i in range(n_in):
+            top = max(top, abs(x[n, i]))
+        e = math.frexp(np.float64(top))[1] if np.isfinite(top) else 0
+        shift = min(126, max(22, 125 - e))
+        mult = np.empty(8, dtype=np.float32)
+        for t in range(8):
+            mult[t] = np.float32(2.0 ** (shift - SUB_SHIFT[t]))
+        unscale[n] = np.float32(2.0 ** (149 - shift))
+        for i in range(gather.shape[0]):
+            src = gather[i]
+            xsub[n, i] = x[n, src] * mult[i & 7] if src < n_in else np.float32(0.0)
+
+
 @njit(inline="always")
 def _chunk(nr, y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc_a, z_a, zero_add, cz):
     if nr == 4:
@@ -138,14 +280,16 @@ def _chunk(nr, y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
+def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y, xsub, unscale,
+             masks):
     """y [N, out] = x @ W for 4-bit "segments" plans, qw [S * R, W] in either layout of generic/strips.py:
     prange over column blocks (one per thread); per group of columns, segment, strip of 8 C columns and chunk of
     rows, the intrinsic above; columns past the last whole strip of a block take a scalar loop with the same
     arithmetic. One row in strips: a group is one strip of the layout (all its packed rows, then the next
     strip: the thread reads one run of memory). Otherwise the group is the whole block, segment by segment (in
     strips each packed row's word in the next strip is prefetched). Each output's sum runs over the segments in
-    order either way."""
+    order either way. xsub [N, padded] not empty (one row): pairs of strips take _pair_subnormal, with
+    unscale [N] and masks (SUB_MASKS); the rest of a block takes the kernels above."""
     n_rows = xs.shape[0]
     n_out = y.shape[1]
     width, n_packed = strips.shape_of(qw, n_out)
@@ -160,6 +304,10 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     # more rows: segment by segment (the segment's x stays in L1), in strips each packed row asked for in the
     # next strip, the word the next call reads
     ahead = np.int64(PREFETCH_BYTES if n_rows == 1 or not in_strips else n_packed * w_st)
+    pairs = xsub.shape[0] == 1 and n_rows == 1
+    seg_both = np.concatenate((seg_start, seg_group))                       # [2 S + 1] for _pair_subnormal
+    base_seg, n_seg = np.int64(seg_both.ctypes.data), np.int64(seg_group.shape[0])
+    base_xsub, base_m = np.int64(xsub.ctypes.data), np.int64(masks.ctypes.data)
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
         j0 = b * block
@@ -168,7 +316,17 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
         group = max(strip, min(width, wide)) if n_rows == 1 else max(strip, wide)
         for n in range(n_rows):
             y[n, j0:j0 + bw] = 0.0
-        for c0 in range(j0, j0 + wide, group):
+        lo = j0
+        if pairs:                                   # 64 columns a call, every segment; the rest as below
+            mxcsr = _clear_daz()
+            for jj in range(j0, j0 + wide - strip, 2 * strip):
+                w_0 = base_w + strips.word_offset(width, n_packed, 0, jj)
+                w_hi = base_w + strips.word_offset(width, n_packed, 0, jj + strip) - w_0
+                _pair_subnormal(base_y + jj * 4, w_0, w_hi, w_st, base_seg, n_seg, base_xsub, base_m, base_sx,
+                                base_sc + jj * 2, sc_st, base_z + (jj // 8) * 4, z_st, zero_add, cz, unscale[0])
+                lo = jj + 2 * strip
+            _restore_mxcsr(mxcsr)
+        for c0 in range(lo, j0 + wide, group):
             for s in range(seg_group.shape[0]):
                 u0, u1 = seg_start[s], seg_start[s + 1]
                 g = seg_group[s]
@@ -205,8 +363,9 @@ def supports(plan):
     return plan.layout == "segments" and plan.bits == 4
 
 
-def gptq_matmul_fma(plan, x, block):
-    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold)."""
+def gptq_matmul_fma(plan, x, block, subnormal=None):
+    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold). One row
+    takes the subnormal-code kernel where `subnormal` (default: cpu.fast_subnormals()); same bits either way."""
     n_rows = x.shape[0]
     gather = plan.__dict__.get("_gather_fma")
     if gather is None:                                                      # [padded] input of each plan row
@@ -216,7 +375,13 @@ def gptq_matmul_fma(plan, x, block):
     xs = np.empty((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]   # [N, padded]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
     scale_rows(x, gather, plan.seg_start, xs, sumx)
+    if subnormal is None:
+        subnormal = n_rows == 1 and fast_subnormals()
+    xsub = np.empty((1 if subnormal and n_rows == 1 else 0, plan.n_padded), dtype=np.float32)   # [1 or 0, padded]
+    unscale = np.empty(xsub.shape[0], dtype=np.float32)
+    if xsub.shape[0]:
+        scale_rows_subnormal(x, gather, xsub, unscale)
     y = np.empty((n_rows, plan.n_out), dtype=np.float32)                    # [N, out]
     gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
-             plan.const_zero, block, y)
+             plan.const_zero, block, y, xsub, unscale, SUB_MASKS)
     return y
