@@ -20,7 +20,7 @@ Layouts, prepared once per layer by prepare() (cost reported by GPTQLinear.prepa
               that belong to one group form the segments; for a repacked layer perm holds the original input
               of each sorted row (-1 for padding: every group is padded to a multiple of 32 inputs). Per call
               x is permuted once (`in` floats) instead of touching the weights. On the tiers of
-              table.strips_for a repacked 4-bit copy is stored in strips of 32 columns instead of row-major
+              table.strip_width a repacked 4-bit copy is stored in strips of 64 or 32 columns instead of row-major
               (generic/strips.py: qw [S * R, W], a decode thread's columns one run of memory); the table
               calls it the "strips" layout.
   "inplace"   (prepare(..., repack=False), for act-order layers streamed from disk every token, where the
@@ -240,7 +240,8 @@ def kernels_for(plan, mode="exact", max_rows=None):
     return [d for name in names for d in table.dispatchers(name)]
 
 
-def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None, strips_ok=True):
+def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True, tier=None, strips_ok=True,
+            mode="exact"):
     """The kernel layout for one validated layer (see the module docstring).
 
     Zero-copy when every unit of packed rows lies in one group and groups come in few runs (no act-order, or
@@ -249,8 +250,8 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
     tier: the CPU tier whose kernels run the layer (cpu.resolve; None: this process's).
-    A repacked layer is stored in column strips (generic/strips.py) where table.strips_for says so, unless
-    strips_ok is False (tests and benchmarks compare the two layouts).
+    A repacked layer is stored in column strips (generic/strips.py) as table.strip_width says for the tier and
+    the model's gptq mode, unless strips_ok is False (tests and benchmarks compare the two layouts).
     """
     tier = cpu.resolve(tier)
     n_in, n_out = len(g_idx), qweight.shape[1]
@@ -294,7 +295,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     keep = units > 0
     seg_group = np.flatnonzero(keep).astype(np.int64)                        # [S] non-empty groups
     seg_start = np.concatenate([seg_start[:-1][keep], [seg_start[-1]]]).astype(np.int64)   # [S + 1]
-    width = strips.STRIP if strips_ok and table.strips_for(tier, bits, n_out) else n_out
+    width = (table.strip_width(tier, bits, n_out, mode) if strips_ok else 0) or n_out
     n_new = int(units.sum()) * unit_words
     new_qw = strips.zeros_aligned((n_out // width * n_new, width), np.uint32)   # [S * R2, W] (generic/strips.py)
     (repack_rows if bits == 3 else repack_words)(qw, perm, bits, new_qw)   # 3 bits: codes straddle words
@@ -342,7 +343,7 @@ def repack_inplace(plan):
     exact in-place slabs. The copy lives for one call; its bytes are counted in the memory budget
     (model.streamed_repack_bytes)."""
     return prepare(plan.qw, plan.qzeros, plan.scales, plan.g_idx[:plan.n_in], plan.bits,
-                   "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True, tier=plan.tier)
+                   "gptq" if plan.zero_add == 1 else "gptq_v2", repack=True, tier=plan.tier, mode="int8")
 
 
 def int8_copies_inplace(bits, n_out, tier=None):
@@ -527,12 +528,18 @@ def permute_x(plan, x):
     return xp
 
 
-def gemv_block(n_out):
-    """Output columns per GEMV task: GEMV_TASKS_PER_THREAD long blocks per thread, a multiple of 32 columns so
-    that every block starts on a whole qzeros word for any bit width."""
+def gemv_block(n_out, unit=32):
+    """Output columns per GEMV task: GEMV_TASKS_PER_THREAD long blocks per thread, a multiple of `unit` columns
+    (32, so that every block starts on a whole qzeros word for any bit width; a plan's strip width where it is
+    stored in strips: _block_unit)."""
     tasks = max(1, numba.get_num_threads() * GEMV_TASKS_PER_THREAD)
     per_task = -(-n_out // tasks)                    # ceil
-    return max(32, -(-per_task // 32) * 32)
+    return max(unit, -(-per_task // unit) * unit)
+
+
+def _block_unit(plan):
+    """Blocks of whole strips for a plan in strips (a 64-column strip is one run of memory), else 32."""
+    return plan.strip if plan.strip < plan.n_out else 32
 
 
 # -- the kernels as the table names them: run(name, plan, x) with x [N, in] float32 in input order -> y [N, out]
@@ -541,7 +548,7 @@ def _gemv(plan, x):
     xp = permute_x(plan, x)                                                  # [N, padded]
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
     gemv(plan.qw, xp, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.bits, plan.zero_add,
-         plan.const_zero, gemv_block(plan.n_out), y)
+         plan.const_zero, gemv_block(plan.n_out, _block_unit(plan)), y)
     return y
 
 
@@ -572,24 +579,24 @@ def _blas_slabs_inplace(plan, x):
 
 
 def _split8(plan, x):
-    return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.n_out))
+    return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.n_out, _block_unit(plan)))
 
 
 def _gemv_avx2(plan, x):
     from .avx2 import gemv as gemv_avx2
-    return gemv_avx2.gptq_matmul_fma(plan, x, gemv_block(plan.n_out))
+    return gemv_avx2.gptq_matmul_fma(plan, x, gemv_block(plan.n_out, _block_unit(plan)))
 
 
 def _int8_gemv(plan, x):
     from .vnni import int8
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
-    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out))
+    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out, _block_unit(plan)))
 
 
 def _int8_gemv_avx2(plan, x):
     from .avx2 import int8 as int8_avx2
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
-    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out))
+    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out, _block_unit(plan)))
 
 
 def _int8_gemm(plan, x):

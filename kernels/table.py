@@ -142,7 +142,7 @@ TABLE = (
          "3-bit or whole blocks"),
     Rule("inplace", "int8", (4,), ("amx",), (INT8_GEMV_MAX_ROWS + 1, None), "amx_gathered", "32-column"),
     Rule("inplace", "int8", (3, 4), ("avx2",) + ABOVE_AVX2, (INT8_GEMV_MAX_ROWS + 1, None), "int8_repacked"),
-    # repacked 4-bit layers in column strips (strips_for): only kernels that read both layouts
+    # repacked 4-bit layers in column strips (strip_width): only kernels that read both layouts
     Rule("strips", "int8", (4,), ("avx2",), (1, INT8_GEMV_MAX_ROWS), "int8_gemv_avx2", "whole blocks"),
     Rule("strips", "int8", (4,), ("avx2",), (INT8_GEMV_MAX_ROWS + 1, None), "int8_gemm_avx2", "whole blocks"),
     Rule("strips", "exact", (4,), ("avx2",), (1, AVX2_TILES_MIN_ROWS - 1), "gemv_avx2"),
@@ -258,9 +258,14 @@ def kernels_reading(layout):
     return frozenset(rule.kernel for rule in TABLE if rule.layout == layout)
 
 
-def strips_for(tier, bits, n_out):
-    """Whether a repacked layer of this tier, bit width and width is stored in column strips (STRIP_TIERS)."""
-    return tier in STRIP_TIERS and bits == 4 and n_out % 32 == 0
+def strip_width(tier, bits, n_out, mode="exact"):
+    """Columns per strip of a repacked layer of this tier, bit width, width and mode (generic/strips.py), or 0
+    where it stays row-major (STRIP_TIERS, 4 bits, a multiple of 32 wide): what the mode's one-row decode
+    reads a call, 64 columns in exact mode where the layer allows it, else 32."""
+    from .generic.strips import STRIP, WIDE_STRIP
+    if tier not in STRIP_TIERS or bits != 4 or n_out % STRIP:
+        return 0
+    return WIDE_STRIP if mode == "exact" and n_out % WIDE_STRIP == 0 else STRIP
 
 
 def int8_available(tier):

@@ -16,35 +16,45 @@ from tinyllama_ref.kernels.generic import strips
 
 pytestmark = needs("avx2")
 
-# (inputs, outputs, group size, sym): outputs a multiple of 32 (strips_for), one or many groups, asymmetric zeros;
-# 33 strips: more than one parallel task of avx2/int8.py's TASK_STRIPS, the last one a single strip
-LAYERS = [(256, 96, 32, False), (384, 64, 128, True), (512, 160, 64, False), (256, 1056, 128, False)]
+# (inputs, outputs, group size, sym): outputs a multiple of 32 (strip_width), one or many groups, asymmetric zeros;
+# 33 strips of 32: more than one parallel task of avx2/int8.py's TASK_STRIPS, the last one a single strip; in
+# exact mode 64 and 576 columns are strips of 64 (one and nine), the others of 32
+LAYERS = [(256, 96, 32, False), (384, 64, 128, True), (512, 160, 64, False), (256, 1056, 128, False),
+          (384, 576, 128, False)]
 # every row range of the strips rows of the table, both ends
 ROWS = (1, 2, 5, 8, 9, 16, 23, 24, 32, 33, 40)
 
 
-def _plans(n_in, n_out, group_size, sym, seed):
+def _plans(n_in, n_out, group_size, sym, seed, mode="exact"):
+    """The same layer prepared in strips (as a model of this gptq mode stores it) and row-major."""
     rng = np.random.default_rng(seed)
     layer = make_layer(rng, n_in, n_out, 4, group_size, act_order=True, sym=sym)
     args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
-    in_strips = gptq.prepare(*args, tier="avx2")
+    in_strips = gptq.prepare(*args, tier="avx2", mode=mode)
     row_major = gptq.prepare(*args, tier="avx2", strips_ok=False)
     return rng, layer, in_strips, row_major
 
 
+@pytest.mark.parametrize("plan_mode", ["exact", "int8"])
 @pytest.mark.parametrize("n_in,n_out,group_size,sym", LAYERS)
-def test_strips_hold_the_row_major_words_strip_by_strip(n_in, n_out, group_size, sym):
-    _, _, in_strips, row_major = _plans(n_in, n_out, group_size, sym, 1)
-    assert in_strips.strip == strips.STRIP and row_major.strip == n_out
-    assert table.layer_of(in_strips).layout == "strips" and table.layer_of(row_major).layout == "segments"
+def test_strips_hold_the_row_major_words_strip_by_strip(n_in, n_out, group_size, sym, plan_mode):
+    _, _, in_strips, row_major = _plans(n_in, n_out, group_size, sym, 1, plan_mode)
+    width = 64 if plan_mode == "exact" and n_out % 64 == 0 else 32
+    assert in_strips.strip == width == table.strip_width("avx2", 4, n_out, plan_mode) and row_major.strip == n_out
+    one_strip = width == n_out                                # one strip is the row-major layout
+    assert table.layer_of(in_strips).layout == ("segments" if one_strip else "strips")
+    assert table.layer_of(row_major).layout == "segments"
     assert in_strips.n_packed == row_major.n_packed == row_major.qw.shape[0]
-    np.testing.assert_array_equal(in_strips.qw, strips.to_strips(row_major.qw, strips.STRIP))
+    np.testing.assert_array_equal(in_strips.qw, strips.to_strips(row_major.qw, width))
 
 
+@pytest.mark.parametrize("plan_mode", ["exact", "int8"])
 @pytest.mark.parametrize("mode", ["exact", "int8"])
 @pytest.mark.parametrize("n_in,n_out,group_size,sym", LAYERS)
-def test_every_kernel_gives_the_row_major_bits(n_in, n_out, group_size, sym, mode):
-    rng, _, in_strips, row_major = _plans(n_in, n_out, group_size, sym, 2)
+def test_every_kernel_gives_the_row_major_bits(n_in, n_out, group_size, sym, mode, plan_mode):
+    """Each mode's kernels on strips of its own width and of the other mode's (an int8 layer's exact
+    fallbacks, and the int8 kernels on 64-column strips)."""
+    rng, _, in_strips, row_major = _plans(n_in, n_out, group_size, sym, 2, plan_mode)
     seen = set()
     for n_rows in ROWS:
         x = (rng.standard_normal((n_rows, n_in)) * 3).astype(np.float32)
@@ -79,8 +89,8 @@ def test_only_whole_strips_of_4_bit_layers_are_stored_so():
 
 def test_a_kernel_that_reads_only_rows_is_refused_by_name():
     """gptq.run names the kernel and the layout instead of computing from words it would misread."""
-    _, _, in_strips, row_major = _plans(256, 64, 32, True, 5)
+    _, _, in_strips, row_major = _plans(256, 128, 32, True, 5)
     x = np.ones((2, 256), dtype=np.float32)
     with pytest.raises(ValueError, match="kernel gemv does not read the strips layout"):
         gptq.run("gemv", in_strips, x)
-    np.testing.assert_array_equal(gptq.run("gemv", row_major, x).shape, (2, 64))
+    np.testing.assert_array_equal(gptq.run("gemv", row_major, x).shape, (2, 128))

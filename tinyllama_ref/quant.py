@@ -337,7 +337,7 @@ class GPTQLinear:
             from .kernels import gptq as kernels
             t0 = time.perf_counter()
             self._plan = kernels.prepare(qweight, qzeros, scales, g_idx, cfg.bits, cfg.checkpoint_format,
-                                         repack=repack, tier=self.tier)
+                                         repack=repack, tier=self.tier, mode=self.mode)
             self.prepare_seconds = time.perf_counter() - t0
         elif backend != "numpy":
             raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")

@@ -27,10 +27,11 @@ One row: C = 4 (32 columns: 4 + 4 + 2 = 10). More rows: chunks of up to 4 rows a
 for a 128-input group) stay in L1.
 
 One row, where the CPU multiplies subnormal floats at full speed (cpu.fast_subnormals: AMD Zen), takes 64
-columns a call without the conversion: a masked code read as a float32 bit pattern is the subnormal number
-q * 2^(b - 149), exact, so one vpand and one FMA per 8 weights remain (the conversion unit was the limit: one a
-cycle). Codes 0-4 are masked in place (b = 4t, below bit 20, under the exponent field), codes 5 and 6 after a
-shift by 12 (b = 8, 12), code 7 by a shift of 28 (b = 0), and the activations are scaled to match:
+columns a call without the conversion: a float32 whose bit pattern is an integer n below 2^24 (exponent field
+0 or 1) is the number n * 2^-149, so a masked code read as a float is q * 2^(b - 149), exact, and one vpand
+and one FMA per 8 weights remain (the conversion unit was the limit: one a cycle). Codes 0-5 are masked in
+place (b = 4t), code 6 after a shift by 4 (b = 20), code 7 by a shift of 28 (b = 0), and the activations are
+scaled to match:
 
     xsub_i = x_i * 2^(S - b(i mod 8))      (x_i * 2^S below 2^125, S from the row's largest |x|)
     acc_j  = sum_i xsub_i * (q_ij * 2^(b - 149)) = 2^(S - 149) * sum_i x_i * q_ij
@@ -68,8 +69,8 @@ PREFETCH_BYTES = 512          # each packed row of the segment is asked for this
                               # 6.4-7.6 ms; no change when the host is quiet)
 V8F, V8I = vec(F32, LANES), vec(I32, LANES)
 X_SCALE = np.array([16.0 ** -t for t in range(7)] + [1.0], dtype=np.float32)   # xs_i = x_i * X_SCALE[i % 8]
-SUB_SHIFT = np.array([0, 4, 8, 12, 16, 8, 12, 0], dtype=np.int64)    # code t as the integer q * 2^SUB_SHIFT[t]
-SUB_MASKS = np.array([[15 << b] * LANES for b in (0, 4, 8, 12, 16)], dtype=np.int32)   # [5, 8]: the masks, row b/4
+SUB_SHIFT = np.array([0, 4, 8, 12, 16, 20, 20, 0], dtype=np.int64)   # code t as the integer q * 2^SUB_SHIFT[t]
+SUB_MASKS = np.array([[15 << b] * LANES for b in range(0, 24, 4)], dtype=np.int32)   # [6, 8]: the masks, row b/4
 DAZ = 0x40                    # MXCSR's denormals-are-zero bit
 
 
@@ -173,10 +174,10 @@ def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_
                         mask = llvm.load(builder, llvm.offset(builder, m_a, 8 * int(SUB_SHIFT[t])), V8I)
                     for c in range(8):
                         word = llvm.load(builder, addr[c], V8I)             # again from L1: no register kept
-                        if t < 5:
+                        if t < 6:
                             code = builder.and_(word, mask)                 # q * 2^(4t)
-                        elif t < 7:
-                            code = builder.and_(builder.lshr(word, ir.Constant(V8I, [12] * LANES)), mask)
+                        elif t == 6:
+                            code = builder.and_(builder.lshr(word, ir.Constant(V8I, [4] * LANES)), mask)
                         else:
                             code = builder.lshr(word, ir.Constant(V8I, [28] * LANES))
                         f = builder.bitcast(code, V8F)                      # q * 2^(b - 149), subnormal

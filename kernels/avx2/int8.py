@@ -153,7 +153,7 @@ def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, 
         j0 = b * block
         bw = min(n_out, j0 + block) - j0
         y[0, j0:j0 + bw] = 0.0
-        for c in range(j0, j0 + bw, width):
+        for c in range(j0, j0 + bw, strips.STRIP):          # 32 columns a call (half a 64-column strip)
             for s in range(seg_group.shape[0]):
                 u0, g = seg_start[s], seg_group[s]
                 w_a = base_w + strips.word_offset(width, n_packed, u0, c)

@@ -39,7 +39,7 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
             at x_addr and of xs at s_addr (an intrinsic, or an inline function calling one per row);
         column(qw, r, j, codes, xs, acc, jj): column j of qw into acc[:, jj] for every row, codes the bytes of xw
             (row-major qw: only the last columns of a block that are not a whole 16 take it, and a plan in strips
-            has whole strips of 32, table.strips_for).
+            has whole strips of 32 or 64, table.strip_width).
 
     Inlined (Numba IR, before typing) into the kernel that calls it, with the kernel's compile flags, so the
     steps are called directly and the kernel is cached with its own file; a factory closing over the steps
@@ -65,14 +65,15 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
             y[n, j0:j0 + bw] = 0.0
         if width < bw:                      # strips: strip by strip, each one run of memory
             for c in range(0, bw, width):
+                cw = min(width, bw - c)         # a block may end in the middle of a strip of 64
                 for s in range(seg_group.shape[0]):
                     for r in range(seg_start[s], seg_start[s + 1], 4):
                         x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
-                        for jj in range(c, c + width, 16):
+                        for jj in range(c, c + cw, 16):
                             columns16(base_acc + (jj - c) * 4, width * 4,
                                       base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
                                       n_rows)
-                    _fold_strip(y, acc, s, seg_group[s], j0 + c, width, scales, qzeros, zero_add, const_zero, sumx,
+                    _fold_strip(y, acc, s, seg_group[s], j0 + c, cw, scales, qzeros, zero_add, const_zero, sumx,
                                 zbuf)
             continue
         for s in range(seg_group.shape[0]):
@@ -88,19 +89,22 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
 
 @njit(inline="always")
 def _fold_strip(y, acc, s, g, j0, width, scales, qzeros, zero_add, const_zero, sumx, zbuf):
-    """fold_rows for the `width` (= STRIP) columns of one strip from j0, acc [N, width] (cleared for the next
-    segment): one _fold32 per row, inlined into the kernel. A call to fold_rows per strip and segment, or Numba
+    """fold_rows for `width` columns (32 or 64) of one strip from j0, acc [N, strip width] (cleared for the next
+    segment): one _fold32 per row and 32 columns, inlined into the kernel. A call to fold_rows per strip and segment, or Numba
     slices of y and acc, cost as much as the strip's dot products (their reference counts are atomic)."""
     if const_zero < 0:
         for j in range(width):
             zbuf[j] = np.float32((_zero_code(qzeros[g], j0 + j, 4, qzeros.shape[1]) + zero_add) & 15)
-    sc_a = np.int64(scales.ctypes.data) + (g * scales.shape[1] + j0) * 2
-    for n in range(acc.shape[0]):
-        y_a, acc_a = np.int64(y.ctypes.data) + (n * y.shape[1] + j0) * 4, np.int64(acc.ctypes.data) + n * width * 4
-        if const_zero >= 0:
-            _fold32_const(y_a, acc_a, sc_a, np.int64(zbuf.ctypes.data), np.float32(const_zero), sumx[n, s])
-        else:
-            _fold32_zeros(y_a, acc_a, sc_a, np.int64(zbuf.ctypes.data), np.float32(const_zero), sumx[n, s])
+    for c in range(0, width, 32):
+        sc_a = np.int64(scales.ctypes.data) + (g * scales.shape[1] + j0 + c) * 2
+        z_a = np.int64(zbuf.ctypes.data) + c * 4
+        for n in range(acc.shape[0]):
+            y_a = np.int64(y.ctypes.data) + (n * y.shape[1] + j0 + c) * 4
+            acc_a = np.int64(acc.ctypes.data) + (n * acc.shape[1] + c) * 4
+            if const_zero >= 0:
+                _fold32_const(y_a, acc_a, sc_a, z_a, np.float32(const_zero), sumx[n, s])
+            else:
+                _fold32_zeros(y_a, acc_a, sc_a, z_a, np.float32(const_zero), sumx[n, s])
 
 
 def zeros8_ir(builder, z_a, c, zero_add):

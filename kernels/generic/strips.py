@@ -3,9 +3,11 @@
 The checkpoint's qweight is row-major, qw [R, out] uint32: packed row u of every column, then row u + 1. A decode
 thread that owns a block of columns walks all the packed rows of a segment at once (16 at group 128), each a
 separate stream of memory; two threads make 32 streams, more than the hardware prefetchers follow when memory is
-contended. So on the tiers that table.strips_for names, a layer that is copied at load anyway (act-order, sorted
-by group) is copied into strips of W = STRIP columns instead: strip k holds packed rows 0 .. R - 1 of columns
-W k .. W k + W - 1, W * 4 bytes a row, and a thread's columns are one run of memory read front to back.
+contended. So on the tiers that table.strip_width names, a layer that is copied at load anyway (act-order, sorted
+by group) is copied into strips of W columns instead: strip k holds packed rows 0 .. R - 1 of columns
+W k .. W k + W - 1, W * 4 bytes a row, and a thread's columns are one run of memory read front to back. W is
+what the model's one-row decode reads a call: WIDE_STRIP = 64 in exact mode (avx2/gemv.py's kernel on
+subnormal codes), STRIP = 32 in int8 mode (avx2/int8.py) or where the layer is not a multiple of 64 wide.
 
 Both layouts are one 2-D array, so every kernel has one type and one formula:
     qw [S * R, W] uint32, S = out / W strips of W columns;   word (u, j) = qw[(j // W) * R + u, j % W]
@@ -18,7 +20,10 @@ NumPy statement: to_strips below; the kernels' tests compare a strips plan with 
 import numpy as np
 from numba import njit
 
-STRIP = 32          # columns per strip: a decode thread's 32-column tile (avx2/gemv.py), one qzeros word at 4 bits
+STRIP = 32          # columns per strip: int8 mode's one-row tile (avx2/int8.py), one qzeros word at 4 bits
+WIDE_STRIP = 64     # exact mode: avx2/gemv.py's one-row call on 64 columns reads one run of memory, not two
+                    # (7B layer shapes, 2 threads, Zen 4 capped to AVX2: 1.10-1.15x the same kernel on two
+                    # 32-column strips)
 
 
 def zeros_aligned(shape, dtype, align=64):
@@ -58,10 +63,12 @@ def shape_of(qw, n_out):
 def word_offset(width, n_packed, u, j):
     """Byte offset of word (u, j) from qw's first word; the next packed row is width * 4 bytes further. Asked
     once per tile of columns in the kernels' inner loops, so no division: the row-major layout (or the first
-    strip) needs none, and a layout in strips has width STRIP, a power of two."""
+    strip) needs none, and a layout in strips has width STRIP or WIDE_STRIP, powers of two."""
     if j < width:
         return (u * width + j) * 4
-    return (((j // STRIP) * n_packed + u) * STRIP + j % STRIP) * 4
+    if width == WIDE_STRIP:
+        return (((j >> 6) * n_packed + u) * WIDE_STRIP + (j & 63)) * 4
+    return (((j >> 5) * n_packed + u) * STRIP + (j & 31)) * 4
 
 
 @njit(inline="always")
