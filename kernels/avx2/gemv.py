@@ -39,7 +39,7 @@ scaled to match:
 Every product and partial sum is the cvt kernel's times the power of two 2^(S - 149), so the sums have its
 bits, and acc * 2^(149 - S) before the fold gives its result exactly (while they stay above 2^-126 after
 scaling: partial sums below about 2^-102 of the row's largest |x| may differ; and |x| must stay below 2^100).
-Eight chains of FMAs (64 columns: two strips of 32) hide their latency; the packed words are read again from
+Eight chains of FMAs (64 columns: a strip of 64, or two of 32) hide their latency; the packed words are read again from
 L1 for each code, which leaves the 16 registers to 8 accumulators, a mask, a broadcast x and temporaries.
 A thread whose MXCSR has DAZ set (something in the process asked for flush-to-zero) would read the codes as
 zero, so each task clears DAZ for its duration and restores the register after.

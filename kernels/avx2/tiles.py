@@ -245,7 +245,7 @@ def slab_segments(qw, xpk, row_start, runs, run_group, chunks, scales, qzeros, b
     of avx512/gptq_tiles.slab_segments, and for every output the same products and sums in the same order;
     the decode done once per (run, 16 columns) into a panel that every tile of rows reads. Columns past the
     last multiple of 16 take the same arithmetic one at a time. qw [S * R, W] in either layout of
-    generic/strips.py (a plan in strips has whole strips of 32 columns, so no such last columns)."""
+    generic/strips.py (a plan in strips has whole strips of 32 or 64 columns, so no such last columns)."""
     unit_codes = unit_shape(bits)[1]
     full = (j1 - j0) // COLUMNS * COLUMNS
     qw_width, n_packed, w_row, sc_row, zm_row, ahead = _start_slab(qw, qzeros, bits, zero_add, const_zero, j0, j1,

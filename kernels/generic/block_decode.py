@@ -11,7 +11,7 @@ is, so a row's result does not depend on its batch.
 A plan in column strips (generic/strips.py) runs strip by strip instead (avx2/int8.py's one-row case has a
 loop of its own), all segments of one strip before the
 next, so a thread reads its columns as one run of memory; each strip's fold of each segment is an LLVM
-intrinsic (_fold32) with fold_rows' float32 steps. A plan in strips has whole strips of 32 columns, so no
+intrinsic (_fold32) with fold_rows' float32 steps. A plan in strips has whole strips of 32 or 64 columns, so no
 column takes the scalar step. Each output's sums are the same, in the same order, bit for bit.
 """
 

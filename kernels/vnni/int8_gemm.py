@@ -206,7 +206,7 @@ def gemm_strips(qw, bits, xw, xscale, sumx, seg_blocks, seg_group, scales, qzero
     tiles of tile_height rows (then single rows). 3-bit strips are first transcoded to the 4-bit packing
     (_transcode_3bit) in a scratch of blocks x 4 x STRIP words. Columns past the last multiple of `lanes` take
     _scalar_columns. 4-bit qw may be in either layout of generic/strips.py (a plan in strips has whole strips of 32
-    columns, so never a scalar column).
+    or 64 columns, so never a scalar column).
 
     The driver of every tier's gemm_int8 (this file's, avx2/int8_gemm.py's): inlined into it by Numba
     (inline="always", before typing), so each tier's compiled loop calls its own tile intrinsics directly and is

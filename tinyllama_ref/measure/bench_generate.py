@@ -248,6 +248,7 @@ def bench_llama_shaped(checkpoint, prompt_sizes=(64, 512), gen_tokens=(16,), rep
     return {"checkpoint": checkpoint, "backend": backend, "gptq_mode": gptq_mode,
             "cpu_tier": (model.cpu or cpu.process_tier()) if backend == "numba" else "numpy",
             "cpu_tier_note": cpu.describe(), "cpu_name": cpu.host_name(),
+            "fast_subnormals": bool(cpu.fast_subnormals()) if backend == "numba" else None,
             "threads": numba.get_num_threads(), "thread_choice": model.threads.describe(),
             "weights_bytes": int(weights),
             "layers_resident": model.layers.n_resident, "n_layers": model.layers.n_layers,
