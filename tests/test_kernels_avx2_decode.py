@@ -190,6 +190,20 @@ def test_one_row_pairs_read_only_their_own_activations():
     assert plan.qw.ctypes.data % 64 == 0                      # repacked strips start on a cache line
 
 
+def test_one_row_on_subnormal_codes_non_finite_and_zero_rows():
+    """A NaN or an infinity in the row reaches every output as in the converting kernel (NaN: the codes 0 times
+    infinity), and a zero row gives zeros (its scale S is the clamp's, 126)."""
+    rng, plan = _prepared(512, 128, 128, True, False, 8)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rng.standard_normal((1, 512)).astype(np.float32)
+        x[0, 100] = bad
+        y = avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=True)
+        assert np.isnan(y).all()
+        np.testing.assert_array_equal(y, avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=False))
+    zero = avx2_gemv.gptq_matmul_fma(plan, np.zeros((1, 512), dtype=np.float32), 128, subnormal=True)
+    np.testing.assert_array_equal(zero, np.zeros((1, 128), dtype=np.float32))
+
+
 def test_one_row_on_subnormal_codes_with_denormals_are_zero_set():
     """A thread whose MXCSR has DAZ set (flush-to-zero asked for by another library) reads subnormal operands as
     zero: the kernel clears DAZ for its task and puts it back after. One thread, so that the task runs on
