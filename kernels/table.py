@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 
 from .cpu import TIERS
+from .generic.strips import STRIP, WIDE_STRIP
 
 GEMV_MAX_ROWS = 32         # up to this many activation rows: fused GEMV (weights read once for all rows);
                            # beyond: tiles or slabs + BLAS. Measured on the 7B and 70B shapes, 4-bit: fused
@@ -71,8 +72,7 @@ KERNELS = {
                                  ("generic.gptq_inplace:dequantize_slab_inplace",)),
     "gemv_avx2": Kernel("avx2/gemv.py", "exact decode: codes decoded once by AND + convert, one FMA a row "
                         "(one row where subnormal operands are fast: AND + FMA on 64 columns)",
-                        ("avx2.gemv:scale_rows", "avx2.gemv:scale_rows_subnormal", "avx2.gemv:gemv_fma",
-                         "generic.subnormal:_multiply_add")),
+                        ("avx2.gemv:scale_rows", "avx2.gemv:gemv_fma", "generic.subnormal:_multiply_add")),
     "tiles_avx2": Kernel("avx2/tiles.py", "6 x 16 float32 register tiles decoding the codes",
                          ("avx512.gptq_tiles:pack_x", "avx2.tiles:slab_segments")),
     "tiles_avx2_inplace": Kernel("avx2/tiles.py", "6 x 16 register tiles, codes read through g_idx",
@@ -262,7 +262,6 @@ def strip_width(tier, bits, n_out, mode="exact"):
     """Columns per strip of a repacked layer of this tier, bit width, width and mode (generic/strips.py), or 0
     where it stays row-major (STRIP_TIERS, 4 bits, a multiple of 32 wide): what the mode's one-row decode
     reads a call, 64 columns in exact mode where the layer allows it, else 32."""
-    from .generic.strips import STRIP, WIDE_STRIP
     if tier not in STRIP_TIERS or bits != 4 or n_out % STRIP:
         return 0
     return WIDE_STRIP if mode == "exact" and n_out % WIDE_STRIP == 0 else STRIP

@@ -180,9 +180,8 @@ def test_one_row_pairs_read_only_their_own_activations():
     gather = np.where(plan.perm >= 0, plan.perm, plan.n_in)
     xs = np.full((1, plan.n_padded), np.nan, dtype=np.float32)
     sumx = np.empty((1, len(plan.seg_group)), dtype=np.float32)
-    avx2_gemv.scale_rows(x, gather, plan.seg_start, np.empty_like(xs), sumx)
     xsub, unscale = np.empty((1, plan.n_padded), dtype=np.float32), np.empty(1, dtype=np.float32)
-    avx2_gemv.scale_rows_subnormal(x, gather, xsub, unscale)
+    avx2_gemv.scale_rows(x, gather, plan.seg_start, np.empty_like(xs), sumx, xsub, unscale)
     y = np.empty((1, 128), dtype=np.float32)
     avx2_gemv.gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
                        plan.const_zero, 128, y, xsub, unscale, avx2_gemv.SUB_MASKS)

@@ -133,19 +133,19 @@ _rows1, _rows2, _rows3, _rows4 = (_strip(r, 2) for r in range(1, 5))
 
 
 @intrinsic
-def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_a, sc_a, sc_st, z_a, z_st, zero_add,
-                    const_zero, unscale):
+def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, group_a, n_seg, x_a, m_a, sx_a, sc_a, sc_st, z_a, z_st,
+                    zero_add, const_zero, unscale):
     """One row, 64 columns, every segment: 32 columns at w_a and 32 at w_a + w_hi (the next strip, or the next
     32 words of a row-major layout), the codes fed to the FMAs as subnormal floats (module docstring). w_a:
-    packed row 0 of the columns (packed row u is u * w_st further); seg_a: the plan's seg_start (n_seg + 1
-    int64) and then its seg_group (n_seg); x_a: the row's xsub; m_a: SUB_MASKS; sx_a: the row's sums of x per segment; sc_a, z_a: the columns' scales and qzeros
-    in group 0 (group g sc_st, z_st bytes further); unscale: 2^(149 - S). Per segment _strip's fold, on
-    acc * unscale; the next segment's scales and zeros are asked for first."""
+    packed row 0 of the columns (packed row u is u * w_st further); seg_a, group_a: the plan's seg_start
+    (n_seg + 1 int64) and seg_group (n_seg int64); x_a: the row's xsub; m_a: SUB_MASKS; sx_a: the row's sums
+    of x per segment; sc_a, z_a: the columns' scales and qzeros in group 0 (group g sc_st, z_st bytes further);
+    unscale: 2^(149 - S). Per segment _strip's fold, on acc * unscale; the next segment's scales and zeros are
+    asked for first."""
     def codegen(context, builder, signature, args):
-        (y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_a, sc_a, sc_st, z_a, z_st, zero_add, const_zero,
+        (y_a, w_a, w_hi, w_st, seg_a, group_a, n_seg, x_a, m_a, sx_a, sc_a, sc_st, z_a, z_st, zero_add, const_zero,
          unscale) = args
         barrier = ir.FunctionType(ir.VoidType(), [])
-        group_a = builder.add(seg_a, builder.mul(builder.add(n_seg, I64(1)), I64(8)))
         use_const = builder.fcmp_ordered(">=", const_zero, ir.Constant(F32, 0.0))
         back = llvm.splat(builder, unscale, V8F)
 
@@ -191,8 +191,10 @@ def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_
             sc_g = builder.add(sc_a, builder.mul(g, sc_st))
             z_g = builder.add(z_a, builder.mul(g, z_st))
             for c in range(8):
-                sc = llvm.f16_to_f32(builder, llvm.load(builder, llvm.offset(builder, sc_g, 16 * c), vec(I16, LANES)))
-                z = builder.select(use_const, llvm.splat(builder, const_zero, V8F), zeros8_ir(builder, z_g, c, zero_add))
+                sc_c = llvm.load(builder, llvm.offset(builder, sc_g, 16 * c), vec(I16, LANES))
+                sc = llvm.f16_to_f32(builder, sc_c)
+                z = builder.select(use_const, llvm.splat(builder, const_zero, V8F),
+                                   zeros8_ir(builder, z_g, c, zero_add))
                 d = builder.fsub(builder.fmul(done[c], back), builder.fmul(z, sx8))
                 y_addr = llvm.offset(builder, y_a, 32 * c)
                 llvm.store(builder, builder.fadd(llvm.load(builder, y_addr, V8F), builder.fmul(sc, d)), y_addr)
@@ -200,7 +202,7 @@ def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, n_seg, x_a, m_a, sx_
 
         llvm.sum_loop(builder, n_seg, 0, V8F, segment, "segments")
         return context.get_dummy_value()
-    sig = types.void(*([types.intp] * 14), types.float32, types.float32)
+    sig = types.void(*([types.intp] * 15), types.float32, types.float32)
     return sig, codegen
 
 
@@ -229,13 +231,29 @@ def _restore_mxcsr(typingctx, old):
 
 
 @njit(error_model="numpy", cache=True, boundscheck=False)
-def scale_rows(x, gather, seg_start, xs, sumx):
+def scale_rows(x, gather, seg_start, xs, sumx, xsub, unscale):
     """x [N, in] in input order -> xs [N, padded] in plan order, scaled: xs[n, i] = x[n, gather[i]] *
     X_SCALE[i % 8] (0 where gather[i] == in: padding), and sumx[n, s] = the sum of x over segment s. One pass
-    on one thread: the 1-row case is a few microseconds, less than waking the other threads."""
+    on one thread: the 1-row case is a few microseconds, less than waking the other threads.
+
+    The rows of xsub (none, or all N) get the activations of the subnormal-code kernel in the same pass:
+    xsub[n, i] = x[n, gather[i]] * 2^(S_n - SUB_SHIFT[i % 8]) and unscale[n] = 2^(149 - S_n), where the row's
+    largest |x| is below 2^e_n and S_n = 125 - e_n (so |x| * 2^S_n < 2^125), kept within [22, 126] so that
+    both powers are float32 numbers. A NaN or an infinity leaves S_n at 125 and reaches the row's outputs."""
     scale = X_SCALE
     n_in = x.shape[1]
+    mult = np.zeros(8, dtype=np.float32)                # this row's 2^(S_n - SUB_SHIFT[t]), if it has xsub
     for n in range(x.shape[0]):
+        sub = n < xsub.shape[0]
+        if sub:
+            top = np.float32(0.0)
+            for i in range(n_in):
+                top = max(top, abs(x[n, i]))
+            e = math.frexp(np.float64(top))[1] if np.isfinite(top) else 0
+            shift = min(126, max(22, 125 - e))
+            for t in range(8):
+                mult[t] = np.float32(2.0 ** (shift - SUB_SHIFT[t]))
+            unscale[n] = np.float32(2.0 ** (149 - shift))
         for s in range(seg_start.shape[0] - 1):
             total = np.float32(0.0)
             for i in range(seg_start[s] * 8, seg_start[s + 1] * 8):
@@ -243,29 +261,9 @@ def scale_rows(x, gather, seg_start, xs, sumx):
                 v = x[n, src] if src < n_in else np.float32(0.0)
                 total += v
                 xs[n, i] = v * scale[i & 7]
+                if sub:
+                    xsub[n, i] = v * mult[i & 7]
             sumx[n, s] = total
-
-
-@njit(error_model="numpy", cache=True, boundscheck=False)
-def scale_rows_subnormal(x, gather, xsub, unscale):
-    """The activations of the subnormal-code kernel: xsub [N, padded] = x[n, gather[i]] * 2^(S_n - SUB_SHIFT[i % 8])
-    (0 for padding) and unscale[n] = 2^(149 - S_n), with e_n the exponent of the
-    row's largest |x| below 2^e_n (so |x| * 2^S_n < 2^125), S_n = 125 - e_n kept within [22, 126] so that both
-    powers are float32 numbers. A NaN or an infinity leaves S_n at 125 and reaches the row's outputs."""
-    n_in = x.shape[1]
-    for n in range(x.shape[0]):
-        top = np.float32(0.0)
-        for i in range(n_in):
-            top = max(top, abs(x[n, i]))
-        e = math.frexp(np.float64(top))[1] if np.isfinite(top) else 0
-        shift = min(126, max(22, 125 - e))
-        mult = np.empty(8, dtype=np.float32)
-        for t in range(8):
-            mult[t] = np.float32(2.0 ** (shift - SUB_SHIFT[t]))
-        unscale[n] = np.float32(2.0 ** (149 - shift))
-        for i in range(gather.shape[0]):
-            src = gather[i]
-            xsub[n, i] = x[n, src] * mult[i & 7] if src < n_in else np.float32(0.0)
 
 
 @njit(inline="always")
@@ -306,8 +304,8 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     # next strip, the word the next call reads
     ahead = np.int64(PREFETCH_BYTES if n_rows == 1 or not in_strips else n_packed * w_st)
     pairs = xsub.shape[0] == 1 and n_rows == 1
-    seg_both = np.concatenate((seg_start, seg_group))                       # [2 S + 1] for _pair_subnormal
-    base_seg, n_seg = np.int64(seg_both.ctypes.data), np.int64(seg_group.shape[0])
+    base_seg, base_group = np.int64(seg_start.ctypes.data), np.int64(seg_group.ctypes.data)
+    n_seg = np.int64(seg_group.shape[0])
     base_xsub, base_m = np.int64(xsub.ctypes.data), np.int64(masks.ctypes.data)
     n_blocks = (n_out + block - 1) // block
     for b in prange(n_blocks):
@@ -323,8 +321,9 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
             for jj in range(j0, j0 + wide - strip, 2 * strip):
                 w_0 = base_w + strips.word_offset(width, n_packed, 0, jj)
                 w_hi = base_w + strips.word_offset(width, n_packed, 0, jj + strip) - w_0
-                _pair_subnormal(base_y + jj * 4, w_0, w_hi, w_st, base_seg, n_seg, base_xsub, base_m, base_sx,
-                                base_sc + jj * 2, sc_st, base_z + (jj // 8) * 4, z_st, zero_add, cz, unscale[0])
+                _pair_subnormal(base_y + jj * 4, w_0, w_hi, w_st, base_seg, base_group, n_seg, base_xsub, base_m,
+                                base_sx, base_sc + jj * 2, sc_st, base_z + (jj // 8) * 4, z_st, zero_add, cz,
+                                unscale[0])
                 lo = jj + 2 * strip
             _restore_mxcsr(mxcsr)
         for c0 in range(lo, j0 + wide, group):
@@ -375,13 +374,11 @@ def gptq_matmul_fma(plan, x, block, subnormal=None):
     # rows one cache line longer than the inputs, so that the rows of a chunk do not share L1 sets
     xs = np.empty((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]   # [N, padded]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
-    scale_rows(x, gather, plan.seg_start, xs, sumx)
     if subnormal is None:
         subnormal = n_rows == 1 and fast_subnormals()
     xsub = np.empty((1 if subnormal and n_rows == 1 else 0, plan.n_padded), dtype=np.float32)   # [1 or 0, padded]
     unscale = np.empty(xsub.shape[0], dtype=np.float32)
-    if xsub.shape[0]:
-        scale_rows_subnormal(x, gather, xsub, unscale)
+    scale_rows(x, gather, plan.seg_start, xs, sumx, xsub, unscale)
     y = np.empty((n_rows, plan.n_out), dtype=np.float32)                    # [N, out]
     gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
              plan.const_zero, block, y, xsub, unscale, SUB_MASKS)

@@ -9,10 +9,10 @@ at a time; per segment, fold_rows applies scale and zero. Each row's sums are ad
 is, so a row's result does not depend on its batch.
 
 A plan in column strips (generic/strips.py) runs strip by strip instead (avx2/int8.py's one-row case has a
-loop of its own), all segments of one strip before the
-next, so a thread reads its columns as one run of memory; each strip's fold of each segment is an LLVM
-intrinsic (_fold32) with fold_rows' float32 steps. A plan in strips has whole strips of 32 or 64 columns, so no
-column takes the scalar step. Each output's sums are the same, in the same order, bit for bit.
+loop of its own), all segments of one strip before the next, so a thread reads its columns as one run of
+memory; each strip's fold of each segment is an LLVM intrinsic (_fold32) with fold_rows' float32 steps. A plan
+in strips has whole strips of 32 or 64 columns, so no column takes the scalar step. Each output's sums are the
+same, in the same order, bit for bit.
 """
 
 import numpy as np
@@ -90,8 +90,9 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
 @njit(inline="always")
 def _fold_strip(y, acc, s, g, j0, width, scales, qzeros, zero_add, const_zero, sumx, zbuf):
     """fold_rows for `width` columns (32 or 64) of one strip from j0, acc [N, strip width] (cleared for the next
-    segment): one _fold32 per row and 32 columns, inlined into the kernel. A call to fold_rows per strip and segment, or Numba
-    slices of y and acc, cost as much as the strip's dot products (their reference counts are atomic)."""
+    segment): one _fold32 per row and 32 columns, inlined into the kernel. A call to fold_rows per strip and
+    segment, or Numba slices of y and acc, cost as much as the strip's dot products (their reference counts are
+    atomic)."""
     if const_zero < 0:
         for j in range(width):
             zbuf[j] = np.float32((_zero_code(qzeros[g], j0 + j, 4, qzeros.shape[1]) + zero_add) & 15)
