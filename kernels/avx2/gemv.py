@@ -45,8 +45,6 @@ A thread whose MXCSR has DAZ set (something in the process asked for flush-to-ze
 zero, so each task clears DAZ for its duration and restores the register after.
 """
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -230,40 +228,62 @@ def _restore_mxcsr(typingctx, old):
     return types.void(types.int32), codegen
 
 
+@njit(inline="always")
+def _shift_of(row):
+    """S for the subnormal-code kernel from the row's largest |x|, read from the bits (an integer maximum, which
+    vectorizes): with |x| < 2^e, S = 125 - e kept within [22, 126]. NaN or infinity: S = 125, so that they
+    reach the row's outputs; a zero or subnormal maximum takes the clamp's 126."""
+    bits = row.view(np.int32)
+    top = np.int32(0)
+    for i in range(bits.shape[0]):
+        top = max(top, bits[i] & np.int32(0x7FFFFFFF))
+    if top >= np.int32(0x7F800000):
+        return 125
+    e = max(np.int64(top >> 23), 1) - 126           # frexp's exponent for a normal number
+    return min(126, max(22, 125 - e))
+
+
+@njit(inline="always")
+def _gather_scaled(x_row, gather, u0, u1, out, mult, part):
+    """out[i] = x_row[gather[i]] * mult[i % 8] for the inputs 8 u0 .. 8 u1 of a segment (0 where gather[i] is
+    past the row: padding); returns their sum, added in 8 lanes (one per position in a packed word) and then
+    pairwise: the 8 chains overlap, where one running sum waits for each addition."""
+    n_in = x_row.shape[0]
+    part[:] = 0.0
+    for u in range(u0, u1):
+        for t in range(8):
+            src = gather[8 * u + t]
+            v = x_row[src] if src < n_in else np.float32(0.0)
+            part[t] += v
+            out[8 * u + t] = v * mult[t]
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
+
+
 @njit(error_model="numpy", cache=True, boundscheck=False)
 def scale_rows(x, gather, seg_start, xs, sumx, xsub, unscale):
-    """x [N, in] in input order -> xs [N, padded] in plan order, scaled: xs[n, i] = x[n, gather[i]] *
-    X_SCALE[i % 8] (0 where gather[i] == in: padding), and sumx[n, s] = the sum of x over segment s. One pass
-    on one thread: the 1-row case is a few microseconds, less than waking the other threads.
-
-    The rows of xsub (none, or all N) get the activations of the subnormal-code kernel in the same pass:
-    xsub[n, i] = x[n, gather[i]] * 2^(S_n - SUB_SHIFT[i % 8]) and unscale[n] = 2^(149 - S_n), where the row's
-    largest |x| is below 2^e_n and S_n = 125 - e_n (so |x| * 2^S_n < 2^125), kept within [22, 126] so that
-    both powers are float32 numbers. A NaN or an infinity leaves S_n at 125 and reaches the row's outputs."""
-    scale = X_SCALE
-    n_in = x.shape[1]
-    mult = np.zeros(8, dtype=np.float32)                # this row's 2^(S_n - SUB_SHIFT[t]), if it has xsub
+    """x [N, in] in input order -> plan order, scaled, for the kernels below; one pass on one thread (the 1-row
+    case is a few microseconds, less than waking the other threads):
+        xs[n, i] = x[n, gather[i]] * X_SCALE[i % 8]            (0 where gather[i] == in: padding)
+        sumx[n, s] = the sum of x[n] over segment s
+    The rows of xsub (none, or all N) are the subnormal-code kernel's instead:
+        xsub[n, i] = x[n, gather[i]] * 2^(S_n - SUB_SHIFT[i % 8]),  unscale[n] = 2^(149 - S_n)
+    with S_n from _shift_of (so |x| 2^S_n < 2^125, and both powers are float32 numbers). Such a row gets xs too
+    only if xs has rows (gptq_matmul_fma gives it none when pairs of strips cover every column)."""
+    mult = np.empty(8, dtype=np.float32)                # the row's 2^(S_n - SUB_SHIFT[t]), if it has xsub
+    part = np.empty(8, dtype=np.float32)
     for n in range(x.shape[0]):
         sub = n < xsub.shape[0]
         if sub:
-            top = np.float32(0.0)
-            for i in range(n_in):
-                top = max(top, abs(x[n, i]))
-            e = math.frexp(np.float64(top))[1] if np.isfinite(top) else 0
-            shift = min(126, max(22, 125 - e))
+            shift = _shift_of(x[n])
             for t in range(8):
                 mult[t] = np.float32(2.0 ** (shift - SUB_SHIFT[t]))
             unscale[n] = np.float32(2.0 ** (149 - shift))
         for s in range(seg_start.shape[0] - 1):
-            total = np.float32(0.0)
-            for i in range(seg_start[s] * 8, seg_start[s + 1] * 8):
-                src = gather[i]
-                v = x[n, src] if src < n_in else np.float32(0.0)
-                total += v
-                xs[n, i] = v * scale[i & 7]
-                if sub:
-                    xsub[n, i] = v * mult[i & 7]
-            sumx[n, s] = total
+            u0, u1 = seg_start[s], seg_start[s + 1]
+            if sub:
+                sumx[n, s] = _gather_scaled(x[n], gather, u0, u1, xsub[n], mult, part)
+            if n < xs.shape[0]:
+                sumx[n, s] = _gather_scaled(x[n], gather, u0, u1, xs[n], X_SCALE, part)
 
 
 @njit(inline="always")
@@ -289,8 +309,7 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     strips each packed row's word in the next strip is prefetched). Each output's sum runs over the segments in
     order either way. xsub [N, padded] not empty (one row): pairs of strips take _pair_subnormal, with
     unscale [N] and masks (SUB_MASKS); the rest of a block takes the kernels above."""
-    n_rows = xs.shape[0]
-    n_out = y.shape[1]
+    n_rows, n_out = y.shape
     width, n_packed = strips.shape_of(qw, n_out)
     strip = 32 if n_rows == 1 else 16
     w_st, x_st, y_st, sx_st = width * 4, xs.strides[0], n_out * 4, sumx.shape[1] * 4
@@ -372,11 +391,16 @@ def gptq_matmul_fma(plan, x, block, subnormal=None):
         gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
         plan.__dict__["_gather_fma"] = gather
     # rows one cache line longer than the inputs, so that the rows of a chunk do not share L1 sets
-    xs = np.empty((n_rows, plan.n_padded + 16), dtype=np.float32)[:, :plan.n_padded]   # [N, padded]
-    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
     if subnormal is None:
         subnormal = n_rows == 1 and fast_subnormals()
-    xsub = np.empty((1 if subnormal and n_rows == 1 else 0, plan.n_padded), dtype=np.float32)   # [1 or 0, padded]
+    subnormal = subnormal and n_rows == 1
+    # pairs of strips cover every column when both the blocks and the layer are whole pairs: then only the
+    # subnormal-code kernel's activations are made
+    whole_pairs = subnormal and block % 64 == 0 and plan.n_out % 64 == 0
+    xs = np.empty((0 if whole_pairs else n_rows, plan.n_padded + 16),
+                  dtype=np.float32)[:, :plan.n_padded]                      # [N or 0, padded]
+    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
+    xsub = np.empty((1 if subnormal else 0, plan.n_padded), dtype=np.float32)   # [1 or 0, padded]
     unscale = np.empty(xsub.shape[0], dtype=np.float32)
     scale_rows(x, gather, plan.seg_start, xs, sumx, xsub, unscale)
     y = np.empty((n_rows, plan.n_out), dtype=np.float32)                    # [N, out]
