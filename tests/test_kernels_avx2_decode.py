@@ -203,6 +203,44 @@ def test_one_row_on_subnormal_codes_non_finite_and_zero_rows():
     np.testing.assert_array_equal(zero, np.zeros((1, 128), dtype=np.float32))
 
 
+def test_scale_rows_powers_and_sums_from_their_definitions():
+    """scale_rows against the statement in its docstring, computed here with math.frexp and float64: S =
+    125 - e clamped to [22, 126] for max |x| = m 2^e (0.5 <= m < 1), 125 for a NaN or an infinity, 126 for a
+    zero or subnormal maximum; xsub and xs the gathered row times their powers of two, exactly; the sums per
+    segment within float32 rounding of the float64 sum."""
+    import math
+    rng, plan = _prepared(512, 128, 128, True, False, 11)
+    gather = np.where(plan.perm >= 0, plan.perm, plan.n_in)
+    rows = [_wide(rng, (512,)), _wide(rng, (512,)) * np.float32(2.0 ** 90),
+            _wide(rng, (512,)) * np.float32(2.0 ** -70), np.zeros(512), np.full(512, 1e-40), rng.standard_normal(512),
+            rng.standard_normal(512) * np.float32(2.0 ** 110)]                       # the last: S at the clamp, 22
+    rows[5][7] = np.inf
+    for row in rows:
+        x = np.asarray(row, dtype=np.float32)[None, :]                              # [1, 512]
+        xs = np.empty((1, plan.n_padded), dtype=np.float32)
+        xsub = np.empty((1, plan.n_padded), dtype=np.float32)
+        sumx = np.empty((1, len(plan.seg_group)), dtype=np.float32)
+        unscale = np.empty(1, dtype=np.float32)
+        avx2_gemv.scale_rows(x, gather, plan.seg_start, xs, sumx, xsub, unscale)
+        top = float(np.max(np.abs(x)))
+        if not math.isfinite(top):
+            shift = 125
+        elif top < 2.0 ** -126:
+            shift = 126
+        else:
+            shift = min(126, max(22, 125 - math.frexp(top)[1]))
+        assert unscale[0] == np.float32(2.0 ** (149 - shift))
+        xg = np.append(x[0], np.float32(0.0))[gather].astype(np.float64)             # [padded] plan order
+        t = np.arange(plan.n_padded) % 8
+        with np.errstate(over="ignore"):                                          # the infinity stays one
+            np.testing.assert_array_equal(xsub[0], (xg * 2.0 ** (shift - avx2_gemv.SUB_SHIFT[t])).astype(np.float32))
+            np.testing.assert_array_equal(xs[0], (xg * avx2_gemv.X_SCALE[t]).astype(np.float32))
+        if math.isfinite(top):
+            for s in range(len(plan.seg_group)):
+                part = xg[plan.seg_start[s] * 8:plan.seg_start[s + 1] * 8]
+                assert abs(sumx[0, s] - part.sum()) <= 8 * 2.0 ** -24 * np.abs(part).sum()
+
+
 def test_one_row_on_subnormal_codes_with_denormals_are_zero_set():
     """A thread whose MXCSR has DAZ set (flush-to-zero asked for by another library) reads subnormal operands as
     zero: the kernel clears DAZ for its task and puts it back after. One thread, so that the task runs on
