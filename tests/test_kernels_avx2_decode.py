@@ -241,6 +241,18 @@ def test_scale_rows_powers_and_sums_from_their_definitions():
                 assert abs(sumx[0, s] - part.sum()) <= 8 * 2.0 ** -24 * np.abs(part).sum()
 
 
+def test_one_row_takes_strided_activations():
+    """A row that is a strided view (every other column of a wider array) gives the contiguous row's bits, on
+    the subnormal-code kernel and on the converting one."""
+    rng, plan = _prepared(512, 128, 128, True, False, 12)
+    wide = _wide(rng, (1, 1024))
+    x = wide[:, ::2]                                                              # [1, 512], not contiguous
+    for subnormal in (True, False):
+        np.testing.assert_array_equal(avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=subnormal),
+                                      avx2_gemv.gptq_matmul_fma(plan, np.ascontiguousarray(x), 128,
+                                                                subnormal=subnormal))
+
+
 def test_one_row_on_subnormal_codes_with_denormals_are_zero_set():
     """A thread whose MXCSR has DAZ set (flush-to-zero asked for by another library) reads subnormal operands as
     zero: the kernel clears DAZ for its task and puts it back after. One thread, so that the task runs on
