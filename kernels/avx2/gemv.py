@@ -39,8 +39,11 @@ scaled to match:
 Every product and partial sum is the cvt kernel's times the power of two 2^(S - 149), so the sums have its
 bits, and acc * 2^(149 - S) before the fold gives its result exactly (while they stay above 2^-126 after
 scaling: partial sums below about 2^-102 of the row's largest |x| may differ; and |x| must stay below 2^100).
-Eight chains of FMAs (64 columns: a strip of 64, or two of 32) hide their latency; the packed words are read again from
-L1 for each code, which leaves the 16 registers to 8 accumulators, a mask, a broadcast x and temporaries.
+Eight chains of FMAs (64 columns: a strip of 64, or two of 32) hide their latency. Of the 8 packed words of a
+row, KEPT_WORDS stay in registers for its 8 codes and the others are read again from L1 for each code: 16
+registers hold 8 accumulators, 4 words, a mask, a broadcast x and a temporary. Loads were the limit: reading
+all 8 again for each code (73 loads a packed row) ran 4-16% slower in L2 and L3 on one thread (Zen 4, capped
+to AVX2), and keeping all 8 spills them to the stack.
 A thread whose MXCSR has DAZ set (something in the process asked for flush-to-zero) would read the codes as
 zero, so each task clears DAZ for its duration and restores the register after.
 """
@@ -69,6 +72,7 @@ V8F, V8I = vec(F32, LANES), vec(I32, LANES)
 X_SCALE = np.array([16.0 ** -t for t in range(7)] + [1.0], dtype=np.float32)   # xs_i = x_i * X_SCALE[i % 8]
 SUB_SHIFT = np.array([0, 4, 8, 12, 16, 20, 20, 0], dtype=np.int64)   # code t as the integer q * 2^SUB_SHIFT[t]
 SUB_MASKS = np.array([[15 << b] * LANES for b in range(0, 24, 4)], dtype=np.int32)   # [6, 8]: the masks, row b/4
+KEPT_WORDS = 4                # of a packed row's 8 words, kept in registers by the subnormal-code kernel
 DAZ = 0x40                    # MXCSR's denormals-are-zero bit
 
 
@@ -166,12 +170,13 @@ def _pair_subnormal(typingctx, y_a, w_a, w_hi, w_st, seg_a, group_a, n_seg, x_a,
                 addr = [llvm.offset(builder, w_row if c < 4 else builder.add(w_row, w_hi), 32 * (c % 4))
                         for c in range(8)]
                 x_row = builder.add(x_seg, builder.mul(i, I64(32)))
+                kept = [llvm.load(builder, addr[c], V8I) for c in range(KEPT_WORDS)]   # in registers
                 for t in range(8):
                     xb = llvm.splat(builder, llvm.load(builder, llvm.offset(builder, x_row, 4 * t), F32), V8F)
                     if t < 7:
                         mask = llvm.load(builder, llvm.offset(builder, m_a, 8 * int(SUB_SHIFT[t])), V8I)
                     for c in range(8):
-                        word = llvm.load(builder, addr[c], V8I)             # again from L1: no register kept
+                        word = kept[c] if c < KEPT_WORDS else llvm.load(builder, addr[c], V8I)   # else from L1
                         if t < 6:
                             code = builder.and_(word, mask)                 # q * 2^(4t)
                         elif t == 6:
