@@ -42,7 +42,7 @@ scaling: partial sums below about 2^-102 of the row's largest |x| may differ; an
 Eight chains of FMAs (64 columns: a strip of 64, or two of 32) hide their latency. Of the 8 packed words of a
 row, KEPT_WORDS stay in registers for its 8 codes and the others are read again from L1 for each code: 16
 registers hold 8 accumulators, 4 words, a mask, a broadcast x and a temporary. Loads were the limit: reading
-all 8 again for each code (73 loads a packed row) ran 4-16% slower in L2 and L3 on one thread (Zen 4, capped
+all 8 again for each code (73 loads a packed row) ran 5-12% slower in L2 and L3 on one thread (Zen 4, capped
 to AVX2), and keeping all 8 spills them to the stack.
 A thread whose MXCSR has DAZ set (something in the process asked for flush-to-zero) would read the codes as
 zero, so each task clears DAZ for its duration and restores the register after.
