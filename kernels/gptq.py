@@ -48,7 +48,7 @@ from .generic.gptq_inplace import dequantize_slab_inplace, gemv_inplace
 from .generic.gptq_passes import or_code_u32, unit_shape
 from .generic.gptq_prefill import dequantize_slab
 from .generic.slabs import run_slabs
-from .generic import strips
+from .generic import strips, tasks
 from .vnni import split8
 
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
@@ -584,7 +584,7 @@ def _split8(plan, x):
 
 def _gemv_avx2(plan, x):
     from .avx2 import gemv as gemv_avx2
-    return gemv_avx2.gptq_matmul_fma(plan, x, gemv_block(plan.n_out, _block_unit(plan)))
+    return gemv_avx2.gptq_matmul_fma(plan, x, tasks.guided(plan.n_out, _block_unit(plan), numba.get_num_threads()))
 
 
 def _int8_gemv(plan, x):

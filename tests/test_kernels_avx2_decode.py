@@ -184,7 +184,8 @@ def test_one_row_pairs_read_only_their_own_activations():
     avx2_gemv.scale_rows(x, gather, plan.seg_start, np.empty_like(xs), sumx, xsub, unscale)
     y = np.empty((1, 128), dtype=np.float32)
     avx2_gemv.gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
-                       plan.const_zero, 128, y, xsub, unscale, avx2_gemv.SUB_MASKS)
+                       plan.const_zero, np.array([0, 128]), np.zeros(1, dtype=np.int64), 2, y, xsub, unscale,
+                       avx2_gemv.SUB_MASKS)
     np.testing.assert_array_equal(y, avx2_gemv.gptq_matmul_fma(plan, x, 128, subnormal=False))
     assert plan.qw.ctypes.data % 64 == 0                      # repacked strips start on a cache line
 
@@ -400,3 +401,27 @@ def test_gemv_code_conversion_is_the_unsigned_one():
         np.testing.assert_array_equal(out[row], (words & np.uint32(mask)).astype(np.float32))
     both = words.astype(np.uint64) | (words[::-1].astype(np.uint64) << np.uint64(32))
     np.testing.assert_array_equal(out[5], ((both >> np.uint64(30)) & np.uint64(7)).astype(np.float32))
+
+
+@pytest.mark.parametrize("n_in,n_out,group_size,act_order,sym", SUBNORMAL_LAYERS)
+def test_blocks_taken_in_turn_give_the_same_bits(n_in, n_out, group_size, act_order, sym):
+    """Which thread computes which columns changes nothing: guided schedules for 1, 2 and 3 threads, run on
+    one and on two threads, give the bits of fixed 32-column blocks, for one row (the subnormal-code kernel
+    where it is fast) and for 8."""
+    import numba
+    from tinyllama_ref.kernels.generic import tasks
+    rng, plan = _prepared(n_in, n_out, group_size, act_order, sym, 2 * n_in + n_out)
+    unit = gptq._block_unit(plan)
+    threads = numba.get_num_threads()
+    try:
+        for n_rows in (1, 8):
+            x = _wide(rng, (n_rows, n_in))
+            numba.set_num_threads(1)
+            expected = avx2_gemv.gptq_matmul_fma(plan, x, 32)
+            for run_on in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+                numba.set_num_threads(run_on)
+                for planned in (1, 2, 3):
+                    y = avx2_gemv.gptq_matmul_fma(plan, x, tasks.guided(n_out, unit, planned))
+                    np.testing.assert_array_equal(y, expected)
+    finally:
+        numba.set_num_threads(threads)

@@ -48,6 +48,7 @@ A thread whose MXCSR has DAZ set (something in the process asked for flush-to-ze
 zero, so each task clears DAZ for its duration and restores the register after.
 """
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -59,7 +60,7 @@ from ..cpu import fast_subnormals
 from ..generic.block_decode import zeros8_ir
 from ..generic.gptq_gemv import _zero_code
 from ..generic.gptq_inplace import fma_f32
-from ..generic import strips
+from ..generic import strips, tasks
 from ..generic.half import f16_to_f32
 from ..llvm import F32, I16, I32, I64, vec
 
@@ -304,16 +305,17 @@ def _chunk(nr, y_a, y_st, w_a, w_st, ahead, n_packed, x_a, x_st, sx_a, sx_st, sc
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y, xsub, unscale,
-             masks):
+def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter, threads, y,
+             xsub, unscale, masks):
     """y [N, out] = x @ W for 4-bit "segments" plans, qw [S * R, W] in either layout of generic/strips.py:
-    prange over column blocks (one per thread); per group of columns, segment, strip of 8 C columns and chunk of
-    rows, the intrinsic above; columns past the last whole strip of a block take a scalar loop with the same
-    arithmetic. One row in strips: a group is one strip of the layout (all its packed rows, then the next
-    strip: the thread reads one run of memory). Otherwise the group is the whole block, segment by segment (in
-    strips each packed row's word in the next strip is prefetched). Each output's sum runs over the segments in
-    order either way. xsub [N, padded] not empty (one row): pairs of strips take _pair_subnormal, with
-    unscale [N] and masks (SUB_MASKS); the rest of a block takes the kernels above."""
+    column blocks bounds[b] .. bounds[b + 1] taken in turn by `threads` threads (generic/tasks.py; counter [1]
+    int64 starts at zero); per group of columns, segment, strip of 8 C columns and chunk of rows, the intrinsic above;
+    columns past the last whole strip of a block take a scalar loop with the same arithmetic. One row in strips:
+    a group is one strip of the layout (all its packed rows, then the next strip: the thread reads one run of
+    memory). Otherwise the group is the whole block, segment by segment (in strips each packed row's word in
+    the next strip is prefetched). Each output's sum runs over the segments in order either way. xsub [N, padded]
+    not empty (one row): pairs of strips take _pair_subnormal, with unscale [N] and masks (SUB_MASKS); the rest
+    of a block takes the kernels above."""
     n_rows, n_out = y.shape
     width, n_packed = strips.shape_of(qw, n_out)
     strip = 32 if n_rows == 1 else 16
@@ -331,55 +333,60 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     base_seg, base_group = np.int64(seg_start.ctypes.data), np.int64(seg_group.ctypes.data)
     n_seg = np.int64(seg_group.shape[0])
     base_xsub, base_m = np.int64(xsub.ctypes.data), np.int64(masks.ctypes.data)
-    n_blocks = (n_out + block - 1) // block
-    for b in prange(n_blocks):
-        j0 = b * block
-        bw = min(n_out, j0 + block) - j0
-        wide = bw // strip * strip
-        group = max(strip, min(width, wide)) if n_rows == 1 else max(strip, wide)
-        for n in range(n_rows):
-            y[n, j0:j0 + bw] = 0.0
-        lo = j0
-        if pairs:                                   # 64 columns a call, every segment; the rest as below
-            mxcsr = _clear_daz()
-            for jj in range(j0, j0 + wide - strip, 2 * strip):
-                w_0 = base_w + strips.word_offset(width, n_packed, 0, jj)
-                w_hi = base_w + strips.word_offset(width, n_packed, 0, jj + strip) - w_0
-                _pair_subnormal(base_y + jj * 4, w_0, w_hi, w_st, base_seg, base_group, n_seg, base_xsub, base_m,
-                                base_sx, base_sc + jj * 2, sc_st, base_z + (jj // 8) * 4, z_st, zero_add, cz,
-                                unscale[0])
-                lo = jj + 2 * strip
-            _restore_mxcsr(mxcsr)
-        for c0 in range(lo, j0 + wide, group):
+    n_blocks = bounds.shape[0] - 1
+    next_at = np.int64(counter.ctypes.data)
+    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+        b = tasks.next_block(next_at)
+        while b < n_blocks:
+            j0 = bounds[b]
+            bw = bounds[b + 1] - j0
+            wide = bw // strip * strip
+            group = max(strip, min(width, wide)) if n_rows == 1 else max(strip, wide)
+            for n in range(n_rows):
+                y[n, j0:j0 + bw] = 0.0
+            lo = j0
+            if pairs:                                   # 64 columns a call, every segment; the rest as below
+                mxcsr = _clear_daz()
+                for jj in range(j0, j0 + wide - strip, 2 * strip):
+                    w_0 = base_w + strips.word_offset(width, n_packed, 0, jj)
+                    w_hi = base_w + strips.word_offset(width, n_packed, 0, jj + strip) - w_0
+                    _pair_subnormal(base_y + jj * 4, w_0, w_hi, w_st, base_seg, base_group, n_seg, base_xsub,
+                                    base_m, base_sx, base_sc + jj * 2, sc_st, base_z + (jj // 8) * 4, z_st, zero_add,
+                                    cz, unscale[0])
+                    lo = jj + 2 * strip
+                _restore_mxcsr(mxcsr)
+            for c0 in range(lo, j0 + wide, group):
+                for s in range(seg_group.shape[0]):
+                    u0, u1 = seg_start[s], seg_start[s + 1]
+                    g = seg_group[s]
+                    for jj in range(c0, min(j0 + wide, c0 + group), strip):
+                        w_a = base_w + strips.word_offset(width, n_packed, u0, jj)
+                        sc_a = base_sc + g * sc_st + jj * 2
+                        z_a = base_z + g * z_st + (jj // 8) * 4
+                        if n_rows == 1:
+                            _one_row(base_y + jj * 4, y_st, w_a, w_st, ahead, u1 - u0, base_x + u0 * 32, x_st,
+                                     base_sx + s * 4, sx_st, sc_a, z_a, zero_add, cz)
+                        else:
+                            for n0 in range(0, n_rows, 4):
+                                _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, ahead,
+                                       u1 - u0, base_x + n0 * x_st + u0 * 32, x_st, base_sx + n0 * sx_st + s * 4,
+                                       sx_st, sc_a, z_a, zero_add, cz)
             for s in range(seg_group.shape[0]):
                 u0, u1 = seg_start[s], seg_start[s + 1]
                 g = seg_group[s]
-                for jj in range(c0, min(j0 + wide, c0 + group), strip):
-                    w_a = base_w + strips.word_offset(width, n_packed, u0, jj)
-                    sc_a = base_sc + g * sc_st + jj * 2
-                    z_a = base_z + g * z_st + (jj // 8) * 4
-                    if n_rows == 1:
-                        _one_row(base_y + jj * 4, y_st, w_a, w_st, ahead, u1 - u0, base_x + u0 * 32, x_st,
-                                 base_sx + s * 4, sx_st, sc_a, z_a, zero_add, cz)
-                    else:
-                        for n0 in range(0, n_rows, 4):
-                            _chunk(min(4, n_rows - n0), base_y + n0 * y_st + jj * 4, y_st, w_a, w_st, ahead, u1 - u0,
-                                   base_x + n0 * x_st + u0 * 32, x_st, base_sx + n0 * sx_st + s * 4, sx_st, sc_a,
-                                   z_a, zero_add, cz)
-        for s in range(seg_group.shape[0]):
-            u0, u1 = seg_start[s], seg_start[s + 1]
-            g = seg_group[s]
-            for j in range(j0 + wide, j0 + bw):
-                z = cz if cz >= 0 else np.float32((_zero_code(qzeros[g], j, 4, qzeros.shape[1]) + zero_add) & 15)
-                sc = f16_to_f32(scales[g, j])
-                for n in range(n_rows):
-                    acc = np.float32(0.0)
-                    for u in range(u0, u1):
-                        w = np.int64(strips.word(qw, n_packed, u, j))
-                        for t in range(8):
-                            q = w & (np.int64(15) << (4 * t)) if t < 7 else w >> 28
-                            acc = fma_f32(np.float32(q), xs[n, 8 * u + t], acc)
-                    y[n, j] += sc * (acc - z * sumx[n, s])
+                for j in range(j0 + wide, j0 + bw):
+                    z = cz if cz >= 0 else \
+                        np.float32((_zero_code(qzeros[g], j, 4, qzeros.shape[1]) + zero_add) & 15)
+                    sc = f16_to_f32(scales[g, j])
+                    for n in range(n_rows):
+                        acc = np.float32(0.0)
+                        for u in range(u0, u1):
+                            w = np.int64(strips.word(qw, n_packed, u, j))
+                            for t in range(8):
+                                q = w & (np.int64(15) << (4 * t)) if t < 7 else w >> 28
+                                acc = fma_f32(np.float32(q), xs[n, 8 * u + t], acc)
+                        y[n, j] += sc * (acc - z * sumx[n, s])
+            b = tasks.next_block(next_at)
 
 
 def supports(plan):
@@ -387,10 +394,13 @@ def supports(plan):
     return plan.layout == "segments" and plan.bits == 4
 
 
-def gptq_matmul_fma(plan, x, block, subnormal=None):
-    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold). One row
-    takes the subnormal-code kernel where `subnormal` (default: cpu.fast_subnormals()); same bits either way."""
+def gptq_matmul_fma(plan, x, blocks, subnormal=None):
+    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold). blocks: the
+    column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that many
+    columns. One row takes the subnormal-code kernel where `subnormal` (default: cpu.fast_subnormals()); same
+    bits either way."""
     n_rows = x.shape[0]
+    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
     gather = plan.__dict__.get("_gather_fma")
     if gather is None:                                                      # [padded] input of each plan row
         gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
@@ -399,9 +409,9 @@ def gptq_matmul_fma(plan, x, block, subnormal=None):
     if subnormal is None:
         subnormal = n_rows == 1 and fast_subnormals()
     subnormal = subnormal and n_rows == 1
-    # pairs of strips cover every column when both the blocks and the layer are whole pairs: then only the
-    # subnormal-code kernel's activations are made
-    whole_pairs = subnormal and block % 64 == 0 and plan.n_out % 64 == 0
+    # pairs of strips cover every column when every block (the last one ends the layer) is whole pairs: then
+    # only the subnormal-code kernel's activations are made
+    whole_pairs = subnormal and not (bounds % 64).any()
     xs = np.empty((0 if whole_pairs else n_rows, plan.n_padded + 16),
                   dtype=np.float32)[:, :plan.n_padded]                      # [N or 0, padded]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
@@ -410,5 +420,5 @@ def gptq_matmul_fma(plan, x, block, subnormal=None):
     scale_rows(x, gather, plan.seg_start, xs, sumx, xsub, unscale)
     y = np.empty((n_rows, plan.n_out), dtype=np.float32)                    # [N, out]
     gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
-             plan.const_zero, block, y, xsub, unscale, SUB_MASKS)
+             plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y, xsub, unscale, SUB_MASKS)
     return y
