@@ -51,6 +51,7 @@ from .generic.slabs import run_slabs
 from .generic import strips, tasks
 from .vnni import split8
 
+BOUND_MAX_ROWS = 32        # calls of up to this many rows (decode passes) reuse a call bound once (bound_call)
 GEMV_TASKS_PER_THREAD = 1  # column blocks per thread: one long block each streams best (the hardware
                            # prefetchers follow long runs of each packed row; measured 1.2-1.3x over two)
 INPLACE_SCALE_BYTES = 256 * 2**10   # "inplace" plans: fp16 scales of one column block, all groups (L2-resident)
@@ -582,9 +583,13 @@ def _split8(plan, x):
     return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.n_out, _block_unit(plan)))
 
 
-def _gemv_avx2(plan, x):
+def _bind_gemv_avx2(plan, rows, threads):
     from .avx2 import gemv as gemv_avx2
-    return gemv_avx2.gptq_matmul_fma(plan, x, tasks.guided(plan.n_out, _block_unit(plan), numba.get_num_threads()))
+    return gemv_avx2.bind(plan, rows, tasks.guided(plan.n_out, _block_unit(plan), threads), threads)
+
+
+def _gemv_avx2(plan, x):
+    return _bind_gemv_avx2(plan, x.shape[0], numba.get_num_threads())(x)
 
 
 def _int8_gemv(plan, x):
@@ -647,14 +652,39 @@ RUN = {
 }
 
 
+# kernels whose work that does not depend on x can be done once per plan, row count and thread count:
+# bind(plan, rows, threads) -> a function x -> y
+BIND = {"gemv_avx2": _bind_gemv_avx2}
+
+
+def _before(name, plan):
+    if name not in table.kernels_reading(table.layer_of(plan).layout):
+        raise ValueError(f"kernel {name} does not read the {table.layer_of(plan).layout} layout")
+    compile_note.before_call(table.dispatchers(name), "GPTQ kernels")
+
+
 def run(name, plan, x):
     """Run the kernel `name` of the table on x [N, in] float32 (C-contiguous) -> y [N, out] float32, saying so
     first if it is about to compile (compile_note.py). gptq_matmul chooses the name; tests and benchmarks may
     name one directly to compare kernels on the same layer."""
-    if name not in table.kernels_reading(table.layer_of(plan).layout):
-        raise ValueError(f"kernel {name} does not read the {table.layer_of(plan).layout} layout")
-    compile_note.before_call(table.dispatchers(name), "GPTQ kernels")
+    _before(name, plan)
     return RUN[name](plan, x)
+
+
+def bound_call(plan, rows, mode, threads):
+    """The function x [rows, in] -> y [rows, out] that gptq_matmul runs for this plan, row count, mode and
+    thread count: the table's kernel, bound once (BIND, or RUN with the plan) and kept in the plan. A 7B
+    decode step makes 224 calls, each after a kernel that streamed megabytes of weights through the caches,
+    so every Python step around a call runs from memory: choosing, checking and preparing once per plan took
+    one token from 134 to 123 ms (2 threads, capped AVX2, 7B)."""
+    calls = plan.__dict__.setdefault("_bound_calls", {})
+    call = calls.get((rows, mode, threads))
+    if call is None:
+        name = table.choose(table.layer_of(plan), rows, mode, plan.tier)
+        _before(name, plan)
+        call = BIND[name](plan, rows, threads) if name in BIND else functools.partial(RUN[name], plan)
+        calls[(rows, mode, threads)] = call
+    return call
 
 
 def gptq_matmul(plan, x, mode="exact"):
@@ -664,4 +694,6 @@ def gptq_matmul(plan, x, mode="exact"):
     mode "int8" (opt-in, approximate) rounds the activations to int8 per block of 32 where the table has an
     int8 kernel for the layer (4-bit decode rows; 3- and 4-bit prefill; streamed act-order layers are copied in
     group order for the call, repack_inplace); other layers stay exact."""
-    return run(table.choose(table.layer_of(plan), x.shape[0], mode, plan.tier), plan, x)
+    if x.shape[0] > BOUND_MAX_ROWS:
+        return run(table.choose(table.layer_of(plan), x.shape[0], mode, plan.tier), plan, x)
+    return bound_call(plan, x.shape[0], mode, numba.get_num_threads())(x)

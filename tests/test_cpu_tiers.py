@@ -135,6 +135,9 @@ def test_every_tier_runs_the_kernel_the_table_names(monkeypatch, tier, case, mod
     ran = []
     for name, fn in list(gptq.RUN.items()):
         monkeypatch.setitem(gptq.RUN, name, lambda p, x, name=name, fn=fn: ran.append(name) or fn(p, x))
+    for name, bind in list(gptq.BIND.items()):              # decode calls bound once per plan (gptq.bound_call)
+        monkeypatch.setitem(gptq.BIND, name, lambda *args, name=name, bind=bind: (
+            lambda call: lambda x: ran.append(name) or call(x))(bind(*args)))
     listed = {d for name in table.kernels_for(table.layer_of(plan), mode, tier) for d in table.dispatchers(name)}
     rng = np.random.default_rng(6)
     for rows in [r for r in table.boundaries() if r <= 72]:

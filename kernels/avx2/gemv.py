@@ -394,31 +394,40 @@ def supports(plan):
     return plan.layout == "segments" and plan.bits == 4
 
 
-def gptq_matmul_fma(plan, x, blocks, subnormal=None):
-    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold). blocks: the
-    column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that many
-    columns. One row takes the subnormal-code kernel where `subnormal` (default: cpu.fast_subnormals()); same
-    bits either way."""
-    n_rows = x.shape[0]
+def bind(plan, n_rows, blocks, threads, subnormal=None):
+    """gptq_matmul_fma for x of n_rows rows on `threads` threads with everything that does not depend on x
+    worked out once (kernels/gptq.py keeps it per plan for decode passes): a function x [n_rows, in] -> y.
+    blocks: the column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that
+    many columns. One row takes the subnormal-code kernel where `subnormal` (default:
+    cpu.fast_subnormals()); same bits either way."""
     bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
-    gather = plan.__dict__.get("_gather_fma")
-    if gather is None:                                                      # [padded] input of each plan row
-        gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
-        plan.__dict__["_gather_fma"] = gather
-    # rows one cache line longer than the inputs, so that the rows of a chunk do not share L1 sets
+    # [padded] input of each plan row (padding rows point one past the last input)
+    gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
     if subnormal is None:
         subnormal = n_rows == 1 and fast_subnormals()
     subnormal = subnormal and n_rows == 1
     # pairs of strips cover every column when every block (the last one ends the layer) is whole pairs: then
     # only the subnormal-code kernel's activations are made
-    whole_pairs = subnormal and not (bounds % 64).any()
-    xs = np.empty((0 if whole_pairs else n_rows, plan.n_padded + 16),
-                  dtype=np.float32)[:, :plan.n_padded]                      # [N or 0, padded]
-    sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
-    xsub = np.empty((1 if subnormal else 0, plan.n_padded), dtype=np.float32)   # [1 or 0, padded]
-    unscale = np.empty(xsub.shape[0], dtype=np.float32)
-    scale_rows(x, gather, plan.seg_start, xs, sumx, xsub, unscale)
-    y = np.empty((n_rows, plan.n_out), dtype=np.float32)                    # [N, out]
-    gemv_fma(plan.qw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
-             plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y, xsub, unscale, SUB_MASKS)
-    return y
+    n_xs = 0 if subnormal and not (bounds % 64).any() else n_rows
+    n_sub, n_seg, n_padded, n_out = int(subnormal), len(plan.seg_group), plan.n_padded, plan.n_out
+    qw, seg_start, seg_group, scales, qzeros = plan.qw, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros
+    zero_add, const_zero = plan.zero_add, plan.const_zero
+
+    def call(x):
+        # rows one cache line longer than the inputs, so that the rows of a chunk do not share L1 sets
+        xs = np.empty((n_xs, n_padded + 16), dtype=np.float32)[:, :n_padded]  # [N or 0, padded]
+        sumx = np.empty((n_rows, n_seg), dtype=np.float32)                    # [N, segments]
+        xsub = np.empty((n_sub, n_padded), dtype=np.float32)                  # [1 or 0, padded]
+        unscale = np.empty(n_sub, dtype=np.float32)
+        scale_rows(x, gather, seg_start, xs, sumx, xsub, unscale)
+        y = np.empty((n_rows, n_out), dtype=np.float32)                       # [N, out]
+        gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, tasks.counter(),
+                 threads, y, xsub, unscale, SUB_MASKS)
+        return y
+    return call
+
+
+def gptq_matmul_fma(plan, x, blocks, subnormal=None):
+    """y [N, out] float32 = x @ W for x [N, in] float32 in input order (supports(plan) must hold), on this
+    process's threads; blocks and subnormal as in bind()."""
+    return bind(plan, x.shape[0], blocks, numba.get_num_threads(), subnormal)(x)
