@@ -533,9 +533,23 @@ def gemv_block(n_out, unit=32):
     """Output columns per GEMV task: GEMV_TASKS_PER_THREAD long blocks per thread, a multiple of `unit` columns
     (32, so that every block starts on a whole qzeros word for any bit width; a plan's strip width where it is
     stored in strips: _block_unit)."""
-    tasks = max(1, numba.get_num_threads() * GEMV_TASKS_PER_THREAD)
-    per_task = -(-n_out // tasks)                    # ceil
+    n_tasks = max(1, numba.get_num_threads() * GEMV_TASKS_PER_THREAD)
+    per_task = -(-n_out // n_tasks)                  # ceil
     return max(unit, -(-per_task // unit) * unit)
+
+
+def decode_bounds(plan, threads):
+    """The column bounds a decode GEMV's threads take in turn (generic/tasks.py): a guided schedule on a plan in
+    strips, where a block of any width is one run of memory; one block per thread on a row-major plan, whose
+    packed rows are read in runs as long as the block (guided blocks made split8 1.2x slower: 7B, vnni tier,
+    2 threads, 10 alternating rounds)."""
+    if plan.strip < plan.n_out:
+        return tasks.guided(plan.n_out, plan.strip, threads)
+    return tasks.uniform(plan.n_out, max(32, -(-plan.n_out // (threads * GEMV_TASKS_PER_THREAD * 32)) * 32))
+
+
+def _guided(plan):
+    return decode_bounds(plan, numba.get_num_threads())
 
 
 def _block_unit(plan):
@@ -580,12 +594,12 @@ def _blas_slabs_inplace(plan, x):
 
 
 def _split8(plan, x):
-    return split8.gptq_matmul_split(plan, permute_x(plan, x), gemv_block(plan.n_out, _block_unit(plan)))
+    return split8.gptq_matmul_split(plan, permute_x(plan, x), _guided(plan))
 
 
 def _bind_gemv_avx2(plan, rows, threads):
     from .avx2 import gemv as gemv_avx2
-    return gemv_avx2.bind(plan, rows, tasks.guided(plan.n_out, _block_unit(plan), threads), threads)
+    return gemv_avx2.bind(plan, rows, decode_bounds(plan, threads), threads)
 
 
 def _gemv_avx2(plan, x):
@@ -595,13 +609,13 @@ def _gemv_avx2(plan, x):
 def _int8_gemv(plan, x):
     from .vnni import int8
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
-    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out, _block_unit(plan)))
+    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, _guided(plan))
 
 
 def _int8_gemv_avx2(plan, x):
     from .avx2 import int8 as int8_avx2
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
-    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, gemv_block(plan.n_out, _block_unit(plan)))
+    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, _guided(plan))
 
 
 def _int8_gemm(plan, x):

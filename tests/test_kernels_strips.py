@@ -17,7 +17,7 @@ from tinyllama_ref.kernels.generic import strips
 pytestmark = needs("avx2")
 
 # (inputs, outputs, group size, sym): outputs a multiple of 32 (strip_width), one or many groups, asymmetric zeros;
-# 33 strips of 32: more than one parallel task of avx2/int8.py's TASK_STRIPS, the last one a single strip; in
+# 33 strips of 32: many blocks of the guided schedule (generic/tasks.py), the last ones a single strip; in
 # exact mode 64 and 576 columns are strips of 64 (one and nine), the others of 32
 LAYERS = [(256, 96, 32, False), (384, 64, 128, True), (512, 160, 64, False), (256, 1056, 128, False),
           (384, 576, 128, False)]

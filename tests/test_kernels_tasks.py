@@ -67,3 +67,47 @@ def test_every_task_is_taken_once_by_two_threads():
         numba.set_num_threads(threads)
     assert set(np.unique(taken_by)) <= {1, 2}
     assert counter[0] >= 20000
+
+
+def _decode_kernels():
+    """(name, tier, prepare tier, f(plan, xp, blocks)) for the integer decode kernels that take column bounds."""
+    from tinyllama_ref.kernels.avx2 import int8 as avx2_int8
+    from tinyllama_ref.kernels.vnni import int8 as vnni_int8
+    from tinyllama_ref.kernels.vnni import split8
+
+    def int8_with(module):
+        return lambda plan, xp, blocks: module.gptq_matmul_int8(
+            plan, xp, np.empty((xp.shape[0], plan.n_out), dtype=np.float32), blocks)
+    return [("split8", "vnni", "vnni", split8.gptq_matmul_split),
+            ("int8 vnni", "vnni", "vnni", int8_with(vnni_int8)),
+            ("int8 avx2 row-major", "avx2", "vnni", int8_with(avx2_int8)),
+            ("int8 avx2 strips", "avx2", "avx2", int8_with(avx2_int8))]
+
+
+@pytest.mark.parametrize("case", range(4), ids=lambda i: ["split8", "int8-vnni", "int8-avx2", "int8-avx2-strips"][i])
+def test_integer_decode_kernels_give_the_same_bits_for_any_schedule(case):
+    """split8 and both int8 GEMVs (row-major and in strips): guided schedules planned for 1, 2 and 3 threads,
+    run on one and two threads, give the bits of fixed 32-column blocks, for 1 and 8 rows."""
+    from gptq_packer import make_layer
+    from tiers import TOP
+    from tinyllama_ref.kernels import cpu, gptq
+    name, tier, prepare_tier, fn = _decode_kernels()[case]
+    if not cpu.at_least(TOP, tier):
+        pytest.skip(f"needs the {tier} CPU tier; this process runs {TOP}")
+    rng = np.random.default_rng(case)
+    layer = make_layer(rng, 512, 320, 4, 128, act_order=True, sym=False)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        tier=prepare_tier if cpu.at_least(TOP, prepare_tier) else tier)
+    unit = gptq._block_unit(plan)
+    threads = numba.get_num_threads()
+    try:
+        for n_rows in (1, 8):
+            xp = gptq.permute_x(plan, rng.standard_normal((n_rows, 512)).astype(np.float32))
+            numba.set_num_threads(1)
+            expected = fn(plan, xp, 32)
+            for run_on in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+                numba.set_num_threads(run_on)
+                for planned in (1, 2, 3):
+                    np.testing.assert_array_equal(fn(plan, xp, tasks.guided(320, unit, planned)), expected, name)
+    finally:
+        numba.set_num_threads(threads)

@@ -25,13 +25,14 @@ all rows), 1 int16 accumulator, 2 broadcast activation words: 11 of the 16 ymm r
 weights: 8 vpmaddubsw, 7 vpaddw, 1 vpmaddwd, 8 broadcasts (loads) and the fold.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import llvm
-from ..generic import strips
+from ..generic import strips, tasks
 from ..generic.block_decode import decode_blocks, fold8_ir, zeros8_ir
 from ..llvm import F32, I64, vec
 from ..vnni.int8 import _block_sum
@@ -39,8 +40,6 @@ from ..vnni.int8_gemm import round_activations
 from .maddubs import code_bytes, dot_block, dot_strip
 
 PREFETCH_BLOCKS = 2        # the same 16 columns this many blocks ahead are asked for (as vnni/int8.py does)
-TASK_STRIPS = 16           # one row on strips: strips per parallel task (4 to 32 within 5%; one task per
-                           # thread, as the other GEMVs run, was 3-6% slower)
 
 
 @intrinsic
@@ -137,9 +136,11 @@ _strip_const, _strip_zeros = _strip_one_row(True), _strip_one_row(False)
 
 
 @njit(inline="always")
-def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
-    """One activation row on a plan in strips: prange over column blocks; per strip, per segment, one
-    _strip_one_row (the accumulators in registers over the segment, then the fold)."""
+def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds,
+                    counter, threads, y):
+    """One activation row on a plan in strips: column blocks taken in turn by the threads (generic/tasks.py);
+    per strip, per segment, one _strip_one_row (the accumulators in registers over the segment, then the
+    fold)."""
     n_out = y.shape[1]
     width, n_packed = strips.shape_of(qw, n_out)
     w_st = np.int64(width * 4)
@@ -148,24 +149,29 @@ def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, 
     x_st, d_st = np.int64(xw.strides[0]), np.int64(xscale.strides[0])
     sc_st, z_st = scales.shape[1] * 2, qzeros.shape[1] * 4
     cz = np.float32(const_zero)
-    n_blocks = (n_out + block - 1) // block
-    for b in prange(n_blocks):
-        j0 = b * block
-        bw = min(n_out, j0 + block) - j0
-        y[0, j0:j0 + bw] = 0.0
-        for c in range(j0, j0 + bw, strips.STRIP):          # 32 columns a call (half a 64-column strip)
-            for s in range(seg_group.shape[0]):
-                u0, g = seg_start[s], seg_group[s]
-                w_a = base_w + strips.word_offset(width, n_packed, u0, c)
-                x_a, d_a = base_x + (u0 // 4) * x_st, base_d + (u0 // 4) * d_st
-                sc_a, z_a = base_sc + g * sc_st + c * 2, base_z + g * z_st + (c // 8) * 4
-                nb = (seg_start[s + 1] - u0) // 4
-                if cz >= 0:
-                    _strip_const(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
-                                 sumx[0, s])
-                else:
-                    _strip_zeros(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
-                                 sumx[0, s])
+    n_blocks = bounds.shape[0] - 1
+    next_at = np.int64(counter.ctypes.data)
+    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+        while True:
+            b = tasks.next_block(next_at)
+            if b >= n_blocks:
+                break
+            j0 = bounds[b]
+            bw = bounds[b + 1] - j0
+            y[0, j0:j0 + bw] = 0.0
+            for c in range(j0, j0 + bw, strips.STRIP):          # 32 columns a call (half a 64-column strip)
+                for s in range(seg_group.shape[0]):
+                    u0, g = seg_start[s], seg_group[s]
+                    w_a = base_w + strips.word_offset(width, n_packed, u0, c)
+                    x_a, d_a = base_x + (u0 // 4) * x_st, base_d + (u0 // 4) * d_st
+                    sc_a, z_a = base_sc + g * sc_st + c * 2, base_z + g * z_st + (c // 8) * 4
+                    nb = (seg_start[s + 1] - u0) // 4
+                    if cz >= 0:
+                        _strip_const(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
+                                     sumx[0, s])
+                    else:
+                        _strip_zeros(base_y + c * 4, w_a, w_st, nb, x_a, x_st, d_a, d_st, sc_a, z_a, zero_add, cz,
+                                     sumx[0, s])
 
 
 @njit(inline="always")
@@ -177,7 +183,8 @@ def _int8_column(qw, r, j, codes, xscale, acc, jj):
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
+def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter,
+              threads, y):
     """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: generic/
     block_decode's loops (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every
     row's integer dot product on codes decoded once, then the fold per row) with this file's steps
@@ -186,10 +193,10 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
     quantize_rows."""
     if xw.shape[1] == 1 and qw.shape[1] < y.shape[1]:
         _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
-                        TASK_STRIPS * qw.shape[1], y)
+                        bounds, counter, threads, y)
     else:
-        decode_blocks(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
-                      _int8_rows16, _int8_column)
+        decode_blocks(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds,
+                      counter, threads, y, _int8_rows16, _int8_column)
 
 
 def supports(plan):
@@ -197,10 +204,12 @@ def supports(plan):
     return plan.bits == 4 and plan.whole_blocks
 
 
-def gptq_matmul_int8(plan, xp, y, block):
+def gptq_matmul_int8(plan, xp, y, blocks):
     """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp [N, padded] already in plan order):
-    vnni.int8.gptq_matmul_int8's contract and result, for CPUs with AVX2 (supports(plan) must hold)."""
+    vnni.int8.gptq_matmul_int8's contract and result, for CPUs with AVX2 (supports(plan) must hold); blocks:
+    the column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that size."""
     xw, xscale, sumx, _ = round_activations(plan, xp)
+    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
     gemv_int8(plan.qw, xw, xscale, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
-              plan.zero_add, plan.const_zero, block, y)
+              plan.zero_add, plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y)
     return y

@@ -1,12 +1,12 @@
 """The loops of the integer decode kernels that run the activation rows innermost: vnni/split8.py (exact, four
 int8 pieces per activation) and avx2/int8.py (the int8 mode on AVX2). Only their dot products differ.
 
-For a 4-bit "segments" plan whose segments hold whole blocks of 32 inputs (4 packed rows): prange over blocks of
-output columns; per segment, per block of 4 packed rows, every activation row's integer dot products with the
-block's codes go into a float32 accumulator per row and column, 16 columns at a time while those words are in
-L1 (so a batch of N rows reads the weights from memory once), then the columns past the last multiple of 16 one
-at a time; per segment, fold_rows applies scale and zero. Each row's sums are added in the same order whatever N
-is, so a row's result does not depend on its batch.
+For a 4-bit "segments" plan whose segments hold whole blocks of 32 inputs (4 packed rows): blocks of output
+columns taken in turn by the threads (tasks.py); per segment, per block of 4 packed rows, every activation row's
+integer dot products with the block's codes go into a float32 accumulator per row and column, 16 columns at a
+time while those words are in L1 (so a batch of N rows reads the weights from memory once), then the columns
+past the last multiple of 16 one at a time; per segment, fold_rows applies scale and zero. Each row's sums are
+added in the same order whatever N is, so a row's result does not depend on its batch.
 
 A plan in column strips (generic/strips.py) runs strip by strip instead (avx2/int8.py's one-row case has a
 loop of its own), all segments of one strip before the next, so a thread reads its columns as one run of
@@ -20,18 +20,19 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import strips
+from . import strips, tasks
 from .. import llvm
 from .gptq_gemv import _zero_code, fold_rows
 
 
 @njit(inline="always")
-def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
-                  columns16, column):
+def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter,
+                  threads, y, columns16, column):
     """y [N, out] for qw [S * R, W] uint32 (4-bit codes, either layout of generic/strips.py), the activations of
     the kernel's own layout xw [blocks, N, ...] int32 (int8 codes packed in fours) and xs [blocks, N, ...]
     float32 (their scales), sumx [N, S], and the plan's segments (seg_start in packed rows, multiples of 4),
-    scales, zeros; `block` output columns per task.
+    scales, zeros; output columns bounds[b] .. bounds[b + 1] taken in turn by `threads` threads (tasks.py;
+    counter [1] int64 starts at zero).
 
     The kernel's two steps, per block of 4 packed rows r..r+3 (block index r // 4):
         columns16(acc_addr, acc_row_bytes, w_addr, row_bytes, x_addr, s_addr, n_rows): 16 columns, every row:
@@ -49,42 +50,48 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
     n_out = y.shape[1]
     width, n_packed = strips.shape_of(qw, n_out)
     row_bytes = width * 4
-    n_blocks = (n_out + block - 1) // block
     base_w = np.int64(qw.ctypes.data)
     base_x, base_s = np.int64(xw.ctypes.data), np.int64(xs.ctypes.data)
     x_block, s_block = np.int64(xw.strides[0]), np.int64(xs.strides[0])
     codes = xw.view(np.int8)                                              # [blocks, N, ...] bytes
-    for b in prange(n_blocks):
-        j0 = b * block
-        bw = min(n_out, j0 + block) - j0
-        vec = bw // 16 * 16
-        acc = np.zeros((n_rows, width if width < bw else bw), dtype=np.float32)   # [N, strip or task width]
-        zbuf = np.empty(bw, dtype=np.float32)
-        base_acc = np.int64(acc.ctypes.data)
-        for n in range(n_rows):
-            y[n, j0:j0 + bw] = 0.0
-        if width < bw:                      # strips: strip by strip, each one run of memory
-            for c in range(0, bw, width):
-                cw = min(width, bw - c)         # a block may end in the middle of a strip of 64
-                for s in range(seg_group.shape[0]):
-                    for r in range(seg_start[s], seg_start[s + 1], 4):
-                        x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
-                        for jj in range(c, c + cw, 16):
-                            columns16(base_acc + (jj - c) * 4, width * 4,
-                                      base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
-                                      n_rows)
-                    _fold_strip(y, acc, s, seg_group[s], j0 + c, cw, scales, qzeros, zero_add, const_zero, sumx,
-                                zbuf)
-            continue
-        for s in range(seg_group.shape[0]):
-            for r in range(seg_start[s], seg_start[s + 1], 4):    # row-major: every 16 columns of the task
-                x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
-                for jj in range(0, vec, 16):
-                    columns16(base_acc + jj * 4, bw * 4, base_w + strips.word_offset(width, n_packed, r, j0 + jj),
-                              row_bytes, x_a, s_a, n_rows)
-                for j in range(vec, bw):
-                    column(qw, r, j0 + j, codes, xs, acc, j)
-            fold_rows(y, acc, s, seg_group[s], j0, bw, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
+    n_blocks = bounds.shape[0] - 1
+    next_at = np.int64(counter.ctypes.data)
+    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+        while True:
+            b = tasks.next_block(next_at)
+            if b >= n_blocks:
+                break
+            j0 = bounds[b]
+            bw = bounds[b + 1] - j0
+            vec = bw // 16 * 16
+            acc = np.zeros((n_rows, width if width < bw else bw), dtype=np.float32)   # [N, strip or task width]
+            zbuf = np.empty(bw, dtype=np.float32)
+            base_acc = np.int64(acc.ctypes.data)
+            for n in range(n_rows):
+                y[n, j0:j0 + bw] = 0.0
+            if width < bw:                      # strips: strip by strip, each one run of memory
+                for c in range(0, bw, width):
+                    cw = min(width, bw - c)         # a block may end in the middle of a strip of 64
+                    for s in range(seg_group.shape[0]):
+                        for r in range(seg_start[s], seg_start[s + 1], 4):
+                            x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
+                            for jj in range(c, c + cw, 16):
+                                columns16(base_acc + (jj - c) * 4, width * 4,
+                                          base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a,
+                                          s_a, n_rows)
+                        _fold_strip(y, acc, s, seg_group[s], j0 + c, cw, scales, qzeros, zero_add, const_zero,
+                                    sumx, zbuf)
+                continue
+            for s in range(seg_group.shape[0]):
+                for r in range(seg_start[s], seg_start[s + 1], 4):    # row-major: every 16 columns of the task
+                    x_a, s_a = base_x + (r // 4) * x_block, base_s + (r // 4) * s_block
+                    for jj in range(0, vec, 16):
+                        columns16(base_acc + jj * 4, bw * 4,
+                                  base_w + strips.word_offset(width, n_packed, r, j0 + jj), row_bytes, x_a, s_a,
+                                  n_rows)
+                    for j in range(vec, bw):
+                        column(qw, r, j0 + j, codes, xs, acc, j)
+                fold_rows(y, acc, s, seg_group[s], j0, bw, scales, qzeros, 4, zero_add, const_zero, sumx, zbuf)
 
 
 @njit(inline="always")

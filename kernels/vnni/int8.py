@@ -19,11 +19,13 @@ and per segment, as in the exact path, y_j += s_j * (acc_j - z_j * sum_i d_b xq_
 """
 
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..generic import tasks
 from ..generic.gptq_gemv import _fold_segment, _fold_segment_const_zero, _unpack_zero_row
 from .int8_gemm import round_activations
 from .. import llvm
@@ -98,46 +100,52 @@ def quantize_activations(xp):
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
+def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter,
+              threads, y):
     """The int8-activation GEMV for 4-bit plans (see the module docstring); same loop order as gptq.gemv:
-    prange over column blocks, per segment integer dot products per 32-input block, fold once per segment.
+    column blocks taken in turn by the threads (generic/tasks.py), per segment integer dot products per
+    32-input block, fold once per segment.
 
     xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S]: the rounded activations as
     int8_gemm.quantize_rows makes them (block-major, one Numba pass, no NumPy temporaries per token).
     Columns past the last multiple of 16 of a block take a scalar loop with the same arithmetic."""
     n_rows = xw.shape[1]
-    n_out = qw.shape[1]
     row_bytes = qw.shape[1] * 4
-    n_blocks = (n_out + block - 1) // block
     base_w = np.int64(qw.ctypes.data)
     codes = xw.view(np.int8)                                                  # [blocks, N, 32]
-    for b in prange(n_blocks):
-        j0 = b * block
-        width = min(n_out, j0 + block) - j0
-        vec = width // 16 * 16
-        acc = np.zeros(width, dtype=np.float32)
-        zbuf = np.empty(width, dtype=np.float32)
-        base_acc = np.int64(acc.ctypes.data)
-        for n in range(n_rows):
-            out = y[n, j0:j0 + width]
-            out[:] = 0.0
-            for s in range(seg_group.shape[0]):
-                u0, u1 = seg_start[s], seg_start[s + 1]          # packed words; multiples of 4
-                for r in range(u0, u1, 4):
-                    d = xscale[r // 4, n]
-                    x_addr = np.int64(xw.ctypes.data) + ((r // 4) * n_rows + n) * 32
-                    for jj in range(0, vec, 16):
-                        _vnni_block16(base_acc + jj * 4, base_w + r * row_bytes + (j0 + jj) * 4, row_bytes,
-                                      x_addr, d)
-                    for j in range(vec, width):
-                        acc[j] += np.float32(_block_sum(qw, r, j0 + j, codes, n)) * d
-                g = seg_group[s]
-                if const_zero >= 0:
-                    _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero),
-                                             sumx[n, s])
-                else:
-                    _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
-                    _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sumx[n, s])
+    n_blocks = bounds.shape[0] - 1
+    next_at = np.int64(counter.ctypes.data)
+    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+        while True:
+            b = tasks.next_block(next_at)
+            if b >= n_blocks:
+                break
+            j0 = bounds[b]
+            width = bounds[b + 1] - j0
+            vec = width // 16 * 16
+            acc = np.zeros(width, dtype=np.float32)
+            zbuf = np.empty(width, dtype=np.float32)
+            base_acc = np.int64(acc.ctypes.data)
+            for n in range(n_rows):
+                out = y[n, j0:j0 + width]
+                out[:] = 0.0
+                for s in range(seg_group.shape[0]):
+                    u0, u1 = seg_start[s], seg_start[s + 1]          # packed words; multiples of 4
+                    for r in range(u0, u1, 4):
+                        d = xscale[r // 4, n]
+                        x_addr = np.int64(xw.ctypes.data) + ((r // 4) * n_rows + n) * 32
+                        for jj in range(0, vec, 16):
+                            _vnni_block16(base_acc + jj * 4, base_w + r * row_bytes + (j0 + jj) * 4, row_bytes,
+                                          x_addr, d)
+                        for j in range(vec, width):
+                            acc[j] += np.float32(_block_sum(qw, r, j0 + j, codes, n)) * d
+                    g = seg_group[s]
+                    if const_zero >= 0:
+                        _fold_segment_const_zero(out, acc, scales[g, j0:j0 + width], np.float32(const_zero),
+                                                 sumx[n, s])
+                    else:
+                        _unpack_zero_row(qzeros[g], j0, width, 4, zero_add, zbuf)
+                        _fold_segment(out, acc, scales[g, j0:j0 + width], zbuf, sumx[n, s])
 
 
 @njit(inline="always")
@@ -165,9 +173,11 @@ def supports(plan):
     return plan.bits == 4 and plan.whole_blocks
 
 
-def gptq_matmul_int8(plan, xp, y, block):
-    """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp already in plan order)."""
+def gptq_matmul_int8(plan, xp, y, blocks):
+    """y [N, out] = x_hat @ W with x_hat the int8-rounded activations (xp already in plan order); blocks: the
+    column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that size."""
     xw, xscale, sumx, _ = round_activations(plan, xp)
+    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
     gemv_int8(plan.qw, xw, xscale, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
-              plan.zero_add, plan.const_zero, block, y)
+              plan.zero_add, plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y)
     return y

@@ -27,11 +27,13 @@ Cost per packed word and 16 columns (128 weights): 3 integer operations and 8 vp
 
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..generic import tasks
 from ..generic.block_decode import decode_blocks
 from .. import llvm
 
@@ -211,14 +213,15 @@ def _split_column(qw, r, j, codes, xs, acc, jj):
 
 
 @njit(parallel=True, error_model="numpy", cache=True, boundscheck=False)
-def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y):
-    """y [N, out] for a 4-bit "segments" plan whose segments hold whole blocks: generic/block_decode's loops
-    (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every row's integer dot
-    products while those words are in L1, then the fold of the float path per row) with this file's steps
+def gemv_split(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter, threads,
+               y):
+    """y [N, out] for a 4-bit "segments" plan whose segments hold whole blocks: generic/block_decode's loops (column
+    blocks taken in turn by the threads; per segment, block of 4 packed rows and 16 columns, every row's integer
+    dot products while those words are in L1, then the fold of the float path per row) with this file's steps
     (_split_rows16, and _split_column past the last multiple of 16 columns). Each row's sums are added in the
     same order whatever N is."""
-    decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, block, y,
-                  _split_rows16, _split_column)
+    decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter,
+                  threads, y, _split_rows16, _split_column)
 
 
 def supports(plan):
@@ -226,14 +229,16 @@ def supports(plan):
     return plan.layout == "segments" and plan.bits == 4 and plan.whole_blocks
 
 
-def gptq_matmul_split(plan, xp, block):
-    """y [N, out] float32 = xp @ W for xp [N, padded] already in plan order (module docstring)."""
+def gptq_matmul_split(plan, xp, blocks):
+    """y [N, out] float32 = xp @ W for xp [N, padded] already in plan order (module docstring); blocks: the
+    column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that size."""
     n_rows, n_padded = xp.shape
     xw = np.empty((n_padded // BLOCK, n_rows, PIECES, 8), dtype=np.int32)   # [blocks, N, 4, 8]
     xs = np.empty((n_padded // BLOCK, n_rows, 2), dtype=np.float32)         # [blocks, N, 2]
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
     split_rows(xp, plan.seg_start, xw, xs, sumx)
     y = np.empty((n_rows, plan.n_out), dtype=np.float32)              # [N, out]
+    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
     gemv_split(plan.qw, xw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
-               plan.const_zero, block, y)
+               plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y)
     return y
