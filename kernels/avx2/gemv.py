@@ -333,13 +333,11 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
     base_seg, base_group = np.int64(seg_start.ctypes.data), np.int64(seg_group.ctypes.data)
     n_seg = np.int64(seg_group.shape[0])
     base_xsub, base_m = np.int64(xsub.ctypes.data), np.int64(masks.ctypes.data)
-    n_blocks = bounds.shape[0] - 1
-    next_at = np.int64(counter.ctypes.data)
-    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
-        b = tasks.next_block(next_at)
-        while b < n_blocks:
-            j0 = bounds[b]
-            bw = bounds[b + 1] - j0
+    for _worker in prange(min(threads, bounds.shape[0] - 1)):          # one task loop per thread
+        while True:
+            j0, bw = tasks.take(counter, bounds)
+            if j0 < 0:
+                break
             wide = bw // strip * strip
             group = max(strip, min(width, wide)) if n_rows == 1 else max(strip, wide)
             for n in range(n_rows):
@@ -386,7 +384,6 @@ def gemv_fma(qw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_add, const
                                 q = w & (np.int64(15) << (4 * t)) if t < 7 else w >> 28
                                 acc = fma_f32(np.float32(q), xs[n, 8 * u + t], acc)
                         y[n, j] += sc * (acc - z * sumx[n, s])
-            b = tasks.next_block(next_at)
 
 
 def supports(plan):

@@ -149,15 +149,11 @@ def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, 
     x_st, d_st = np.int64(xw.strides[0]), np.int64(xscale.strides[0])
     sc_st, z_st = scales.shape[1] * 2, qzeros.shape[1] * 4
     cz = np.float32(const_zero)
-    n_blocks = bounds.shape[0] - 1
-    next_at = np.int64(counter.ctypes.data)
-    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+    for _worker in prange(min(threads, bounds.shape[0] - 1)):          # one task loop per thread
         while True:
-            b = tasks.next_block(next_at)
-            if b >= n_blocks:
+            j0, bw = tasks.take(counter, bounds)
+            if j0 < 0:
                 break
-            j0 = bounds[b]
-            bw = bounds[b + 1] - j0
             y[0, j0:j0 + bw] = 0.0
             for c in range(j0, j0 + bw, strips.STRIP):          # 32 columns a call (half a 64-column strip)
                 for s in range(seg_group.shape[0]):

@@ -54,15 +54,11 @@ def decode_blocks(qw, xw, xs, sumx, seg_start, seg_group, scales, qzeros, zero_a
     base_x, base_s = np.int64(xw.ctypes.data), np.int64(xs.ctypes.data)
     x_block, s_block = np.int64(xw.strides[0]), np.int64(xs.strides[0])
     codes = xw.view(np.int8)                                              # [blocks, N, ...] bytes
-    n_blocks = bounds.shape[0] - 1
-    next_at = np.int64(counter.ctypes.data)
-    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+    for _worker in prange(min(threads, bounds.shape[0] - 1)):          # one task loop per thread
         while True:
-            b = tasks.next_block(next_at)
-            if b >= n_blocks:
+            j0, bw = tasks.take(counter, bounds)
+            if j0 < 0:
                 break
-            j0 = bounds[b]
-            bw = bounds[b + 1] - j0
             vec = bw // 16 * 16
             acc = np.zeros((n_rows, width if width < bw else bw), dtype=np.float32)   # [N, strip or task width]
             zbuf = np.empty(bw, dtype=np.float32)

@@ -24,7 +24,7 @@ there each thread takes one block (gptq.decode_bounds: uniform): guided blocks m
 import functools
 
 import numpy as np
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from ..llvm import I64
@@ -65,3 +65,13 @@ def next_block(typingctx, address):
         pointer = builder.inttoptr(args[0], I64.as_pointer())
         return builder.atomic_rmw("add", pointer, I64(1), "monotonic")
     return sig, codegen
+
+
+@njit(inline="always")
+def take(counter, bounds):
+    """The next block from the counter [1] int64: (its first column, its width), or (-1, 0) when none is left.
+    A kernel's threads each run:  while True: j0, width = take(counter, bounds); if j0 < 0: break; ..."""
+    b = next_block(np.int64(counter.ctypes.data))
+    if b >= bounds.shape[0] - 1:
+        return np.int64(-1), np.int64(0)
+    return bounds[b], bounds[b + 1] - bounds[b]

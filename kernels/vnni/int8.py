@@ -113,15 +113,11 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
     row_bytes = qw.shape[1] * 4
     base_w = np.int64(qw.ctypes.data)
     codes = xw.view(np.int8)                                                  # [blocks, N, 32]
-    n_blocks = bounds.shape[0] - 1
-    next_at = np.int64(counter.ctypes.data)
-    for _worker in prange(min(threads, n_blocks)):                    # one task loop per thread
+    for _worker in prange(min(threads, bounds.shape[0] - 1)):          # one task loop per thread
         while True:
-            b = tasks.next_block(next_at)
-            if b >= n_blocks:
+            j0, width = tasks.take(counter, bounds)
+            if j0 < 0:
                 break
-            j0 = bounds[b]
-            width = bounds[b + 1] - j0
             vec = width // 16 * 16
             acc = np.zeros(width, dtype=np.float32)
             zbuf = np.empty(width, dtype=np.float32)
