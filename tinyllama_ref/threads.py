@@ -1,9 +1,11 @@
 """How many threads a forward pass uses, chosen from how fast the last passes ran.
 
-A decode pass splits each matmul statically over the threads (kernels/generic/gptq_gemv.py: one long column block
-per thread streams best). On a quiet machine that is right. When another process keeps one of the cores busy,
-the thread that shares it gets about half its time and every matmul waits for it: two threads then decode
-slower than one (measured on the 7B: 1.7 tokens/s with two, 5.0 with one). So before each decode pass the
+A decode pass shares each matmul's column blocks between the threads (kernels/gptq.py decode_bounds: blocks of a
+guided schedule taken in turn where layers are in strips, one long block per thread where they are row-major).
+On a quiet machine, or one where the other core is taken now and then, that is right. When another process
+keeps one of the cores busy, the thread that shares it gets about half its time in whole time slices, and a
+matmul waits for the block it holds: two threads then decode slower than one (measured on the 7B: 1.7 tokens/s
+with two, 5.0 with one; with guided blocks, 2.15 against 3.95). So before each decode pass the
 chooser looks at how many cores other processes used lately (CpuMeter: the machine's busy time in /proc/stat
 minus this process's own) and leaves those to them.
 
