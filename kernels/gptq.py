@@ -529,11 +529,11 @@ def permute_x(plan, x):
     return xp
 
 
-def gemv_block(n_out, unit=32):
-    """Output columns per GEMV task: GEMV_TASKS_PER_THREAD long blocks per thread, a multiple of `unit` columns
-    (32, so that every block starts on a whole qzeros word for any bit width; a plan's strip width where it is
-    stored in strips: _block_unit)."""
-    n_tasks = max(1, numba.get_num_threads() * GEMV_TASKS_PER_THREAD)
+def gemv_block(n_out, unit=32, threads=None):
+    """Output columns per GEMV task: GEMV_TASKS_PER_THREAD long blocks per thread (this process's threads unless
+    given), a multiple of `unit` columns (32, so that every block starts on a whole qzeros word for any bit
+    width; a plan's strip width where it is stored in strips: _block_unit)."""
+    n_tasks = max(1, (threads or numba.get_num_threads()) * GEMV_TASKS_PER_THREAD)
     per_task = -(-n_out // n_tasks)                  # ceil
     return max(unit, -(-per_task // unit) * unit)
 
@@ -545,11 +545,7 @@ def decode_bounds(plan, threads):
     2 threads, 10 alternating rounds)."""
     if plan.strip < plan.n_out:
         return tasks.guided(plan.n_out, plan.strip, threads)
-    return tasks.uniform(plan.n_out, max(32, -(-plan.n_out // (threads * GEMV_TASKS_PER_THREAD * 32)) * 32))
-
-
-def _guided(plan):
-    return decode_bounds(plan, numba.get_num_threads())
+    return tasks.uniform(plan.n_out, gemv_block(plan.n_out, 32, threads))
 
 
 def _block_unit(plan):
@@ -594,7 +590,7 @@ def _blas_slabs_inplace(plan, x):
 
 
 def _split8(plan, x):
-    return split8.gptq_matmul_split(plan, permute_x(plan, x), _guided(plan))
+    return split8.gptq_matmul_split(plan, permute_x(plan, x), decode_bounds(plan, numba.get_num_threads()))
 
 
 def _bind_gemv_avx2(plan, rows, threads):
@@ -609,13 +605,13 @@ def _gemv_avx2(plan, x):
 def _int8_gemv(plan, x):
     from .vnni import int8
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
-    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, _guided(plan))
+    return int8.gptq_matmul_int8(plan, permute_x(plan, x), y, decode_bounds(plan, numba.get_num_threads()))
 
 
 def _int8_gemv_avx2(plan, x):
     from .avx2 import int8 as int8_avx2
     y = np.empty((x.shape[0], plan.n_out), dtype=np.float32)           # [N, out]
-    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, _guided(plan))
+    return int8_avx2.gptq_matmul_int8(plan, permute_x(plan, x), y, decode_bounds(plan, numba.get_num_threads()))
 
 
 def _int8_gemm(plan, x):

@@ -397,7 +397,7 @@ def bind(plan, n_rows, blocks, threads, subnormal=None):
     blocks: the column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that
     many columns. One row takes the subnormal-code kernel where `subnormal` (default:
     cpu.fast_subnormals()); same bits either way."""
-    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
+    bounds = tasks.as_bounds(plan.n_out, blocks)                        # [blocks + 1]
     # [padded] input of each plan row (padding rows point one past the last input)
     gather = plan.gather if plan.perm is not None else np.minimum(np.arange(plan.n_padded), plan.n_in)
     if subnormal is None:

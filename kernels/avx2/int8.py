@@ -205,7 +205,7 @@ def gptq_matmul_int8(plan, xp, y, blocks):
     vnni.int8.gptq_matmul_int8's contract and result, for CPUs with AVX2 (supports(plan) must hold); blocks:
     the column bounds the threads take in turn (generic/tasks.py: guided), or an int for blocks of that size."""
     xw, xscale, sumx, _ = round_activations(plan, xp)
-    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
+    bounds = tasks.as_bounds(plan.n_out, blocks)                        # [blocks + 1]
     gemv_int8(plan.qw, xw, xscale, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros,
               plan.zero_add, plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y)
     return y

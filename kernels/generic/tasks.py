@@ -44,10 +44,19 @@ def guided(n_out, unit, threads):
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def uniform(n_out, block):
-    """Column bounds of blocks of `block` columns (the last one shorter): a fixed split, for tests that place
-    the block edges."""
-    return np.append(np.arange(0, n_out, block, dtype=np.int64), np.int64(n_out))
+    """Column bounds of blocks of `block` columns (the last one shorter): one block per thread on row-major
+    layers (gptq.decode_bounds), or block edges a test places."""
+    out = np.append(np.arange(0, n_out, block, dtype=np.int64), np.int64(n_out))
+    out.flags.writeable = False                       # shared by every call of this shape
+    return out
+
+
+def as_bounds(n_out, blocks):
+    """Column bounds as the kernels take them: `blocks` itself (bounds, e.g. guided's), or uniform blocks of
+    that many columns for an int."""
+    return uniform(n_out, blocks) if np.isscalar(blocks) else blocks
 
 
 def counter():

@@ -238,7 +238,7 @@ def gptq_matmul_split(plan, xp, blocks):
     sumx = np.empty((n_rows, len(plan.seg_group)), dtype=np.float32)        # [N, segments]
     split_rows(xp, plan.seg_start, xw, xs, sumx)
     y = np.empty((n_rows, plan.n_out), dtype=np.float32)              # [N, out]
-    bounds = tasks.uniform(plan.n_out, blocks) if np.isscalar(blocks) else blocks      # [blocks + 1]
+    bounds = tasks.as_bounds(plan.n_out, blocks)                        # [blocks + 1]
     gemv_split(plan.qw, xw, xs, sumx, plan.seg_start, plan.seg_group, plan.scales, plan.qzeros, plan.zero_add,
                plan.const_zero, bounds, tasks.counter(), numba.get_num_threads(), y)
     return y
