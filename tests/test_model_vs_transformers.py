@@ -41,6 +41,22 @@ def test_kv_cache_decode_equals_full_forward(hf_checkpoints, case):
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("case", ["f32", "mha-3layers"])
+def test_numba_decode_steps_match_transformers(hf_checkpoints, case):
+    """Decode steps and short chunks on the numba backend (compiled attention, RMSNorm and RoPE of a few
+    rows, kernels/generic/rowwise.py), two sequences side by side, against transformers' full forward."""
+    path = hf_checkpoints(case, **CASES[case])
+    ref = hf_logits(hf_model(path), PROMPT)                               # [T, V]
+    model = tinyllama_ref.load(path, backend="numba")
+    with model.new_cache(2, len(PROMPT)) as cache:
+        steps = [model.forward([np.array(PROMPT[:3])] * 2, cache, [0, 1], all_logits=True)[:3]]
+        for chunk in (PROMPT[3:4], PROMPT[4:7], PROMPT[7:8], PROMPT[8:9], PROMPT[9:]):
+            both = model.forward([np.array(chunk)] * 2, cache, [0, 1], all_logits=True)   # [2 * n, V]
+            assert np.array_equal(both[:len(chunk)], both[len(chunk):])
+            steps.append(both[:len(chunk)])
+    assert rel_err(np.concatenate(steps), ref) < 1e-4
+
+
 @pytest.mark.parametrize("case", ["f32", "f16-sharded", "rope-linear-tied"])
 def test_greedy_continuation_matches_transformers(hf_checkpoints, case):
     path = hf_checkpoints(case, **CASES[case])

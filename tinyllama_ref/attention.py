@@ -5,10 +5,12 @@ read once for all of them). `seqs` says which rows are which: a list of (slot, s
 The projections run on all rows at once; the attention itself runs per sequence against its own cache slot
 (kvcache.py: a slot of a KVCache is a view; a paged sequence's blocks are gathered, same numbers).
 
-Two ways to attend, same math: attend() is the reference (all heads in one batched NumPy expression);
+Three ways to attend, same math: attend() is the reference (all heads in one batched NumPy expression);
 backend="numba" uses attend_by_heads() for prompts: one kv head per task, tasks spread over the threads with
 single-threaded BLAS (kernels/generic/slabs.py), because NumPy's batched matmul over strided heads ran at about 7
-GFLOP/s on the 7B shape (a 512-token prefill spent 10-20 s of 45 in attention). Either way queries go in
+GFLOP/s on the 7B shape (a 512-token prefill spent 10-20 s of 45 in attention); and attend_compiled() for
+decode steps and short chunks (kernels/generic/rowwise.py), where NumPy spent 135 us a layer in dispatch and
+temporaries on the 7B shape. Either way queries go in
 blocks of QUERY_BLOCK, so the score matrix is [heads, QUERY_BLOCK, keys]: linear in the context, not
 quadratic.
 """
@@ -62,6 +64,13 @@ def attend_by_heads(q, k, v, start):
     return out
 
 
+def attend_compiled(q, k, v, start):
+    """attend() compiled (kernels/generic/rowwise.py): for decode steps and short chunks, where NumPy's dozen
+    calls per head group cost more than the arithmetic."""
+    from .kernels.generic import rowwise
+    return rowwise.attend(q, k, v, start)                                # [T, H, hd]
+
+
 def attention(x, w, cache, layer_index, seqs, cfg, cos, sin, backend="numpy"):
     """Self-attention of one layer for the rows x [N, D]; writes the new keys/values into the cache."""
     N = x.shape[0]
@@ -79,7 +88,8 @@ def attention(x, w, cache, layer_index, seqs, cfg, cos, sin, backend="numpy"):
         for b in range(0, n, QUERY_BLOCK):                            # long prompts: blocks of queries
             m = min(QUERY_BLOCK, n - b)
             end = start + b + m                                       # keys visible to this block
-            attend_block = attend_by_heads if backend == "numba" and m >= HEADS_MIN_QUERIES else attend
+            attend_block = attend if backend != "numba" else attend_by_heads if m >= HEADS_MIN_QUERIES else \
+                attend_compiled
             out[row + b:row + b + m] = attend_block(q_s[b:b + m], k_s[:end], v_s[:end], start + b)
         row += n
     return w.o(out.reshape(N, H * hd))                                # [N, D]

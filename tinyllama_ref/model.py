@@ -167,7 +167,7 @@ class Model:
             cache.lengths[slot] = start + n
         if not all_logits:
             x = x[np.cumsum([n for _, _, n in seqs]) - 1]            # [B, D] last row of each sequence
-        x = rms_norm(x, self.final_norm, self.cfg.norm_eps)          # [., D]
+        x = rms_norm(x, self.final_norm, self.cfg.norm_eps, self.backend)   # [., D]
         return self.lm_head(x)                                       # [., V]
 
     # -- the public API -----------------------------------------------------------------------------------

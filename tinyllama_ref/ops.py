@@ -3,9 +3,12 @@
 Each follows Hugging Face's LlamaForCausalLM (transformers/models/llama/modeling_llama.py) exactly, so that
 our logits agree with PyTorch to float32 round-off.
 
-backend="numba" runs the same NumPy code on blocks of rows spread over the threads (kernels/generic/slabs.py): the
-results are identical (every row is computed by the same operations), the work is shared by both cores
-instead of one. Small inputs (decode) stay on the calling thread: a dispatch costs more than the work.
+backend="numba" runs RMSNorm and the RoPE of a few rows compiled (kernels/generic/rowwise.py: in a decode step
+NumPy's dispatch and temporaries cost more than the arithmetic), and the rest of the NumPy code on blocks of rows
+spread over the threads (kernels/generic/slabs.py), so that both cores share the work of a prompt. RoPE and
+SiLU give the same bits either way; the compiled RMSNorm adds its sum of squares in another order (float32
+round-off apart), and backend "numba" uses it for every row count, so a row has the same bits in a prompt as in
+a decode step.
 """
 
 import numpy as np
@@ -29,8 +32,11 @@ def _row_parallel(fn, out, *arrays):
 
 def rms_norm(x, weight, eps, backend="numpy"):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like LlamaRMSNorm."""
-    if _by_rows(backend, x.shape[0]):
-        return _row_parallel(lambda rows: rms_norm(rows, weight, eps), np.empty_like(x), x)
+    if backend == "numba":
+        from .kernels.generic import rowwise
+        if x.shape[0] >= PARALLEL_ROWS:
+            return _row_parallel(lambda rows: rowwise.rms_norm(rows, weight, eps), np.empty_like(x), x)
+        return rowwise.rms_norm(x, weight, eps)                         # [N, D]
     variance = np.mean(x * x, axis=-1, keepdims=True)                # [N, 1]
     return (x / np.sqrt(variance + eps)) * weight                       # [N, D]
 
@@ -97,4 +103,7 @@ def apply_rope(x, cos, sin, backend="numpy"):
     """Rotate each head of x [T, heads, hd] by the angles of its position; cos/sin are [T, hd]."""
     if _by_rows(backend, x.shape[0]):
         return _row_parallel(apply_rope, np.empty_like(x), x, cos, sin)
+    if backend == "numba":
+        from .kernels.generic import rowwise
+        return rowwise.apply_rope(x, cos, sin)                          # [T, heads, hd], same bits
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]        # [T, heads, hd]
