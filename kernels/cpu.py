@@ -133,6 +133,7 @@ def apply_cap(tier):
     os.environ["NUMBA_CPU_NAME"], os.environ["NUMBA_CPU_FEATURES"] = CAP_CPU[tier], ""
     config.CPU_NAME, config.CPU_FEATURES = CAP_CPU[tier], ""
     process_tier.cache_clear()
+    half_width_512.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,9 +172,12 @@ def at_least(tier, floor):
 
 
 def describe():
-    """One line for inspect / bench: the tier, and why it is not the CPU's own where it is capped."""
+    """One line for inspect / bench: the tier, why it is not the CPU's own where it is capped, and where
+    exact act-order layers take the avx2 tier's kernels (table.repacked_tier)."""
     top, host = process_tier(), host_tier()
     note = f" (capped; the CPU runs {host})" if top != host else ""
+    if top in ("avx512", "vnni") and half_width_512():
+        note += "; exact act-order 4-bit layers on the avx2 kernels: 512-bit units of half width"
     return f"{top}{note}"
 
 
@@ -213,3 +217,21 @@ def host_name():
     """LLVM's name for this CPU (znver3, sapphirerapids, ...), for benchmark records."""
     import llvmlite.binding as ll
     return ll.get_host_cpu_name()
+
+
+# LLVM's names of the CPUs that run each 512-bit instruction as two 256-bit halves (AMD Zen 4).
+HALF_WIDTH_512 = frozenset({"znver4"})
+
+
+@functools.lru_cache(maxsize=None)
+def half_width_512():
+    """Whether Numba compiles for a CPU whose AVX-512 units are 256 bits wide (HALF_WIDTH_512). There the
+    avx512 and vnni tiers' wider tiles buy little, and table.repacked_tier gives act-order layers the avx2
+    tier's exact kernels. A cap (TINYLLAMA_CPU, NUMBA_CPU_NAME or NUMBA_CPU_FEATURES) compiles for another
+    CPU model, whose own name decides."""
+    from numba.core import config
+    if config.CPU_FEATURES:
+        return False
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return config.CPU_NAME in HALF_WIDTH_512
+    return host_name() in HALF_WIDTH_512

@@ -250,10 +250,12 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     of 32) the codes are repacked with input rows sorted by group, each group padded to whole units, unless
     repack=False: then the plan reads the checkpoint's qweight in place through g_idx (layout "inplace",
     gemv_inplace / dequantize_slab_inplace; no copy, slower per call: for layers streamed from disk).
-    tier: the CPU tier whose kernels run the layer (cpu.resolve; None: this process's).
-    A repacked layer is stored in column strips (generic/strips.py) as table.strip_width says for the tier and
-    the model's gptq mode, unless strips_ok is False (tests and benchmarks compare the two layouts).
+    tier: the CPU tier whose kernels run the layer (cpu.resolve; None: this process's, or for a repacked layer
+    the one table.repacked_tier gives). A repacked layer is stored in column strips (generic/strips.py) as
+    table.strip_width says for the tier and the model's gptq mode, unless strips_ok is False (tests and
+    benchmarks compare the two layouts).
     """
+    named = tier is not None
     tier = cpu.resolve(tier)
     n_in, n_out = len(g_idx), qweight.shape[1]
     unit_words, unit_codes = unit_shape(bits)
@@ -279,6 +281,8 @@ def prepare(qweight, qzeros, scales, g_idx, bits, checkpoint_format, repack=True
     if not repack:
         return _inplace_plan(qw, qzeros, scales, g, bits, zero_add, const_zero, tier)
     compile_note.before_call([repack_rows if bits == 3 else repack_words], "GPTQ kernels")   # the repack runs now
+    if not named:
+        tier = table.repacked_tier(tier, bits, mode)
     # Sort input rows by group (stable, so a layer without act-order keeps its order), pad each group.
     order = np.argsort(g, kind="stable")                                     # [in]
     counts = np.bincount(g, minlength=n_groups)                              # [G]

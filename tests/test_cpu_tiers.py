@@ -60,6 +60,46 @@ def test_a_named_numba_cpu_sets_the_compiler_tier(monkeypatch):
     assert cpu._compiler_tier() in ("avx2", "generic")        # generic where this is not an x86 machine
 
 
+def test_half_width_512_is_named_by_the_cpu_numba_compiles_for(monkeypatch):
+    """Zen 4 (LLVM's znver4) runs each 512-bit instruction as two 256-bit halves; Zen 5, Intel and a cap that
+    names another CPU model do not."""
+    from numba.core import config
+    cases = ((("znver4", None, ""), True), (("znver4", "host", ""), True), (("znver5", None, ""), False),
+             (("sapphirerapids", None, ""), False), (("znver4", "icelake-server", ""), False),
+             (("znver3", "znver4", ""), True), (("znver4", None, "+avx,+avx2,+fma,+f16c"), False))
+    try:
+        for (host, name, features), expected in cases:
+            monkeypatch.setattr(cpu, "host_name", lambda host=host: host)
+            monkeypatch.setattr(config, "CPU_NAME", name)
+            monkeypatch.setattr(config, "CPU_FEATURES", features)
+            cpu.half_width_512.cache_clear()
+            assert cpu.half_width_512() == expected, (host, name, features)
+    finally:
+        cpu.half_width_512.cache_clear()
+
+
+@pytest.mark.parametrize("half", [True, False], ids=["half-width-512", "full-width"])
+def test_act_order_layers_on_half_width_512_take_the_avx2_kernels(monkeypatch, half):
+    """At the vnni tier on a CPU whose 512-bit units are half width, an exact 4-bit layer repacked at load
+    (act-order) runs the avx2 tier's kernels, on strips, when no tier is named; int8 mode, 3 bits, a
+    zero-copy layer and a named tier keep the vnni tier's."""
+    monkeypatch.setattr(cpu, "process_tier", lambda: "vnni")
+    monkeypatch.setattr(cpu, "half_width_512", lambda: half)
+    rng = np.random.default_rng(9)
+
+    def prepare(bits=4, act_order=True, **kw):
+        layer = make_layer(rng, 256, 128, bits, 64, act_order=act_order)
+        return gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], bits, "gptq",
+                            **kw)
+    plan = prepare()
+    assert (plan.tier, table.layer_of(plan).layout) == (("avx2", "strips") if half else ("vnni", "segments"))
+    assert table.choose(table.layer_of(plan), 1, "exact", plan.tier) == ("gemv_avx2" if half else "split8")
+    assert prepare(mode="int8").tier == "vnni"
+    assert prepare(bits=3).tier == "vnni"
+    assert prepare(act_order=False).tier == "vnni"
+    assert prepare(tier="vnni").tier == "vnni"
+
+
 def test_load_refuses_a_tier_by_name(tmp_path):
     from tinyllama_ref.make.synth import synthesize
     path = str(tmp_path / "q")

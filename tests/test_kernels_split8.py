@@ -114,7 +114,9 @@ def test_decode_rows_take_the_split_and_match_x_at_w(monkeypatch, n_in, n_out, g
     monkeypatch.setattr(split8, "gptq_matmul_split", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     rng = np.random.default_rng(n_in * 7 + n_out)
     layer = make_layer(rng, n_in, n_out, 4, group_size, act_order=act_order, sym=sym)
-    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq")
+    # the tier named: on Zen 4 a repacked layer would otherwise take the avx2 tier's kernels (repacked_tier)
+    plan = gptq.prepare(layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"], 4, "gptq",
+                        tier="vnni")
     for n_rows in (1, 2, 3):
         x = _wide(rng, (n_rows, n_in))
         _within_bound(gptq.gptq_matmul(plan, x), x, layer["W"])

@@ -336,8 +336,10 @@ class GPTQLinear:
         if backend == "numba":
             from .kernels import gptq as kernels
             t0 = time.perf_counter()
+            # A tier named by the caller is the layer's; none leaves the choice to the table (repacked_tier).
             self._plan = kernels.prepare(qweight, qzeros, scales, g_idx, cfg.bits, cfg.checkpoint_format,
-                                         repack=repack, tier=self.tier, mode=self.mode)
+                                         repack=repack, tier=None if cpu is None else self.tier, mode=self.mode)
+            self.tier = self._plan.tier
             self.prepare_seconds = time.perf_counter() - t0
         elif backend != "numpy":
             raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
