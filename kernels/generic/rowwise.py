@@ -14,14 +14,14 @@ What stays the same and what does not:
   - attend_heads: dot products in 16 partial sums and the C library's expf, so float32 round-off apart from
     NumPy's BLAS and exp. Masked keys are skipped instead of set to -inf (exp(-inf) adds 0 either way).
 
-The 16 partial sums are written out in the source (element i goes to sum i % 16) rather than left to
+The 16 partial sums are one 16-lane LLVM vector (_dot16: element i goes to sum i % 16) rather than left to
 fastmath: then the order is the same on every tier (AVX2 holds them in two ymm registers, AVX-512 in one zmm),
 and the dot product runs at the speed of the vector units instead of one dependent add per element.
 """
 
+import numba
 import numpy as np
 from llvmlite import ir
-import numba
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
