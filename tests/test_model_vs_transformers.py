@@ -48,13 +48,17 @@ def test_numba_decode_steps_match_transformers(hf_checkpoints, case):
     path = hf_checkpoints(case, **CASES[case])
     ref = hf_logits(hf_model(path), PROMPT)                               # [T, V]
     model = tinyllama_ref.load(path, backend="numba")
+    # Each sequence is held to transformers on its own. The two need not agree bit for bit: the dense
+    # linears run on BLAS, whose GEMM may sum a row differently by where it falls in the matrix (OpenBLAS's
+    # Haswell kernel does for 6 rows).
+    firsts, seconds = [], []
     with model.new_cache(2, len(PROMPT)) as cache:
-        steps = [model.forward([np.array(PROMPT[:3])] * 2, cache, [0, 1], all_logits=True)[:3]]
-        for chunk in (PROMPT[3:4], PROMPT[4:7], PROMPT[7:8], PROMPT[8:9], PROMPT[9:]):
+        for chunk in (PROMPT[:3], PROMPT[3:4], PROMPT[4:7], PROMPT[7:8], PROMPT[8:9], PROMPT[9:]):
             both = model.forward([np.array(chunk)] * 2, cache, [0, 1], all_logits=True)   # [2 * n, V]
-            assert np.array_equal(both[:len(chunk)], both[len(chunk):])
-            steps.append(both[:len(chunk)])
-    assert rel_err(np.concatenate(steps), ref) < 1e-4
+            firsts.append(both[:len(chunk)])
+            seconds.append(both[len(chunk):])
+    assert rel_err(np.concatenate(firsts), ref) < 1e-4
+    assert rel_err(np.concatenate(seconds), ref) < 1e-4
 
 
 @pytest.mark.parametrize("case", ["f32", "f16-sharded", "rope-linear-tied"])
