@@ -22,9 +22,10 @@ from .generic.strips import STRIP, WIDE_STRIP
 GEMV_MAX_ROWS = 32         # up to this many activation rows: fused GEMV (weights read once for all rows);
                            # beyond: tiles or slabs + BLAS. Measured on the 7B and 70B shapes, 4-bit: fused
                            # 1.5-3x faster at 16-32 rows, even at 64
-INT8_GEMV_MAX_ROWS = 8     # int8 mode: up to this many rows the int8 GEMV (once per row, long column blocks
-                           # that stream); beyond, the int8 GEMM's register tiles. 4096 x 11008, 4-bit, VNNI:
-                           # GEMV 0.8 vs GEMM 2.3 ms at 1 row, 2.8 vs 3.1 at 8 rows, 5.4 vs 3.1 at 16
+INT8_GEMV_MAX_ROWS = 8     # int8 mode: up to this many rows the int8 GEMV (every row on each block of codes
+                           # while it is in L1); beyond, the int8 GEMM's register tiles. A 7B layer's seven
+                           # matmuls, 4-bit g128, VNNI, Zen 5, 2 threads: GEMV 3.5 vs GEMM 6.3 ms at 1 row,
+                           # 7.6 vs 12.1 at 8, 10.7 vs 15.3 at 12, 16.3 vs 12.6 at 16
 INPLACE_GEMV_MAX_ROWS = 32 # "inplace" plans: up to this many rows take gemv_inplace (codes decoded once for all
                            # rows) rather than slabs + BLAS; 70B shapes, 4-bit g128, Zen 5, 2 threads: 32 rows
                            # 50-52 ms against 80-84, 64 rows 120-125 against 110-127

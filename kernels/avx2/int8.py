@@ -9,9 +9,8 @@ vpdpbusd's there and vpmaddubsw + vpmaddwd's here (maddubs.py: |xq| <= 127, so a
 at most 8 * 2 * 15 * 127 = 30480 <= 32767 and exact), the float32 steps after it are the same instructions
 in the same order, so y is bit for bit vnni.int8.gemv_int8's on the same inputs.
 
-Unlike gemv_int8 (rows outermost), the rows are the inner loop here, as in vnni/split8.py (both run the loops
-of generic/block_decode.py): a batch of N rows reads each block of packed words from memory once. Each row's
-sums are still added in the same order, so the loop order changes no bit.
+The rows are the inner loop, as in vnni/int8.py and vnni/split8.py (all run the loops of
+generic/block_decode.py): a batch of N rows reads each block of packed words from memory once.
 
 One row on a plan in column strips (generic/strips.py, the avx2 tier's act-order layers) takes its own loop,
 _one_row_strips: per strip of 32 columns and segment, one intrinsic keeps the 4 accumulators in registers over
@@ -35,7 +34,7 @@ from .. import llvm
 from ..generic import strips, tasks
 from ..generic.block_decode import decode_blocks, fold8_ir, zeros8_ir
 from ..llvm import F32, I64, vec
-from ..vnni.int8 import _block_sum
+from ..vnni.int8 import int8_column
 from ..vnni.int8_gemm import round_activations
 from .maddubs import code_bytes, dot_block, dot_strip
 
@@ -170,21 +169,13 @@ def _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, 
                                      sumx[0, s])
 
 
-@njit(inline="always")
-def _int8_column(qw, r, j, codes, xscale, acc, jj):
-    """acc[n, jj] += d_n * the block's integer sum (rows r..r+3, column j) for every row n: the scalar form of
-    _int8_rows16, for the columns past the last multiple of 16 (vnni/int8.py's sum)."""
-    for n in range(acc.shape[0]):
-        acc[n, jj] += np.float32(_block_sum(qw, r, j, codes, n)) * xscale[r // 4, n]
-
-
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, boundscheck=False)
 def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds, counter,
               threads, y):
     """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: generic/
     block_decode's loops (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every
     row's integer dot product on codes decoded once, then the fold per row) with this file's steps
-    (_int8_rows16, and _int8_column past the last multiple of 16 columns); one row on a plan in strips runs
+    (_int8_rows16, and vnni/int8.py's int8_column past the last multiple of 16 columns); one row on a plan in strips runs
     _one_row_strips instead (same bits). xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S] from
     quantize_rows."""
     if xw.shape[1] == 1 and qw.shape[1] < y.shape[1]:
@@ -192,7 +183,7 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
                         bounds, counter, threads, y)
     else:
         decode_blocks(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero, bounds,
-                      counter, threads, y, _int8_rows16, _int8_column)
+                      counter, threads, y, _int8_rows16, int8_column)
 
 
 def supports(plan):

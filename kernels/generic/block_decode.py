@@ -1,5 +1,5 @@
-"""The loops of the integer decode kernels that run the activation rows innermost: vnni/split8.py (exact, four
-int8 pieces per activation) and avx2/int8.py (the int8 mode on AVX2). Only their dot products differ.
+"""The loops of the integer decode kernels, which run the activation rows innermost: vnni/split8.py (exact, four
+int8 pieces per activation), vnni/int8.py and avx2/int8.py (the int8 mode). Only their dot products differ.
 
 For a 4-bit "segments" plan whose segments hold whole blocks of 32 inputs (4 packed rows): blocks of output
 columns taken in turn by the threads (tasks.py); per segment, per block of 4 packed rows, every activation row's
