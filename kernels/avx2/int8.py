@@ -175,9 +175,9 @@ def gemv_int8(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_a
     """vnni.int8.gemv_int8 on AVX2 (same arguments, same result bit for bit), rows innermost: generic/
     block_decode's loops (prange over column blocks; per segment, block of 4 packed rows and 16 columns, every
     row's integer dot product on codes decoded once, then the fold per row) with this file's steps
-    (_int8_rows16, and vnni/int8.py's int8_column past the last multiple of 16 columns); one row on a plan in strips runs
-    _one_row_strips instead (same bits). xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S] from
-    quantize_rows."""
+    (_int8_rows16, and vnni/int8.py's int8_column past the last multiple of 16 columns); one row on a plan in
+    strips runs _one_row_strips instead (same bits). xw [blocks, N, 8] int32, xscale [blocks, N], sumx [N, S]
+    from quantize_rows."""
     if xw.shape[1] == 1 and qw.shape[1] < y.shape[1]:
         _one_row_strips(qw, xw, xscale, sumx, seg_start, seg_group, scales, qzeros, zero_add, const_zero,
                         bounds, counter, threads, y)
