@@ -25,7 +25,7 @@ def test_every_bf16_value_widens_exactly():
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16"])
-@pytest.mark.parametrize("n_rows", [1, 3, half.FUSED_MAX_ROWS + 4])
+@pytest.mark.parametrize("n_rows", [1, 2, 3, half.FUSED_MAX_ROWS, half.FUSED_MAX_ROWS + 4])
 def test_half_linear_matches_float32_matmul(dtype, n_rows, monkeypatch):
     monkeypatch.setattr(half, "TILE_ROWS", 48)                              # several tiles in the BLAS path
     rng = np.random.default_rng(n_rows)
