@@ -26,6 +26,13 @@ INT8_GEMV_MAX_ROWS = 8     # int8 mode: up to this many rows the int8 GEMV (ever
                            # while it is in L1); beyond, the int8 GEMM's register tiles. A 7B layer's seven
                            # matmuls, 4-bit g128, VNNI, Zen 5, 2 threads: GEMV 3.5 vs GEMM 6.3 ms at 1 row,
                            # 7.6 vs 12.1 at 8, 10.7 vs 15.3 at 12, 16.3 vs 12.6 at 16
+INT8_STRIPS_GEMV_MAX_ROWS = 256   # int8 mode on layers in strips (the avx2 tier): the GEMV's accumulators are
+                           # [rows, 32] per strip, in L1 or L2, and it beats the AVX2 int8 GEMM (8 x 8 tiles, which
+                           # spill on 16 ymm) at every row count: a 7B layer's seven 4-bit g128 matmuls, 2 threads,
+                           # Zen 5 capped to AVX2, one process: 8 rows 8.0 against 26.4 ms, 23 rows 21.3 against
+                           # 33.8, 64 rows 60 against 84, 128 rows 129 against 162, 256 rows 268 against 329, 512
+                           # rows 507 against 525. Row-major layers keep INT8_GEMV_MAX_ROWS: there the accumulators
+                           # span a task's columns, and 64 rows took 208 against the GEMM's 78 ms
 INPLACE_GEMV_MAX_ROWS = 32 # "inplace" plans: up to this many rows take gemv_inplace (codes decoded once for all
                            # rows) rather than slabs + BLAS; 70B shapes, 4-bit g128, Zen 5, 2 threads: 32 rows
                            # 50-52 ms against 80-84, 64 rows 120-125 against 110-127
@@ -145,8 +152,9 @@ TABLE = (
     Rule("inplace", "int8", (4,), ("amx",), (INT8_GEMV_MAX_ROWS + 1, None), "amx_gathered", "32-column"),
     Rule("inplace", "int8", (3, 4), ("avx2",) + ABOVE_AVX2, (INT8_GEMV_MAX_ROWS + 1, None), "int8_repacked"),
     # repacked 4-bit layers in column strips (strip_width): only kernels that read both layouts
-    Rule("strips", "int8", (4,), ("avx2",), (1, INT8_GEMV_MAX_ROWS), "int8_gemv_avx2", "whole blocks"),
-    Rule("strips", "int8", (4,), ("avx2",), (INT8_GEMV_MAX_ROWS + 1, None), "int8_gemm_avx2", "whole blocks"),
+    Rule("strips", "int8", (4,), ("avx2",), (1, INT8_STRIPS_GEMV_MAX_ROWS), "int8_gemv_avx2", "whole blocks"),
+    Rule("strips", "int8", (4,), ("avx2",), (INT8_STRIPS_GEMV_MAX_ROWS + 1, None), "int8_gemm_avx2",
+         "whole blocks"),
     Rule("strips", "exact", (4,), ("avx2",), (1, AVX2_TILES_MIN_ROWS - 1), "gemv_avx2"),
     Rule("strips", "exact", (4,), ("avx2",), (AVX2_TILES_MIN_ROWS, None), "tiles_avx2", "whole units"),
     # exact, resident layers ("segments")
